@@ -1,0 +1,58 @@
+# Every target installs what it needs: `make demo` and `make test` work on a fresh Debian machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTO_OUT := swapline
+PROTOS := $(shell find protos -name '*.proto')
+PROTO_STAMP := $(PROTO_OUT)/.generated
+MODELS_STAMP := build/models/.built
+FACENET_VERSION := 2.6.0
+
+.PHONY: all install protos models demo test test-fast lint bench clean
+
+all: install protos models
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+install: $(INSTALLED)
+
+$(PROTO_STAMP): $(INSTALLED) $(PROTOS)
+	rm -rf $(PROTO_OUT)
+	mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	find $(PROTO_OUT) -type d -exec touch {}/__init__.py \;
+	touch $@
+
+protos: $(PROTO_STAMP)
+
+# The MTCNN weights come inside the facenet-pytorch wheel; only its data files are used.
+build/weights/facenet_pytorch-$(FACENET_VERSION)-py3-none-any.whl: $(INSTALLED)
+	mkdir -p build/weights
+	$(PY) -m pip download -q --no-deps --dest build/weights facenet-pytorch==$(FACENET_VERSION)
+
+$(MODELS_STAMP): $(PROTO_STAMP) build/weights/facenet_pytorch-$(FACENET_VERSION)-py3-none-any.whl $(shell find services/model_build -name '*.py' 2>/dev/null)
+	$(PY) -m services.model_build --weights-wheel build/weights/facenet_pytorch-$(FACENET_VERSION)-py3-none-any.whl --repository triton_models
+	mkdir -p build/models && touch $@
+
+models: $(MODELS_STAMP)
+
+demo: $(MODELS_STAMP)
+	$(PY) -m services.cli demo --workdir demo-output
+
+test: $(MODELS_STAMP)
+	$(PY) -m pytest -q
+
+lint: $(PROTO_STAMP)
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/mypy
+
+bench: $(MODELS_STAMP)
+	$(PY) -m services.bench --workdir build/bench
+
+clean:
+	rm -rf build $(PROTO_OUT) demo-output triton_models/*/1/model.onnx

@@ -1,0 +1,14 @@
+"""What detector and swapper code need from an inference server: Triton in services, ORT in-process in bench."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+
+class ModelRunner(Protocol):
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]: ...

@@ -1,0 +1,19 @@
+"""What every service's settings carry: where it listens and how it drains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Raw 1080p RGB frames travel in batches; 256 MiB leaves room for a batch of 32.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    # Seconds in-flight calls get to finish after SIGTERM; the chart's grace period is longer.
+    drain_seconds: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_level: str = "INFO"
