@@ -13,7 +13,16 @@ FACENET_VERSION := 2.6.0
 
 all: install protos models
 
-$(INSTALLED): pyproject.toml
+# Triton's Python-backend stub links against the system libpython of the same version.
+SYSTEM_PACKAGES := libpython3.11
+
+$(VENV)/.system-packages:
+	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	fi
+	mkdir -p $(VENV) && touch $@
+
+$(INSTALLED): pyproject.toml $(VENV)/.system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat

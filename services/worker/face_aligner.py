@@ -48,8 +48,8 @@ def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix:
     y1 = min(int(np.ceil(mapped[:, 1].max())) + 1, height)
     if x1 <= x0 or y1 <= y0:
         return
-    region_inverse = inverse.copy()
-    region_inverse[:, 2] -= (x0, y0)
+    region_inverse = inverse.astype(np.float32)
+    region_inverse[:, 2] = region_inverse[:, 2] - np.array([x0, y0], np.float32)
     region_size = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(swapped, region_inverse, region_size, flags=cv2.INTER_LINEAR)
     alpha = cv2.warpAffine(mask.astype(np.float32), region_inverse, region_size, flags=cv2.INTER_LINEAR)

@@ -1,0 +1,128 @@
+"""`make bench`: end-to-end fps through the services, and the same frames in one process.
+
+Both runs use the same video (the demo's: 5 s, 720p, 25 fps, one face), the same ONNX models and
+the same chunk pipeline code; the difference is the gRPC hops and process boundaries, printed as
+a ratio. Results also go to <workdir>/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
+from services.cli import sample_media
+from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY, EmbeddedStack, StackOptions
+from services.cli.job_client import JobClient
+from services.decoder.media_probe import probe_media
+from services.detector.face_detector import FaceDetector
+from services.encoder.segment_writer import SegmentWriter
+from services.triton.local_models import LocalModels
+from services.worker.chunk_pipeline import STAGE_NAMES, run_chunk_pipeline
+from services.worker.face_selector import FaceSelection
+from services.worker.face_swapper import CropTransferSwapper
+from services.worker.source_face import prepare_source_identity
+from swapline.jobs.v1 import jobs_pb2
+
+DETECT_MAX_SIDE = 640
+BATCH_SIZE = 8
+
+
+async def in_process_run(video: Path, source_png: bytes, output: Path) -> dict[str, Any]:
+    info = probe_media(video)
+    models = LocalModels(DEFAULT_MODEL_REPOSITORY)
+    finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
+    swapper = CropTransferSwapper(models)
+    identity = await prepare_source_identity(source_png, finder, swapper)
+    started = time.perf_counter()
+    with SegmentWriter(output, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
+        stats = await run_chunk_pipeline(
+            LocalFrameSource(video, info.frame_count, BATCH_SIZE), finder, swapper, identity,
+            LocalSegmentSink(writer), FaceSelection(mode="one"),
+        )
+    wall = time.perf_counter() - started
+    return {
+        "frames": stats.frames,
+        "wall_seconds": wall,
+        "fps": stats.frames / wall,
+        "ms_per_frame": {stage: 1000 * stats.stage_seconds[stage] / stats.frames for stage in STAGE_NAMES},
+    }
+
+
+def service_run(video: Path, source_png: bytes, work_dir: Path, workers: int) -> dict[str, Any]:
+    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=workers,
+                           worker_batch_size=BATCH_SIZE)
+    with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
+        warmup = client.submit(source_png, target_path=video)
+        _wait(client, warmup.id)
+        started = time.perf_counter()
+        job = client.submit(source_png, target_path=video)
+        finished = _wait(client, job.id)
+        wall = time.perf_counter() - started
+    if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"benchmark job failed: {finished.error.message}")
+    report = json.loads(finished.report_json)
+    frames = report["frames"]
+    return {
+        "frames": frames,
+        "workers": workers,
+        "wall_seconds": wall,
+        "fps": frames / wall,
+        "chunks": report["chunks"],
+        "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
+        "join_seconds": report["stages"]["join"]["seconds"],
+    }
+
+
+def _wait(client: JobClient, job_id: str) -> jobs_pb2.Job:
+    for event in client.watch(job_id):
+        if event.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
+            break
+    return client.get(job_id)
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    columns = list(results)
+    print(f"{'':24}" + "".join(f"{name:>22}" for name in columns))
+    print(f"{'end-to-end fps':24}" + "".join(f"{results[n]['fps']:>22.2f}" for n in columns))
+    print(f"{'wall seconds':24}" + "".join(f"{results[n]['wall_seconds']:>22.2f}" for n in columns))
+    for stage in STAGE_NAMES:
+        print(f"{stage + ' ms/frame':24}" + "".join(f"{results[n]['ms_per_frame'][stage]:>22.2f}" for n in columns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__)
+    parser.add_argument("--workdir", default="build/bench")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    work_dir = Path(args.workdir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    video = work_dir / "astronaut-720p.mp4"
+    if not video.exists():
+        sample_media.make_face_video(video, sample_media.astronaut_photo())
+    source_png = sample_media.encode_png(sample_media.grace_hopper_photo())
+    info = probe_media(video)
+    print(f"video: {video.name}, {info.width}x{info.height}, {info.fps:g} fps, {info.frame_count} frames", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    results["in-process"] = asyncio.run(in_process_run(video, source_png, work_dir / "in-process.mp4"))
+    for workers in args.workers:
+        results[f"services, {workers} worker(s)"] = service_run(
+            video, source_png, work_dir / f"stack-{workers}", workers
+        )
+    print_table(results)
+    baseline = results["in-process"]["wall_seconds"]
+    for name, result in results.items():
+        if name != "in-process":
+            print(f"service hops, {name}: {result['wall_seconds'] / baseline:.2f}x the in-process wall time")
+    (work_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

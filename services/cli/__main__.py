@@ -1,0 +1,87 @@
+"""`swapline`: run a face swap end to end, run the stack, or talk to a running gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from services.cli import commands
+from services.common.errors import SwaplineError
+from services.worker.face_selector import SELECTOR_MODES
+
+
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="image holding the face to put in")
+    parser.add_argument("--target", required=True, help="video or image to swap faces in")
+    parser.add_argument("--target-uri", action="store_true",
+                        help="treat --target as a path under the gateway's media root instead of uploading it")
+    parser.add_argument("--selector", choices=SELECTOR_MODES, default="one",
+                        help="which faces to replace: the largest, all, or those matching --reference")
+    parser.add_argument("--reference", default="", help="image of the face to replace, for --selector reference")
+    parser.add_argument("--crf", type=int, default=0, help="x264 quality, 0-51 (0: the encoder's default)")
+    parser.add_argument("--preset", default="", help="x264 preset (default: the encoder's)")
+
+
+def _stack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="", help="where the embedded stack keeps media, database and logs")
+    parser.add_argument("--workers", type=int, default=1, help="chunk workers in the embedded stack")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swapline", description=__doc__)
+    parser.add_argument("--gateway", default=commands.default_gateway(),
+                        help=f"gateway address host:port (default: ${commands.GATEWAY_ENV})")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="swap faces in a video or image and wait for the result")
+    _job_options(run)
+    _stack_options(run)
+    run.add_argument("--output", required=True, help="where the swapped video or image goes")
+    run.add_argument("--report", default="", help="directory for the job report")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=commands.run)
+
+    up = sub.add_parser("up", help="run the embedded stack in the foreground")
+    _stack_options(up)
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.set_defaults(handler=commands.up)
+
+    submit = sub.add_parser("submit", help="submit a job to a running gateway and print its id")
+    _job_options(submit)
+    submit.set_defaults(handler=commands.submit)
+
+    for name, handler, text in (
+        ("watch", commands.watch, "follow a job's progress until it ends"),
+        ("get", commands.get, "print a job"),
+        ("cancel", commands.cancel, "cancel a job"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("job_id")
+        command.set_defaults(handler=handler)
+
+    listing = sub.add_parser("list", help="list recent jobs")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.set_defaults(handler=commands.list_jobs)
+
+    demo = sub.add_parser("demo", help="build a sample video from package-shipped photos and swap it")
+    _stack_options(demo)
+    demo.set_defaults(handler=commands.demo, workdir="demo-output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return int(args.handler(args))
+    except SwaplineError as error:
+        return commands.fail(error)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The swapline subcommands; each returns the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from services.cli.embedded_stack import EmbeddedStack, StackOptions
+from services.cli.job_client import TERMINAL_STATES, JobClient, job_error, state_name
+from services.cli.progress_bar import ProgressBar
+from services.common.errors import InvalidArgument, NotFound, SwaplineError
+from swapline.jobs.v1 import jobs_pb2
+
+GATEWAY_ENV = "SWAPLINE_GATEWAY"
+
+
+def fail(error: SwaplineError) -> int:
+    print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+    return 1
+
+
+def read_file(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise NotFound(f"{what} {str(path)!r} does not exist")
+    return path.read_bytes()
+
+
+@contextmanager
+def gateway_for(args: argparse.Namespace) -> Iterator[str]:
+    """The gateway named by --gateway or SWAPLINE_GATEWAY, or an embedded stack started for this command."""
+    if args.gateway:
+        yield args.gateway
+        return
+    work_dir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="swapline-"))
+    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=args.workers)
+    print(f"starting the embedded stack in {work_dir} ...", file=sys.stderr)
+    try:
+        with EmbeddedStack(options) as stack:
+            yield stack.gateway_address
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def follow(client: JobClient, job_id: str, quiet: bool = False) -> jobs_pb2.Job:
+    bar = None if quiet else ProgressBar()
+    for event in client.watch(job_id):
+        if bar is not None:
+            bar.update(event)
+        if event.state in TERMINAL_STATES:
+            break
+    if bar is not None:
+        bar.finish()
+    return client.get(job_id)
+
+
+def save_output(client: JobClient, job: jobs_pb2.Job, output: Path) -> Path:
+    """Writes the result to `output`; an image result is re-encoded when the suffix asks for another format."""
+    fetched = client.fetch(job.id, jobs_pb2.ARTIFACT_OUTPUT, output.with_name(output.name + ".fetched"))
+    produced_suffix = Path(job.output_uri).suffix.lower()
+    wanted_suffix = output.suffix.lower()
+    is_image = produced_suffix in {".png", ".jpg", ".jpeg"}
+    if is_image and wanted_suffix != produced_suffix:
+        image = cv2.imdecode(np.frombuffer(fetched.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+        ok, encoded = cv2.imencode(wanted_suffix or ".png", image)
+        if not ok:
+            raise InvalidArgument(f"cannot write an image as {output.name!r}")
+        output.write_bytes(encoded.tobytes())
+        fetched.unlink()
+    else:
+        fetched.replace(output)
+    return output
+
+
+def run(args: argparse.Namespace) -> int:
+    source = read_file(Path(args.source), "source image")
+    reference = read_file(Path(args.reference), "reference image") if args.reference else b""
+    target = Path(args.target)
+    if not args.target_uri and not target.is_file():
+        raise NotFound(f"target {args.target!r} does not exist")
+    with gateway_for(args) as address, JobClient(address) as client:
+        job = client.submit(
+            source,
+            target_path=None if args.target_uri else target,
+            target_uri=args.target if args.target_uri else "",
+            selector=args.selector,
+            reference_image=reference,
+            crf=args.crf,
+            preset=args.preset,
+        )
+        print(f"job {job.id} submitted", file=sys.stderr)
+        job = follow(client, job.id, quiet=args.quiet)
+        error = job_error(job)
+        if error is not None:
+            return fail(error)
+        if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            print(f"job {job.id} ended {state_name(job.state)}", file=sys.stderr)
+            return 1
+        output = save_output(client, job, Path(args.output))
+        print(f"output: {output}")
+        if args.report:
+            report_dir = Path(args.report)
+            report_path = client.fetch(job.id, jobs_pb2.ARTIFACT_REPORT, report_dir / "report.json")
+            print(f"report: {report_path}")
+            summary = json.loads(report_path.read_text())
+            print(
+                f"{summary.get('frames', 0)} frames, {summary.get('faces', 0)} faces swapped,"
+                f" {summary.get('chunks', 0)} chunks, {summary.get('fps', 0.0):.1f} fps end to end"
+            )
+    return 0
+
+
+def up(args: argparse.Namespace) -> int:
+    work_dir = Path(args.workdir or "swapline-data")
+    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", gateway_port=args.port,
+                           workers=args.workers)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedStack(options) as stack:
+        print(f"gateway listening on {stack.gateway_address}; media root {options.media_root.resolve()}")
+        print(f"export {GATEWAY_ENV}={stack.gateway_address}", flush=True)
+        stop.wait()
+    return 0
+
+
+def require_gateway(args: argparse.Namespace) -> str:
+    if not args.gateway:
+        raise InvalidArgument(f"no gateway: set {GATEWAY_ENV} or pass --gateway (or start one with `swapline up`)")
+    return str(args.gateway)
+
+
+def submit(args: argparse.Namespace) -> int:
+    source = read_file(Path(args.source), "source image")
+    reference = read_file(Path(args.reference), "reference image") if args.reference else b""
+    with JobClient(require_gateway(args)) as client:
+        upload = None if args.target_uri else Path(args.target)
+        if upload is not None and not upload.is_file():
+            raise NotFound(f"target {args.target!r} does not exist")
+        job = client.submit(source, target_path=upload, target_uri=args.target if args.target_uri else "",
+                            selector=args.selector, reference_image=reference, crf=args.crf, preset=args.preset)
+    print(job.id)
+    return 0
+
+
+def watch(args: argparse.Namespace) -> int:
+    with JobClient(require_gateway(args)) as client:
+        job = follow(client, args.job_id)
+    error = job_error(job)
+    return fail(error) if error is not None else (0 if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1)
+
+
+def print_job(job: jobs_pb2.Job) -> None:
+    print(json.dumps(MessageToDict(job, preserving_proto_field_name=True), indent=2))
+
+
+def get(args: argparse.Namespace) -> int:
+    with JobClient(require_gateway(args)) as client:
+        print_job(client.get(args.job_id))
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    with JobClient(require_gateway(args)) as client:
+        print_job(client.cancel(args.job_id))
+    return 0
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    with JobClient(require_gateway(args)) as client:
+        for job in client.list(args.limit):
+            print(f"{job.id}  {state_name(job.state):10} {job.frames_done}/{job.frames_total} frames  {job.target_uri}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from services.cli import sample_media
+
+    work_dir = Path(args.workdir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    target = work_dir / "sample-astronaut-720p.mp4"
+    source = work_dir / "source-grace-hopper.png"
+    print(f"building the sample video {target} from package-shipped photos ...", file=sys.stderr)
+    sample_media.make_face_video(target, sample_media.astronaut_photo())
+    source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
+    run_args = argparse.Namespace(
+        source=str(source), target=str(target), target_uri=False, output=str(work_dir / "output.mp4"),
+        report=str(work_dir / "report"), selector="one", reference="", crf=0, preset="", quiet=False,
+        gateway=args.gateway, workdir=str(work_dir / "stack"), workers=args.workers,
+    )
+    code = run(run_args)
+    if code == 0:
+        print(f"demo done: swapped video {work_dir / 'output.mp4'}, report {work_dir / 'report'}")
+    return code
+
+
+def default_gateway() -> str:
+    return os.environ.get(GATEWAY_ENV, "")

@@ -1,0 +1,191 @@
+"""The whole system on one machine: the real tritonserver and every service as its own process.
+
+Used by `swapline run` (when SWAPLINE_GATEWAY is not set), `swapline up`, the end-to-end tests and
+the benchmark. Services listen on port 0 and print the port they bound; the stack reads it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from services.common.errors import Unavailable
+from services.triton.server_process import EmbeddedTriton
+
+log = logging.getLogger(__name__)
+
+ServiceName = Literal["decoder", "detector", "encoder", "gateway", "worker"]
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "triton_models"
+_LISTENING = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
+
+
+def _drain(stream: IO[str], sink: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        sink.write(line)
+        sink.flush()
+        lines.put(line)
+    lines.put(None)
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen[str]
+    log_path: Path
+    address: str = ""
+    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def wait_listening(self, timeout: float) -> str:
+        """Blocks until the service prints its bound address; fails with its log if it dies first."""
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise Unavailable(f"{self.name} did not start within {timeout:.0f} s; log: {self.log_path}") from None
+            if line is None:
+                raise Unavailable(f"{self.name} exited with {self.process.wait()} during start:\n{self.log_tail()}")
+            match = _LISTENING.search(line)
+            if match:
+                self.address = f"{match['host']}:{match['port']}"
+                return self.address
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_service(name: str, env: Mapping[str, str], log_dir: Path) -> ServiceProcess:
+    log_path = log_dir / f"{name}.log"
+    sink = log_path.open("a")
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"services.{name.split('-')[0]}"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPOSITORY_ROOT,
+        start_new_session=True,
+    )
+    service = ServiceProcess(name=name, process=process, log_path=log_path)
+    assert process.stdout is not None
+    threading.Thread(target=_drain, args=(process.stdout, sink, service._lines), daemon=True).start()
+    return service
+
+
+def _server_env(prefix: str, port: int = 0) -> dict[str, str]:
+    return {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": "0"}
+
+
+@dataclass
+class StackOptions:
+    work_dir: Path
+    media_root: Path
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    gateway_port: int = 0
+    workers: int = 1
+    worker_batch_size: int = 8
+    startup_timeout: float = 120.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class EmbeddedStack:
+    """Starts Triton, decoder, detector, encoder, gateway and workers; stops them in reverse."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.triton: EmbeddedTriton | None = None
+        self.services: dict[str, ServiceProcess] = {}
+        self.log_dir = options.work_dir / "logs"
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-start")
+
+    @property
+    def gateway_address(self) -> str:
+        return self.services["gateway"].address
+
+    def _start_tier(self, envs: Mapping[str, Mapping[str, str]]) -> None:
+        started = {name: start_service(name, {**env, **self.options.extra_env}, self.log_dir)
+                   for name, env in envs.items()}
+        self.services.update(started)
+        for service in started.values():
+            service.wait_listening(self.options.startup_timeout)
+            log.info("%s at %s", service.name, service.address)
+
+    def start(self) -> EmbeddedStack:
+        options = self.options
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        options.media_root.mkdir(parents=True, exist_ok=True)
+        media_root = str(options.media_root.resolve())
+        self.triton = EmbeddedTriton(
+            options.model_repository, options.work_dir / "triton", log_path=self.log_dir / "triton.log"
+        )
+        try:
+            triton_ready = self._starter.submit(self.triton.start)
+            triton_url = self.triton.grpc_url
+            self._start_tier({
+                "decoder": {**_server_env("SWAPLINE_DECODER_"), "SWAPLINE_DECODER_MEDIA_ROOT": media_root},
+                "encoder": {**_server_env("SWAPLINE_ENCODER_"), "SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
+                "detector": {**_server_env("SWAPLINE_DETECTOR_"), "SWAPLINE_DETECTOR_TRITON_URL": triton_url},
+            })
+            targets = {
+                "DECODER_TARGET": self.services["decoder"].address,
+                "DETECTOR_TARGET": self.services["detector"].address,
+                "ENCODER_TARGET": self.services["encoder"].address,
+            }
+            self._start_tier({
+                "gateway": {
+                    **_server_env("SWAPLINE_GATEWAY_", options.gateway_port),
+                    "SWAPLINE_GATEWAY_MEDIA_ROOT": media_root,
+                    **{f"SWAPLINE_GATEWAY_{key}": value for key, value in targets.items()},
+                }
+            })
+            # Triton loads models while the CPU services start; workers need it serving.
+            triton_ready.result()
+            self._start_tier({
+                f"worker-{index}": {
+                    **_server_env("SWAPLINE_WORKER_"),
+                    "SWAPLINE_WORKER_GATEWAY_TARGET": self.gateway_address,
+                    "SWAPLINE_WORKER_TRITON_URL": triton_url,
+                    "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
+                    "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
+                    **{f"SWAPLINE_WORKER_{key}": value for key, value in targets.items()},
+                }
+                for index in range(options.workers)
+            })
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for service in reversed(list(self.services.values())):
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        for service in reversed(list(self.services.values())):
+            try:
+                service.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not drain in %.0f s; killing it", service.name, timeout)
+                service.process.kill()
+                service.process.wait()
+        self.services.clear()
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

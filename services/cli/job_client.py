@@ -1,0 +1,123 @@
+"""A blocking client of the gateway's JobService, for the CLI, tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from services.common.errors import SwaplineError, error_for_code_value, from_rpc_error
+from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
+from services.worker.face_selector import SelectorMode, selector_mode_to_proto
+from swapline.encoder.v1 import encoder_pb2
+from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+TERMINAL_STATES = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
+
+
+def state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def _upload_requests(spec: jobs_pb2.JobSpec, target: Path | None) -> Iterator[jobs_pb2.SubmitJobRequest]:
+    yield jobs_pb2.SubmitJobRequest(spec=spec)
+    if target is None:
+        return
+    with target.open("rb") as stream:
+        while chunk := stream.read(UPLOAD_CHUNK_BYTES):
+            yield jobs_pb2.SubmitJobRequest(target_chunk=chunk)
+
+
+class JobClient:
+    """Every call turns a failed RPC into the domain error of the same code."""
+
+    def __init__(self, target: str, timeout_seconds: float = 60.0) -> None:
+        options = [
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ]
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._timeout = timeout_seconds
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        source_image: bytes,
+        target_path: Path | None = None,
+        target_uri: str = "",
+        selector: SelectorMode = "one",
+        reference_image: bytes = b"",
+        crf: int = 0,
+        preset: str = "",
+    ) -> jobs_pb2.Job:
+        """Uploads `target_path`, or names `target_uri` under the gateway's media root."""
+        spec = jobs_pb2.JobSpec(
+            source_image=source_image,
+            target_uri=target_uri,
+            target_filename=target_path.name if target_path is not None else "",
+            selector=selector_mode_to_proto(selector),
+            reference_image=reference_image,
+            encode=encoder_pb2.EncodeSettings(crf=crf, preset=preset),
+        )
+        try:
+            return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def get(self, job_id: str) -> jobs_pb2.Job:
+        try:
+            return self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def cancel(self, job_id: str) -> jobs_pb2.Job:
+        try:
+            return self._stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def list(self, limit: int = 50) -> list[jobs_pb2.Job]:
+        try:
+            return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(limit=limit), timeout=self._timeout).jobs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
+        try:
+            yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def fetch(self, job_id: str, artifact: jobs_pb2.Artifact, destination: Path) -> Path:
+        """Writes the artifact to `destination` (a file path) and returns it."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".part")
+        try:
+            with partial.open("wb") as stream:
+                request = jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
+                for chunk in self._stub.FetchArtifact(request, timeout=self._timeout * 10):
+                    stream.write(chunk.data)
+        except grpc.RpcError as error:
+            partial.unlink(missing_ok=True)
+            raise from_rpc_error(error) from None
+        partial.replace(destination)
+        return destination
+
+
+def job_error(job: jobs_pb2.Job) -> SwaplineError | None:
+    """The failure a finished job carries, as the domain error of its code."""
+    if job.state != jobs_pb2.JOB_STATE_FAILED:
+        return None
+    return error_for_code_value(job.error.code, job.error.message or "job failed")

@@ -1,0 +1,57 @@
+"""One-line progress for a watched job: bar, frames, fps, stage, ETA."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from services.cli.job_client import state_name
+from swapline.jobs.v1 import jobs_pb2
+
+BAR_WIDTH = 30
+
+
+def format_eta(seconds: float) -> str:
+    if seconds < 0:
+        return "--"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def progress_line(event: jobs_pb2.JobEvent) -> str:
+    total = max(event.frames_total, 0)
+    fraction = min(event.frames_done / total, 1.0) if total else 0.0
+    filled = round(fraction * BAR_WIDTH)
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    stage = f" {event.stage}" if event.stage else ""
+    return (
+        f"[{bar}] {fraction:6.1%} {event.frames_done}/{total} frames"
+        f" {event.fps:5.1f} fps, chunks {event.chunks_done}/{event.chunks_total},"
+        f" {state_name(event.state)}{stage}, ETA {format_eta(event.eta_seconds)}"
+    )
+
+
+class ProgressBar:
+    """Redraws in place on a terminal; prints one line per change in percent elsewhere (logs, CI)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self._stream = stream
+        self._interactive = stream.isatty()
+        self._last_percent = -1
+
+    def update(self, event: jobs_pb2.JobEvent) -> None:
+        line = progress_line(event)
+        if self._interactive:
+            self._stream.write("\r" + line.ljust(110))
+        else:
+            percent = int(100 * event.frames_done / event.frames_total) if event.frames_total else 0
+            if percent // 10 == self._last_percent // 10 and event.state == jobs_pb2.JOB_STATE_RUNNING:
+                return
+            self._last_percent = percent
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._interactive:
+            self._stream.write("\n")
+            self._stream.flush()

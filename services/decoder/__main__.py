@@ -1,0 +1,26 @@
+"""`python -m services.decoder`: the DecoderService (PyAV) on SWAPLINE_DECODER_* settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.grpc_server import ServiceBinding, serve
+from services.common.settings_loader import load_settings
+from services.decoder.servicer import SERVICE_NAME, DecoderServicer
+from services.decoder.settings import ENV_PREFIX, DecoderSettings
+from swapline.decoder.v1 import decoder_pb2_grpc
+
+
+def binding(settings: DecoderSettings) -> ServiceBinding:
+    return ServiceBinding(
+        DecoderServicer(settings), decoder_pb2_grpc.add_DecoderServiceServicer_to_server, SERVICE_NAME
+    )
+
+
+def main() -> None:
+    settings = load_settings(DecoderSettings, ENV_PREFIX)
+    asyncio.run(serve(settings, [binding(settings)], "decoder"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""`python -m services.detector`: the DetectorService (MTCNN on Triton) on SWAPLINE_DETECTOR_* settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.grpc_server import serve
+from services.common.settings_loader import load_settings
+from services.common.triton_client import TritonClient
+from services.detector.face_detector import FaceDetector
+from services.detector.servicer import detector_binding
+from services.detector.settings import ENV_PREFIX, DetectorSettings
+
+
+async def run(settings: DetectorSettings) -> None:
+    # Created inside the running loop: the aio channel belongs to the loop that opens it.
+    client = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
+    try:
+        detector = FaceDetector(client, settings.detection_defaults())
+        await serve(settings, [detector_binding(detector)], "detector")
+    finally:
+        await client.close()
+
+
+def main() -> None:
+    settings = load_settings(DetectorSettings, ENV_PREFIX)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""`python -m services.encoder`: the EncoderService (PyAV, libx264) on SWAPLINE_ENCODER_* settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.grpc_server import ServiceBinding, serve
+from services.common.settings_loader import load_settings
+from services.encoder.servicer import SERVICE_NAME, EncoderServicer
+from services.encoder.settings import ENV_PREFIX, EncoderSettings
+from swapline.encoder.v1 import encoder_pb2_grpc
+
+
+def binding(settings: EncoderSettings) -> ServiceBinding:
+    return ServiceBinding(
+        EncoderServicer(settings), encoder_pb2_grpc.add_EncoderServiceServicer_to_server, SERVICE_NAME
+    )
+
+
+def main() -> None:
+    settings = load_settings(EncoderSettings, ENV_PREFIX)
+    asyncio.run(serve(settings, [binding(settings)], "encoder"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`python -m services.gateway`: the public JobService and the workers' ChunkQueueService in one process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.grpc_server import serve
+from services.common.settings_loader import load_settings
+from services.gateway.gateway_parts import assemble_gateway
+from services.gateway.job_store import open_job_store
+from services.gateway.media_clients import GrpcMediaServices
+from services.gateway.settings import ENV_PREFIX, GatewaySettings
+
+
+async def run(settings: GatewaySettings) -> None:
+    settings.media_root.mkdir(parents=True, exist_ok=True)
+    store = open_job_store(settings.database_url, settings.media_root)
+    # Before serving: chunks leased by a previous process go back to the queue.
+    joining = store.recover_after_restart()
+    media = GrpcMediaServices(
+        settings.decoder_target,
+        settings.detector_target,
+        settings.encoder_target,
+        settings.downstream_timeout_seconds,
+        settings.join_timeout_seconds,
+        settings.max_message_bytes,
+    )
+    parts = assemble_gateway(settings, store, media)
+    try:
+        await serve(
+            settings,
+            parts.bindings(),
+            "gateway",
+            background=[parts.queue.reap_forever, lambda: parts.coordinator.resume_joins(joining)],
+        )
+    finally:
+        await media.close()
+        store.close()
+
+
+def main() -> None:
+    asyncio.run(run(load_settings(GatewaySettings, ENV_PREFIX)))
+
+
+if __name__ == "__main__":
+    main()

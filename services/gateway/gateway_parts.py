@@ -1,0 +1,58 @@
+"""Wires the gateway's domain objects and servicers together, for __main__ and for tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.grpc_server import ServiceBinding
+from services.gateway.chunk_queue import ChunkQueue
+from services.gateway.job_coordinator import Clock, JobCoordinator
+from services.gateway.job_service import JobService, new_job_id
+from services.gateway.job_store import JobStore
+from services.gateway.media_clients import MediaServices
+from services.gateway.queue_servicer import ChunkQueueServicer
+from services.gateway.servicer import JobServicer
+from services.gateway.settings import GatewaySettings
+from swapline.chunks.v1 import chunks_pb2, chunks_pb2_grpc
+from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+@dataclass(frozen=True)
+class GatewayParts:
+    coordinator: JobCoordinator
+    queue: ChunkQueue
+    jobs: JobService
+
+    def bindings(self) -> list[ServiceBinding]:
+        return [
+            ServiceBinding(
+                JobServicer(self.jobs),
+                jobs_pb2_grpc.add_JobServiceServicer_to_server,
+                jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+            ),
+            ServiceBinding(
+                ChunkQueueServicer(self.queue),
+                chunks_pb2_grpc.add_ChunkQueueServiceServicer_to_server,
+                chunks_pb2.DESCRIPTOR.services_by_name["ChunkQueueService"].full_name,
+            ),
+        ]
+
+
+def assemble_gateway(
+    settings: GatewaySettings,
+    store: JobStore,
+    media: MediaServices,
+    clock: Clock = time.time,
+    new_id: Callable[[], str] = new_job_id,
+) -> GatewayParts:
+    media_root = Path(settings.media_root)
+    coordinator = JobCoordinator(store, media, media_root, clock)
+    queue = ChunkQueue(coordinator, settings.lease_seconds, settings.max_attempts)
+    jobs = JobService(
+        coordinator, queue, media, media_root, settings.chunk_seconds, settings.max_upload_bytes, new_id
+    )
+    coordinator.publish_counts()
+    return GatewayParts(coordinator=coordinator, queue=queue, jobs=jobs)

@@ -1,0 +1,155 @@
+"""Job lifecycle after submission: joining finished chunks, failing, cancelling, reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+from prometheus_client import Gauge
+
+from services.common.errors import FailedPrecondition, NotFound, SwaplineError, code_value
+from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
+from services.gateway.chunk_planner import report_uri
+from services.gateway.job_change_feed import JobChangeFeed
+from services.gateway.job_records import (
+    ENDED_JOB_STATES,
+    JOB_STATES,
+    JOINING_ONLY,
+    LIVE_JOB_STATES,
+    UNFINISHED_JOB_STATES,
+    JobError,
+    JobRecord,
+    JoinOutcome,
+)
+from services.gateway.job_report import build_report, report_json
+from services.gateway.job_store import JobStore
+from services.gateway.media_clients import MediaServices
+
+log = logging.getLogger(__name__)
+
+JOBS_BY_STATE = Gauge("swapline_gateway_jobs", "Jobs in the store, by state.", ["state"])
+# The autoscaling signal for workers: chunks waiting for a lease.
+CHUNKS_PENDING = Gauge("swapline_gateway_chunks_pending", "Chunks of live jobs waiting for a worker.")
+
+Clock = Callable[[], float]
+
+
+class JobCoordinator:
+    def __init__(
+        self, store: JobStore, media: MediaServices, media_root: Path, clock: Clock = time.time
+    ) -> None:
+        self.store = store
+        self.feed = JobChangeFeed()
+        self._media = media
+        self._media_root = media_root
+        self._clock = clock
+        self._joins: set[asyncio.Task[None]] = set()
+
+    def now(self) -> float:
+        return self._clock()
+
+    def publish_counts(self) -> None:
+        counts = self.store.count_jobs_by_state()
+        for state in JOB_STATES:
+            JOBS_BY_STATE.labels(state).set(counts.get(state, 0))
+        CHUNKS_PENDING.set(self.store.count_pending_chunks())
+
+    async def changed(self, job_id: str) -> None:
+        self.publish_counts()
+        await self.feed.notify(job_id)
+
+    def require_job(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return job
+
+    async def chunks_finished(self, job_id: str) -> None:
+        """Every chunk is DONE: the job joins in the background so the last CompleteChunk returns at once."""
+        if self.store.transition_job(job_id, tuple(LIVE_JOB_STATES), "JOINING", self.now()):
+            await self.changed(job_id)
+            self.start_join(job_id)
+
+    def start_join(self, job_id: str) -> None:
+        task = asyncio.create_task(self.join(job_id), name=f"join-{job_id}")
+        self._joins.add(task)
+        task.add_done_callback(self._joins.discard)
+
+    async def resume_joins(self, job_ids: Iterable[str]) -> None:
+        """Joins again what a previous gateway process left JOINING."""
+        for job_id in job_ids:
+            self.start_join(job_id)
+        await self.wait_for_joins()
+
+    async def wait_for_joins(self) -> None:
+        while self._joins:
+            await asyncio.gather(*list(self._joins), return_exceptions=True)
+
+    async def join(self, job_id: str) -> None:
+        job = self.require_job(job_id)
+        chunks = self.store.list_chunks(job_id)
+        try:
+            if job.target is not None and job.target.kind == "image":
+                outcome = await self._copy_single_image(job.output_uri, chunks[0].segment_uri)
+            else:
+                audio_source = job.target_uri if job.target is not None and job.target.has_audio else ""
+                outcome = await self._media.join(
+                    [chunk.segment_uri for chunk in chunks], audio_source, job.output_uri
+                )
+        except Exception as error:
+            if not isinstance(error, SwaplineError):
+                log.exception("joining job %s failed", job_id)
+            code = error.code if isinstance(error, SwaplineError) else grpc.StatusCode.INTERNAL
+            await self.fail_job(job_id, JobError(code_value(code), f"joining segments failed: {error}"))
+            return
+        if self.store.transition_job(job_id, JOINING_ONLY, "SUCCEEDED", self.now(), join=outcome):
+            shutil.rmtree(resolve_media_path(self._media_root, f"work/{job_id}"), ignore_errors=True)
+            await self.finish(job_id)
+
+    async def _copy_single_image(self, output_uri: str, segment_uri: str) -> JoinOutcome:
+        """An image job has one segment, already the output picture: there is nothing to join or mux."""
+        started = time.perf_counter()
+        source = existing_media_path(self._media_root, segment_uri)
+        await asyncio.to_thread(shutil.copyfile, source, writable_media_path(self._media_root, output_uri))
+        return JoinOutcome(output_uri, 1, False, time.perf_counter() - started)
+
+    async def fail_job(self, job_id: str, error: JobError) -> bool:
+        """Fails a job that has not ended; its open chunks are CANCELLED. Other jobs are untouched."""
+        failed = self.store.transition_job(job_id, UNFINISHED_JOB_STATES, "FAILED", self.now(), error=error)
+        if failed:
+            log.info("job %s failed: %s", job_id, error.message)
+            await self.finish(job_id)
+        return failed
+
+    async def cancel_job(self, job_id: str) -> JobRecord:
+        job = self.require_job(job_id)
+        if job.state in ENDED_JOB_STATES or not self.store.transition_job(
+            job_id,
+            UNFINISHED_JOB_STATES,
+            "CANCELLED",
+            self.now(),
+            error=JobError(code_value(grpc.StatusCode.CANCELLED), f"job {job_id} was cancelled"),
+        ):
+            state = self.require_job(job_id).state
+            raise FailedPrecondition(
+                f"job {job_id} has already ended ({state}); only a running job can be cancelled"
+            )
+        await self.finish(job_id)
+        return self.require_job(job_id)
+
+    async def finish(self, job_id: str) -> None:
+        """Writes the report of a job that has just ended and tells its watchers."""
+        job = self.require_job(job_id)
+        if job.target is not None:
+            text = report_json(build_report(job, self.store.list_chunks(job_id)))
+            try:
+                writable_media_path(self._media_root, report_uri(job_id)).write_text(text)
+            except OSError as error:
+                log.warning("could not write the report of job %s: %s", job_id, error)
+            self.store.save_report(job_id, text)
+        await self.changed(job_id)

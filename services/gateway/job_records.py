@@ -1,0 +1,156 @@
+"""The gateway's domain records: jobs, their chunks, the probed target, and the allowed-value sets."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+JobState = Literal["QUEUED", "RUNNING", "JOINING", "SUCCEEDED", "FAILED", "CANCELLED"]
+ChunkState = Literal["PENDING", "LEASED", "DONE", "FAILED", "CANCELLED"]
+SelectorMode = Literal["one", "many", "reference"]
+MediaKind = Literal["video", "image"]
+Stage = Literal["decode", "detect", "swap", "paste", "encode"]
+ArtifactKind = Literal["output", "report"]
+
+JOB_STATES: tuple[JobState, ...] = typing.get_args(JobState)
+CHUNK_STATES: tuple[ChunkState, ...] = typing.get_args(ChunkState)
+SELECTOR_MODES: tuple[SelectorMode, ...] = typing.get_args(SelectorMode)
+STAGES: tuple[Stage, ...] = typing.get_args(Stage)
+
+# Jobs whose chunks may still be leased.
+LIVE_JOB_STATES: frozenset[JobState] = frozenset({"QUEUED", "RUNNING"})
+ENDED_JOB_STATES: frozenset[JobState] = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+UNFINISHED_JOB_STATES: tuple[JobState, ...] = ("QUEUED", "RUNNING", "JOINING")
+JOINING_ONLY: tuple[JobState, ...] = ("JOINING",)
+# Chunks that are not finished one way or the other.
+OPEN_CHUNK_STATES: frozenset[ChunkState] = frozenset({"PENDING", "LEASED"})
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    frame_index: int
+    pts: int
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the decoder's Probe said about the target media."""
+
+    kind: MediaKind
+    duration_seconds: float
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    has_audio: bool
+    keyframes: tuple[Keyframe, ...]
+    video_codec: str = ""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    crf: int = 0
+    preset: str = ""
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A failure as carried to clients: a numeric gRPC status code and a message."""
+
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A submitted spec; the target is target_uri or else an upload named by target_filename."""
+
+    source_image: bytes
+    target_uri: str
+    target_filename: str
+    selector: SelectorMode
+    reference_image: bytes
+    encode: EncodeOptions
+
+
+@dataclass(frozen=True)
+class JoinOutcome:
+    output_uri: str
+    frames: int
+    audio_copied: bool
+    join_seconds: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    state: JobState
+    selector: SelectorMode
+    target_uri: str
+    output_uri: str
+    source_image: bytes
+    reference_image: bytes
+    encode: EncodeOptions
+    target: TargetInfo | None
+    frames_total: int
+    chunks_total: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: JobError | None = None
+    join: JoinOutcome | None = None
+    report_json: str = ""
+    # Derived from the chunks when read from the store.
+    chunks_done: int = 0
+    frames_done: int = 0
+
+
+@dataclass(frozen=True)
+class FaceCountChange:
+    frame_index: int
+    faces: int
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    """What a worker measured on one chunk; stage_seconds is keyed by Stage."""
+
+    frames: int
+    faces: int
+    frames_with_faces: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    face_count_changes: tuple[FaceCountChange, ...] = ()
+    warnings: tuple[str, ...] = ()
+    started_at_unix: float = 0.0
+    finished_at_unix: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    index: int
+    start_frame: int
+    seek_pts: int
+    frame_count: int
+    segment_uri: str
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    job_id: str
+    index: int
+    state: ChunkState
+    start_frame: int
+    seek_pts: int
+    frame_count: int
+    segment_uri: str
+    # Leases granted so far; the lease handed out carries this count.
+    attempts: int = 0
+    lease_id: str = ""
+    lease_expires_at: float = 0.0
+    worker_id: str = ""
+    frames_done: int = 0
+    stage: str = ""
+    faces: int = 0
+    stats: ChunkStats | None = None
+    last_error: JobError | None = None

@@ -1,0 +1,131 @@
+"""The job report: what was processed, how fast each stage ran, and what looked wrong."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from services.gateway.job_records import STAGES, ChunkRecord, ChunkStats, JobRecord
+
+EventKind = Literal["chunk_start", "chunk_end", "faces_changed"]
+# Events at the same instant read in this order: a chunk starts, its faces change, it ends.
+_EVENT_ORDER: dict[EventKind, int] = {"chunk_start": 0, "faces_changed": 1, "chunk_end": 2}
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def _stage_summary(frames: int, seconds: float) -> dict[str, float]:
+    return {
+        "seconds": round(seconds, 4),
+        "ms_per_frame": round(_ratio(seconds * 1000.0, frames), 4),
+        "fps": round(_ratio(frames, seconds), 4),
+    }
+
+
+def _chunk_events(chunk: ChunkRecord, stats: ChunkStats, origin: float) -> list[dict[str, Any]]:
+    """Face-count changes carry a frame, not a time; they are placed in proportion within the chunk's run."""
+    started, finished = stats.started_at_unix - origin, stats.finished_at_unix - origin
+    span = max(finished - started, 0.0)
+    events: list[dict[str, Any]] = [
+        {"t": started, "kind": "chunk_start", "chunk": chunk.index, "frame": chunk.start_frame, "faces": None}
+    ]
+    for change in stats.face_count_changes:
+        offset = min(max(change.frame_index - chunk.start_frame, 0), max(stats.frames, 1))
+        events.append(
+            {
+                "t": started + span * _ratio(offset, stats.frames),
+                "kind": "faces_changed",
+                "chunk": chunk.index,
+                "frame": change.frame_index,
+                "faces": change.faces,
+            }
+        )
+    events.append(
+        {
+            "t": finished,
+            "kind": "chunk_end",
+            "chunk": chunk.index,
+            "frame": chunk.start_frame + stats.frames,
+            "faces": stats.faces,
+        }
+    )
+    return events
+
+
+def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any]:
+    """A pure summary of the job, its probed target and its chunks' stats; times count from the job start."""
+    measured = [
+        (chunk, chunk.stats) for chunk in sorted(chunks, key=lambda c: c.index) if chunk.stats is not None
+    ]
+    frames = sum(stats.frames for _, stats in measured)
+    faces = sum(stats.faces for _, stats in measured)
+    frames_with_faces = sum(stats.frames_with_faces for _, stats in measured)
+    origin = job.started_at if job.started_at is not None else job.created_at
+    wall_seconds = job.finished_at - origin if job.finished_at is not None else 0.0
+
+    stages: dict[str, Any] = {
+        stage: _stage_summary(frames, sum(stats.stage_seconds.get(stage, 0.0) for _, stats in measured))
+        for stage in STAGES
+    }
+    stages["join"] = {"seconds": round(job.join.join_seconds if job.join else 0.0, 4)}
+
+    events = [event for chunk, stats in measured for event in _chunk_events(chunk, stats, origin)]
+    events.sort(key=lambda event: (event["t"], _EVENT_ORDER[event["kind"]], event["chunk"], event["frame"]))
+    for event in events:
+        event["t"] = round(event["t"], 4)
+
+    warnings = [f"chunk {chunk.index}: {warning}" for chunk, stats in measured for warning in stats.warnings]
+    if frames > 0 and faces == 0:
+        warnings.append(
+            f"no face was found in any of the {frames} frames; the output shows the target unchanged"
+        )
+    elif frames_with_faces < frames:
+        warnings.append(
+            f"{frames - frames_with_faces} of {frames} frames had no face and were left unchanged"
+        )
+    attempts = sum(chunk.attempts for chunk in chunks)
+    if attempts > len(chunks):
+        warnings.append(f"{attempts - len(chunks)} chunk attempts failed or lapsed and were retried")
+    target = job.target
+    if job.join is not None and target is not None and target.has_audio and not job.join.audio_copied:
+        warnings.append("the target has audio but it was not copied into the output")
+
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "selector": job.selector,
+        "target": None
+        if target is None
+        else {
+            "uri": job.target_uri,
+            "width": target.width,
+            "height": target.height,
+            "fps": target.fps,
+            "frames": target.frame_count,
+            "duration_seconds": target.duration_seconds,
+            "has_audio": target.has_audio,
+        },
+        "output": {
+            "uri": job.join.output_uri if job.join else "",
+            "frames": job.join.frames if job.join else 0,
+            "audio_copied": job.join.audio_copied if job.join else False,
+        },
+        "frames": frames,
+        "faces": faces,
+        "frames_with_faces": frames_with_faces,
+        "chunks": len(chunks),
+        "chunk_attempts": attempts,
+        "wall_seconds": round(wall_seconds, 4),
+        "fps": round(_ratio(frames, wall_seconds), 4),
+        "stages": stages,
+        "events": events,
+        "warnings": warnings,
+        "error": None if job.error is None else {"code": job.error.code, "message": job.error.message},
+    }
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)

@@ -1,0 +1,28 @@
+"""Gateway settings, read from SWAPLINE_GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.server_settings import ServerSettings
+
+ENV_PREFIX = "SWAPLINE_GATEWAY_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings(ServerSettings):
+    # Uploads, chunk segments, outputs and reports live here; the decoder and encoder share it.
+    media_root: Path
+    decoder_target: str
+    detector_target: str
+    encoder_target: str
+    # Empty means sqlite:///<media_root>/swapline.db; PostgreSQL URLs are refused until that store exists.
+    database_url: str = ""
+    # Chunks span whole GOPs of at least this many seconds, except the last one.
+    chunk_seconds: float = 2.0
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    max_upload_bytes: int = 4 * 1024**3
+    downstream_timeout_seconds: float = 60.0
+    join_timeout_seconds: float = 1800.0

@@ -1,0 +1,1 @@
+"""Builds the Triton model repository's ONNX files from weights that registry packages ship."""

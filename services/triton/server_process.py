@@ -1,0 +1,266 @@
+"""Runs the tritonserver binary that the nvidia-pytriton wheel ships, over the embedded repository.
+
+The wheel's server needs three things it does not arrange itself: its bundled shared libraries on
+LD_LIBRARY_PATH, a backend folder holding the Python backend plus the stub built for the running
+Python version, and a PYTHONPATH on which the stub finds numpy, onnxruntime and this repository.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.common.errors import FailedPrecondition, Unavailable
+from services.triton.embedded_repository import write_embedded_repository
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+STUB_NAME = "triton_python_backend_stub"
+PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+LOG_TAIL_CHARS = 4000
+TRITON_ERROR_LINE = re.compile(r"^E\d{4} ")
+READINESS_POLL_SECONDS = 0.25
+STOP_TIMEOUT_SECONDS = 30.0
+# The stub exchanges tensors with the server through shared memory; growing it in 16 MiB steps keeps
+# a batch of 64 FP16 256x256 crops to two or three resizes instead of two dozen.
+PYTHON_BACKEND_SHM_GROWTH_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PytritonDistribution:
+    server_binary: Path
+    python_backend: Path
+    python_stub: Path
+    library_dir: Path
+
+
+def locate_pytriton() -> PytritonDistribution:
+    """The tritonserver pieces inside the installed nvidia-pytriton wheel, for this Python version."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition(
+            "nvidia-pytriton is not installed; run `make install` (it ships tritonserver)"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    distribution = PytritonDistribution(
+        server_binary=package / "tritonserver" / "bin" / "tritonserver",
+        python_backend=package / "tritonserver" / "backends" / "python",
+        python_stub=package / "tritonserver" / "python_backend_stubs" / python_version / STUB_NAME,
+        library_dir=package.parent / "nvidia_pytriton.libs",
+    )
+    for path in (distribution.server_binary, distribution.python_stub, distribution.library_dir):
+        if not path.exists():
+            raise FailedPrecondition(f"nvidia-pytriton at {package} lacks {path} (Python {python_version})")
+    return distribution
+
+
+def prepare_backend_directory(distribution: PytritonDistribution, work_dir: Path) -> Path:
+    """`<work_dir>/backends/python/` with the backend library, its utils module and the stub."""
+    backends = work_dir / "backends"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in PYTHON_BACKEND_FILES:
+        shutil.copy2(distribution.python_backend / name, python_dir / name)
+    shutil.copy2(distribution.python_stub, python_dir / STUB_NAME)
+    return backends
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: all probes stay bound until every port is chosen."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _prepend_path(value: str, existing: str | None) -> str:
+    return value if not existing else f"{value}{os.pathsep}{existing}"
+
+
+def server_environment(distribution: PytritonDistribution, base: dict[str, str]) -> dict[str, str]:
+    environment = dict(base)
+    environment["LD_LIBRARY_PATH"] = _prepend_path(str(distribution.library_dir), base.get("LD_LIBRARY_PATH"))
+    # The stub's embedded interpreter finds its environment through the `python` first on PATH.
+    environment["PATH"] = _prepend_path(str(Path(sys.exec_prefix) / "bin"), base.get("PATH"))
+    site_packages = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    python_path = os.pathsep.join([str(REPOSITORY_ROOT), *site_packages])
+    environment["PYTHONPATH"] = _prepend_path(python_path, base.get("PYTHONPATH"))
+    return environment
+
+
+def log_summary(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    """The log's error lines (Triton prefixes them `E<mmdd>`), else its tail.
+
+    A failed start ends in a wide status table; the cause sits in the error lines above it.
+    """
+    if not path.is_file():
+        return "(no log written)"
+    lines = path.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if TRITON_ERROR_LINE.match(line) or line.startswith("error:")]
+    return "\n".join(errors or lines)[-chars:]
+
+
+class EmbeddedTriton:
+    """tritonserver as a child process; `with EmbeddedTriton(...) as triton:` serves until the block ends."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        work_dir: Path,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        log_path: Path | None = None,
+        startup_timeout: float = 120,
+        models: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.model_repository = model_repository
+        self.work_dir = work_dir
+        spare_ports = iter(free_ports(3))
+        self.grpc_port = grpc_port or next(spare_ports)
+        self.http_port = http_port or next(spare_ports)
+        self.metrics_port = metrics_port or next(spare_ports)
+        self.log_path = log_path or work_dir / "tritonserver.log"
+        self.startup_timeout = startup_timeout
+        self.models: list[str] = list(models) if models is not None else []
+        self._requested_models = models
+        self.intra_op_threads = intra_op_threads
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def command(self, backends: Path, repository: Path) -> list[str]:
+        distribution = locate_pytriton()
+        return [
+            str(distribution.server_binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_BACKEND_SHM_GROWTH_BYTES}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--grpc-address=127.0.0.1",
+            "--http-address=127.0.0.1",
+            "--exit-on-error=true",
+        ]
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise FailedPrecondition("this EmbeddedTriton is already started")
+        distribution = locate_pytriton()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        backends = prepare_backend_directory(distribution, self.work_dir)
+        repository = self.work_dir / "model_repository"
+        self.models = write_embedded_repository(
+            self.model_repository, repository, self._requested_models, self.intra_op_threads
+        )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                self.command(backends, repository),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=server_environment(distribution, dict(os.environ)),
+                cwd=self.work_dir,
+            )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        try:
+            while True:
+                if self._is_ready(client):
+                    return
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"tritonserver did not become ready in {self.startup_timeout:.0f} s; "
+                        f"errors in {self.log_path}:\n{log_summary(self.log_path)}"
+                    )
+                try:
+                    code = self._process.wait(timeout=READINESS_POLL_SECONDS)
+                except subprocess.TimeoutExpired:
+                    continue
+                raise Unavailable(
+                    f"tritonserver exited with code {code} while starting; "
+                    f"errors in {self.log_path}:\n{log_summary(self.log_path)}"
+                )
+        finally:
+            client.close()
+
+    def _is_ready(self, client: triton_grpc.InferenceServerClient) -> bool:
+        try:
+            return bool(client.is_server_ready()) and all(
+                client.is_model_ready(model) for model in self.models
+            )
+        except InferenceServerException:
+            return False
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (None if never started)."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def __enter__(self) -> EmbeddedTriton:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

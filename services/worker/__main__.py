@@ -1,0 +1,73 @@
+"""`python -m services.worker`: leases chunks from the gateway and runs them through the stage services.
+
+The worker serves no API of its own: only health, reflection and metrics, beside its lease loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.grpc_channel import open_channel
+from services.common.grpc_server import serve
+from services.common.settings_loader import load_settings
+from services.common.triton_client import TritonClient
+from services.worker.chunk_runner import ChunkRunner, StageStubs
+from services.worker.face_swapper import FACE_SWAPPER_MODEL, CropTransferSwapper
+from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
+from services.worker.settings import SETTINGS_PREFIX, WorkerSettings
+from services.worker.source_face import JobFaceCache
+from swapline.chunks.v1 import chunks_pb2_grpc
+from swapline.decoder.v1 import decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2_grpc
+
+SERVICE_NAME = "worker"
+
+
+async def run_worker(settings: WorkerSettings) -> None:
+    channels = {
+        name: open_channel(target, settings.max_message_bytes)
+        for name, target in (
+            ("gateway", settings.gateway_target),
+            ("decoder", settings.decoder_target),
+            ("detector", settings.detector_target),
+            ("encoder", settings.encoder_target),
+        )
+    }
+    triton = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
+    stubs = StageStubs(
+        decoder=decoder_pb2_grpc.DecoderServiceStub(channels["decoder"]),
+        detector=detector_pb2_grpc.DetectorServiceStub(channels["detector"]),
+        encoder=encoder_pb2_grpc.EncoderServiceStub(channels["encoder"]),
+    )
+    runner = ChunkRunner(settings, stubs, CropTransferSwapper(triton), JobFaceCache())
+
+    async def swapper_ready() -> bool:
+        return await triton.is_model_ready(FACE_SWAPPER_MODEL)
+
+    loop = LeaseLoop(
+        chunks_pb2_grpc.ChunkQueueServiceStub(channels["gateway"]),
+        runner.run,
+        LeaseLoopSettings(
+            worker_id=settings.worker_id,
+            lease_wait_seconds=settings.lease_wait_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            drain_seconds=settings.drain_seconds,
+            concurrency=settings.concurrency,
+        ),
+        ready=swapper_ready,
+    )
+    try:
+        await serve(settings, [], SERVICE_NAME, background=[loop.run])
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        await triton.close()
+
+
+def main() -> None:
+    asyncio.run(run_worker(load_settings(WorkerSettings, SETTINGS_PREFIX)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""One chunk through decode -> detect -> swap -> paste back -> encode, the stages overlapped.
+
+Each stage is an asyncio task; bounded queues (STAGE_QUEUE_SIZE batches) join them, so while
+batch k is detected, batch k+1 is decoded, batch k-1 is swapped and earlier batches are pasted and
+encoded, and memory stays bounded by a few batches. CPU-heavy numpy and OpenCV work (alignment,
+paste back, descriptors) runs in threads: OpenCV releases the GIL, so it overlaps the gRPC and
+Triton waits of the other stages. The pipeline is written against small Protocols so the same code
+runs with gRPC stage clients in the worker and with in-process models in the benchmark.
+
+Frames yielded by the source belong to the pipeline: faces are pasted into them in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, get_args
+
+import numpy as np
+
+from services.common.errors import Internal
+from services.common.face_types import DetectedFace
+from services.common.frame_codec import Frames
+from services.worker.face_aligner import align_face, paste_back
+from services.worker.face_selector import FaceSelection, select_faces
+from services.worker.face_swapper import FaceSwapper, SourceIdentity
+
+StageName = Literal["decode", "detect", "swap", "paste", "encode"]
+STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
+STAGE_QUEUE_SIZE = 2
+
+
+class FrameSource(Protocol):
+    """Batches of (frames (n, H, W, 3) uint8 RGB, their frame indices), in order."""
+
+    def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]: ...
+
+
+class FaceFinder(Protocol):
+    async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
+        """Every face of every frame, in the frames' own pixels."""
+        ...
+
+
+class SegmentSink(Protocol):
+    async def write(self, frames: Frames) -> None: ...
+
+    async def close(self) -> int:
+        """Finishes the segment; returns the number of frames it holds."""
+        ...
+
+
+def _zero_stage_seconds() -> dict[str, float]:
+    return dict.fromkeys(STAGE_NAMES, 0.0)
+
+
+@dataclass
+class ChunkStats:
+    """What a chunk run did; filled while it runs, so a heartbeat can read progress from it."""
+
+    frames: int = 0  # frames written to the sink
+    faces: int = 0  # faces swapped
+    frames_with_faces: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=_zero_stage_seconds)
+    # (frame index, faces swapped) for the chunk's first frame and each frame whose count differs
+    # from the frame before; the first frame is always listed because the frame before it belongs
+    # to another chunk, and the gateway drops repeats where chunks meet.
+    face_count_changes: list[tuple[int, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    skipped_faces: int = 0  # faces whose landmarks no similarity transform fits
+
+    def busiest_stage(self) -> StageName:
+        """The stage that has taken the most time so far: the chunk's bottleneck."""
+        return max(STAGE_NAMES, key=lambda stage: self.stage_seconds.get(stage, 0.0))
+
+    def record_frame(self, frame_index: int, faces: int) -> None:
+        previous = self.face_count_changes[-1][1] if self.face_count_changes else None
+        if previous is None or faces != previous:
+            self.face_count_changes.append((int(frame_index), faces))
+        self.frames += 1
+        self.faces += faces
+        if faces:
+            self.frames_with_faces += 1
+
+
+@dataclass(frozen=True)
+class _DecodedBatch:
+    frames: Frames
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class _SelectedBatch:
+    frames: Frames
+    indices: list[int]
+    faces: list[list[DetectedFace]]
+
+
+@dataclass(frozen=True)
+class _SwappedBatch:
+    frames: Frames
+    indices: list[int]
+    # One entry per swapped face: (slot of its frame in the batch, frame -> crop matrix).
+    placements: list[tuple[int, np.ndarray]]
+    crops: np.ndarray
+    masks: np.ndarray
+    skipped: int
+
+
+@dataclass(frozen=True)
+class _PastedBatch:
+    frames: Frames
+    indices: list[int]
+    faces_per_frame: list[int]
+
+
+class _StageClock:
+    def __init__(self, stats: ChunkStats) -> None:
+        self._stats = stats
+
+    @contextmanager
+    def timing(self, stage: StageName) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._stats.stage_seconds[stage] = self._stats.stage_seconds.get(stage, 0.0) + (
+                time.perf_counter() - started
+            )
+
+
+def _select_all(
+    frames: Frames, faces: list[list[DetectedFace]], selection: FaceSelection
+) -> list[list[DetectedFace]]:
+    return [
+        select_faces(frame, frame_faces, selection) for frame, frame_faces in zip(frames, faces, strict=True)
+    ]
+
+
+def _align_all(
+    frames: Frames, faces: list[list[DetectedFace]], size: int
+) -> tuple[list[tuple[int, np.ndarray]], np.ndarray, int]:
+    placements: list[tuple[int, np.ndarray]] = []
+    crops: list[np.ndarray] = []
+    skipped = 0
+    for slot, frame_faces in enumerate(faces):
+        for face in frame_faces:
+            try:
+                aligned = align_face(frames[slot], face.landmarks, size)
+            except ValueError:
+                skipped += 1
+                continue
+            placements.append((slot, aligned.matrix))
+            crops.append(aligned.crop)
+    stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    return placements, stacked, skipped
+
+
+def _paste_all(batch: _SwappedBatch) -> tuple[Frames, list[int]]:
+    frames = batch.frames if batch.frames.flags.writeable else batch.frames.copy()
+    faces_per_frame = [0] * len(batch.indices)
+    for (slot, matrix), crop, mask in zip(batch.placements, batch.crops, batch.masks, strict=True):
+        paste_back(frames[slot], crop, mask, matrix)
+        faces_per_frame[slot] += 1
+    return frames, faces_per_frame
+
+
+async def run_chunk_pipeline(
+    source: FrameSource,
+    finder: FaceFinder,
+    swapper: FaceSwapper,
+    identity: SourceIdentity,
+    sink: SegmentSink,
+    selection: FaceSelection,
+    stats: ChunkStats | None = None,
+) -> ChunkStats:
+    """Runs every stage to the end; the first stage error cancels the others and is raised as is.
+
+    Pass `stats` to watch progress while it runs. The sink is closed only on success; on an error
+    or cancellation the caller discards the segment.
+    """
+    live = stats if stats is not None else ChunkStats()
+    live.started_at = time.time()
+    clock = _StageClock(live)
+    decoded: asyncio.Queue[_DecodedBatch | None] = asyncio.Queue(STAGE_QUEUE_SIZE)
+    selected: asyncio.Queue[_SelectedBatch | None] = asyncio.Queue(STAGE_QUEUE_SIZE)
+    swapped: asyncio.Queue[_SwappedBatch | None] = asyncio.Queue(STAGE_QUEUE_SIZE)
+    pasted: asyncio.Queue[_PastedBatch | None] = asyncio.Queue(STAGE_QUEUE_SIZE)
+
+    async def decode() -> None:
+        batches = aiter(source)
+        while True:
+            with clock.timing("decode"):
+                try:
+                    frames, indices = await anext(batches)
+                except StopAsyncIteration:
+                    break
+            if len(indices) != len(frames):
+                raise Internal(f"frame source gave {len(frames)} frames with {len(indices)} indices")
+            await decoded.put(_DecodedBatch(frames, [int(index) for index in indices]))
+        await decoded.put(None)
+
+    async def detect() -> None:
+        while (batch := await decoded.get()) is not None:
+            with clock.timing("detect"):
+                found = await finder.detect(batch.frames) if len(batch.frames) else []
+                if len(found) != len(batch.frames):
+                    raise Internal(f"face finder answered {len(found)} frames for {len(batch.frames)}")
+                chosen = await asyncio.to_thread(_select_all, batch.frames, found, selection)
+            await selected.put(_SelectedBatch(batch.frames, batch.indices, chosen))
+        await selected.put(None)
+
+    async def swap() -> None:
+        while (batch := await selected.get()) is not None:
+            with clock.timing("swap"):
+                placements, crops, skipped = await asyncio.to_thread(
+                    _align_all, batch.frames, batch.faces, swapper.crop_size
+                )
+                if len(crops):
+                    new_crops, masks = await swapper.swap(crops, identity)
+                else:
+                    new_crops, masks = crops, np.zeros(crops.shape[:3], np.float32)
+            await swapped.put(
+                _SwappedBatch(batch.frames, batch.indices, placements, new_crops, masks, skipped)
+            )
+        await swapped.put(None)
+
+    async def paste() -> None:
+        while (batch := await swapped.get()) is not None:
+            with clock.timing("paste"):
+                frames, faces_per_frame = await asyncio.to_thread(_paste_all, batch)
+            live.skipped_faces += batch.skipped
+            await pasted.put(_PastedBatch(frames, batch.indices, faces_per_frame))
+        await pasted.put(None)
+
+    async def encode() -> None:
+        while (batch := await pasted.get()) is not None:
+            with clock.timing("encode"):
+                await sink.write(batch.frames)
+            for index, faces in zip(batch.indices, batch.faces_per_frame, strict=True):
+                live.record_frame(index, faces)
+        with clock.timing("encode"):
+            written = await sink.close()
+        if written != live.frames:
+            raise Internal(f"the segment holds {written} frames but {live.frames} were sent")
+
+    tasks = [
+        asyncio.create_task(stage(), name=f"chunk-{stage.__name__}")
+        for stage in (decode, detect, swap, paste, encode)
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    live.finished_at = time.time()
+    live.warnings.extend(chunk_warnings(live))
+    return live
+
+
+def chunk_warnings(stats: ChunkStats) -> list[str]:
+    warnings = []
+    if stats.frames and not stats.frames_with_faces:
+        warnings.append(f"no face was selected in any of the {stats.frames} frames")
+    if stats.skipped_faces:
+        warnings.append(f"{stats.skipped_faces} faces were skipped: their landmarks fit no alignment")
+    return warnings

@@ -1,0 +1,82 @@
+"""One leased chunk: the job's faces prepared, the stage clients built, the pipeline run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.worker.chunk_pipeline import ChunkStats, run_chunk_pipeline
+from services.worker.face_selector import FaceSelection, selector_mode_from_proto
+from services.worker.face_swapper import FaceSwapper
+from services.worker.settings import WorkerSettings
+from services.worker.source_face import JobFaceCache
+from services.worker.stage_clients import DecoderFrameSource, DetectorFaceFinder, EncoderSegmentSink
+from swapline.chunks.v1 import chunks_pb2
+from swapline.decoder.v1 import decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
+
+@dataclass(frozen=True)
+class StageStubs:
+    decoder: decoder_pb2_grpc.DecoderServiceStub
+    detector: detector_pb2_grpc.DetectorServiceStub
+    encoder: encoder_pb2_grpc.EncoderServiceStub
+
+
+class ChunkRunner:
+    def __init__(
+        self, settings: WorkerSettings, stubs: StageStubs, swapper: FaceSwapper, faces: JobFaceCache
+    ) -> None:
+        self._settings = settings
+        self._stubs = stubs
+        self._swapper = swapper
+        self._faces = faces
+        self._finder = DetectorFaceFinder(
+            stubs.detector, settings.detect_max_side, settings.min_face_size, settings.triton_timeout_seconds
+        )
+
+    async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+        identity = await self._faces.source_identity(
+            lease.job_id, lease.source_image, self._finder, self._swapper
+        )
+        mode = selector_mode_from_proto(lease.selector)
+        reference = (
+            await self._faces.reference_descriptor(lease.job_id, lease.reference_image, self._finder)
+            if mode == "reference"
+            else None
+        )
+        source = DecoderFrameSource(
+            self._stubs.decoder,
+            uri=lease.target_uri,
+            start_frame=lease.start_frame,
+            seek_pts=lease.seek_pts,
+            frame_count=lease.frame_count,
+            batch_size=self._settings.batch_size,
+        )
+        header = encoder_pb2.SegmentHeader(
+            output_uri=lease.segment_uri,
+            fps=lease.fps,
+            width=lease.width,
+            height=lease.height,
+            settings=lease.encode,
+        )
+        async with EncoderSegmentSink(self._stubs.encoder, header, first_index=lease.start_frame) as sink:
+            return await run_chunk_pipeline(
+                source, self._finder, self._swapper, identity, sink, FaceSelection(mode, reference), stats
+            )
+
+
+def chunk_stats_to_proto(stats: ChunkStats) -> chunks_pb2.ChunkStats:
+    return chunks_pb2.ChunkStats(
+        frames=stats.frames,
+        faces=stats.faces,
+        frames_with_faces=stats.frames_with_faces,
+        stage_seconds=stats.stage_seconds,
+        face_count_changes=[
+            chunks_pb2.FaceCountChange(frame_index=index, faces=faces)
+            for index, faces in stats.face_count_changes
+        ],
+        warnings=stats.warnings,
+        started_at_unix=stats.started_at,
+        finished_at_unix=stats.finished_at,
+    )

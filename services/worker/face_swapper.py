@@ -1,0 +1,138 @@
+"""Swaps batches of aligned target crops to the source identity through a model runner (Triton).
+
+`FaceSwapper` is the seam for model sets: the default `CropTransferSwapper` conditions on the
+aligned source crop itself; an embedding-conditioned model such as inswapper_128 would prepare a
+512-d ArcFace embedding in `prepare_source` (kept in `SourceIdentity.embedding`) and report its
+own `crop_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from services.common.errors import Internal, InvalidArgument, ResourceExhausted
+from services.common.face_geometry import CROP_SIZE
+from services.common.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+FACE_SWAPPER_MODEL = "face_swapper"
+SWAPPER_INPUTS = ("target", "source")
+SWAPPER_OUTPUTS = ("swapped", "mask")
+# The deployed model's max_batch_size: one request never carries more faces than this.
+MAX_SWAP_BATCH = 64
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What a swapper needs of the source face, prepared once per job."""
+
+    crop: np.ndarray  # (S, S, 3) uint8 RGB, aligned like the target crops
+    embedding: np.ndarray | None = None  # identity embedding, for embedding-conditioned models
+
+
+class FaceSwapper(Protocol):
+    @property
+    def crop_size(self) -> int: ...
+
+    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity: ...
+
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+        """(n, S, S, 3) uint8 crops -> ((n, S, S, 3) uint8 swapped crops, (n, S, S) float32 masks, 0..1)."""
+        ...
+
+
+def _check_crops(crops: np.ndarray, what: str) -> None:
+    if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2] or crops.dtype != np.uint8:
+        raise InvalidArgument(f"{what} must be (n, S, S, 3) uint8, got {crops.shape} {crops.dtype}")
+
+
+def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
+    """RGB uint8 crops -> the model's `target` and `source`: FP16 NCHW in [0, 1], source repeated per face."""
+    _check_crops(target_crops, "target crops")
+    _check_crops(source_crop[None], "the source crop")
+    if source_crop.shape != target_crops.shape[1:]:
+        raise InvalidArgument(
+            f"source crop {source_crop.shape} does not match target crops {target_crops.shape[1:]}"
+        )
+    target = (target_crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).astype(np.float16)
+    source = (source_crop.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(np.float16)
+    repeated = np.broadcast_to(source[None], target.shape)
+    return {"target": np.ascontiguousarray(target), "source": np.ascontiguousarray(repeated)}
+
+
+def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`swapped` (n,3,S,S) and `mask` (n,1,S,S) in [0, 1] -> uint8 (n,S,S,3) crops and float32 (n,S,S) masks.
+
+    A NaN or Inf anywhere is an Internal error: no FP32 model is deployed to retry on, and pasting
+    garbage into a video silently is worse than failing the chunk.
+    """
+    swapped = np.asarray(outputs["swapped"], np.float32)
+    mask = np.asarray(outputs["mask"], np.float32)
+    if swapped.ndim != 4 or swapped.shape[1] != 3 or mask.ndim != 4 or mask.shape[1] != 1:
+        raise Internal(f"face swapper returned swapped {swapped.shape} and mask {mask.shape}; expected NCHW")
+    if swapped.shape[0] != mask.shape[0] or swapped.shape[2:] != mask.shape[2:]:
+        raise Internal(f"face swapper returned swapped {swapped.shape} but mask {mask.shape}")
+    if not (np.isfinite(swapped).all() and np.isfinite(mask).all()):
+        raise Internal(
+            "face swapper returned NaN or Inf values (FP16 overflow in the model); no FP32 model to retry on"
+        )
+    crops = np.clip(swapped.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(crops), np.ascontiguousarray(np.clip(mask[:, 0], 0.0, 1.0))
+
+
+class CropTransferSwapper:
+    """The default swapper: Triton's `face_swapper` relights and blends the source crop onto each target.
+
+    An out-of-memory answer halves the faces per request and retries, down to one face before the
+    error is passed on; the smaller size is kept for later batches of this process, because the
+    memory that ran out is usually still taken.
+    """
+
+    def __init__(self, models: ModelRunner, max_batch: int = MAX_SWAP_BATCH, size: int = CROP_SIZE) -> None:
+        self._models = models
+        self._size = size
+        self.batch_limit = max_batch
+
+    @property
+    def crop_size(self) -> int:
+        return self._size
+
+    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
+        _check_crops(source_crop[None], "the source crop")
+        return SourceIdentity(crop=np.ascontiguousarray(source_crop))
+
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+        count = target_crops.shape[0]
+        if count == 0:
+            size = self._size
+            return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32)
+        crops: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        start = 0
+        while start < count:
+            part = target_crops[start : start + self.batch_limit]
+            try:
+                outputs = await self._models.infer(
+                    FACE_SWAPPER_MODEL, pack_swapper_inputs(part, identity.crop), SWAPPER_OUTPUTS
+                )
+            except ResourceExhausted:
+                if self.batch_limit == 1:
+                    raise
+                self.batch_limit = max(1, min(self.batch_limit, len(part)) // 2)
+                log.warning(
+                    "face swapper out of memory; retrying with %d faces per request", self.batch_limit
+                )
+                continue
+            swapped, mask = unpack_swapper_outputs(outputs)
+            if swapped.shape[0] != len(part):
+                raise Internal(f"face swapper returned {swapped.shape[0]} crops for {len(part)} faces")
+            crops.append(swapped)
+            masks.append(mask)
+            start += len(part)
+        return np.concatenate(crops), np.concatenate(masks)

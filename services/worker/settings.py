@@ -1,0 +1,36 @@
+"""Worker settings, read from SWAPLINE_WORKER_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from services.common.server_settings import ServerSettings
+
+SETTINGS_PREFIX = "SWAPLINE_WORKER_"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(ServerSettings):
+    gateway_target: str
+    decoder_target: str
+    detector_target: str
+    encoder_target: str
+    triton_url: str
+    worker_id: str = field(default_factory=default_worker_id)
+    # Chunks in flight per process; more than one overlaps one chunk's waits with another's work.
+    concurrency: int = 1
+    # Frames per decoded batch: the unit that moves through the pipeline's stages.
+    batch_size: int = 8
+    # Frames are shrunk so their long side is at most this before detection; faces are scaled back.
+    detect_max_side: int = 640
+    # Smallest face side in full-frame pixels; 0 keeps the detector's default.
+    min_face_size: int = 0
+    heartbeat_seconds: float = 5.0
+    triton_timeout_seconds: float = 60.0
+    lease_wait_seconds: float = 10.0

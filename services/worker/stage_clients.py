@@ -1,0 +1,211 @@
+"""The pipeline's Protocols over the decoder, detector and encoder services (gRPC clients).
+
+Downstream failures arrive as grpc.aio.AioRpcError and leave as domain errors with the same code,
+so the lease loop can tell retryable failures (UNAVAILABLE, ...) from bad input (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+
+from services.common.errors import Internal, from_rpc_error
+from services.common.face_types import DetectedFace, frames_faces_from_proto
+from services.common.frame_codec import Frames, pack_frames, unpack_frames
+from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
+SINK_QUEUE_SIZE = 2
+
+
+class DecoderFrameSource:
+    """Streams one frame range from DecoderService.Decode as (frames, indices) batches."""
+
+    def __init__(
+        self,
+        stub: decoder_pb2_grpc.DecoderServiceStub,
+        uri: str,
+        start_frame: int,
+        seek_pts: int,
+        frame_count: int,
+        batch_size: int,
+    ) -> None:
+        self._stub = stub
+        self._request = decoder_pb2.DecodeRequest(
+            uri=uri,
+            start_frame=start_frame,
+            seek_pts=seek_pts,
+            frame_count=frame_count,
+            batch_size=batch_size,
+        )
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
+        call = self._stub.Decode(self._request)
+        try:
+            async for batch in call:
+                frames, indices, _ = await asyncio.to_thread(unpack_frames, batch)
+                yield frames, indices
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+
+def detection_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The (width, height) frames are shrunk to before detection: the long side at most max_side."""
+    longest = max(width, height)
+    if max_side <= 0 or longest <= max_side:
+        return width, height
+    factor = max_side / longest
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def downscale_frames(frames: Frames, size: tuple[int, int]) -> Frames:
+    width, height = size
+    if (height, width) == frames.shape[1:3]:
+        return frames
+    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+
+
+def scale_face(face: DetectedFace, scale_x: float, scale_y: float) -> DetectedFace:
+    x1, y1, x2, y2 = face.box
+    factors = np.array([scale_x, scale_y], np.float32)
+    return DetectedFace(
+        box=(x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y),
+        score=face.score,
+        landmarks=(face.landmarks * factors).astype(np.float32),
+    )
+
+
+class DetectorFaceFinder:
+    """DetectorService.Detect on a copy of the frames downscaled to max_side, faces scaled back.
+
+    min_face_size is in full-frame pixels and scaled with the frames (0 keeps the detector's default).
+    """
+
+    def __init__(
+        self,
+        stub: detector_pb2_grpc.DetectorServiceStub,
+        max_side: int,
+        min_face_size: int,
+        timeout_seconds: float,
+    ) -> None:
+        self._stub = stub
+        self._max_side = max_side
+        self._min_face_size = min_face_size
+        self._timeout_seconds = timeout_seconds
+
+    async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
+        count, height, width = frames.shape[:3]
+        if count == 0:
+            return []
+        small_width, small_height = detection_size(width, height, self._max_side)
+        request = await asyncio.to_thread(self._request, frames, (small_width, small_height))
+        try:
+            response = await self._stub.Detect(request, timeout=self._timeout_seconds)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from error
+        found: list[list[DetectedFace]] = [[] for _ in range(count)]
+        scale_x, scale_y = width / small_width, height / small_height
+        for message, faces in zip(response.frames, frames_faces_from_proto(response.frames), strict=True):
+            if not 0 <= message.frame_index < count:
+                raise Internal(f"detector answered for frame {message.frame_index} of a batch of {count}")
+            found[message.frame_index] = [scale_face(face, scale_x, scale_y) for face in faces]
+        return found
+
+    def _request(self, frames: Frames, size: tuple[int, int]) -> detector_pb2.DetectRequest:
+        small = downscale_frames(frames, size)
+        min_face = self._min_face_size
+        if min_face > 0:
+            min_face = max(1, round(min_face * size[0] / frames.shape[2]))
+        return detector_pb2.DetectRequest(
+            frames=pack_frames(small, list(range(len(small)))), min_face_size=min_face
+        )
+
+
+class EncoderSegmentSink:
+    """An EncoderService.EncodeSegment client stream: the header, then one message per frame batch.
+
+    Use it as an async context manager: leaving the block without close() (an error, a
+    cancellation) cancels the stream, so the encoder never finishes a partial segment.
+    """
+
+    def __init__(
+        self,
+        stub: encoder_pb2_grpc.EncoderServiceStub,
+        header: encoder_pb2.SegmentHeader,
+        first_index: int = 0,
+    ) -> None:
+        self._stub = stub
+        self._header = header
+        self._next_index = first_index
+        self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | None] = asyncio.Queue(
+            SINK_QUEUE_SIZE
+        )
+        self._call: grpc.aio.StreamUnaryCall | None = None
+        self._response: asyncio.Future[encoder_pb2.EncodeSegmentResponse] | None = None
+        self.output_uri = header.output_uri
+
+    async def __aenter__(self) -> EncoderSegmentSink:
+        self._call = self._stub.EncodeSegment(self._request_stream())
+        self._response = asyncio.ensure_future(self._call)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._response is not None and not self._response.done():
+            self._response.cancel()
+            await asyncio.gather(self._response, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _request_stream(self) -> AsyncIterator[encoder_pb2.EncodeSegmentRequest]:
+        yield encoder_pb2.EncodeSegmentRequest(header=self._header)
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def _started(self) -> asyncio.Future[encoder_pb2.EncodeSegmentResponse]:
+        if self._response is None:
+            raise Internal("the encoder sink is used outside its `async with` block")
+        return self._response
+
+    async def _response_error(self) -> Exception:
+        response = self._started()
+        try:
+            await response
+        except grpc.aio.AioRpcError as error:
+            return from_rpc_error(error)
+        return Internal("the encoder ended the segment stream before the worker closed it")
+
+    async def _send(self, request: encoder_pb2.EncodeSegmentRequest | None) -> None:
+        """Queues a request, unless the stream fails first: a dead encoder must not block the pipeline."""
+        response = self._started()
+        put = asyncio.ensure_future(self._requests.put(request))
+        racing: set[asyncio.Future[Any]] = {put, response}
+        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            raise await self._response_error()
+
+    async def write(self, frames: Frames) -> None:
+        indices = list(range(self._next_index, self._next_index + len(frames)))
+        self._next_index += len(frames)
+        batch = await asyncio.to_thread(pack_frames, frames, indices)
+        await self._send(encoder_pb2.EncodeSegmentRequest(frames=batch))
+
+    async def close(self) -> int:
+        await self._send(None)
+        try:
+            result = await self._started()
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from error
+        self.output_uri = result.output_uri or self.output_uri
+        return int(result.frames)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from services.gateway.job_records import ChunkRecord, ChunkStats, FaceCountChange, JobRecord, JoinOutcome
+from services.gateway.job_report import build_report
+from tests.gateway.gateway_fakes import job_record, video_target
+
+STARTED = 5000.0
+
+
+def chunk(index: int, start: int, stats: ChunkStats | None, attempts: int = 1) -> ChunkRecord:
+    frames = stats.frames if stats else 50
+    return ChunkRecord(
+        job_id="job1",
+        index=index,
+        state="DONE" if stats else "PENDING",
+        start_frame=start,
+        seek_pts=0,
+        frame_count=frames,
+        segment_uri=f"work/job1/chunk-{index:05d}.mp4",
+        attempts=attempts,
+        stats=stats,
+    )
+
+
+def stats(frames: int, begin: float, end: float, **overrides: object) -> ChunkStats:
+    base = ChunkStats(
+        frames=frames,
+        faces=frames,
+        frames_with_faces=frames,
+        stage_seconds={"decode": 0.5, "detect": 1.0, "swap": 2.0, "paste": 0.25, "encode": 0.5},
+        started_at_unix=STARTED + begin,
+        finished_at_unix=STARTED + end,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def succeeded_job(wall_seconds: float) -> JobRecord:
+    return replace(
+        job_record("job1", created_at=STARTED - 1, target=video_target(100, 25.0, has_audio=True)),
+        state="SUCCEEDED",
+        started_at=STARTED,
+        finished_at=STARTED + wall_seconds,
+        join=JoinOutcome("outputs/job1/output.mp4", 100, True, 0.75),
+    )
+
+
+def test_stage_seconds_are_summed_and_rates_follow_from_frames() -> None:
+    job = succeeded_job(wall_seconds=4.0)
+    first = stats(40, 0.0, 3.0, stage_seconds={"detect": 1.0, "swap": 2.0})
+    second = stats(60, 0.5, 3.5, stage_seconds={"detect": 1.5, "swap": 3.0, "encode": 0.5})
+    report = build_report(job, [chunk(0, 0, first), chunk(1, 40, second)])
+    assert report["frames"] == 100
+    assert report["stages"]["detect"] == {"seconds": 2.5, "ms_per_frame": 25.0, "fps": 40.0}
+    assert report["stages"]["swap"] == {"seconds": 5.0, "ms_per_frame": 50.0, "fps": 20.0}
+    assert report["stages"]["decode"] == {"seconds": 0.0, "ms_per_frame": 0.0, "fps": 0.0}
+    assert report["stages"]["join"] == {"seconds": 0.75}
+    assert report["wall_seconds"] == pytest.approx(4.0)
+    assert report["fps"] == pytest.approx(25.0)
+    assert report["target"]["frames"] == 100 and report["target"]["has_audio"] is True
+    assert report["output"] == {"uri": "outputs/job1/output.mp4", "frames": 100, "audio_copied": True}
+    assert report["chunks"] == 2 and report["chunk_attempts"] == 2
+
+
+def test_events_are_in_time_order_with_face_changes_inside_their_chunk() -> None:
+    job = succeeded_job(wall_seconds=10.0)
+    # Chunk 1 starts before chunk 0 and both overlap; frame 60 is halfway through chunk 1 (frames 50..99).
+    late = stats(50, 2.0, 6.0, face_count_changes=(FaceCountChange(0, 1), FaceCountChange(30, 2)))
+    early = stats(50, 1.0, 5.0, face_count_changes=(FaceCountChange(75, 0),))
+    report = build_report(job, [chunk(0, 0, late), chunk(1, 50, early)])
+    events = report["events"]
+    times = [event["t"] for event in events]
+    assert times == sorted(times)
+    assert [(event["kind"], event["chunk"]) for event in events] == [
+        ("chunk_start", 1),
+        ("chunk_start", 0),
+        ("faces_changed", 0),
+        ("faces_changed", 1),
+        ("faces_changed", 0),
+        ("chunk_end", 1),
+        ("chunk_end", 0),
+    ]
+    halfway = next(event for event in events if event["kind"] == "faces_changed" and event["chunk"] == 1)
+    assert halfway["t"] == pytest.approx(3.0) and halfway["frame"] == 75 and halfway["faces"] == 0
+    end_of_first = next(event for event in events if event["kind"] == "chunk_end" and event["chunk"] == 0)
+    assert end_of_first["frame"] == 50 and end_of_first["t"] == pytest.approx(6.0)
+
+
+def test_warnings_name_frames_without_faces_retries_and_chunk_warnings() -> None:
+    job = succeeded_job(wall_seconds=2.0)
+    partly = stats(
+        50, 0.0, 1.0, faces=30, frames_with_faces=30, warnings=("detector skipped a blurred frame",)
+    )
+    full = stats(50, 0.0, 1.0)
+    report = build_report(job, [chunk(0, 0, partly, attempts=2), chunk(1, 50, full)])
+    assert report["frames_with_faces"] == 80 and report["faces"] == 80
+    assert "chunk 0: detector skipped a blurred frame" in report["warnings"]
+    assert any("20 of 100 frames had no face" in warning for warning in report["warnings"])
+    assert any("1 chunk attempts" in warning for warning in report["warnings"])
+
+
+def test_no_face_anywhere_and_missing_audio_are_warned_about() -> None:
+    job = replace(succeeded_job(wall_seconds=2.0), join=JoinOutcome("out.mp4", 50, False, 0.1))
+    none_found = stats(50, 0.0, 1.0, faces=0, frames_with_faces=0)
+    report = build_report(job, [chunk(0, 0, none_found)])
+    assert any("no face was found in any of the 50 frames" in warning for warning in report["warnings"])
+    assert any("audio" in warning for warning in report["warnings"])
+
+
+def test_clean_job_has_no_warnings() -> None:
+    job = succeeded_job(wall_seconds=2.0)
+    report = build_report(job, [chunk(0, 0, stats(50, 0, 1)), chunk(1, 50, stats(50, 0, 1))])
+    assert report["warnings"] == []

@@ -1,0 +1,494 @@
+"""JobService and ChunkQueueService through real gRPC, against stand-ins for decoder, detector, encoder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from skimage import data as skimage_data
+
+from services.common.errors import InvalidArgument, code_value
+from services.common.frame_codec import unpack_frames
+from services.common.grpc_server import ServiceBinding, start_server
+from services.common.media_paths import existing_media_path, writable_media_path
+from services.common.server_settings import ServerSettings
+from services.gateway.gateway_parts import GatewayParts, assemble_gateway
+from services.gateway.job_store import SqliteJobStore
+from services.gateway.media_clients import GrpcMediaServices
+from services.gateway.settings import GatewaySettings
+from swapline.chunks.v1 import chunks_pb2, chunks_pb2_grpc
+from swapline.common.v1 import common_pb2
+from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+VIDEO_FRAMES = 100
+VIDEO_FPS = 25.0
+MAX_UPLOAD_BYTES = 4096
+
+
+class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
+    """Checks paths like the real decoder; describes every file as a 4 s, 25 fps clip with audio."""
+
+    def __init__(self, media_root: Path) -> None:
+        self.media_root = media_root
+
+    async def Probe(self, request: decoder_pb2.ProbeRequest, context: object) -> decoder_pb2.ProbeResponse:
+        path = existing_media_path(self.media_root, request.uri)
+        if path.read_bytes().startswith(b"garbage"):
+            raise InvalidArgument(f"{request.uri!r} holds no decodable media")
+        info = decoder_pb2.MediaInfo(
+            kind=decoder_pb2.MEDIA_KIND_VIDEO,
+            duration_seconds=VIDEO_FRAMES / VIDEO_FPS,
+            fps=VIDEO_FPS,
+            frame_count=VIDEO_FRAMES,
+            width=64,
+            height=48,
+            has_audio=True,
+            keyframes=[decoder_pb2.Keyframe(frame_index=i, pts=i * 512) for i in range(0, VIDEO_FRAMES, 25)],
+        )
+        return decoder_pb2.ProbeResponse(info=info)
+
+
+@dataclass
+class FakeDetector(detector_pb2_grpc.DetectorServiceServicer):
+    """A textured picture has a face, a flat one has none: enough to drive the gateway's checks."""
+
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    async def Detect(
+        self, request: detector_pb2.DetectRequest, context: object
+    ) -> detector_pb2.DetectResponse:
+        frames, indices, _ = unpack_frames(request.frames)
+        response = detector_pb2.DetectResponse()
+        for frame, index in zip(frames, indices, strict=True):
+            self.sizes.append((frame.shape[0], frame.shape[1]))
+            faces = [common_pb2.Face(box=common_pb2.BoundingBox(x1=1, y1=1, x2=9, y2=9), score=0.99)]
+            response.frames.add(frame_index=index, faces=faces if frame.std() > 10 else [])
+        return response
+
+
+@dataclass
+class FakeEncoder(encoder_pb2_grpc.EncoderServiceServicer):
+    """Joins by concatenating the segment files: the output's bytes show which segments went in, in order."""
+
+    media_root: Path
+    joins: list[encoder_pb2.JoinRequest] = field(default_factory=list)
+
+    async def Join(self, request: encoder_pb2.JoinRequest, context: object) -> encoder_pb2.JoinResponse:
+        self.joins.append(request)
+        parts = [existing_media_path(self.media_root, uri).read_bytes() for uri in request.segment_uris]
+        writable_media_path(self.media_root, request.output_uri).write_bytes(b"".join(parts))
+        return encoder_pb2.JoinResponse(
+            output_uri=request.output_uri,
+            frames=VIDEO_FRAMES,
+            audio_copied=bool(request.audio_source_uri),
+            join_seconds=0.01,
+        )
+
+
+@dataclass
+class Gateway:
+    jobs: jobs_pb2_grpc.JobServiceStub
+    queue: chunks_pb2_grpc.ChunkQueueServiceStub
+    parts: GatewayParts
+    detector: FakeDetector
+    encoder: FakeEncoder
+    media_root: Path
+
+
+@asynccontextmanager
+async def running_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    media_root = tmp_path / "media"
+    media_root.mkdir()
+    detector, encoder = FakeDetector(), FakeEncoder(media_root)
+    fakes = await start_server(
+        ServerSettings(port=0, metrics_port=-1),
+        [
+            ServiceBinding(
+                FakeDecoder(media_root), decoder_pb2_grpc.add_DecoderServiceServicer_to_server, "d"
+            ),
+            ServiceBinding(detector, detector_pb2_grpc.add_DetectorServiceServicer_to_server, "f"),
+            ServiceBinding(encoder, encoder_pb2_grpc.add_EncoderServiceServicer_to_server, "e"),
+        ],
+    )
+    fakes_target = f"127.0.0.1:{fakes.port}"
+    settings = GatewaySettings(
+        media_root=media_root,
+        decoder_target=fakes_target,
+        detector_target=fakes_target,
+        encoder_target=fakes_target,
+        chunk_seconds=1.0,
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        port=0,
+        metrics_port=-1,
+    )
+    store = SqliteJobStore(":memory:")
+    media = GrpcMediaServices(fakes_target, fakes_target, fakes_target, 10.0, 10.0)
+    parts = assemble_gateway(settings, store, media)
+    server = await start_server(settings, parts.bindings())
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield Gateway(
+            jobs_pb2_grpc.JobServiceStub(channel),
+            chunks_pb2_grpc.ChunkQueueServiceStub(channel),
+            parts,
+            detector,
+            encoder,
+            media_root,
+        )
+    finally:
+        await channel.close()
+        await server.server.stop(None)
+        await parts.coordinator.wait_for_joins()
+        await fakes.server.stop(None)
+        await media.close()
+        store.close()
+
+
+def run(tmp_path: Path, scenario: Callable[[Gateway], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with running_gateway(tmp_path) as gateway:
+            await asyncio.wait_for(scenario(gateway), timeout=30.0)
+
+    asyncio.run(main())
+
+
+def encoded(image_rgb: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.fixture(scope="module")
+def face_jpeg() -> bytes:
+    # Upscaled past the detector's 640-pixel budget, so the gateway must downscale it.
+    return encoded(cv2.resize(skimage_data.astronaut(), (1024, 896)))
+
+
+FLAT_JPEG = encoded(np.full((120, 100, 3), 128, np.uint8))
+
+
+def submit_messages(spec: jobs_pb2.JobSpec, pieces: Sequence[bytes] = ()) -> list[jobs_pb2.SubmitJobRequest]:
+    return [jobs_pb2.SubmitJobRequest(spec=spec)] + [
+        jobs_pb2.SubmitJobRequest(target_chunk=p) for p in pieces
+    ]
+
+
+async def submit_expecting(
+    gateway: Gateway, messages: list[jobs_pb2.SubmitJobRequest], code: grpc.StatusCode, text: str
+) -> jobs_pb2.Job:
+    """Submits, expects the status, and returns the recorded job named in the message."""
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await gateway.jobs.SubmitJob(iter(messages))
+    assert failure.value.code() == code, failure.value.details()
+    details = failure.value.details() or ""
+    assert text in details
+    match = re.match(r"job (\w+): ", details)
+    assert match, details
+    job = await gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=match.group(1)))
+    assert job.state == jobs_pb2.JOB_STATE_FAILED
+    assert job.error.code == code_value(code) and text in job.error.message
+    return job
+
+
+def test_missing_target_is_not_found(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="missing.mp4")
+        job = await submit_expecting(
+            gateway, submit_messages(spec), grpc.StatusCode.NOT_FOUND, "does not exist"
+        )
+        listed = await gateway.jobs.ListJobs(jobs_pb2.ListJobsRequest(state=jobs_pb2.JOB_STATE_FAILED))
+        assert [listed_job.id for listed_job in listed.jobs] == [job.id]
+
+    run(tmp_path, scenario)
+
+
+def test_target_outside_the_media_root_is_permission_denied(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="../x")
+        await submit_expecting(gateway, submit_messages(spec), grpc.StatusCode.PERMISSION_DENIED, "outside")
+
+    run(tmp_path, scenario)
+
+
+def test_undecodable_target_keeps_the_decoders_invalid_argument(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "broken.mp4").write_bytes(b"garbage")
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="broken.mp4")
+        await submit_expecting(
+            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "no decodable"
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_zero_byte_upload_is_invalid(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_filename="clip.mp4")
+        job = await submit_expecting(
+            gateway,
+            submit_messages(spec, [b""]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "uploaded target is empty",
+        )
+        assert not (gateway.media_root / "uploads" / job.id).exists()
+
+    run(tmp_path, scenario)
+
+
+def test_oversized_upload_is_refused(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_filename="clip.mp4")
+        pieces = [b"x" * 1500] * 3
+        await submit_expecting(
+            gateway, submit_messages(spec, pieces), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the limit"
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_source_without_a_face_fails_the_precondition(tmp_path: Path) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(source_image=FLAT_JPEG, target_uri="clip.mp4")
+        await submit_expecting(
+            gateway,
+            submit_messages(spec),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no face found in the source image",
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_reference_selector_needs_a_reference_with_a_face(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        reference = jobs_pb2.FACE_SELECTOR_MODE_REFERENCE
+        missing = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4", selector=reference)
+        await submit_expecting(
+            gateway, submit_messages(missing), grpc.StatusCode.INVALID_ARGUMENT, "reference_image"
+        )
+        faceless = jobs_pb2.JobSpec(
+            source_image=face_jpeg, target_uri="clip.mp4", selector=reference, reference_image=FLAT_JPEG
+        )
+        await submit_expecting(
+            gateway,
+            submit_messages(faceless),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no face found in the reference",
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_bad_source_and_a_missing_spec_are_invalid(tmp_path: Path) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(source_image=b"not an image", target_uri="clip.mp4")
+        await submit_expecting(
+            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "source_image"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await gateway.jobs.SubmitJob(iter([jobs_pb2.SubmitJobRequest(target_chunk=b"abc")]))
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "spec" in (failure.value.details() or "")
+
+    run(tmp_path, scenario)
+
+
+def test_upload_is_stored_under_a_sanitised_name(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        pieces = [b"first-", b"second-", b"third"]
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_filename="../../my clip.mp4")
+        job = await gateway.jobs.SubmitJob(iter(submit_messages(spec, pieces)))
+        assert job.state == jobs_pb2.JOB_STATE_QUEUED
+        assert job.target_uri == f"uploads/{job.id}/my_clip.mp4"
+        assert (gateway.media_root / job.target_uri).read_bytes() == b"".join(pieces)
+        assert job.selector == jobs_pb2.FACE_SELECTOR_MODE_ONE
+        assert (job.frames_total, job.chunks_total) == (VIDEO_FRAMES, 4)
+
+    run(tmp_path, scenario)
+
+
+def test_unknown_jobs_are_not_found_everywhere(tmp_path: Path) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        calls = [
+            gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id="nope")),
+            gateway.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id="nope")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await call
+            assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+        streams = [
+            gateway.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id="nope")),
+            gateway.jobs.FetchArtifact(
+                jobs_pb2.FetchArtifactRequest(job_id="nope", artifact=jobs_pb2.ARTIFACT_OUTPUT)
+            ),
+        ]
+        for stream in streams:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async for _ in stream:
+                    pass
+            assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(tmp_path, scenario)
+
+
+def test_cancel_a_queued_job_then_it_is_finished(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        job = await gateway.jobs.SubmitJob(
+            iter(submit_messages(jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")))
+        )
+        fetch = gateway.jobs.FetchArtifact(
+            jobs_pb2.FetchArtifactRequest(job_id=job.id, artifact=jobs_pb2.ARTIFACT_OUTPUT)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            async for _ in fetch:
+                pass
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        cancelled = await gateway.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id))
+        assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED and cancelled.report_json
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await gateway.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id))
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        lease = await gateway.queue.LeaseChunk(chunks_pb2.LeaseChunkRequest(worker_id="w", wait_seconds=0))
+        assert not lease.has_lease
+
+    run(tmp_path, scenario)
+
+
+async def fetch_all(gateway: Gateway, job_id: str, artifact: jobs_pb2.Artifact) -> tuple[bytes, str, int]:
+    pieces, filename, total = [], "", -1
+    async for piece in gateway.jobs.FetchArtifact(
+        jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
+    ):
+        pieces.append(piece.data)
+        filename, total = piece.filename, piece.total_size
+    return b"".join(pieces), filename, total
+
+
+def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(
+            source_image=face_jpeg,
+            target_uri="clip.mp4",
+            selector=jobs_pb2.FACE_SELECTOR_MODE_MANY,
+            encode=encoder_pb2.EncodeSettings(crf=18, preset="fast"),
+        )
+        job = await gateway.jobs.SubmitJob(iter(submit_messages(spec)))
+        assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.chunks_total == 4
+        assert max(max(size) for size in gateway.detector.sizes) <= 640
+
+        watch = gateway.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id))
+        first = await watch.read()
+        assert first.state == jobs_pb2.JOB_STATE_QUEUED and first.eta_seconds < 0
+        events: list[jobs_pb2.JobEvent] = [first]
+        arrived = asyncio.Condition()
+
+        async def collect() -> None:
+            while (event := await watch.read()) is not grpc.aio.EOF:
+                async with arrived:
+                    events.append(event)
+                    arrived.notify_all()
+
+        async def first_event(stage: str, frames_done: int) -> jobs_pb2.JobEvent:
+            def matches(event: jobs_pb2.JobEvent) -> bool:
+                return event.stage == stage and event.frames_done == frames_done
+
+            async with arrived:
+                await arrived.wait_for(lambda: any(matches(e) for e in events))
+            return next(e for e in events if matches(e))
+
+        collector = asyncio.create_task(collect())
+        segments = []
+        while True:
+            response = await gateway.queue.LeaseChunk(
+                chunks_pb2.LeaseChunkRequest(worker_id="w", wait_seconds=0)
+            )
+            if not response.has_lease:
+                break
+            lease = response.lease
+            assert (lease.job_id, lease.target_uri, lease.fps, lease.width, lease.height) == (
+                job.id,
+                "clip.mp4",
+                VIDEO_FPS,
+                64,
+                48,
+            )
+            assert lease.source_image == face_jpeg and lease.selector == jobs_pb2.FACE_SELECTOR_MODE_MANY
+            assert (lease.encode.crf, lease.encode.preset, lease.attempt) == (18, "fast", 1)
+            assert lease.segment_uri == f"work/{job.id}/chunk-{lease.chunk_index:05d}.mp4"
+            half = lease.frame_count // 2
+            beat = await gateway.queue.Heartbeat(
+                chunks_pb2.HeartbeatRequest(
+                    lease_id=lease.lease_id, frames_done=half, stage="swap", faces=half
+                )
+            )
+            assert not beat.stop
+            if lease.chunk_index == 0:
+                progress = await first_event("swap", half)
+                assert (
+                    progress.state == jobs_pb2.JOB_STATE_RUNNING
+                    and progress.fps > 0
+                    and progress.eta_seconds > 0
+                )
+            segment = f"segment-{lease.chunk_index};".encode()
+            segments.append(segment)
+            writable_media_path(gateway.media_root, lease.segment_uri).write_bytes(segment)
+            now = time.time()
+            stats = chunks_pb2.ChunkStats(
+                frames=lease.frame_count,
+                faces=lease.frame_count,
+                frames_with_faces=lease.frame_count,
+                stage_seconds={"swap": 0.2, "detect": 0.1},
+                started_at_unix=now - 0.3,
+                finished_at_unix=now,
+            )
+            await gateway.queue.CompleteChunk(
+                chunks_pb2.CompleteChunkRequest(
+                    lease_id=lease.lease_id, segment_uri=lease.segment_uri, stats=stats
+                )
+            )
+        assert len(segments) == 4
+
+        await asyncio.wait_for(collector, timeout=10.0)
+        assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED
+        assert (events[-1].frames_done, events[-1].chunks_done) == (VIDEO_FRAMES, 4)
+        assert all(e.state != jobs_pb2.JOB_STATE_SUCCEEDED for e in events[:-1])
+        frames_seen = [event.frames_done for event in events]
+        assert frames_seen == sorted(frames_seen)
+
+        done = await gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
+        assert (
+            done.state == jobs_pb2.JOB_STATE_SUCCEEDED and done.output_uri == f"outputs/{job.id}/output.mp4"
+        )
+        join = gateway.encoder.joins[-1]
+        assert list(join.segment_uris) == [f"work/{job.id}/chunk-{i:05d}.mp4" for i in range(4)]
+        assert join.audio_source_uri == "clip.mp4"
+
+        output, filename, total = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_OUTPUT)
+        assert output == b"".join(segments) and filename == "output.mp4" and total == len(output)
+        report_bytes, report_name, _ = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_REPORT)
+        assert report_name == "report.json" and report_bytes.decode() == done.report_json
+        report = json.loads(done.report_json)
+        assert report["frames"] == VIDEO_FRAMES and report["chunks"] == 4 and report["output"]["audio_copied"]
+        assert report["selector"] == "many"
+        assert sum(1 for event in report["events"] if event["kind"] == "chunk_end") == 4
+
+    run(tmp_path, scenario)

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from services.common.errors import Unavailable
+from services.common.triton_client import TritonClient
+from services.triton.local_models import LocalModels
+from services.triton.model_config import repository_models
+from services.triton.server_process import EmbeddedTriton, locate_pytriton
+
+PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
+
+TIMEOUT_SECONDS = 30.0
+
+
+async def _infer_all(
+    url: str, model: str, requests: list[dict[str, np.ndarray]], outputs: list[str]
+) -> list[dict[str, np.ndarray]]:
+    client = TritonClient(url, TIMEOUT_SECONDS)
+    try:
+        return await asyncio.gather(*(client.infer(model, inputs, outputs) for inputs in requests))
+    finally:
+        await client.close()
+
+
+def _execution_and_inference_counts(triton: EmbeddedTriton, model: str) -> tuple[int, int]:
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        statistics = client.get_inference_statistics(model).model_stats[0]
+    finally:
+        client.close()
+    return statistics.execution_count, statistics.inference_count
+
+
+def test_pytriton_pieces_are_found() -> None:
+    distribution = locate_pytriton()
+    assert distribution.server_binary.name == "tritonserver"
+    assert (distribution.python_backend / "libtriton_python.so").is_file()
+    assert distribution.python_stub.is_file()
+    assert any(distribution.library_dir.iterdir())
+
+
+def test_every_configured_model_is_served(embedded_triton: EmbeddedTriton) -> None:
+    assert embedded_triton.models == repository_models(PRODUCTION_REPOSITORY)
+    assert set(embedded_triton.models) >= {"mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_swapper"}
+
+    async def readiness() -> list[bool]:
+        client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS)
+        try:
+            return [await client.is_model_ready(model) for model in embedded_triton.models]
+        finally:
+            await client.close()
+
+    assert all(asyncio.run(readiness()))
+
+
+def test_rnet_through_triton_matches_in_process(
+    embedded_triton: EmbeddedTriton, local_models: LocalModels
+) -> None:
+    image = np.random.default_rng(11).uniform(0, 255, (7, 3, 24, 24)).astype(np.float32)
+    outputs = ["probability", "regression"]
+
+    (served,) = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_rnet", [{"image": image}], outputs))
+    local = asyncio.run(local_models.infer("mtcnn_rnet", {"image": image}, outputs))
+
+    for name in outputs:
+        assert served[name].dtype == np.float32
+        assert served[name].shape == local[name].shape
+        np.testing.assert_allclose(served[name], local[name], atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
+    embedded_triton: EmbeddedTriton, local_models: LocalModels
+) -> None:
+    rng = np.random.default_rng(12)
+    requests = [
+        {"image": rng.uniform(0, 255, (1 + index % 3, 3, 48, 48)).astype(np.float32)} for index in range(24)
+    ]
+    outputs = ["probability", "regression", "landmarks"]
+    executions_before, inferences_before = _execution_and_inference_counts(embedded_triton, "mtcnn_onet")
+
+    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_onet", requests, outputs))
+
+    for inputs, answer in zip(requests, answers, strict=True):
+        expected = asyncio.run(local_models.infer("mtcnn_onet", inputs, outputs))
+        for name in outputs:
+            np.testing.assert_allclose(answer[name], expected[name], atol=1e-5)
+    executions_after, inferences_after = _execution_and_inference_counts(embedded_triton, "mtcnn_onet")
+    total_images = sum(inputs["image"].shape[0] for inputs in requests)
+    assert inferences_after - inferences_before == total_images
+    # Fewer model executions than requests: the dynamic batcher joined concurrent requests.
+    assert executions_after - executions_before < len(requests)
+
+
+def test_pnet_requests_of_different_sizes_are_answered_at_their_own_size(
+    embedded_triton: EmbeddedTriton, local_models: LocalModels
+) -> None:
+    rng = np.random.default_rng(13)
+    sizes = [(30, 50), (64, 48), (30, 50), (100, 80)]
+    requests = [
+        {"image": rng.uniform(0, 255, (2, 3, height, width)).astype(np.float32)} for height, width in sizes
+    ]
+    outputs = ["probability", "regression"]
+
+    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_pnet", requests, outputs))
+
+    for inputs, answer in zip(requests, answers, strict=True):
+        expected = asyncio.run(local_models.infer("mtcnn_pnet", inputs, outputs))
+        assert answer["probability"].shape == expected["probability"].shape
+        np.testing.assert_allclose(answer["probability"], expected["probability"], atol=1e-5)
+        np.testing.assert_allclose(answer["regression"], expected["regression"], atol=1e-5)
+
+
+def test_face_swapper_round_trips_fp16(embedded_triton: EmbeddedTriton, local_models: LocalModels) -> None:
+    rng = np.random.default_rng(14)
+    inputs = {
+        "target": rng.uniform(0, 1, (2, 3, 256, 256)).astype(np.float16),
+        "source": rng.uniform(0, 1, (2, 3, 256, 256)).astype(np.float16),
+    }
+    outputs = ["swapped", "mask"]
+
+    (served,) = asyncio.run(_infer_all(embedded_triton.grpc_url, "face_swapper", [inputs], outputs))
+    local = asyncio.run(local_models.infer("face_swapper", inputs, outputs))
+
+    assert served["swapped"].dtype == served["mask"].dtype == np.float16
+    assert served["swapped"].shape == (2, 3, 256, 256)
+    assert served["mask"].shape == (2, 1, 256, 256)
+    np.testing.assert_array_equal(served["swapped"], local["swapped"])
+    np.testing.assert_array_equal(served["mask"], local["mask"])
+
+
+def test_metrics_endpoint_counts_inferences(embedded_triton: EmbeddedTriton) -> None:
+    asyncio.run(
+        _infer_all(
+            embedded_triton.grpc_url,
+            "mtcnn_rnet",
+            [{"image": np.zeros((3, 3, 24, 24), np.float32)}],
+            ["probability"],
+        )
+    )
+    with urllib.request.urlopen(embedded_triton.metrics_url, timeout=TIMEOUT_SECONDS) as response:
+        metrics = response.read().decode()
+    assert 'nv_inference_count{model="mtcnn_rnet",version="1"}' in metrics
+
+
+def test_a_model_that_cannot_load_fails_the_start_with_the_log(tmp_path: Path) -> None:
+    repository = tmp_path / "production"
+    (repository / "mtcnn_rnet" / "1").mkdir(parents=True)
+    shutil.copy(PRODUCTION_REPOSITORY / "mtcnn_rnet/config.pbtxt", repository / "mtcnn_rnet/config.pbtxt")
+    (repository / "mtcnn_rnet/1/model.onnx").write_bytes(b"this is not an onnx graph")
+    triton = EmbeddedTriton(repository, tmp_path / "work", startup_timeout=60)
+
+    with pytest.raises(
+        Unavailable, match=r"(?s)exited with code.*failed to load 'mtcnn_rnet'.*Protobuf parsing"
+    ):
+        triton.start()
+    assert triton.pid is None
+
+
+def test_stop_ends_the_server_cleanly(tmp_path: Path) -> None:
+    triton = EmbeddedTriton(
+        PRODUCTION_REPOSITORY, tmp_path / "work", models=["mtcnn_rnet"], startup_timeout=60
+    )
+    triton.start()
+    pid = triton.pid
+    assert pid is not None
+    assert triton.is_running()
+    assert triton.models == ["mtcnn_rnet"]
+
+    assert triton.stop() == 0
+
+    assert not triton.is_running()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "successfully unloaded 'mtcnn_rnet'" in triton.log_path.read_text()

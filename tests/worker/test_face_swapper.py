@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from services.common.errors import Internal, ResourceExhausted
+from services.worker.face_swapper import (
+    FACE_SWAPPER_MODEL,
+    CropTransferSwapper,
+    SourceIdentity,
+    pack_swapper_inputs,
+    unpack_swapper_outputs,
+)
+
+SIZE = 32
+
+
+def _crops(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_pack_gives_fp16_nchw_in_unit_range_with_the_source_per_face() -> None:
+    targets = _crops(3)
+    source = _crops(1, seed=1)[0]
+    packed = pack_swapper_inputs(targets, source)
+    assert set(packed) == {"target", "source"}
+    for tensor in packed.values():
+        assert tensor.dtype == np.float16
+        assert tensor.shape == (3, 3, SIZE, SIZE)
+        assert tensor.flags.c_contiguous
+        assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
+    # Channel 0 of face 1 is the red plane of that crop.
+    np.testing.assert_allclose(packed["target"][1, 0], targets[1, :, :, 0] / 255.0, atol=1e-3)
+    for face in range(3):
+        np.testing.assert_allclose(packed["source"][face].transpose(1, 2, 0), source / 255.0, atol=1e-3)
+
+
+def test_unpack_round_trips_packed_crops() -> None:
+    targets = _crops(4)
+    packed = pack_swapper_inputs(targets, targets[0])
+    mask = np.full((4, 1, SIZE, SIZE), 0.25, np.float16)
+    crops, masks = unpack_swapper_outputs({"swapped": packed["target"], "mask": mask})
+    assert crops.dtype == np.uint8 and crops.shape == targets.shape
+    assert int(np.abs(crops.astype(int) - targets.astype(int)).max()) <= 1
+    assert masks.dtype == np.float32 and masks.shape == (4, SIZE, SIZE)
+    np.testing.assert_allclose(masks, 0.25)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_unpack_rejects_nan_and_inf(bad: float) -> None:
+    swapped = np.zeros((2, 3, SIZE, SIZE), np.float16)
+    swapped[1, 2, 5, 5] = bad
+    with pytest.raises(Internal, match="NaN or Inf"):
+        unpack_swapper_outputs({"swapped": swapped, "mask": np.ones((2, 1, SIZE, SIZE), np.float16)})
+
+
+class _InvertingModels:
+    """A ModelRunner whose face_swapper inverts the target; it runs out of memory above `memory_faces`."""
+
+    def __init__(self, memory_faces: int = 1_000) -> None:
+        self.memory_faces = memory_faces
+        self.batches: list[int] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        assert model == FACE_SWAPPER_MODEL
+        target = inputs["target"]
+        count = target.shape[0]
+        self.batches.append(count)
+        if count > self.memory_faces:
+            raise ResourceExhausted("triton model face_swapper: out of memory")
+        return {
+            "swapped": (1.0 - target.astype(np.float32)).astype(np.float16),
+            "mask": np.ones((count, 1, *target.shape[2:]), np.float16),
+        }
+
+
+def _swap(models: _InvertingModels, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    swapper = CropTransferSwapper(models, size=SIZE)
+    identity = asyncio.run(swapper.prepare_source(crops[0]))
+    return asyncio.run(swapper.swap(crops, identity))
+
+
+def test_all_faces_go_in_one_request_up_to_the_model_batch() -> None:
+    models = _InvertingModels()
+    crops = _crops(40)
+    swapped, masks = _swap(models, crops)
+    assert models.batches == [40]
+    assert int(np.abs(swapped.astype(int) - (255 - crops.astype(int))).max()) <= 1
+    assert masks.shape == (40, SIZE, SIZE)
+
+
+def test_more_faces_than_the_model_batch_are_split_at_64() -> None:
+    models = _InvertingModels()
+    crops = _crops(70)
+    swapped, _ = _swap(models, crops)
+    assert models.batches == [64, 6]
+    assert int(np.abs(swapped.astype(int) - (255 - crops.astype(int))).max()) <= 1
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_order() -> None:
+    models = _InvertingModels(memory_faces=10)
+    crops = _crops(24)
+    swapped, _ = _swap(models, crops)
+    assert models.batches == [24, 12, 6, 6, 6, 6]
+    assert int(np.abs(swapped.astype(int) - (255 - crops.astype(int))).max()) <= 1
+
+
+def test_out_of_memory_at_one_face_fails() -> None:
+    models = _InvertingModels(memory_faces=0)
+    with pytest.raises(ResourceExhausted):
+        _swap(models, _crops(4))
+    assert models.batches == [4, 2, 1]
+
+
+def test_no_faces_needs_no_request() -> None:
+    models = _InvertingModels()
+    swapper = CropTransferSwapper(models, size=SIZE)
+    identity = SourceIdentity(crop=_crops(1)[0])
+    swapped, masks = asyncio.run(swapper.swap(np.zeros((0, SIZE, SIZE, 3), np.uint8), identity))
+    assert swapped.shape == (0, SIZE, SIZE, 3) and masks.shape == (0, SIZE, SIZE)
+    assert models.batches == []

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import asyncio
+
+import cv2
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.face_types import DetectedFace
+from services.common.frame_codec import Frames
+from services.worker.face_aligner import alignment_matrix
+from services.worker.face_swapper import SourceIdentity
+from services.worker.source_face import JobFaceCache, decode_image, prepare_source_identity
+from tests.worker.face_photos import astronaut, astronaut_landmarks, face_from_landmarks
+
+CROP = 128
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+class _Finder:
+    """Finds a small decoy face and the astronaut's real face, counting its calls."""
+
+    def __init__(self, faces: bool = True) -> None:
+        self.calls = 0
+        self._faces = faces
+
+    async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
+        self.calls += 1
+        if not self._faces:
+            return [[] for _ in frames]
+        decoy = face_from_landmarks(astronaut_landmarks() * 0.2)
+        return [[decoy, face_from_landmarks(astronaut_landmarks())] for _ in frames]
+
+
+class _RecordingSwapper:
+    crop_size = CROP
+
+    def __init__(self) -> None:
+        self.prepared: list[np.ndarray] = []
+
+    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
+        self.prepared.append(source_crop)
+        return SourceIdentity(crop=source_crop)
+
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+        raise AssertionError("not used")
+
+
+def test_decode_image_gives_rgb() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0] = 200
+    decoded = decode_image(_png(image), "source")
+    np.testing.assert_array_equal(decoded, image)
+
+
+def test_unreadable_or_empty_images_are_invalid_arguments() -> None:
+    with pytest.raises(InvalidArgument, match="source"):
+        decode_image(b"not an image", "source")
+    with pytest.raises(InvalidArgument, match="empty"):
+        decode_image(b"", "reference")
+
+
+def test_source_identity_is_the_largest_face_aligned() -> None:
+    swapper = _RecordingSwapper()
+    identity = asyncio.run(prepare_source_identity(_png(astronaut()), _Finder(), swapper))
+    assert identity.crop.shape == (CROP, CROP, 3)
+    expected = cv2.warpAffine(
+        astronaut(),
+        alignment_matrix(astronaut_landmarks(), CROP),
+        (CROP, CROP),
+        borderMode=cv2.BORDER_REFLECT,
+    )
+    assert np.abs(identity.crop.astype(int) - expected.astype(int)).mean() < 1.0
+
+
+def test_a_source_image_without_a_face_is_an_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match="no face"):
+        asyncio.run(prepare_source_identity(_png(astronaut()), _Finder(faces=False), _RecordingSwapper()))
+
+
+def test_cache_prepares_each_job_once_and_evicts_the_oldest() -> None:
+    async def scenario() -> tuple[_Finder, _RecordingSwapper, JobFaceCache]:
+        cache = JobFaceCache(capacity=2)
+        finder, swapper = _Finder(), _RecordingSwapper()
+        data = _png(astronaut())
+        first = await cache.source_identity("job-a", data, finder, swapper)
+        again = await cache.source_identity("job-a", data, finder, swapper)
+        assert again is first
+        await cache.source_identity("job-b", data, finder, swapper)
+        await cache.source_identity("job-c", data, finder, swapper)
+        assert finder.calls == 3
+        await cache.source_identity("job-a", data, finder, swapper)
+        assert finder.calls == 4
+        reference = await cache.reference_descriptor("job-c", data, finder)
+        assert reference.ndim == 1
+        return finder, swapper, cache
+
+    finder, swapper, cache = asyncio.run(scenario())
+    assert finder.calls == 5
+    assert len(swapper.prepared) == 4
+    assert len(cache) == 2

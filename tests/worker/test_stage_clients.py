@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.face_types import DetectedFace, frames_faces_to_proto
+from services.common.frame_codec import pack_frames, unpack_frames
+from services.worker.stage_clients import (
+    DecoderFrameSource,
+    DetectorFaceFinder,
+    EncoderSegmentSink,
+    detection_size,
+)
+from swapline.common.v1 import common_pb2
+from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
+
+def test_detection_size_caps_the_long_side() -> None:
+    assert detection_size(1920, 1080, 640) == (640, 360)
+    assert detection_size(720, 1280, 640) == (360, 640)
+    assert detection_size(320, 240, 640) == (320, 240)
+
+
+class _Detector(detector_pb2_grpc.DetectorServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[detector_pb2.DetectRequest] = []
+
+    async def Detect(self, request: detector_pb2.DetectRequest, context: Any) -> detector_pb2.DetectResponse:
+        self.requests.append(request)
+        width, height = request.frames.width, request.frames.height
+        # One face in the middle of frame 1 only, in the given (downscaled) pixels.
+        points = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.5], [0.42, 0.6], [0.58, 0.6]], np.float32)
+        face = DetectedFace(
+            box=(0.3 * width, 0.3 * height, 0.7 * width, 0.7 * height),
+            score=0.9,
+            landmarks=points * np.array([width, height], np.float32),
+        )
+        return detector_pb2.DetectResponse(frames=frames_faces_to_proto([1], [[face]]))
+
+
+class _Decoder(decoder_pb2_grpc.DecoderServiceServicer):
+    async def Decode(
+        self, request: decoder_pb2.DecodeRequest, context: Any
+    ) -> AsyncIterator[common_pb2.FrameBatch]:
+        for start in range(
+            request.start_frame, request.start_frame + request.frame_count, request.batch_size
+        ):
+            indices = list(
+                range(start, min(start + request.batch_size, request.start_frame + request.frame_count))
+            )
+            frames = np.stack([np.full((4, 6, 3), index, np.uint8) for index in indices])
+            yield pack_frames(frames, indices)
+        if request.uri == "truncated.mp4":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "video ends early")
+
+
+class _Encoder(encoder_pb2_grpc.EncoderServiceServicer):
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.header: encoder_pb2.SegmentHeader | None = None
+        self.indices: list[int] = []
+        self._fail_after = fail_after
+
+    async def EncodeSegment(self, requests: Any, context: Any) -> encoder_pb2.EncodeSegmentResponse:
+        async for request in requests:
+            if request.HasField("header"):
+                self.header = request.header
+                continue
+            _, indices, _ = unpack_frames(request.frames)
+            self.indices.extend(indices)
+            if self._fail_after is not None and len(self.indices) >= self._fail_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "encoder disk gone")
+        assert self.header is not None
+        return encoder_pb2.EncodeSegmentResponse(output_uri=self.header.output_uri, frames=len(self.indices))
+
+
+async def _serving(
+    register: Callable[[grpc.aio.Server], None], body: Callable[[grpc.aio.Channel], Awaitable[Any]]
+) -> Any:
+    server = grpc.aio.server()
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await asyncio.wait_for(body(channel), timeout=10)
+    finally:
+        await server.stop(None)
+
+
+def test_detector_finder_downscales_and_scales_faces_back() -> None:
+    detector = _Detector()
+
+    async def body(channel: grpc.aio.Channel) -> list[list[DetectedFace]]:
+        finder = DetectorFaceFinder(detector_pb2_grpc.DetectorServiceStub(channel), 320, 40, 5)
+        return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
+
+    found = asyncio.run(
+        _serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body)
+    )
+    request = detector.requests[0]
+    assert (request.frames.width, request.frames.height) == (320, 120)
+    assert request.min_face_size == 10
+    assert found[0] == []
+    (face,) = found[1]
+    np.testing.assert_allclose(face.box, (0.3 * 1280, 0.3 * 480, 0.7 * 1280, 0.7 * 480), rtol=1e-5)
+    np.testing.assert_allclose(face.landmarks[2], (0.5 * 1280, 0.5 * 480), rtol=1e-5)
+
+
+def test_decoder_source_streams_batches_and_maps_errors() -> None:
+    async def body(channel: grpc.aio.Channel) -> list[list[int]]:
+        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+        batches = []
+        async for frames, indices in DecoderFrameSource(stub, "clip.mp4", 10, 0, 5, 2):
+            assert [int(frame[0, 0, 0]) for frame in frames] == list(indices)
+            batches.append(list(indices))
+        with pytest.raises(InvalidArgument, match="ends early"):
+            async for _ in DecoderFrameSource(stub, "truncated.mp4", 0, 0, 2, 2):
+                pass
+        return batches
+
+    batches = asyncio.run(
+        _serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body)
+    )
+    assert batches == [[10, 11], [12, 13], [14]]
+
+
+def _header() -> encoder_pb2.SegmentHeader:
+    return encoder_pb2.SegmentHeader(output_uri="seg/0.mp4", fps=25, width=6, height=4)
+
+
+def test_encoder_sink_sends_the_header_then_numbered_frames() -> None:
+    encoder = _Encoder()
+
+    async def body(channel: grpc.aio.Channel) -> int:
+        async with EncoderSegmentSink(encoder_pb2_grpc.EncoderServiceStub(channel), _header(), 100) as sink:
+            for _ in range(3):
+                await sink.write(np.zeros((2, 4, 6, 3), np.uint8))
+            return await sink.close()
+
+    written = asyncio.run(
+        _serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body)
+    )
+    assert written == 6
+    assert encoder.header is not None and encoder.header.output_uri == "seg/0.mp4"
+    assert encoder.indices == list(range(100, 106))
+
+
+def test_encoder_sink_surfaces_a_failed_stream_instead_of_blocking() -> None:
+    encoder = _Encoder(fail_after=2)
+
+    async def body(channel: grpc.aio.Channel) -> None:
+        async with EncoderSegmentSink(encoder_pb2_grpc.EncoderServiceStub(channel), _header()) as sink:
+            for _ in range(50):
+                await sink.write(np.zeros((2, 4, 6, 3), np.uint8))
+            await sink.close()
+
+    with pytest.raises(Unavailable, match="disk gone"):
+        asyncio.run(
+            _serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body)
+        )
