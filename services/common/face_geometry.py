@@ -20,8 +20,8 @@ ALIGN_SCALE = 0.62
 FIVE_POINT_TEMPLATE = (0.5 + (_ARCFACE_112 / 112.0 - 0.5) * ALIGN_SCALE).astype(np.float32)
 
 # The region the swap replaces, an ellipse in crop units: brows to chin, cheek to cheek.
-MASK_CENTER = (0.5, 0.6)
-MASK_AXES = (0.205, 0.255)
+MASK_CENTER = (0.5, 0.615)
+MASK_AXES = (0.205, 0.24)
 # Feather width of the mask edge, in crop units.
 MASK_FEATHER = 0.045
 

@@ -43,7 +43,9 @@ def face_from_proto(message: common_pb2.Face) -> DetectedFace:
     return DetectedFace(box=(box.x1, box.y1, box.x2, box.y2), score=message.score, landmarks=points)
 
 
-def frames_faces_to_proto(indices: Sequence[int], faces: Sequence[Sequence[DetectedFace]]) -> list[common_pb2.FrameFaces]:
+def frames_faces_to_proto(
+    indices: Sequence[int], faces: Sequence[Sequence[DetectedFace]]
+) -> list[common_pb2.FrameFaces]:
     return [
         common_pb2.FrameFaces(frame_index=int(index), faces=[face_to_proto(face) for face in frame_faces])
         for index, frame_faces in zip(indices, faces, strict=True)

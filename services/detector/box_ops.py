@@ -60,6 +60,7 @@ def nms(
     shifted = boxes.astype(np.float64) - min(float(boxes.min()), 0.0)
     xywh = np.concatenate([shifted[:, :2], shifted[:, 2:] - shifted[:, :2]], axis=1)
     labels = np.zeros(len(boxes), np.int32) if groups is None else groups.astype(np.int32)
+    # A score threshold of -inf: NMS here never drops a box for its score alone.
     kept = cv2.dnn.NMSBoxesBatched(
         xywh, scores.astype(np.float32), labels, -np.inf, float(threshold)  # type: ignore[arg-type]
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from services.common.server_settings import ServerSettings
 from services.detector.face_detector import DetectionDefaults
@@ -15,18 +15,12 @@ class DetectorSettings(ServerSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_timeout_seconds: float = 30.0
     # In pixels of the frames the detector is given (the worker sends a downscaled copy).
-    min_face_size: int = 20
+    min_face_size: int = DetectionDefaults.min_face_size
     # Cascade thresholds of the original MTCNN; min_score is the final (O-Net) one.
-    pnet_score: float = 0.6
-    rnet_score: float = 0.7
-    min_score: float = 0.7
-    scale_factor: float = 0.709
+    pnet_score: float = DetectionDefaults.pnet_score
+    rnet_score: float = DetectionDefaults.rnet_score
+    min_score: float = DetectionDefaults.min_score
+    scale_factor: float = DetectionDefaults.scale_factor
 
     def detection_defaults(self) -> DetectionDefaults:
-        return DetectionDefaults(
-            min_face_size=self.min_face_size,
-            pnet_score=self.pnet_score,
-            rnet_score=self.rnet_score,
-            min_score=self.min_score,
-            scale_factor=self.scale_factor,
-        )
+        return DetectionDefaults(**{field.name: getattr(self, field.name) for field in fields(DetectionDefaults)})

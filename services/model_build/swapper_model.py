@@ -3,24 +3,28 @@
 No pretrained neural swapper can be fetched here, so the default model is a fixed image operator
 exported as ONNX. Both inputs are crops aligned by their five landmarks onto the same canonical
 template (services.common.face_geometry), so the source's eyes, nose and mouth already sit where
-the target's are; what remains is to make the source skin look lit like the target and to blend it
+the target's are; what remains is to make the source face look lit like the target and to blend it
 in without a seam:
 
-1. colour: in YCbCr, the source's masked per-channel mean and standard deviation are matched to
-   the target's (the std ratio is clamped so a flat or blown-out target cannot erase the source's
-   features);
-2. lighting: the ratio (luma) and difference (chroma) of the target's and the source's local masked
-   means on a coarse grid, smoothed and resized back up, is applied to the source, so shading
-   direction and colour casts across the face follow the target while the source keeps every
-   detail finer than the grid;
+1. contrast: the source's detail about its masked mean is scaled so that its luma contrast relative
+   to its brightness matches the target's (harsh versus soft light), within a narrow clamp so a flat
+   or blown-out target cannot erase the source's features;
+2. colour and lighting: each RGB channel of the source is multiplied by the ratio of the target's to
+   the source's masked local mean on a coarse grid (smoothed, resized back up). That one gain field
+   carries the target's brightness, colour cast and shading direction, while the source keeps every
+   detail finer than the grid, scaled the way real skin is under that light. A multiplicative gain
+   rather than mean/std matching with additive chroma shifts, because additive chroma on a dark
+   target pushes the source's saturated parts (lips, glasses) out of gamut;
 3. blending: the result is blended into the target crop with the feathered face ellipse.
 
 Outputs: `swapped` (the blended crop) and `mask`, the paste-back weight: the blend ellipse widened
 by one feather width, so that wherever the blend used any source the paste weight is 1 and the final
-frame carries exactly the blend's weighting, and the crop edge fades into the frame outside it.
+frame carries exactly the blend's weighting, while the crop edge fades into the frame outside it.
 
-Numerics are kept FP16-safe: every tensor stays within a few units, reductions are means (never
-sums), and epsilons are at least 1e-2 where they guard a division.
+Numerics are kept FP16-safe: every value stays within a few units; every mean is taken in two
+stages (LIGHTING_CELL-square average pools, then a mean over the few hundred cells) so that no
+accumulator ever holds a sum near FP16's 65504 even where a reduction accumulates in FP16; epsilons
+guarding divisions are at least 1e-2.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.errors import InvalidArgument
 from services.common.face_geometry import CROP_SIZE, MASK_AXES, MASK_CENTER, MASK_FEATHER
 
 SwapperPrecision = Literal["fp16", "fp32"]
@@ -42,15 +47,17 @@ ONNX_OPSET = 17
 INPUT_NAMES = ("target", "source")
 OUTPUT_NAMES = ("swapped", "mask")
 
-# Coarse lighting grid: cells of LIGHTING_CELL pixels; the ratio field is smoothed over
-# LIGHTING_SMOOTH cells, so only variation broader than about a third of the face is transferred.
+# Coarse lighting grid: cells of LIGHTING_CELL pixels, smoothed over LIGHTING_SMOOTH cells, so only
+# variation broader than about a third of the face is taken from the target.
 LIGHTING_CELL = 16
 LIGHTING_SMOOTH = 3
-# Guards the local-mean ratio where the mask barely covers a cell (the ratio falls back to 1).
-LIGHTING_EPSILON = 0.02
-LIGHTING_RATIO_RANGE = (0.25, 4.0)
-STD_EPSILON = 0.02
-STD_RATIO_RANGE = (0.5, 2.0)
+# Intensity floor (in 0..1 units) in the gain ratio: keeps a near-black source pixel region from
+# being amplified into noise, and is well above FP16's resolution near zero.
+INTENSITY_EPSILON = 0.02
+WEIGHT_EPSILON = 0.01
+GAIN_RANGE = (0.05, 8.0)
+STD_EPSILON = 0.01
+CONTRAST_RATIO_RANGE = (0.67, 1.5)
 
 _TORCH_DTYPES: dict[SwapperPrecision, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,69 +87,62 @@ def paste_mask(size: int = CROP_SIZE) -> np.ndarray:
     return _smoothstep(-1.5 * MASK_FEATHER, -MASK_FEATHER / 2, distance).astype(np.float32)
 
 
-def _to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    red, green, blue = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
-    luma = 0.299 * red + 0.587 * green + 0.114 * blue
-    blue_difference = (blue - luma) * 0.564
-    red_difference = (red - luma) * 0.713
-    return torch.cat([luma, blue_difference, red_difference], dim=1)
-
-
-def _to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
-    luma, blue_difference, red_difference = ycbcr[:, 0:1], ycbcr[:, 1:2], ycbcr[:, 2:3]
-    red = luma + 1.403 * red_difference
-    green = luma - 0.714 * red_difference - 0.344 * blue_difference
-    blue = luma + 1.773 * blue_difference
-    return torch.cat([red, green, blue], dim=1)
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
 
 
 class FaceSwapper(nn.Module):
+    blend_weight: torch.Tensor
+    paste_weight: torch.Tensor
+    blend_weight_mean: torch.Tensor
+    smoothed_cell_weight: torch.Tensor
+
     def __init__(self, size: int = CROP_SIZE) -> None:
         super().__init__()
-        self.register_buffer("blend_weight", torch.from_numpy(blend_mask(size))[None, None])
+        weight = torch.from_numpy(blend_mask(size))[None, None]
+        self.register_buffer("blend_weight", weight)
         self.register_buffer("paste_weight", torch.from_numpy(paste_mask(size))[None, None])
-        self.register_buffer("blend_weight_mean", self.blend_weight.mean())
-        self.register_buffer("cell_weight", F.avg_pool2d(self.blend_weight, LIGHTING_CELL, LIGHTING_CELL))
+        self.register_buffer("blend_weight_mean", weight.mean())
+        self.register_buffer("smoothed_cell_weight", self._smooth(F.avg_pool2d(weight, LIGHTING_CELL)))
+        self.size = size
 
     def _masked_mean(self, values: torch.Tensor) -> torch.Tensor:
-        return (values * self.blend_weight).mean(dim=(2, 3), keepdim=True) / self.blend_weight_mean
+        cell_means = F.avg_pool2d(values * self.blend_weight, LIGHTING_CELL)
+        return cell_means.mean(dim=(2, 3), keepdim=True) / self.blend_weight_mean
 
-    def _match_colour(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        source_mean = self._masked_mean(source)
-        target_mean = self._masked_mean(target)
-        source_std = torch.sqrt(self._masked_mean((source - source_mean) ** 2) + STD_EPSILON**2)
-        target_std = torch.sqrt(self._masked_mean((target - target_mean) ** 2) + STD_EPSILON**2)
-        scale = torch.clamp(target_std / source_std, *STD_RATIO_RANGE)
-        return (source - source_mean) * scale + target_mean
+    def _relative_contrast(self, rgb: torch.Tensor) -> torch.Tensor:
+        luma = _luma(rgb)
+        mean = self._masked_mean(luma)
+        std = torch.sqrt(self._masked_mean((luma - mean) ** 2) + STD_EPSILON**2)
+        return std / (mean + INTENSITY_EPSILON)
 
-    def _local_means(self, values: torch.Tensor) -> torch.Tensor:
-        """Masked local sums on the coarse grid, divided by the cell area (not by the mask weight:
-        in a ratio of two such means the mask weight cancels)."""
-        return F.avg_pool2d(values * self.blend_weight, LIGHTING_CELL, LIGHTING_CELL)
+    def _match_contrast(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scales the source's detail about its masked mean so its contrast relative to its brightness
+        matches the target's (harsh versus soft light); brightness and colour are left to the gains."""
+        scale = torch.clamp(self._relative_contrast(target) / self._relative_contrast(source), *CONTRAST_RATIO_RANGE)
+        mean = self._masked_mean(source)
+        return mean + (source - mean) * scale
 
-    def _smooth_up(self, field: torch.Tensor, size: int) -> torch.Tensor:
-        smoothed = F.avg_pool2d(
-            field, LIGHTING_SMOOTH, stride=1, padding=LIGHTING_SMOOTH // 2, count_include_pad=False
-        )
-        return F.interpolate(smoothed, size=(size, size), mode="bilinear", align_corners=False)
+    @staticmethod
+    def _smooth(field: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(field, LIGHTING_SMOOTH, stride=1, padding=LIGHTING_SMOOTH // 2, count_include_pad=False)
+
+    def _local_means(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Masked local means on the coarse grid by normalised convolution: cells the mask barely
+        covers borrow from their neighbours instead of dividing a small sum by a small weight."""
+        sums = self._smooth(F.avg_pool2d(rgb * self.blend_weight, LIGHTING_CELL))
+        return sums / (self.smoothed_cell_weight + WEIGHT_EPSILON)
 
     def _match_lighting(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        size = source.shape[-1]
-        source_local = self._local_means(source)
-        target_local = self._local_means(target)
-        luma_ratio = (target_local[:, 0:1] + LIGHTING_EPSILON) / (source_local[:, 0:1] + LIGHTING_EPSILON)
-        luma_ratio = torch.clamp(luma_ratio, *LIGHTING_RATIO_RANGE)
-        # Dividing by the cell's mask weight makes this a difference of masked means; where the mask
-        # barely covers a cell both sums are near 0 and so is the shift.
-        chroma_shift = (target_local[:, 1:3] - source_local[:, 1:3]) / (self.cell_weight + LIGHTING_EPSILON)
-        luma = source[:, 0:1] * self._smooth_up(luma_ratio, size)
-        chroma = source[:, 1:3] + self._smooth_up(chroma_shift, size)
-        return torch.cat([luma, chroma], dim=1)
+        """Multiplies each channel by the ratio of the target's to the source's local means: the
+        illumination (brightness, colour cast, shading direction) becomes the target's, while the
+        source's reflectance detail finer than the grid is kept, scaled like real skin under that light."""
+        gain = (self._local_means(target) + INTENSITY_EPSILON) / (self._local_means(source) + INTENSITY_EPSILON)
+        gain = torch.clamp(gain, *GAIN_RANGE)
+        return source * F.interpolate(gain, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
     def forward(self, target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target_ycbcr = _to_ycbcr(target)
-        source_ycbcr = self._match_colour(_to_ycbcr(source), target_ycbcr)
-        relit = _to_rgb(self._match_lighting(source_ycbcr, target_ycbcr)).clamp(0.0, 1.0)
+        relit = self._match_lighting(self._match_contrast(source, target), target).clamp(0.0, 1.0)
         swapped = target + (relit - target) * self.blend_weight
         mask = self.paste_weight.expand(target.shape[0], 1, -1, -1)
         return swapped, mask
@@ -160,7 +160,10 @@ def example_inputs(precision: SwapperPrecision, batch: int = 2) -> tuple[torch.T
 
 
 def export_swapper(path: Path, precision: SwapperPrecision = "fp16") -> None:
-    """Writes the swapper as ONNX (opset 17, dynamic batch) computing in `precision`."""
+    """Writes the swapper as ONNX (opset 17, dynamic batch) computing in `precision`: "fp16" is the
+    served model, "fp32" its twin for GPUs without fast FP16 and for checking FP16's accuracy."""
+    if precision not in SWAPPER_PRECISIONS:
+        raise InvalidArgument(f"swapper precision {precision!r} is not one of {', '.join(SWAPPER_PRECISIONS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     batch_axis = {0: "batch"}
     with torch.no_grad():

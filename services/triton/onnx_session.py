@@ -42,6 +42,9 @@ def intra_op_threads(parameter: str | None, environ: Mapping[str, str] | None = 
 def open_onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Spinning pool threads pay off only on an idle machine; beside the other services on a
+    # shared node they burn the cores the decoder and encoder need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(
         str(path), sess_options=options, providers=execution_providers(ort.get_available_providers())

@@ -136,3 +136,7 @@ def test_pyramid_crops_resemble_crops_from_the_full_frame() -> None:
     for crop, box in zip(crops, covered, strict=True):
         direct = crop_with_padding(frames[0], box, 24).astype(np.int16)
         assert np.abs(crop.astype(np.int16) - direct).mean() < 8
+
+
+def test_nms_keeps_boxes_of_any_score() -> None:
+    assert nms(boxes((0, 0, 10, 10), (20, 20, 30, 30)), scores(0.0, -1.0), 0.5).tolist() == [0, 1]

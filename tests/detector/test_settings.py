@@ -8,25 +8,25 @@ from services.detector.face_detector import DetectionDefaults
 from services.detector.settings import ENV_PREFIX, DetectorSettings
 
 
-def test_defaults_are_the_original_mtcnn_cascade() -> None:
+def test_defaults_are_the_original_mtcnn_cascade_with_a_40_pixel_minimum_face() -> None:
     settings = load_settings(DetectorSettings, ENV_PREFIX, environ={})
     assert (settings.triton_url, settings.triton_timeout_seconds) == ("127.0.0.1:8001", 30.0)
     assert settings.detection_defaults() == DetectionDefaults(
-        min_face_size=20, pnet_score=0.6, rnet_score=0.7, min_score=0.7, scale_factor=0.709
+        min_face_size=40, pnet_score=0.6, rnet_score=0.7, min_score=0.7, scale_factor=0.709
     )
 
 
 def test_environment_overrides_reach_the_detector() -> None:
     environ = {
         "SWAPLINE_DETECTOR_TRITON_URL": "triton:8001",
-        "SWAPLINE_DETECTOR_MIN_FACE_SIZE": "40",
+        "SWAPLINE_DETECTOR_MIN_FACE_SIZE": "24",
         "SWAPLINE_DETECTOR_MIN_SCORE": "0.9",
         "SWAPLINE_DETECTOR_PORT": "50051",
     }
     settings = load_settings(DetectorSettings, ENV_PREFIX, environ=environ)
     assert (settings.triton_url, settings.port) == ("triton:8001", 50051)
     defaults = settings.detection_defaults()
-    assert (defaults.min_face_size, defaults.min_score, defaults.rnet_score) == (40, 0.9, 0.7)
+    assert (defaults.min_face_size, defaults.min_score, defaults.rnet_score) == (24, 0.9, 0.7)
 
 
 def test_out_of_range_threshold_is_refused() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.cli.job_client import TERMINAL_STATES, JobClient
+from services.worker.face_selector import SelectorMode
 from swapline.jobs.v1 import jobs_pb2
 
 
@@ -16,7 +17,7 @@ def wait_for_end(client: JobClient, job_id: str) -> jobs_pb2.Job:
 
 
 def run_to_end(
-    client: JobClient, source: bytes, target: Path, selector: str = "one", reference: bytes = b""
+    client: JobClient, source: bytes, target: Path, selector: SelectorMode = "one", reference: bytes = b""
 ) -> jobs_pb2.Job:
     job = client.submit(source, target_path=target, selector=selector, reference_image=reference)
     return wait_for_end(client, job.id)

@@ -43,11 +43,11 @@ def test_video_swap_carries_source_identity_and_keeps_format(
     assert source_identity is not None and original_identity is not None
     passed = 0
     frames = decoded_frames(output)
-    distances = []
+    distances: list[tuple[float, float] | None] = []
     for frame in frames:
         found = judge.descriptor(frame)
         if found is None:
-            distances.append((None, None))
+            distances.append(None)
             continue
         to_source, to_original = judge.distance(found, source_identity), judge.distance(found, original_identity)
         distances.append((round(to_source, 3), round(to_original, 3)))
