@@ -19,11 +19,12 @@ from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, Local
 from services.cli import sample_media
 from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY, EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
+from services.common.job_vocabulary import STAGE_NAMES
 from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
 from services.encoder.segment_writer import SegmentWriter
 from services.triton.local_models import LocalModels
-from services.worker.chunk_pipeline import STAGE_NAMES, run_chunk_pipeline
+from services.worker.chunk_pipeline import run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
 from services.worker.face_swapper import CropTransferSwapper
 from services.worker.source_face import prepare_source_identity

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from services.cli import commands
 from services.common.errors import SwaplineError
-from services.worker.face_selector import SELECTOR_MODES
+from services.common.job_vocabulary import SELECTOR_MODES
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 
 from services.common.errors import SwaplineError, error_for_code_value, from_rpc_error
+from services.common.job_vocabulary import SelectorMode, selector_mode_to_proto
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
-from services.worker.face_selector import SelectorMode, selector_mode_to_proto
 from swapline.encoder.v1 import encoder_pb2
 from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 

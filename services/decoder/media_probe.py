@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, get_args
+from typing import BinaryIO
 
 import av
 import av.error
 import av.logging
 
 from services.common.errors import InvalidArgument
-
-MediaKind = Literal["video", "image"]
-MEDIA_KINDS: tuple[MediaKind, ...] = get_args(MediaKind)
+from services.common.media_info import Keyframe, MediaInfo
 
 # Demuxers that read a single still picture.
 IMAGE_FORMAT_SUFFIX = "_pipe"
@@ -28,26 +25,6 @@ IMAGE_FORMATS = frozenset({"image2", "webp", "apng"})
 TEXT_ART_FORMATS = frozenset({"tty", "bin", "adf", "idf", "xbin"})
 
 _log_level_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Keyframe:
-    frame_index: int
-    pts: int
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    kind: MediaKind
-    duration_seconds: float
-    fps: float
-    frame_count: int
-    width: int
-    height: int
-    has_audio: bool
-    keyframes: tuple[Keyframe, ...]
-    video_codec: str
-    time_base: tuple[int, int]
 
 
 class _NamelessReader:

@@ -8,37 +8,16 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.common.frame_codec import pack_frames
+from services.common.media_info import media_info_to_proto
 from services.common.media_paths import existing_media_path
 from services.decoder.frame_reader import iter_frame_batches
-from services.decoder.media_probe import MediaInfo, MediaKind, probe_media
+from services.decoder.media_probe import probe_media
 from services.decoder.settings import DecoderSettings
 from services.decoder.thread_stream import stream_in_thread
 from swapline.common.v1 import common_pb2
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
-
-_KIND_TO_PROTO: dict[MediaKind, decoder_pb2.MediaKind] = {
-    "video": decoder_pb2.MEDIA_KIND_VIDEO,
-    "image": decoder_pb2.MEDIA_KIND_IMAGE,
-}
-
-
-def media_info_to_proto(info: MediaInfo) -> decoder_pb2.MediaInfo:
-    return decoder_pb2.MediaInfo(
-        kind=_KIND_TO_PROTO[info.kind],
-        duration_seconds=info.duration_seconds,
-        fps=info.fps,
-        frame_count=info.frame_count,
-        width=info.width,
-        height=info.height,
-        has_audio=info.has_audio,
-        keyframes=[decoder_pb2.Keyframe(frame_index=key.frame_index, pts=key.pts) for key in info.keyframes],
-        video_codec=info.video_codec,
-        time_base_num=info.time_base[0],
-        time_base_den=info.time_base[1],
-    )
-
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     def __init__(self, settings: DecoderSettings) -> None:

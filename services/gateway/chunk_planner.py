@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.gateway.job_records import Keyframe, MediaKind, PlannedChunk, TargetInfo
+from services.common.media_info import Keyframe, MediaInfo, MediaKind
+from services.gateway.job_records import PlannedChunk
 
 
 def segment_uri(job_id: str, index: int, kind: MediaKind) -> str:
@@ -18,7 +19,7 @@ def report_uri(job_id: str) -> str:
     return f"outputs/{job_id}/report.json"
 
 
-def usable_keyframes(info: TargetInfo) -> list[Keyframe]:
+def usable_keyframes(info: MediaInfo) -> list[Keyframe]:
     """Sorted keyframes inside the stream, always starting at frame 0.
 
     A probe that lists no keyframe at frame 0 still decodes from the stream start, which seeking to
@@ -30,7 +31,7 @@ def usable_keyframes(info: TargetInfo) -> list[Keyframe]:
     return [by_index[index] for index in sorted(by_index)]
 
 
-def plan_chunks(job_id: str, info: TargetInfo, chunk_seconds: float) -> list[PlannedChunk]:
+def plan_chunks(job_id: str, info: MediaInfo, chunk_seconds: float) -> list[PlannedChunk]:
     """Chunks start on keyframes and last at least chunk_seconds, except the last one."""
     if info.kind == "image":
         first_pts = info.keyframes[0].pts if info.keyframes else 0

@@ -12,7 +12,13 @@ from prometheus_client import Counter
 
 from services.common.errors import FailedPrecondition, code_value
 from services.gateway.job_coordinator import JobCoordinator
-from services.gateway.job_records import LIVE_JOB_STATES, ChunkRecord, ChunkStats, JobError, JobRecord
+from services.gateway.job_records import (
+    LIVE_JOB_STATES,
+    ChunkRecord,
+    ChunkStats,
+    JobError,
+    JobRecord,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.common.job_vocabulary import SelectorMode
+from services.common.media_info import MediaInfo
+
 JobState = Literal["QUEUED", "RUNNING", "JOINING", "SUCCEEDED", "FAILED", "CANCELLED"]
 ChunkState = Literal["PENDING", "LEASED", "DONE", "FAILED", "CANCELLED"]
-SelectorMode = Literal["one", "many", "reference"]
-MediaKind = Literal["video", "image"]
-Stage = Literal["decode", "detect", "swap", "paste", "encode"]
 ArtifactKind = Literal["output", "report"]
 
 JOB_STATES: tuple[JobState, ...] = typing.get_args(JobState)
 CHUNK_STATES: tuple[ChunkState, ...] = typing.get_args(ChunkState)
-SELECTOR_MODES: tuple[SelectorMode, ...] = typing.get_args(SelectorMode)
-STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 
 # Jobs whose chunks may still be leased.
 LIVE_JOB_STATES: frozenset[JobState] = frozenset({"QUEUED", "RUNNING"})
@@ -25,27 +23,6 @@ UNFINISHED_JOB_STATES: tuple[JobState, ...] = ("QUEUED", "RUNNING", "JOINING")
 JOINING_ONLY: tuple[JobState, ...] = ("JOINING",)
 # Chunks that are not finished one way or the other.
 OPEN_CHUNK_STATES: frozenset[ChunkState] = frozenset({"PENDING", "LEASED"})
-
-
-@dataclass(frozen=True)
-class Keyframe:
-    frame_index: int
-    pts: int
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """What the decoder's Probe said about the target media."""
-
-    kind: MediaKind
-    duration_seconds: float
-    fps: float
-    frame_count: int
-    width: int
-    height: int
-    has_audio: bool
-    keyframes: tuple[Keyframe, ...]
-    video_codec: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,7 +69,7 @@ class JobRecord:
     source_image: bytes
     reference_image: bytes
     encode: EncodeOptions
-    target: TargetInfo | None
+    target: MediaInfo | None
     frames_total: int
     chunks_total: int
     created_at: float
@@ -114,7 +91,7 @@ class FaceCountChange:
 
 @dataclass(frozen=True)
 class ChunkStats:
-    """What a worker measured on one chunk; stage_seconds is keyed by Stage."""
+    """What a worker measured on one chunk; stage_seconds is keyed by StageName."""
 
     frames: int
     faces: int

@@ -6,7 +6,12 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from services.gateway.job_records import STAGES, ChunkRecord, ChunkStats, JobRecord
+from services.common.job_vocabulary import STAGE_NAMES
+from services.gateway.job_records import (
+    ChunkRecord,
+    ChunkStats,
+    JobRecord,
+)
 
 EventKind = Literal["chunk_start", "chunk_end", "faces_changed"]
 # Events at the same instant read in this order: a chunk starts, its faces change, it ends.
@@ -68,7 +73,7 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
 
     stages: dict[str, Any] = {
         stage: _stage_summary(frames, sum(stats.stage_seconds.get(stage, 0.0) for _, stats in measured))
-        for stage in STAGES
+        for stage in STAGE_NAMES
     }
     stages["join"] = {"seconds": round(job.join.join_seconds if job.join else 0.0, 4)}
 

@@ -9,23 +9,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
+from services.common.image_codec import decode_rgb_image
+from services.common.job_vocabulary import STAGE_NAMES
+from services.common.media_info import MediaInfo
 from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
 from services.gateway.chunk_planner import output_uri, plan_chunks, report_uri
 from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.job_coordinator import JobCoordinator
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
-    STAGES,
     ArtifactKind,
     JobError,
     JobRecord,
     JobRequest,
     JobState,
-    TargetInfo,
 )
 from services.gateway.media_clients import MediaServices
 
@@ -62,16 +60,6 @@ def sanitised_filename(name: str) -> str:
     return base or "target"
 
 
-def decode_image(data: bytes, field: str) -> np.ndarray:
-    """RGB pixels of an encoded image, or INVALID_ARGUMENT naming the field."""
-    if not data:
-        raise InvalidArgument(f"{field} is empty")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InvalidArgument(f"{field} is not a decodable image ({len(data)} bytes)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def current_stage(job: JobRecord, leased_stages: list[str]) -> str:
     """JOINING reports join; otherwise the stage most leased chunks are in (ties: the later stage)."""
     if job.state == "JOINING":
@@ -79,7 +67,7 @@ def current_stage(job: JobRecord, leased_stages: list[str]) -> str:
     reported = [stage for stage in leased_stages if stage]
     if not reported:
         return ""
-    pipeline_position: dict[str, int] = {stage: position for position, stage in enumerate(STAGES)}
+    pipeline_position: dict[str, int] = {stage: position for position, stage in enumerate(STAGE_NAMES)}
     return max(set(reported), key=lambda stage: (reported.count(stage), pipeline_position.get(stage, -1)))
 
 
@@ -167,14 +155,14 @@ class JobService:
         return self._coordinator.require_job(job_id)
 
     async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
-        source = decode_image(request.source_image, "source_image")
+        source = decode_rgb_image(request.source_image, "source image")
         reference = None
         if request.selector == "reference":
             if not request.reference_image:
                 raise InvalidArgument(
                     "selector REFERENCE needs a reference_image holding the face to replace"
                 )
-            reference = decode_image(request.reference_image, "reference_image")
+            reference = decode_rgb_image(request.reference_image, "reference image")
         if request.target_uri:
             if await anext(upload, None) is not None:
                 raise InvalidArgument(
@@ -198,7 +186,7 @@ class JobService:
         return job
 
     @staticmethod
-    def _check_target(target_uri: str, target: TargetInfo) -> None:
+    def _check_target(target_uri: str, target: MediaInfo) -> None:
         if target.width <= 0 or target.height <= 0:
             raise InvalidArgument(
                 f"target {target_uri!r} has no picture size ({target.width}x{target.height})"

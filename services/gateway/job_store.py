@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from services.common.errors import InvalidArgument
+from services.common.media_info import Keyframe, MediaInfo
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     ChunkRecord,
@@ -26,9 +27,7 @@ from services.gateway.job_records import (
     JobRecord,
     JobState,
     JoinOutcome,
-    Keyframe,
     PlannedChunk,
-    TargetInfo,
 )
 
 SQLITE_SCHEME = "sqlite:///"
@@ -151,16 +150,17 @@ _JOB_COLUMNS = """
 """
 
 
-def _target_to_json(target: TargetInfo | None) -> str | None:
+def _target_to_json(target: MediaInfo | None) -> str | None:
     return None if target is None else json.dumps(dataclasses.asdict(target))
 
 
-def _target_from_json(text: str | None) -> TargetInfo | None:
+def _target_from_json(text: str | None) -> MediaInfo | None:
     if text is None:
         return None
     raw = json.loads(text)
     raw["keyframes"] = tuple(Keyframe(**keyframe) for keyframe in raw["keyframes"])
-    return TargetInfo(**raw)
+    raw["time_base"] = tuple(raw.get("time_base", (1, 1)))
+    return MediaInfo(**raw)
 
 
 def _stats_from_json(text: str | None) -> ChunkStats | None:

@@ -12,8 +12,9 @@ import numpy as np
 from services.common.errors import from_rpc_error
 from services.common.frame_codec import pack_frames
 from services.common.grpc_channel import open_channel
+from services.common.media_info import MediaInfo, media_info_from_proto
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
-from services.gateway.job_records import JoinOutcome, Keyframe, MediaKind, TargetInfo
+from services.gateway.job_records import JoinOutcome
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -21,14 +22,8 @@ from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 # The detector needs no more than this on the long side to find a face in a portrait.
 DETECT_LONG_SIDE = 640
 
-_MEDIA_KINDS: dict[int, MediaKind] = {
-    decoder_pb2.MEDIA_KIND_VIDEO: "video",
-    decoder_pb2.MEDIA_KIND_IMAGE: "image",
-}
-
-
 class MediaServices(Protocol):
-    async def probe(self, uri: str) -> TargetInfo: ...
+    async def probe(self, uri: str) -> MediaInfo: ...
 
     async def count_faces(self, image_rgb: np.ndarray) -> int: ...
 
@@ -46,20 +41,6 @@ def downscaled(image_rgb: np.ndarray, long_side: int = DETECT_LONG_SIDE) -> np.n
         return image_rgb
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA)
-
-
-def target_info_from_proto(info: decoder_pb2.MediaInfo) -> TargetInfo:
-    return TargetInfo(
-        kind=_MEDIA_KINDS.get(info.kind, "video"),
-        duration_seconds=info.duration_seconds,
-        fps=info.fps,
-        frame_count=info.frame_count,
-        width=info.width,
-        height=info.height,
-        has_audio=info.has_audio,
-        keyframes=tuple(Keyframe(frame_index=kf.frame_index, pts=kf.pts) for kf in info.keyframes),
-        video_codec=info.video_codec,
-    )
 
 
 class GrpcMediaServices:
@@ -82,14 +63,14 @@ class GrpcMediaServices:
         self._timeout_seconds = timeout_seconds
         self._join_timeout_seconds = join_timeout_seconds
 
-    async def probe(self, uri: str) -> TargetInfo:
+    async def probe(self, uri: str) -> MediaInfo:
         try:
             response = await self._decoder.Probe(
                 decoder_pb2.ProbeRequest(uri=uri), timeout=self._timeout_seconds
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
-        return target_info_from_proto(response.info)
+        return media_info_from_proto(response.info)
 
     async def count_faces(self, image_rgb: np.ndarray) -> int:
         small = np.ascontiguousarray(downscaled(image_rgb))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.job_vocabulary import selector_mode_to_proto
 from services.gateway.chunk_queue import ChunkLease, ChunkQueue
 from services.gateway.job_records import ChunkStats, FaceCountChange, JobError
-from services.gateway.servicer import SELECTOR_TO_PROTO
 from swapline.chunks.v1 import chunks_pb2, chunks_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2
 
@@ -26,7 +26,7 @@ def lease_to_proto(lease: ChunkLease) -> chunks_pb2.ChunkLease:
         width=target.width if target else 0,
         height=target.height if target else 0,
         source_image=job.source_image,
-        selector=SELECTOR_TO_PROTO[job.selector],  # type: ignore[arg-type]
+        selector=selector_mode_to_proto(job.selector),
         reference_image=job.reference_image,
         encode=encoder_pb2.EncodeSettings(crf=job.encode.crf, preset=job.encode.preset),
         segment_uri=chunk.segment_uri,

@@ -8,13 +8,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
+from services.common.job_vocabulary import selector_mode_from_proto, selector_mode_to_proto
 from services.gateway.job_records import (
     ArtifactKind,
     EncodeOptions,
     JobRecord,
     JobRequest,
     JobState,
-    SelectorMode,
 )
 from services.gateway.job_service import JobProgress, JobService
 from swapline.common.v1 import common_pb2
@@ -32,16 +32,6 @@ JOB_STATE_TO_PROTO: dict[JobState, int] = {
 }
 JOB_STATE_FROM_PROTO: dict[int, JobState] = {value: state for state, value in JOB_STATE_TO_PROTO.items()}
 
-SELECTOR_TO_PROTO: dict[SelectorMode, int] = {
-    "one": jobs_pb2.FACE_SELECTOR_MODE_ONE,
-    "many": jobs_pb2.FACE_SELECTOR_MODE_MANY,
-    "reference": jobs_pb2.FACE_SELECTOR_MODE_REFERENCE,
-}
-# An unspecified selector swaps the largest face, the common single-person case.
-SELECTOR_FROM_PROTO: dict[int, SelectorMode] = {
-    jobs_pb2.FACE_SELECTOR_MODE_UNSPECIFIED: "one",
-    **{value: mode for mode, value in SELECTOR_TO_PROTO.items()},
-}
 ARTIFACT_FROM_PROTO: dict[int, ArtifactKind] = {
     jobs_pb2.ARTIFACT_OUTPUT: "output",
     jobs_pb2.ARTIFACT_REPORT: "report",
@@ -57,13 +47,11 @@ def timestamp(seconds: float | None) -> Timestamp | None:
 
 
 def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
-    if spec.selector not in SELECTOR_FROM_PROTO:
-        raise InvalidArgument(f"unknown face selector mode {spec.selector}")
     return JobRequest(
         source_image=spec.source_image,
         target_uri=spec.target_uri,
         target_filename=spec.target_filename,
-        selector=SELECTOR_FROM_PROTO[spec.selector],
+        selector=selector_mode_from_proto(spec.selector),
         reference_image=spec.reference_image,
         encode=EncodeOptions(crf=spec.encode.crf, preset=spec.encode.preset),
     )
@@ -75,7 +63,7 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         state=JOB_STATE_TO_PROTO[job.state],  # type: ignore[arg-type]
         target_uri=job.target_uri,
         output_uri=job.join.output_uri if job.join else job.output_uri,
-        selector=SELECTOR_TO_PROTO[job.selector],  # type: ignore[arg-type]
+        selector=selector_mode_to_proto(job.selector),
         frames_total=job.frames_total,
         frames_done=job.frames_done,
         chunks_total=job.chunks_total,

@@ -17,19 +17,18 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import numpy as np
 
 from services.common.errors import Internal
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
+from services.common.job_vocabulary import STAGE_NAMES, StageName
 from services.worker.face_aligner import align_face, paste_back
 from services.worker.face_selector import FaceSelection, select_faces
 from services.worker.face_swapper import FaceSwapper, SourceIdentity
 
-StageName = Literal["decode", "detect", "swap", "paste", "encode"]
-STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
 STAGE_QUEUE_SIZE = 2
 
 

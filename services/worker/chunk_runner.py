@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.job_vocabulary import selector_mode_from_proto
 from services.worker.chunk_pipeline import ChunkStats, run_chunk_pipeline
-from services.worker.face_selector import FaceSelection, selector_mode_from_proto
+from services.worker.face_selector import FaceSelection
 from services.worker.face_swapper import FaceSwapper
 from services.worker.settings import WorkerSettings
 from services.worker.source_face import JobFaceCache

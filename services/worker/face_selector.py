@@ -4,44 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
+from services.common.job_vocabulary import SelectorMode
 from services.worker.face_embedder import SAME_FACE_DISTANCE, descriptor_distance, face_descriptor
-from swapline.jobs.v1 import jobs_pb2
-
-SelectorMode = Literal["one", "many", "reference"]
-SELECTOR_MODES: tuple[SelectorMode, ...] = get_args(SelectorMode)
-
-# The one place the proto enum meets the mode names. An unspecified selector swaps the largest
-# face: the least surprising choice when a video holds more people than the caller expected.
-_MODE_BY_PROTO: dict[int, SelectorMode] = {
-    jobs_pb2.FACE_SELECTOR_MODE_UNSPECIFIED: "one",
-    jobs_pb2.FACE_SELECTOR_MODE_ONE: "one",
-    jobs_pb2.FACE_SELECTOR_MODE_MANY: "many",
-    jobs_pb2.FACE_SELECTOR_MODE_REFERENCE: "reference",
-}
-
-
-_PROTO_BY_MODE: dict[SelectorMode, jobs_pb2.FaceSelectorMode] = {
-    "one": jobs_pb2.FACE_SELECTOR_MODE_ONE,
-    "many": jobs_pb2.FACE_SELECTOR_MODE_MANY,
-    "reference": jobs_pb2.FACE_SELECTOR_MODE_REFERENCE,
-}
-
-
-def selector_mode_to_proto(mode: SelectorMode) -> jobs_pb2.FaceSelectorMode:
-    return _PROTO_BY_MODE[mode]
-
-
-def selector_mode_from_proto(value: int) -> SelectorMode:
-    mode = _MODE_BY_PROTO.get(value)
-    if mode is None:
-        raise InvalidArgument(f"unknown face selector mode {value}")
-    return mode
 
 
 @dataclass(frozen=True)

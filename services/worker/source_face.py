@@ -6,11 +6,11 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
-import cv2
 import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
+from services.common.image_codec import decode_rgb_image
 from services.worker.chunk_pipeline import FaceFinder
 from services.worker.face_aligner import align_face
 from services.worker.face_embedder import face_descriptor
@@ -23,16 +23,6 @@ DEFAULT_CACHED_JOBS = 16
 ValueT = TypeVar("ValueT")
 
 
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) -> (H, W, 3) uint8 RGB."""
-    if not data:
-        raise InvalidArgument(f"the {what} image is empty")
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if decoded is None:
-        raise InvalidArgument(f"the {what} image ({len(data)} bytes) is not a readable image")
-    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-
-
 async def find_main_face(image: np.ndarray, finder: FaceFinder, what: str) -> DetectedFace:
     faces = await finder.detect(image[None])
     face = largest_face(faces[0]) if faces else None
@@ -42,7 +32,7 @@ async def find_main_face(image: np.ndarray, finder: FaceFinder, what: str) -> De
 
 
 async def prepare_source_identity(data: bytes, finder: FaceFinder, swapper: FaceSwapper) -> SourceIdentity:
-    image = decode_image(data, "source")
+    image = decode_rgb_image(data, "source image")
     face = await find_main_face(image, finder, "source")
     try:
         aligned = align_face(image, face.landmarks, swapper.crop_size)
@@ -52,7 +42,7 @@ async def prepare_source_identity(data: bytes, finder: FaceFinder, swapper: Face
 
 
 async def prepare_reference_descriptor(data: bytes, finder: FaceFinder) -> np.ndarray:
-    image = decode_image(data, "reference")
+    image = decode_rgb_image(data, "reference image")
     face = await find_main_face(image, finder, "reference")
     try:
         return face_descriptor(image, face.landmarks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.cli.job_client import TERMINAL_STATES, JobClient
-from services.worker.face_selector import SelectorMode
+from services.common.job_vocabulary import SelectorMode
 from swapline.jobs.v1 import jobs_pb2
 
 

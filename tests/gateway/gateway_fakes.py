@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common.errors import SwaplineError
+from services.common.media_info import Keyframe, MediaInfo
 from services.gateway.job_records import (
     EncodeOptions,
     JobRecord,
     JobState,
     JoinOutcome,
-    Keyframe,
     PlannedChunk,
-    TargetInfo,
 )
 
 
@@ -30,8 +29,8 @@ class ManualClock:
         self.now += seconds
 
 
-def video_target(frame_count: int = 100, fps: float = 25.0, has_audio: bool = True) -> TargetInfo:
-    return TargetInfo(
+def video_target(frame_count: int = 100, fps: float = 25.0, has_audio: bool = True) -> MediaInfo:
+    return MediaInfo(
         kind="video",
         duration_seconds=frame_count / fps,
         fps=fps,
@@ -44,7 +43,7 @@ def video_target(frame_count: int = 100, fps: float = 25.0, has_audio: bool = Tr
 
 
 def job_record(
-    job_id: str, created_at: float, state: JobState = "QUEUED", target: TargetInfo | None = None
+    job_id: str, created_at: float, state: JobState = "QUEUED", target: MediaInfo | None = None
 ) -> JobRecord:
     target = target or video_target()
     return JobRecord(
@@ -78,7 +77,7 @@ class FakeMedia:
     join_error: SwaplineError | None = None
     joins: list[tuple[list[str], str, str]] = field(default_factory=list)
 
-    async def probe(self, uri: str) -> TargetInfo:
+    async def probe(self, uri: str) -> MediaInfo:
         raise AssertionError("the queue never probes")
 
     async def count_faces(self, image_rgb: np.ndarray) -> int:

@@ -4,14 +4,15 @@ import itertools
 
 import pytest
 
+from services.common.media_info import Keyframe, MediaInfo
 from services.gateway.chunk_planner import output_uri, plan_chunks, segment_uri
-from services.gateway.job_records import Keyframe, PlannedChunk, TargetInfo
+from services.gateway.job_records import PlannedChunk
 
 PTS_PER_FRAME = 512
 
 
-def video(frame_count: int, fps: float, keyframe_indices: list[int]) -> TargetInfo:
-    return TargetInfo(
+def video(frame_count: int, fps: float, keyframe_indices: list[int]) -> MediaInfo:
+    return MediaInfo(
         kind="video",
         duration_seconds=frame_count / fps,
         fps=fps,
@@ -66,7 +67,7 @@ def test_keyframes_beyond_the_stream_and_a_missing_first_keyframe_are_handled() 
 
 
 def test_image_is_one_chunk_of_one_frame_with_png_segment() -> None:
-    image = TargetInfo("image", 0.0, 0.0, 1, 640, 480, False, (Keyframe(0, 0),))
+    image = MediaInfo("image", 0.0, 0.0, 1, 640, 480, False, (Keyframe(0, 0),))
     chunks = plan_chunks("abc", image, chunk_seconds=2.0)
     assert chunks == [PlannedChunk(0, 0, 0, 1, "work/abc/chunk-00000.png")]
     assert output_uri("abc", "image") == "outputs/abc/output.png"

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.errors import FailedPrecondition, Unavailable, code_value
+from services.common.media_info import MediaInfo
 from services.gateway.chunk_planner import output_uri, plan_chunks
 from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.job_coordinator import JobCoordinator
-from services.gateway.job_records import ChunkStats, JobError, TargetInfo
+from services.gateway.job_records import ChunkStats, JobError
 from services.gateway.job_store import SqliteJobStore
 from tests.gateway.gateway_fakes import FakeMedia, ManualClock, job_record, planned_chunks
 
@@ -266,7 +267,7 @@ def test_jobs_left_joining_by_a_previous_process_are_joined_again(tmp_path: Path
 
 def test_an_image_job_takes_its_single_segment_as_the_output(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
-        image = TargetInfo("image", 0.0, 0.0, 1, 64, 48, False, ())
+        image = MediaInfo("image", 0.0, 0.0, 1, 64, 48, False, ())
         chunks = plan_chunks("img", image, chunk_seconds=2.0)
         job = replace(job_record("img", h.clock(), target=image), output_uri=output_uri("img", "image"))
         h.store.add_job(job, chunks)

@@ -4,7 +4,13 @@ from dataclasses import replace
 
 import pytest
 
-from services.gateway.job_records import ChunkRecord, ChunkStats, FaceCountChange, JobRecord, JoinOutcome
+from services.gateway.job_records import (
+    ChunkRecord,
+    ChunkStats,
+    FaceCountChange,
+    JobRecord,
+    JoinOutcome,
+)
 from services.gateway.job_report import build_report
 from tests.gateway.gateway_fakes import job_record, video_target
 

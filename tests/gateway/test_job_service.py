@@ -4,8 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from services.common.errors import InvalidArgument
-from services.gateway.job_service import current_stage, decode_image, progress_rates, sanitised_filename
+from services.gateway.job_service import current_stage, progress_rates, sanitised_filename
 from tests.gateway.gateway_fakes import job_record
 
 
@@ -55,10 +54,3 @@ def test_stage_is_the_one_most_chunks_report_and_join_while_joining() -> None:
 )
 def test_upload_names_are_reduced_to_a_safe_base_name(name: str, expected: str) -> None:
     assert sanitised_filename(name) == expected
-
-
-def test_source_images_must_decode() -> None:
-    with pytest.raises(InvalidArgument, match="source_image is empty"):
-        decode_image(b"", "source_image")
-    with pytest.raises(InvalidArgument, match="not a decodable image"):
-        decode_image(b"\x89PNG broken", "source_image")

@@ -299,7 +299,7 @@ def test_bad_source_and_a_missing_spec_are_invalid(tmp_path: Path) -> None:
         (gateway.media_root / "clip.mp4").write_bytes(b"video")
         spec = jobs_pb2.JobSpec(source_image=b"not an image", target_uri="clip.mp4")
         await submit_expecting(
-            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "source_image"
+            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "source image"
         )
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await gateway.jobs.SubmitJob(iter([jobs_pb2.SubmitJobRequest(target_chunk=b"abc")]))

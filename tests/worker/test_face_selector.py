@@ -6,13 +6,9 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
+from services.common.job_vocabulary import SELECTOR_MODES, selector_mode_from_proto
 from services.worker.face_embedder import face_descriptor
-from services.worker.face_selector import (
-    SELECTOR_MODES,
-    FaceSelection,
-    select_faces,
-    selector_mode_from_proto,
-)
+from services.worker.face_selector import FaceSelection, select_faces
 from swapline.jobs.v1 import jobs_pb2
 from tests.worker.face_photos import (
     astronaut,

@@ -11,7 +11,7 @@ from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.worker.face_aligner import alignment_matrix
 from services.worker.face_swapper import SourceIdentity
-from services.worker.source_face import JobFaceCache, decode_image, prepare_source_identity
+from services.worker.source_face import JobFaceCache, prepare_source_identity
 from tests.worker.face_photos import astronaut, astronaut_landmarks, face_from_landmarks
 
 CROP = 128
@@ -50,20 +50,6 @@ class _RecordingSwapper:
 
     async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
         raise AssertionError("not used")
-
-
-def test_decode_image_gives_rgb() -> None:
-    image = np.zeros((8, 8, 3), np.uint8)
-    image[..., 0] = 200
-    decoded = decode_image(_png(image), "source")
-    np.testing.assert_array_equal(decoded, image)
-
-
-def test_unreadable_or_empty_images_are_invalid_arguments() -> None:
-    with pytest.raises(InvalidArgument, match="source"):
-        decode_image(b"not an image", "source")
-    with pytest.raises(InvalidArgument, match="empty"):
-        decode_image(b"", "reference")
 
 
 def test_source_identity_is_the_largest_face_aligned() -> None:
