@@ -36,7 +36,7 @@ BATCH_SIZE = 8
 
 async def in_process_run(video: Path, source_png: bytes, output: Path) -> dict[str, Any]:
     info = probe_media(video)
-    models = LocalModels(DEFAULT_MODEL_REPOSITORY)
+    models = LocalModels(DEFAULT_MODEL_REPOSITORY, intra_op_threads=StackOptions.triton_intra_op_threads)
     finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
     swapper = CropTransferSwapper(models)
     identity = await prepare_source_identity(source_png, finder, swapper)

@@ -96,6 +96,9 @@ class StackOptions:
     gateway_port: int = 0
     workers: int = 1
     worker_batch_size: int = 8
+    # One onnxruntime thread per model instance: the CPU models serve small requests, and four
+    # model processes beside the services would otherwise contend for the same cores.
+    triton_intra_op_threads: int = 1
     startup_timeout: float = 120.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -128,7 +131,10 @@ class EmbeddedStack:
         options.media_root.mkdir(parents=True, exist_ok=True)
         media_root = str(options.media_root.resolve())
         self.triton = EmbeddedTriton(
-            options.model_repository, options.work_dir / "triton", log_path=self.log_dir / "triton.log"
+            options.model_repository,
+            options.work_dir / "triton",
+            log_path=self.log_dir / "triton.log",
+            intra_op_threads=options.triton_intra_op_threads,
         )
         try:
             triton_ready = self._starter.submit(self.triton.start)

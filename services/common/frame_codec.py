@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -11,6 +11,11 @@ from services.common.errors import InvalidArgument
 from swapline.common.v1 import common_pb2
 
 Frames = NDArray[np.uint8]  # (count, height, width, 3) RGB
+
+# protobuf (upb) serialises large messages super-linearly: a 720p frame costs 3.7 ms inside an
+# 8-frame message and 0.7 ms alone. Streams therefore carry frames in messages of about this size
+# and receivers regroup them into the batches the models want.
+STREAM_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def pack_frames(frames: Frames, indices: Sequence[int], pts: Sequence[int] | None = None) -> common_pb2.FrameBatch:
@@ -25,19 +30,62 @@ def pack_frames(frames: Frames, indices: Sequence[int], pts: Sequence[int] | Non
     return batch
 
 
-def unpack_frames(batch: common_pb2.FrameBatch) -> tuple[Frames, list[int], list[int]]:
-    """Returns (frames, indices, pts); a frame whose byte count is off is an INVALID_ARGUMENT."""
+def pack_frame_stream(
+    frames: Frames,
+    indices: Sequence[int],
+    pts: Sequence[int] | None = None,
+    message_bytes: int = STREAM_MESSAGE_BYTES,
+) -> Iterator[common_pb2.FrameBatch]:
+    """The frames as consecutive messages of at most message_bytes each (at least one frame a message)."""
+    frame_bytes = max(1, int(np.prod(frames.shape[1:])))
+    step = max(1, message_bytes // frame_bytes)
+    for start in range(0, len(frames), step):
+        stop = start + step
+        yield pack_frames(frames[start:stop], indices[start:stop], None if pts is None else pts[start:stop])
+
+
+async def regroup_frames(
+    parts: AsyncIterator[tuple[Frames, list[int]]], batch_size: int
+) -> AsyncIterator[tuple[Frames, list[int]]]:
+    """Joins streamed pieces into writable batches of batch_size frames (the last may be short).
+
+    Each frame is copied exactly once, into its batch, so the pieces may be read-only views.
+    """
+    pending: list[Frames] = []
+    pending_indices: list[int] = []
+    async for frames, indices in parts:
+        pending.append(frames)
+        pending_indices.extend(indices)
+        while len(pending_indices) >= batch_size:
+            joined = np.concatenate(pending)
+            yield joined[:batch_size], pending_indices[:batch_size]
+            pending = [joined[batch_size:]] if len(joined) > batch_size else []
+            pending_indices = pending_indices[batch_size:]
+    if pending_indices:
+        yield np.concatenate(pending), pending_indices
+
+
+def unpack_frames(batch: common_pb2.FrameBatch, copy: bool = True) -> tuple[Frames, list[int], list[int]]:
+    """Returns (frames, indices, pts); a frame whose byte count is off is an INVALID_ARGUMENT.
+
+    With copy=False a one-frame batch comes back as a read-only view of the message's bytes, for
+    receivers that only read (the encoder) or copy anyway (regroup_frames).
+    """
     width, height = batch.width, batch.height
     if not batch.frames:
         return np.zeros((0, max(height, 0), max(width, 0), 3), np.uint8), [], []
     if width <= 0 or height <= 0:
         raise InvalidArgument(f"frame batch has invalid size {width}x{height}")
     expected = width * height * 3
-    buffer = np.empty((len(batch.frames), height, width, 3), np.uint8)
-    for slot, frame in enumerate(batch.frames):
+    for frame in batch.frames:
         if len(frame.rgb) != expected:
             raise InvalidArgument(
                 f"frame {frame.index} has {len(frame.rgb)} bytes, expected {expected} for {width}x{height} RGB"
             )
+    indices, stamps = [f.index for f in batch.frames], [f.pts for f in batch.frames]
+    if not copy and len(batch.frames) == 1:
+        return np.frombuffer(batch.frames[0].rgb, np.uint8).reshape(1, height, width, 3), indices, stamps
+    buffer = np.empty((len(batch.frames), height, width, 3), np.uint8)
+    for slot, frame in enumerate(batch.frames):
         buffer[slot] = np.frombuffer(frame.rgb, np.uint8).reshape(height, width, 3)
-    return buffer, [f.index for f in batch.frames], [f.pts for f in batch.frames]
+    return buffer, indices, stamps

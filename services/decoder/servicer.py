@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.frame_codec import pack_frames
+from services.common.frame_codec import pack_frame_stream
 from services.common.media_info import media_info_to_proto
 from services.common.media_paths import existing_media_path
 from services.decoder.frame_reader import iter_frame_batches
@@ -42,4 +42,5 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             batch_size=request.batch_size or self._settings.default_batch_size,
         )
         async for frames, indices, stamps in stream_in_thread(batches):
-            yield pack_frames(frames, indices, stamps)
+            for message in pack_frame_stream(frames, indices, stamps):
+                yield message

@@ -45,7 +45,7 @@ def _batch_frames(header: encoder_pb2.SegmentHeader, message: encoder_pb2.Encode
             f"{header.output_uri}: frame batch is {batch.width}x{batch.height}, "
             f"the header says {header.width}x{header.height}"
         )
-    frames, _indices, _pts = unpack_frames(batch)
+    frames, _indices, _pts = unpack_frames(batch, copy=False)
     return frames
 
 

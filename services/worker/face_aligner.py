@@ -53,6 +53,6 @@ def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix:
     region_size = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(swapped, region_inverse, region_size, flags=cv2.INTER_LINEAR)
     alpha = cv2.warpAffine(mask.astype(np.float32), region_inverse, region_size, flags=cv2.INTER_LINEAR)
-    region = frame[y0:y1, x0:x1].astype(np.float32)
-    blended = region + (warped.astype(np.float32) - region) * alpha[..., None]
-    frame[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    region = frame[y0:y1, x0:x1]
+    # blendLinear normalises by the weight sum; the floor keeps it defined where both are zero.
+    frame[y0:y1, x0:x1] = cv2.blendLinear(warped, region, alpha, np.maximum(1.0 - alpha, 1e-6))

@@ -17,7 +17,7 @@ import numpy as np
 
 from services.common.errors import Internal, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
-from services.common.frame_codec import Frames, pack_frames, unpack_frames
+from services.common.frame_codec import Frames, pack_frame_stream, pack_frames, regroup_frames, unpack_frames
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -47,10 +47,14 @@ class DecoderFrameSource:
         )
 
     async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
+        async for frames, indices in regroup_frames(self._messages(), self._request.batch_size):
+            yield frames, indices
+
+    async def _messages(self) -> AsyncIterator[tuple[Frames, list[int]]]:
         call = self._stub.Decode(self._request)
         try:
             async for batch in call:
-                frames, indices, _ = await asyncio.to_thread(unpack_frames, batch)
+                frames, indices, _ = unpack_frames(batch, copy=False)
                 yield frames, indices
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from error
@@ -198,8 +202,8 @@ class EncoderSegmentSink:
     async def write(self, frames: Frames) -> None:
         indices = list(range(self._next_index, self._next_index + len(frames)))
         self._next_index += len(frames)
-        batch = await asyncio.to_thread(pack_frames, frames, indices)
-        await self._send(encoder_pb2.EncodeSegmentRequest(frames=batch))
+        for message in await asyncio.to_thread(lambda: list(pack_frame_stream(frames, indices))):
+            await self._send(encoder_pb2.EncodeSegmentRequest(frames=message))
 
     async def close(self) -> int:
         await self._send(None)
