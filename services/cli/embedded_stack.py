@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Literal
 
@@ -107,7 +107,7 @@ class EmbeddedStack:
     """Starts Triton, decoder, detector, encoder, gateway and workers; stops them in reverse."""
 
     def __init__(self, options: StackOptions) -> None:
-        self.options = options
+        self.options = replace(options, work_dir=options.work_dir.resolve(), media_root=options.media_root.resolve())
         self.triton: EmbeddedTriton | None = None
         self.services: dict[str, ServiceProcess] = {}
         self.log_dir = options.work_dir / "logs"

@@ -29,11 +29,18 @@ class ServiceBinding:
     full_name: str
 
 
-def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
     ]
+    if settings.max_connection_age_seconds > 0:
+        # Calls in flight when the age is reached get the drain time to finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.drain_seconds * 1000)),
+        ]
+    return options
 
 
 def configure_logging(level: str) -> None:
@@ -61,7 +68,7 @@ class RunningServer:
 async def start_server(settings: ServerSettings, bindings: Sequence[ServiceBinding]) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],
-        options=message_options(settings.max_message_bytes),
+        options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -16,4 +16,6 @@ class ServerSettings:
     # Seconds in-flight calls get to finish after SIGTERM; the chart's grace period is longer.
     drain_seconds: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Clients reconnect after this long, so new pods behind a headless Service get traffic; 0 = never.
+    max_connection_age_seconds: float = 0.0
     log_level: str = "INFO"

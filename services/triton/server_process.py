@@ -134,13 +134,14 @@ class EmbeddedTriton:
         models: Sequence[str] | None = None,
         intra_op_threads: int = 0,
     ) -> None:
-        self.model_repository = model_repository
-        self.work_dir = work_dir
+        # The server runs with work_dir as its cwd, so relative paths would resolve twice.
+        self.model_repository = model_repository.resolve()
+        self.work_dir = work_dir.resolve()
         spare_ports = iter(free_ports(3))
         self.grpc_port = grpc_port or next(spare_ports)
         self.http_port = http_port or next(spare_ports)
         self.metrics_port = metrics_port or next(spare_ports)
-        self.log_path = log_path or work_dir / "tritonserver.log"
+        self.log_path = (log_path or self.work_dir / "tritonserver.log").resolve()
         self.startup_timeout = startup_timeout
         self.models: list[str] = list(models) if models is not None else []
         self._requested_models = models

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from services.common.grpc_server import ServiceBinding, message_options, start_server
+from services.common.grpc_server import ServiceBinding, server_options, start_server
 from services.common.server_settings import ServerSettings
 
 
@@ -23,7 +23,7 @@ def serving(settings: ServerSettings, bindings: Sequence[ServiceBinding]) -> Ite
         running = asyncio.run_coroutine_threadsafe(start_server(settings, bindings), loop).result(timeout=30)
         try:
             with grpc.insecure_channel(
-                f"127.0.0.1:{running.port}", options=message_options(settings.max_message_bytes)
+                f"127.0.0.1:{running.port}", options=server_options(settings)
             ) as channel:
                 yield channel
         finally:

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.face_types import frames_faces_from_proto
 from services.common.frame_codec import pack_frames
-from services.common.grpc_server import message_options, start_server
+from services.common.grpc_server import server_options, start_server
 from services.detector.face_detector import FaceDetector
 from services.detector.servicer import detector_binding
 from services.detector.settings import DetectorSettings
@@ -28,7 +28,7 @@ def call_detector(local_models: LocalModels, call: Call) -> detector_pb2.DetectR
         settings = DetectorSettings(port=0)
         running = await start_server(settings, [detector_binding(FaceDetector(local_models))])
         try:
-            options = message_options(settings.max_message_bytes)
+            options = server_options(settings)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel:
                 return await call(detector_pb2_grpc.DetectorServiceStub(channel))
         finally:

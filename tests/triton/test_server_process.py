@@ -181,3 +181,11 @@ def test_stop_ends_the_server_cleanly(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert "successfully unloaded 'mtcnn_rnet'" in triton.log_path.read_text()
+
+
+def test_a_relative_work_dir_is_resolved_before_the_server_changes_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    triton = EmbeddedTriton(Path("models"), Path("work"))
+    assert triton.work_dir == tmp_path / "work" and triton.model_repository == tmp_path / "models"
