@@ -13,14 +13,19 @@ FACENET_VERSION := 2.6.0
 
 all: install protos models
 
-# Triton's Python-backend stub links against the system libpython of the same version.
-SYSTEM_PACKAGES := libpython3.11
+# Triton's Python-backend stub links against the system libpython of the same version; Debian's
+# prometheus brings promtool and the server that the alert-rule and scrape tests run.
+SYSTEM_PACKAGES := libpython3.11 prometheus
 
-$(VENV)/.system-packages:
+# Checked on every run (dpkg -s is cheap) so that a package added here reaches machines that already
+# have the stamp; the stamp is touched only when first made, so the venv is not rebuilt for it.
+$(VENV)/.system-packages: FORCE
 	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
-	mkdir -p $(VENV) && touch $@
+	@mkdir -p $(VENV) && test -e $@ || touch $@
+
+FORCE:
 
 $(INSTALLED): pyproject.toml $(VENV)/.system-packages
 	$(PYTHON) -m venv $(VENV)
@@ -65,3 +70,20 @@ bench: $(MODELS_STAMP)
 
 clean:
 	rm -rf build $(PROTO_OUT) demo-output triton_models/*/1/model.onnx
+
+# The service image (deploy/docker/Dockerfile) with the first engine that answers: docker, then podman.
+# Models are not baked in: Triton reads them from its model repository.
+IMAGE ?= swapline:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_ENGINES ?= docker podman
+
+.PHONY: images
+images:
+	@for candidate in $(IMAGE_ENGINES); do \
+		if command -v $$candidate >/dev/null 2>&1 && $$candidate info >/dev/null 2>&1; then engine=$$candidate; break; fi; \
+	done; \
+	if [ -z "$$engine" ]; then \
+		echo "make images: no container engine available: none of '$(IMAGE_ENGINES)' is installed with a reachable daemon/runtime; install docker or podman to build $(IMAGE)" >&2; \
+		exit 1; \
+	fi; \
+	echo "$$engine build -f deploy/docker/Dockerfile -t $(IMAGE) ."; \
+	$$engine build -f deploy/docker/Dockerfile -t $(IMAGE) .

@@ -112,15 +112,35 @@ def run(args: argparse.Namespace) -> int:
         output = save_output(client, job, Path(args.output))
         print(f"output: {output}")
         if args.report:
-            report_dir = Path(args.report)
-            report_path = client.fetch(job.id, jobs_pb2.ARTIFACT_REPORT, report_dir / "report.json")
-            print(f"report: {report_path}")
-            summary = json.loads(report_path.read_text())
-            print(
-                f"{summary.get('frames', 0)} frames, {summary.get('faces', 0)} faces swapped,"
-                f" {summary.get('chunks', 0)} chunks, {summary.get('fps', 0.0):.1f} fps end to end"
-            )
+            save_report(client, job.id, Path(args.report))
     return 0
+
+
+REPORT_ARTIFACTS: tuple[tuple[str, jobs_pb2.Artifact, str], ...] = (
+    ("report", jobs_pb2.ARTIFACT_REPORT, "report.json"),
+    ("GPU trend chart", jobs_pb2.ARTIFACT_GPU_TREND_CHART, "gpu_trend.png"),
+    ("GPU trend samples", jobs_pb2.ARTIFACT_GPU_TREND_CSV, "gpu_trend.csv"),
+)
+
+
+def save_report(client: JobClient, job_id: str, report_dir: Path) -> None:
+    """The report, then its GPU trend chart and CSV; a gateway without the chart still gives the report."""
+    for what, artifact, filename in REPORT_ARTIFACTS:
+        try:
+            path = client.fetch(job_id, artifact, report_dir / filename)
+        except SwaplineError as error:
+            if artifact == jobs_pb2.ARTIFACT_REPORT:
+                raise
+            print(f"warning: no {what}: {error.message}", file=sys.stderr)
+            continue
+        print(f"{what}: {path}")
+    summary = json.loads((report_dir / "report.json").read_text())
+    print(
+        f"{summary.get('frames', 0)} frames, {summary.get('faces', 0)} faces swapped,"
+        f" {summary.get('chunks', 0)} chunks, {summary.get('fps', 0.0):.1f} fps end to end"
+    )
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def up(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from services.triton.server_process import EmbeddedTriton
 
 log = logging.getLogger(__name__)
 
-ServiceName = Literal["decoder", "detector", "encoder", "gateway", "worker"]
+ServiceName = Literal["decoder", "detector", "encoder", "exporter", "gateway", "worker"]
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "triton_models"
 _LISTENING = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
@@ -104,7 +104,11 @@ class StackOptions:
 
 
 class EmbeddedStack:
-    """Starts Triton, decoder, detector, encoder, gateway and workers; stops them in reverse."""
+    """Starts Triton, decoder, detector, encoder, the GPU exporter, gateway and workers; stops them in reverse.
+
+    The exporter samples this machine's GPUs into a trend log that the gateway charts each job from;
+    without a GPU it keeps running with swapline_gpu_nvml_up 0 and every report says CPU mode.
+    """
 
     def __init__(self, options: StackOptions) -> None:
         self.options = replace(options, work_dir=options.work_dir.resolve(), media_root=options.media_root.resolve())
@@ -116,6 +120,15 @@ class EmbeddedStack:
     @property
     def gateway_address(self) -> str:
         return self.services["gateway"].address
+
+    @property
+    def exporter_address(self) -> str:
+        """host:port of the exporter's /metrics and /healthz."""
+        return self.services["exporter"].address
+
+    @property
+    def trend_dir(self) -> Path:
+        return (self.options.work_dir / "gpu-trend").resolve()
 
     def _start_tier(self, envs: Mapping[str, Mapping[str, str]]) -> None:
         started = {name: start_service(name, {**env, **self.options.extra_env}, self.log_dir)
@@ -143,6 +156,13 @@ class EmbeddedStack:
                 "decoder": {**_server_env("SWAPLINE_DECODER_"), "SWAPLINE_DECODER_MEDIA_ROOT": media_root},
                 "encoder": {**_server_env("SWAPLINE_ENCODER_"), "SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
                 "detector": {**_server_env("SWAPLINE_DETECTOR_"), "SWAPLINE_DETECTOR_TRITON_URL": triton_url},
+                "exporter": {
+                    **_server_env("SWAPLINE_EXPORTER_"),
+                    "SWAPLINE_EXPORTER_TREND_DIR": str(self.trend_dir),
+                    "SWAPLINE_EXPORTER_REPLAY": "",
+                    # One machine, no Kubernetes API to ask which pod a GPU process belongs to.
+                    "SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION": "false",
+                },
             })
             targets = {
                 "DECODER_TARGET": self.services["decoder"].address,
@@ -153,6 +173,8 @@ class EmbeddedStack:
                 "gateway": {
                     **_server_env("SWAPLINE_GATEWAY_", options.gateway_port),
                     "SWAPLINE_GATEWAY_MEDIA_ROOT": media_root,
+                    "SWAPLINE_GATEWAY_GPU_TREND_SOURCE": "trend_log",
+                    "SWAPLINE_GATEWAY_TREND_DIR": str(self.trend_dir),
                     **{f"SWAPLINE_GATEWAY_{key}": value for key, value in targets.items()},
                 }
             })

@@ -18,6 +18,11 @@ def format_eta(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
+def format_gpu(event: jobs_pb2.JobEvent) -> str:
+    """The ", GPU 78%" part while the gateway knows the utilisation; it sends a negative value when not."""
+    return f", GPU {event.gpu_utilization_percent:.0f}%" if event.gpu_utilization_percent >= 0 else ""
+
+
 def progress_line(event: jobs_pb2.JobEvent) -> str:
     total = max(event.frames_total, 0)
     fraction = min(event.frames_done / total, 1.0) if total else 0.0
@@ -27,7 +32,7 @@ def progress_line(event: jobs_pb2.JobEvent) -> str:
     return (
         f"[{bar}] {fraction:6.1%} {event.frames_done}/{total} frames"
         f" {event.fps:5.1f} fps, chunks {event.chunks_done}/{event.chunks_total},"
-        f" {state_name(event.state)}{stage}, ETA {format_eta(event.eta_seconds)}"
+        f" {state_name(event.state)}{stage}{format_gpu(event)}, ETA {format_eta(event.eta_seconds)}"
     )
 
 

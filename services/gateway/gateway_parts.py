@@ -7,9 +7,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.errors import InvalidArgument
 from services.common.grpc_server import ServiceBinding
 from services.gateway.chunk_queue import ChunkQueue
+from services.gateway.gpu_trend_source import (
+    CurrentGpuUsage,
+    GpuTrendSource,
+    NoTrendSource,
+    PrometheusTrendSource,
+    TrendLogSource,
+)
 from services.gateway.job_coordinator import Clock, JobCoordinator
+from services.gateway.job_gpu_trend import JobTrendRecorder
 from services.gateway.job_service import JobService, new_job_id
 from services.gateway.job_store import JobStore
 from services.gateway.media_clients import MediaServices
@@ -41,18 +50,41 @@ class GatewayParts:
         ]
 
 
+def open_gpu_trend_source(settings: GatewaySettings, clock: Clock = time.time) -> GpuTrendSource:
+    if settings.gpu_trend_source == "trend_log":
+        return TrendLogSource(Path(settings.trend_dir), clock)
+    if settings.gpu_trend_source == "prometheus":
+        if not settings.prometheus_url:
+            raise InvalidArgument("gpu_trend_source is prometheus but prometheus_url is empty")
+        return PrometheusTrendSource(
+            settings.prometheus_url, settings.prometheus_selector, settings.prometheus_timeout_seconds, clock
+        )
+    return NoTrendSource()
+
+
 def assemble_gateway(
     settings: GatewaySettings,
     store: JobStore,
     media: MediaServices,
     clock: Clock = time.time,
     new_id: Callable[[], str] = new_job_id,
+    gpu_source: GpuTrendSource | None = None,
 ) -> GatewayParts:
+    """gpu_source stands in for the one the settings name (tests)."""
     media_root = Path(settings.media_root)
-    coordinator = JobCoordinator(store, media, media_root, clock)
+    source = gpu_source if gpu_source is not None else open_gpu_trend_source(settings, clock)
+    recorder = JobTrendRecorder(source, settings.gpu_trend_source, media_root)
+    coordinator = JobCoordinator(store, media, media_root, clock, recorder)
     queue = ChunkQueue(coordinator, settings.lease_seconds, settings.max_attempts)
     jobs = JobService(
-        coordinator, queue, media, media_root, settings.chunk_seconds, settings.max_upload_bytes, new_id
+        coordinator,
+        queue,
+        media,
+        media_root,
+        settings.chunk_seconds,
+        settings.max_upload_bytes,
+        new_id,
+        CurrentGpuUsage(source),
     )
     coordinator.publish_counts()
     return GatewayParts(coordinator=coordinator, queue=queue, jobs=jobs)

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,9 @@ from prometheus_client import Gauge
 from services.common.errors import FailedPrecondition, NotFound, SwaplineError, code_value
 from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
 from services.gateway.chunk_planner import report_uri
+from services.gateway.gpu_trend_source import NoTrendSource
 from services.gateway.job_change_feed import JobChangeFeed
+from services.gateway.job_gpu_trend import JobTrendRecorder
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     JOB_STATES,
@@ -24,9 +27,10 @@ from services.gateway.job_records import (
     UNFINISHED_JOB_STATES,
     JobError,
     JobRecord,
+    JobState,
     JoinOutcome,
 )
-from services.gateway.job_report import build_report, report_json
+from services.gateway.job_report import build_report, report_json, with_gpu_trend
 from services.gateway.job_store import JobStore
 from services.gateway.media_clients import MediaServices
 
@@ -41,13 +45,19 @@ Clock = Callable[[], float]
 
 class JobCoordinator:
     def __init__(
-        self, store: JobStore, media: MediaServices, media_root: Path, clock: Clock = time.time
+        self,
+        store: JobStore,
+        media: MediaServices,
+        media_root: Path,
+        clock: Clock = time.time,
+        trend_recorder: JobTrendRecorder | None = None,
     ) -> None:
         self.store = store
         self.feed = JobChangeFeed()
         self._media = media
         self._media_root = media_root
         self._clock = clock
+        self._trend_recorder = trend_recorder or JobTrendRecorder(NoTrendSource(), "none", media_root)
         self._joins: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
@@ -107,9 +117,8 @@ class JobCoordinator:
             code = error.code if isinstance(error, SwaplineError) else grpc.StatusCode.INTERNAL
             await self.fail_job(job_id, JobError(code_value(code), f"joining segments failed: {error}"))
             return
-        if self.store.transition_job(job_id, JOINING_ONLY, "SUCCEEDED", self.now(), join=outcome):
+        if await self.end_job(job_id, JOINING_ONLY, "SUCCEEDED", join=outcome):
             shutil.rmtree(resolve_media_path(self._media_root, f"work/{job_id}"), ignore_errors=True)
-            await self.finish(job_id)
 
     async def _copy_single_image(self, output_uri: str, segment_uri: str) -> JoinOutcome:
         """An image job has one segment, already the output picture: there is nothing to join or mux."""
@@ -120,36 +129,54 @@ class JobCoordinator:
 
     async def fail_job(self, job_id: str, error: JobError) -> bool:
         """Fails a job that has not ended; its open chunks are CANCELLED. Other jobs are untouched."""
-        failed = self.store.transition_job(job_id, UNFINISHED_JOB_STATES, "FAILED", self.now(), error=error)
+        failed = await self.end_job(job_id, UNFINISHED_JOB_STATES, "FAILED", error=error)
         if failed:
             log.info("job %s failed: %s", job_id, error.message)
-            await self.finish(job_id)
         return failed
 
     async def cancel_job(self, job_id: str) -> JobRecord:
         job = self.require_job(job_id)
-        if job.state in ENDED_JOB_STATES or not self.store.transition_job(
+        if job.state in ENDED_JOB_STATES or not await self.end_job(
             job_id,
             UNFINISHED_JOB_STATES,
             "CANCELLED",
-            self.now(),
             error=JobError(code_value(grpc.StatusCode.CANCELLED), f"job {job_id} was cancelled"),
         ):
             state = self.require_job(job_id).state
             raise FailedPrecondition(
                 f"job {job_id} has already ended ({state}); only a running job can be cancelled"
             )
-        await self.finish(job_id)
         return self.require_job(job_id)
 
-    async def finish(self, job_id: str) -> None:
-        """Writes the report of a job that has just ended and tells its watchers."""
+    async def end_job(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        error: JobError | None = None,
+        join: JoinOutcome | None = None,
+    ) -> bool:
+        """Ends a job with its report: rendered first, stored with the state change, then announced."""
         job = self.require_job(job_id)
-        if job.target is not None:
-            text = report_json(build_report(job, self.store.list_chunks(job_id)))
+        at = self.now()
+        ended = replace(job, state=to_state, finished_at=at, error=error or job.error, join=join or job.join)
+        text = await self.render_report(ended)
+        if not self.store.transition_job(job_id, from_states, to_state, at, error=error, join=join, report_json=text):
+            return False
+        if text is not None:
             try:
                 writable_media_path(self._media_root, report_uri(job_id)).write_text(text)
-            except OSError as error:
-                log.warning("could not write the report of job %s: %s", job_id, error)
-            self.store.save_report(job_id, text)
+            except OSError as error_writing:
+                log.warning("could not write the report of job %s: %s", job_id, error_writing)
         await self.changed(job_id)
+        return True
+
+    async def render_report(self, job: JobRecord) -> str | None:
+        """The report of an ended job, with the GPU trend of a job that got to run; None before a probe."""
+        if job.target is None:
+            return None
+        report = build_report(job, self.store.list_chunks(job.id))
+        if job.started_at is not None and job.finished_at is not None:
+            trend = await self._trend_recorder.record(job.id, job.started_at, job.finished_at, report["events"])
+            report = with_gpu_trend(report, trend.section, trend.warnings)
+        return report_json(report)

@@ -11,7 +11,7 @@ from services.common.media_info import MediaInfo
 
 JobState = Literal["QUEUED", "RUNNING", "JOINING", "SUCCEEDED", "FAILED", "CANCELLED"]
 ChunkState = Literal["PENDING", "LEASED", "DONE", "FAILED", "CANCELLED"]
-ArtifactKind = Literal["output", "report"]
+ArtifactKind = Literal["output", "report", "gpu_trend_chart", "gpu_trend_csv"]
 
 JOB_STATES: tuple[JobState, ...] = typing.get_args(JobState)
 CHUNK_STATES: tuple[ChunkState, ...] = typing.get_args(ChunkState)

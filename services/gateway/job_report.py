@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 from services.common.job_vocabulary import STAGE_NAMES
+from services.gateway.gpu_trend_source import TrendRow
 from services.gateway.job_records import (
     ChunkRecord,
     ChunkStats,
@@ -130,6 +134,74 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
         "warnings": warnings,
         "error": None if job.error is None else {"code": job.error.code, "message": job.error.message},
     }
+
+
+def _known(values: Sequence[float]) -> list[float]:
+    return [value for value in values if not math.isnan(value)]
+
+
+def _statistic(values: Sequence[float], kind: Literal["mean", "peak", "p95"]) -> float | None:
+    """None when the source had no reading; p95 interpolates linearly between ranks."""
+    known = _known(values)
+    if not known:
+        return None
+    if kind == "mean":
+        return round(sum(known) / len(known), 4)
+    if kind == "peak":
+        return round(max(known), 4)
+    return round(float(np.percentile(known, 95)), 4)
+
+
+def _whole_bytes(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+def gpu_statistics(rows: Sequence[TrendRow]) -> list[dict[str, Any]]:
+    """Per GPU over the job's window: what the advisor sizes GPUs from."""
+    grouped: dict[tuple[str, int, str], list[TrendRow]] = {}
+    for row in sorted(rows, key=lambda row: (row.node, row.gpu_index, row.gpu_uuid, row.timestamp)):
+        grouped.setdefault((row.node, row.gpu_index, row.gpu_uuid), []).append(row)
+    summaries = []
+    for (node, index, uuid), series in grouped.items():
+        utilization = [row.utilization_percent for row in series]
+        memory_used = [row.memory_used_bytes for row in series]
+        memory_total = _statistic([row.memory_total_bytes for row in series], "peak")
+        summaries.append(
+            {
+                "node": node,
+                "index": index,
+                "uuid": uuid,
+                "model": series[-1].gpu_model,
+                "samples": len(series),
+                "utilization_mean_percent": _statistic(utilization, "mean"),
+                "utilization_peak_percent": _statistic(utilization, "peak"),
+                "utilization_p95_percent": _statistic(utilization, "p95"),
+                "memory_used_peak_bytes": _whole_bytes(_statistic(memory_used, "peak")),
+                "memory_used_p95_bytes": _whole_bytes(_statistic(memory_used, "p95")),
+                "memory_total_bytes": _whole_bytes(memory_total),
+                "temperature_peak_celsius": _statistic([row.temperature_celsius for row in series], "peak"),
+                "power_mean_watts": _statistic([row.power_watts for row in series], "mean"),
+            }
+        )
+    return summaries
+
+
+def gpu_section(
+    rows: Sequence[TrendRow], source: str, window: tuple[float, float], charts: Mapping[str, str]
+) -> dict[str, Any]:
+    return {
+        "source": source,
+        "window": {"start_unix": round(window[0], 3), "end_unix": round(window[1], 3)},
+        "samples": len(rows),
+        "gpus": gpu_statistics(rows),
+        "charts": dict(charts),
+    }
+
+
+def with_gpu_trend(
+    report: Mapping[str, Any], section: Mapping[str, Any], warnings: Sequence[str]
+) -> dict[str, Any]:
+    return {**report, "gpu": dict(section), "warnings": [*report["warnings"], *warnings]}
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -16,7 +16,9 @@ from services.common.media_info import MediaInfo
 from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
 from services.gateway.chunk_planner import output_uri, plan_chunks, report_uri
 from services.gateway.chunk_queue import ChunkQueue
+from services.gateway.gpu_trend_source import UNKNOWN_GPU_USAGE, CurrentGpuUsage, GpuUsage, NoTrendSource
 from services.gateway.job_coordinator import JobCoordinator
+from services.gateway.job_gpu_trend import gpu_trend_chart_uri, gpu_trend_csv_uri
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     ArtifactKind,
@@ -29,6 +31,8 @@ from services.gateway.media_clients import MediaServices
 
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
+# Progress events carry GPU usage in these states only: before and after, the GPUs serve other jobs.
+RUNNING_JOB_STATES: frozenset[JobState] = frozenset({"RUNNING", "JOINING"})
 _UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -41,6 +45,7 @@ class JobProgress:
     fps: float
     eta_seconds: float
     at: float
+    gpu: GpuUsage = UNKNOWN_GPU_USAGE
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class JobService:
         chunk_seconds: float,
         max_upload_bytes: int,
         new_id: Callable[[], str] = new_job_id,
+        gpu_usage: CurrentGpuUsage | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._store = coordinator.store
@@ -103,6 +109,7 @@ class JobService:
         self._chunk_seconds = chunk_seconds
         self._max_upload_bytes = max_upload_bytes
         self._new_id = new_id
+        self._gpu_usage = gpu_usage or CurrentGpuUsage(NoTrendSource())
 
     async def submit(self, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
         """Validates everything a worker would trip over, then queues the chunks.
@@ -227,25 +234,38 @@ class JobService:
         fps, eta = progress_rates(job, now)
         return JobProgress(job=job, stage=current_stage(job, leased), fps=fps, eta_seconds=eta, at=now)
 
+    async def _progress_with_gpu(self, job_id: str) -> JobProgress:
+        """While chunks run or segments join, the event also carries the GPUs' current usage."""
+        progress = self.progress(job_id)
+        if progress.job.state not in RUNNING_JOB_STATES:
+            return progress
+        return replace(progress, gpu=await self._gpu_usage.read())
+
     async def watch(self, job_id: str) -> AsyncIterator[JobProgress]:
         """The current state at once, then one event per change, ending after the terminal state."""
         feed = self._coordinator.feed
         seen = feed.version(job_id)
-        progress = self.progress(job_id)
+        progress = await self._progress_with_gpu(job_id)
         yield progress
         while progress.job.state not in ENDED_JOB_STATES:
             seen = await feed.wait_past(job_id, seen)
-            progress = self.progress(job_id)
+            progress = await self._progress_with_gpu(job_id)
             yield progress
 
     def artifact(self, job_id: str, kind: ArtifactKind) -> ArtifactFile:
+        """The output exists once the job SUCCEEDED; the report and GPU trend once it ended at all."""
         job = self._coordinator.require_job(job_id)
-        if job.state != "SUCCEEDED":
-            raise FailedPrecondition(
-                f"job {job_id} is {job.state}; its artifacts exist once it has SUCCEEDED"
-            )
-        uri = (
-            report_uri(job_id) if kind == "report" else (job.join.output_uri if job.join else job.output_uri)
-        )
-        path = existing_media_path(self._media_root, uri)
+        if kind == "output" and job.state != "SUCCEEDED":
+            raise FailedPrecondition(f"job {job_id} is {job.state}; its output exists once it has SUCCEEDED")
+        if job.state not in ENDED_JOB_STATES:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; its {kind} exists once it has ended")
+        uris: dict[ArtifactKind, str] = {
+            "output": job.join.output_uri if job.join else job.output_uri,
+            "report": report_uri(job_id),
+            "gpu_trend_chart": gpu_trend_chart_uri(job_id),
+            "gpu_trend_csv": gpu_trend_csv_uri(job_id),
+        }
+        if kind in ("gpu_trend_chart", "gpu_trend_csv") and job.started_at is None:
+            raise FailedPrecondition(f"job {job_id} ended before it started; it has no GPU trend")
+        path = existing_media_path(self._media_root, uris[kind])
         return ArtifactFile(path=path, filename=path.name, size=path.stat().st_size)

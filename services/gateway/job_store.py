@@ -74,11 +74,14 @@ class JobStore(Protocol):
         at: float,
         error: JobError | None = None,
         join: JoinOutcome | None = None,
+        report_json: str | None = None,
     ) -> bool:
-        """Moves the job only from one of from_states; an ended job's open chunks are CANCELLED."""
-        ...
+        """Moves the job only from one of from_states; an ended job's open chunks are CANCELLED.
 
-    def save_report(self, job_id: str, report_json: str) -> None: ...
+        A report given here is stored in the same transaction, so no reader sees an ended job
+        without the report it ended with.
+        """
+        ...
 
     def recover_after_restart(self) -> list[str]:
         """Puts LEASED chunks back to PENDING; returns the ids of jobs that were JOINING."""
@@ -408,6 +411,7 @@ class SqliteJobStore:
         at: float,
         error: JobError | None = None,
         join: JoinOutcome | None = None,
+        report_json: str | None = None,
     ) -> bool:
         ended = to_state in ENDED_JOB_STATES
         db = self._transaction()
@@ -417,7 +421,8 @@ class SqliteJobStore:
                         finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
                         error_code = COALESCE(?, error_code),
                         error_message = COALESCE(?, error_message),
-                        join_json = COALESCE(?, join_json)
+                        join_json = COALESCE(?, join_json),
+                        report_json = COALESCE(?, report_json)
                     WHERE id = ? AND state IN ({_placeholders(from_states)})""",
                 (
                     to_state,
@@ -426,6 +431,7 @@ class SqliteJobStore:
                     None if error is None else error.code,
                     None if error is None else error.message,
                     None if join is None else json.dumps(dataclasses.asdict(join)),
+                    report_json,
                     job_id,
                     *from_states,
                 ),
@@ -442,9 +448,6 @@ class SqliteJobStore:
             raise
         self._commit()
         return changed
-
-    def save_report(self, job_id: str, report_json: str) -> None:
-        self._db.execute("UPDATE jobs SET report_json = ? WHERE id = ?", (report_json, job_id))
 
     def recover_after_restart(self) -> list[str]:
         db = self._transaction()

@@ -35,6 +35,8 @@ JOB_STATE_FROM_PROTO: dict[int, JobState] = {value: state for state, value in JO
 ARTIFACT_FROM_PROTO: dict[int, ArtifactKind] = {
     jobs_pb2.ARTIFACT_OUTPUT: "output",
     jobs_pb2.ARTIFACT_REPORT: "report",
+    jobs_pb2.ARTIFACT_GPU_TREND_CHART: "gpu_trend_chart",
+    jobs_pb2.ARTIFACT_GPU_TREND_CSV: "gpu_trend_csv",
 }
 
 
@@ -92,6 +94,8 @@ def event_to_proto(progress: JobProgress) -> jobs_pb2.JobEvent:
         chunks_total=job.chunks_total,
         message=job.error.message if job.error else "",
         at=timestamp(progress.at),
+        gpu_utilization_percent=progress.gpu.utilization_percent,
+        gpu_memory_used_bytes=progress.gpu.memory_used_bytes,
     )
     if job.error is not None:
         message.error.CopyFrom(common_pb2.ErrorStatus(code=job.error.code, message=job.error.message))
@@ -149,7 +153,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[jobs_pb2.ArtifactChunk]:
         kind = ARTIFACT_FROM_PROTO.get(request.artifact)
         if kind is None:
-            raise InvalidArgument("artifact must be ARTIFACT_OUTPUT or ARTIFACT_REPORT")
+            names = ", ".join(jobs_pb2.Artifact.Name(value) for value in ARTIFACT_FROM_PROTO)
+            raise InvalidArgument(f"artifact must be one of {names}")
         artifact = self._jobs.artifact(request.job_id, kind)
         with artifact.path.open("rb") as file:
             sent = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.server_settings import ServerSettings
+from services.gateway.gpu_trend_source import GpuTrendSourceKind
 
 ENV_PREFIX = "SWAPLINE_GATEWAY_"
 
@@ -26,3 +27,12 @@ class GatewaySettings(ServerSettings):
     max_upload_bytes: int = 4 * 1024**3
     downstream_timeout_seconds: float = 60.0
     join_timeout_seconds: float = 1800.0
+    # Where job GPU trends come from: the exporter's trend log on this machine (single node, embedded),
+    # Prometheus in a cluster (the GPUs belong to Triton's nodes, not the gateway's or the workers'),
+    # or nowhere (every report says CPU mode).
+    gpu_trend_source: GpuTrendSourceKind = "none"
+    trend_dir: Path = Path("gpu-trend")
+    prometheus_url: str = ""
+    # Label matchers limiting the GPUs charted, e.g. node=~"gpu-node-.*"; empty charts every GPU.
+    prometheus_selector: str = ""
+    prometheus_timeout_seconds: float = 10.0

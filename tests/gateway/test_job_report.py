@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 
+from services.gateway.gpu_trend_source import TrendRow
 from services.gateway.job_records import (
     ChunkRecord,
     ChunkStats,
@@ -11,7 +13,7 @@ from services.gateway.job_records import (
     JobRecord,
     JoinOutcome,
 )
-from services.gateway.job_report import build_report
+from services.gateway.job_report import build_report, gpu_section, gpu_statistics, with_gpu_trend
 from tests.gateway.gateway_fakes import job_record, video_target
 
 STARTED = 5000.0
@@ -120,3 +122,59 @@ def test_clean_job_has_no_warnings() -> None:
     job = succeeded_job(wall_seconds=2.0)
     report = build_report(job, [chunk(0, 0, stats(50, 0, 1)), chunk(1, 50, stats(50, 0, 1))])
     assert report["warnings"] == []
+
+
+def gpu_row(second: int, gpu: int, utilization: float, memory_used: float, **overrides: object) -> TrendRow:
+    base = TrendRow(
+        timestamp=STARTED + second,
+        node="n1",
+        gpu_index=gpu,
+        gpu_uuid=f"GPU-{gpu}",
+        gpu_model="NVIDIA A10G",
+        utilization_percent=utilization,
+        memory_used_bytes=memory_used,
+        memory_total_bytes=24e9,
+        temperature_celsius=40.0 + second,
+        power_watts=100.0 + 10 * second,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def test_gpu_statistics_per_gpu_mean_peak_and_p95() -> None:
+    # GPU 0: utilisation 1..20 %, memory 1..20 GB; GPU 1: flat 50 % with one unknown reading.
+    rows = [gpu_row(s, 0, float(s), s * 1e9) for s in range(1, 21)]
+    rows += [gpu_row(s, 1, 50.0, 2e9) for s in range(1, 4)]
+    rows.append(gpu_row(4, 1, math.nan, math.nan, temperature_celsius=math.nan))
+    first, second = gpu_statistics(rows)
+    assert (first["index"], first["uuid"], first["model"]) == (0, "GPU-0", "NVIDIA A10G")
+    assert first["samples"] == 20
+    assert first["utilization_mean_percent"] == pytest.approx(10.5)
+    assert first["utilization_peak_percent"] == 20.0
+    # Linear interpolation between ranks: 0.95 * (20 - 1) = 18.05 -> 19 + 0.05 * (20 - 19).
+    assert first["utilization_p95_percent"] == pytest.approx(19.05)
+    assert first["memory_used_peak_bytes"] == 20_000_000_000
+    assert first["memory_used_p95_bytes"] == 19_050_000_000
+    assert first["memory_total_bytes"] == 24_000_000_000
+    assert first["temperature_peak_celsius"] == 60.0
+    assert first["power_mean_watts"] == pytest.approx(100.0 + 10 * 10.5)
+    assert second["samples"] == 4
+    assert (second["utilization_mean_percent"], second["utilization_p95_percent"]) == (50.0, 50.0)
+    assert second["temperature_peak_celsius"] == 43.0 and second["memory_used_peak_bytes"] == 2_000_000_000
+
+
+def test_gpu_statistics_of_a_gpu_without_readings_are_null() -> None:
+    (only,) = gpu_statistics([gpu_row(1, 0, math.nan, math.nan, power_watts=math.nan)])
+    assert only["utilization_mean_percent"] is None and only["memory_used_p95_bytes"] is None
+    assert only["power_mean_watts"] is None and only["samples"] == 1
+
+
+def test_gpu_trend_joins_the_report_and_adds_its_warnings() -> None:
+    job = succeeded_job(wall_seconds=2.0)
+    report = build_report(job, [chunk(0, 0, stats(50, 0, 1, faces=0, frames_with_faces=0))])
+    window = (STARTED - 1, STARTED + 3)
+    section = gpu_section([gpu_row(1, 0, 30.0, 1e9)], "trend_log", window, {"png": "x.png"})
+    merged = with_gpu_trend(report, section, ["no GPU samples in the job's window: ran in CPU mode"])
+    assert merged["gpu"]["samples"] == 1 and merged["gpu"]["charts"] == {"png": "x.png"}
+    assert merged["gpu"]["window"] == {"start_unix": STARTED - 1, "end_unix": STARTED + 3}
+    assert merged["warnings"] == [*report["warnings"], "no GPU samples in the job's window: ran in CPU mode"]
+    assert "gpu" not in report and merged["frames"] == report["frames"]

@@ -73,13 +73,19 @@ def test_transitions_only_from_allowed_states_and_ending_cancels_open_chunks(sto
     assert store.transition_job("a", ("QUEUED", "RUNNING"), "CANCELLED", at=6.0) is False
 
 
-def test_join_outcome_is_stored_with_success(store: SqliteJobStore) -> None:
+def test_join_outcome_and_report_are_stored_with_success(store: SqliteJobStore) -> None:
     store.add_job(replace(job_record("a", 1.0), state="JOINING"), [])
     outcome = JoinOutcome("outputs/a/output.mp4", 100, True, 1.5)
-    assert store.transition_job("a", ["JOINING"], "SUCCEEDED", at=9.0, join=outcome)
-    store.save_report("a", '{"ok": true}')
+    assert store.transition_job("a", ["JOINING"], "SUCCEEDED", at=9.0, join=outcome, report_json='{"ok": true}')
     job = store.get_job("a")
     assert job is not None and job.join == outcome and job.report_json == '{"ok": true}'
+
+
+def test_a_refused_transition_stores_no_report(store: SqliteJobStore) -> None:
+    store.add_job(replace(job_record("a", 1.0), state="CANCELLED"), [])
+    assert not store.transition_job("a", ["JOINING"], "SUCCEEDED", at=9.0, report_json='{"late": true}')
+    job = store.get_job("a")
+    assert job is not None and job.state == "CANCELLED" and job.report_json == ""
 
 
 def test_restart_requeues_leased_chunks_and_names_joining_jobs(tmp_path: Path) -> None:

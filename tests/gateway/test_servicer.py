@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from services.common.grpc_server import ServiceBinding, start_server
 from services.common.media_paths import existing_media_path, writable_media_path
 from services.common.server_settings import ServerSettings
 from services.gateway.gateway_parts import GatewayParts, assemble_gateway
+from services.gateway.gpu_trend_source import GpuTrendSource, TrendRow
 from services.gateway.job_store import SqliteJobStore
 from services.gateway.media_clients import GrpcMediaServices
 from services.gateway.settings import GatewaySettings
@@ -109,7 +112,7 @@ class Gateway:
 
 
 @asynccontextmanager
-async def running_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+async def running_gateway(tmp_path: Path, gpu_source: GpuTrendSource | None = None) -> AsyncIterator[Gateway]:
     media_root = tmp_path / "media"
     media_root.mkdir()
     detector, encoder = FakeDetector(), FakeEncoder(media_root)
@@ -133,10 +136,11 @@ async def running_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
         max_upload_bytes=MAX_UPLOAD_BYTES,
         port=0,
         metrics_port=-1,
+        gpu_trend_source="none" if gpu_source is None else "trend_log",
     )
     store = SqliteJobStore(":memory:")
     media = GrpcMediaServices(fakes_target, fakes_target, fakes_target, 10.0, 10.0)
-    parts = assemble_gateway(settings, store, media)
+    parts = assemble_gateway(settings, store, media, gpu_source=gpu_source)
     server = await start_server(settings, parts.bindings())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -157,9 +161,11 @@ async def running_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
         store.close()
 
 
-def run(tmp_path: Path, scenario: Callable[[Gateway], Awaitable[None]]) -> None:
+def run(
+    tmp_path: Path, scenario: Callable[[Gateway], Awaitable[None]], gpu_source: GpuTrendSource | None = None
+) -> None:
     async def main() -> None:
-        async with running_gateway(tmp_path) as gateway:
+        async with running_gateway(tmp_path, gpu_source) as gateway:
             await asyncio.wait_for(scenario(gateway), timeout=30.0)
 
     asyncio.run(main())
@@ -490,5 +496,128 @@ def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -
         assert report["frames"] == VIDEO_FRAMES and report["chunks"] == 4 and report["output"]["audio_copied"]
         assert report["selector"] == "many"
         assert sum(1 for event in report["events"] if event["kind"] == "chunk_end") == 4
+
+    run(tmp_path, scenario)
+
+
+@dataclass
+class BusyGpuSource:
+    """One GPU sampled every second around now at 78 %, 5 GB used: a trend log beside a busy GPU."""
+
+    utilization: float = 78.0
+    memory_used: float = 5e9
+
+    def sample(self, second: int) -> TrendRow:
+        return TrendRow(
+            float(second), "n1", 0, "GPU-0", "NVIDIA L4", self.utilization, self.memory_used, 24e9, 60.0, 70.0
+        )
+
+    async def window(self, start: float, end: float) -> list[TrendRow]:
+        return [self.sample(second) for second in range(math.ceil(start), math.floor(end) + 1)]
+
+    async def latest(self) -> list[TrendRow]:
+        return [self.sample(math.floor(time.time()))]
+
+
+async def lease_and_beat(gateway: Gateway) -> chunks_pb2.ChunkLease | None:
+    response = await gateway.queue.LeaseChunk(chunks_pb2.LeaseChunkRequest(worker_id="w"))
+    if not response.has_lease:
+        return None
+    await gateway.queue.Heartbeat(
+        chunks_pb2.HeartbeatRequest(lease_id=response.lease.lease_id, frames_done=1, stage="swap", faces=1)
+    )
+    return response.lease
+
+
+async def complete(gateway: Gateway, lease: chunks_pb2.ChunkLease) -> None:
+    writable_media_path(gateway.media_root, lease.segment_uri).write_bytes(b"segment;")
+    now = time.time()
+    stats = chunks_pb2.ChunkStats(
+        frames=lease.frame_count,
+        faces=lease.frame_count,
+        frames_with_faces=lease.frame_count,
+        started_at_unix=now - 0.2,
+        finished_at_unix=now,
+    )
+    await gateway.queue.CompleteChunk(
+        chunks_pb2.CompleteChunkRequest(lease_id=lease.lease_id, segment_uri=lease.segment_uri, stats=stats)
+    )
+
+
+async def run_every_chunk(gateway: Gateway) -> None:
+    while (lease := await lease_and_beat(gateway)) is not None:
+        await complete(gateway, lease)
+
+
+def test_finished_job_serves_its_gpu_trend_chart_and_csv(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")
+        job = await gateway.jobs.SubmitJob(iter(submit_messages(spec)))
+        watch = gateway.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id))
+        queued = await watch.read()
+        assert queued.state == jobs_pb2.JOB_STATE_QUEUED and queued.gpu_utilization_percent < 0
+        first = await lease_and_beat(gateway)
+        assert first is not None
+        # The job stays RUNNING in the swap stage until this chunk completes, so that event must come.
+        while (event := await watch.read()).stage != "swap":
+            assert event.state != jobs_pb2.JOB_STATE_SUCCEEDED
+        assert event.state == jobs_pb2.JOB_STATE_RUNNING
+        assert (event.gpu_utilization_percent, event.gpu_memory_used_bytes) == (78.0, 5e9)
+        await complete(gateway, first)
+        await run_every_chunk(gateway)
+        while (event := await watch.read()).state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            assert event.state in (jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_JOINING)
+        assert event.gpu_utilization_percent < 0
+
+        chart, chart_name, chart_size = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_GPU_TREND_CHART)
+        assert chart_name == "gpu_trend.png" and chart_size == len(chart)
+        assert chart.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", chart[16:24]) == (1200, 900)
+        table, table_name, _ = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_GPU_TREND_CSV)
+        lines = table.decode().splitlines()
+        assert table_name == "gpu_trend.csv" and lines[0].startswith("timestamp,seconds,")
+        report = json.loads((await gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))).report_json)
+        gpu = report["gpu"]
+        assert gpu["samples"] == len(lines) - 1 > 0
+        assert gpu["charts"] == {
+            "png": f"outputs/{job.id}/gpu_trend.png",
+            "csv": f"outputs/{job.id}/gpu_trend.csv",
+        }
+        assert gpu["gpus"][0]["utilization_peak_percent"] == 78.0
+        assert not any("CPU mode" in warning for warning in report["warnings"])
+
+    run(tmp_path, scenario, gpu_source=BusyGpuSource())
+
+
+def test_without_gpu_samples_the_report_warns_of_cpu_mode(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        job = await gateway.jobs.SubmitJob(
+            iter(submit_messages(jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")))
+        )
+        await run_every_chunk(gateway)
+        await gateway.parts.coordinator.wait_for_joins()
+        report = json.loads((await gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))).report_json)
+        assert "no GPU samples in the job's window: ran in CPU mode" in report["warnings"]
+        assert report["gpu"]["samples"] == 0
+        chart, _, _ = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_GPU_TREND_CHART)
+        assert chart.startswith(b"\x89PNG")
+
+    run(tmp_path, scenario)
+
+
+def test_a_job_cancelled_before_it_started_has_no_gpu_trend(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        job = await gateway.jobs.SubmitJob(
+            iter(submit_messages(jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")))
+        )
+        await gateway.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id))
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_GPU_TREND_CHART)
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "before it started" in (failure.value.details() or "")
+        report, name, _ = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_REPORT)
+        assert name == "report.json" and "gpu" not in json.loads(report)
 
     run(tmp_path, scenario)

@@ -1,0 +1,30 @@
+"""The exporter's settings, read from SWAPLINE_EXPORTER_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.server_settings import ServerSettings
+from services.common.settings_loader import load_settings
+
+ENV_PREFIX = "SWAPLINE_EXPORTER_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExporterSettings(ServerSettings):
+    host: str = "0.0.0.0"
+    # dcgm-exporter's port, so existing scrape configs and dashboards find it.
+    port: int = 9400
+    interval_seconds: float = 1.0
+    # Set from the downward API (spec.nodeName) in the DaemonSet; empty means the hostname.
+    node_name: str = ""
+    trend_dir: Path = Path("gpu-trend")
+    retention_days: int = 7
+    # Path of a recording (JSON lines) to replay instead of reading NVML; empty reads the GPUs.
+    replay: str = ""
+    kubernetes_attribution: bool = True
+
+
+def load_exporter_settings() -> ExporterSettings:
+    return load_settings(ExporterSettings, ENV_PREFIX)

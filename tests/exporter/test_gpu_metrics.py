@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.gpu_telemetry import RecordedReader, RecordedSweep
+from services.exporter.gpu_metrics import exporter_registry
+from services.exporter.gpu_sampler import GpuSampler
+from services.exporter.pod_attribution import PodAttributor, PodInfo
+from tests.exporter.telemetry_fixtures import GIB, FakeClock, gpu_process, gpu_sample, outage, record, sweep
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+NODE = "gpu-node-7"
+
+
+def scrape_text(sampler: GpuSampler) -> str:
+    return generate_latest(exporter_registry(lambda: sampler.snapshot, NODE)).decode()
+
+
+def scrape(sampler: GpuSampler) -> Series:
+    series: Series = {}
+    for family in text_string_to_metric_families(scrape_text(sampler)):
+        for sample in family.samples:
+            series[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return series
+
+
+def gpu_labels(index: int, **extra: str) -> tuple[tuple[str, str], ...]:
+    sample = gpu_sample(index)
+    labels = {"gpu": str(index), "uuid": sample.uuid, "model": sample.model, "node": NODE, **extra}
+    return tuple(sorted(labels.items()))
+
+
+def names_with(series: Series, gpu: str) -> set[str]:
+    return {name for name, labels in series if ("gpu", gpu) in labels}
+
+
+def sampler_over(
+    tmp_path: Path, sweeps: list[RecordedSweep], attributor: PodAttributor | None = None
+) -> GpuSampler:
+    path = record(tmp_path / "rec.jsonl", sweeps)
+    return GpuSampler(RecordedReader(path, cycle=False), node=NODE, attributor=attributor, clock=FakeClock())
+
+
+def test_every_per_gpu_metric_carries_its_value_and_labels(tmp_path: Path) -> None:
+    sampler = sampler_over(
+        tmp_path,
+        [sweep([gpu_sample(0, clock_event_reasons=0x4 | 0x40), gpu_sample(1)], driver_version="550.1")],
+    )
+    sampler.sweep()
+
+    series = scrape(sampler)
+
+    labels = gpu_labels(0)
+    expected = {
+        "swapline_gpu_utilization_percent": 87.0,
+        "swapline_gpu_memory_utilization_percent": 41.0,
+        "swapline_gpu_memory_used_bytes": 20 * GIB,
+        "swapline_gpu_memory_total_bytes": 80 * GIB,
+        "swapline_gpu_memory_reserved_bytes": 512 * 1024**2,
+        "swapline_gpu_temperature_celsius": 61.0,
+        "swapline_gpu_power_watts": 412.5,
+        "swapline_gpu_power_limit_watts": 700.0,
+        "swapline_gpu_sm_clock_mhz": 1980,
+        "swapline_gpu_memory_clock_mhz": 2619,
+        "swapline_gpu_encoder_utilization_percent": 12.0,
+        "swapline_gpu_decoder_utilization_percent": 7.0,
+        "swapline_gpu_pcie_tx_bytes_per_second": 3.5e9,
+        "swapline_gpu_pcie_rx_bytes_per_second": 1.25e9,
+        "swapline_gpu_ecc_uncorrected_errors_total": 0.0,
+    }
+    assert {name: series[(name, labels)] for name in expected} == expected
+    assert series[("swapline_gpu_utilization_percent", gpu_labels(1))] == 88.0
+    assert series[("swapline_gpu_info", gpu_labels(0, driver_version="550.1"))] == 1.0
+    assert series[("swapline_gpu_nvml_up", (("reason", ""),))] == 1.0
+    active = {
+        dict(key[1])["reason"]
+        for key, value in series.items()
+        if key[0] == "swapline_gpu_clock_event_active" and ("gpu", "0") in key[1] and value == 1.0
+    }
+    assert active == {"sw_power_cap", "hw_thermal_slowdown"}
+    reasons = [
+        key for key in series if key[0] == "swapline_gpu_clock_event_active" and ("gpu", "0") in key[1]
+    ]
+    assert len(reasons) == 9
+
+
+def test_a_gpu_that_disappears_drops_all_its_series(tmp_path: Path) -> None:
+    sampler = sampler_over(tmp_path, [sweep([gpu_sample(0), gpu_sample(1)]), sweep([gpu_sample(0)])])
+    sampler.sweep()
+    before = scrape(sampler)
+    sampler.sweep()
+    after = scrape(sampler)
+
+    assert "swapline_gpu_power_watts" in names_with(before, "1")
+    assert names_with(after, "1") == set()
+    assert names_with(after, "0") == names_with(before, "0")
+
+
+def test_ecc_is_absent_where_unsupported(tmp_path: Path) -> None:
+    sampler = sampler_over(tmp_path, [sweep([gpu_sample(0, ecc_uncorrected_errors=None), gpu_sample(1)])])
+    sampler.sweep()
+
+    ecc = [labels for name, labels in scrape(sampler) if name == "swapline_gpu_ecc_uncorrected_errors_total"]
+
+    assert ecc == [gpu_labels(1)]
+
+
+def test_process_series_with_pod_labels_and_no_series_for_gone_processes(tmp_path: Path) -> None:
+    uid = "1a2b3c4d-0000-4000-8000-00000000abcd"
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice\n")
+
+    class OnePod:
+        def list_pods(self) -> list[PodInfo]:
+            return [PodInfo(uid=uid, name="worker-0", namespace="swapline")]
+
+    attributor = PodAttributor(OnePod(), proc_root=proc, clock=FakeClock())
+    sampler = sampler_over(
+        tmp_path,
+        [
+            sweep(
+                [gpu_sample(0)], [gpu_process(0, 4242, used_gib=3.0, sm=64.0), gpu_process(0, 777, sm=None)]
+            ),
+            sweep([gpu_sample(0)], [gpu_process(0, 777, sm=None)]),
+        ],
+        attributor,
+    )
+    sampler.sweep()
+    series = scrape(sampler)
+
+    in_pod = dict(
+        gpu="0",
+        uuid=gpu_sample(0).uuid,
+        node=NODE,
+        pid="4242",
+        pod="worker-0",
+        namespace="swapline",
+        container="",
+    )
+    on_host = {**in_pod, "pid": "777", "pod": "", "namespace": ""}
+    memory = "swapline_gpu_process_memory_used_bytes"
+    sm = "swapline_gpu_process_sm_utilization_percent"
+    assert series[(memory, tuple(sorted(in_pod.items())))] == 3 * GIB
+    assert series[(sm, tuple(sorted(in_pod.items())))] == 64.0
+    assert series[(memory, tuple(sorted(on_host.items())))] == 2 * GIB
+    assert (sm, tuple(sorted(on_host.items()))) not in series
+
+    sampler.sweep()
+    pids = {dict(labels)["pid"] for name, labels in scrape(sampler) if name == memory}
+    assert pids == {"777"}
+
+
+def test_nvml_down_exports_zero_with_reason_and_no_gpu_series(tmp_path: Path) -> None:
+    sampler = sampler_over(tmp_path, [sweep([gpu_sample(0)]), outage("NVML read failed: GPU is lost")])
+    sampler.sweep()
+    sampler.sweep()
+
+    series = scrape(sampler)
+
+    assert series[("swapline_gpu_nvml_up", (("reason", "NVML read failed: GPU is lost"),))] == 0.0
+    assert names_with(series, "0") == set()
+    assert series[("swapline_exporter_nvml_errors_total", ())] == 1.0
+    assert series[("swapline_exporter_sweeps_total", ())] == 2.0
+
+
+def test_xid_counter_and_sweep_histogram(tmp_path: Path) -> None:
+    sampler = sampler_over(
+        tmp_path, [sweep([gpu_sample(0)], xid=[(0, 79)]), sweep([gpu_sample(0)], xid=[(0, 79)])]
+    )
+    sampler.sweep()
+    sampler.sweep()
+
+    series = scrape(sampler)
+
+    assert series[("swapline_gpu_xid_errors_total", gpu_labels(0, xid="79"))] == 2.0
+    assert series[("swapline_exporter_sweep_seconds_count", ())] == 2.0
+    assert series[("swapline_exporter_sweep_seconds_bucket", (("le", "+Inf"),))] == 2.0
+    # The fake clock does not move, so both sweeps took 0 s and sit in the smallest bucket.
+    assert series[("swapline_exporter_sweep_seconds_bucket", (("le", "0.001"),))] == 2.0
+
+
+def test_types_in_the_exposition(tmp_path: Path) -> None:
+    sampler = sampler_over(tmp_path, [sweep([gpu_sample(0)])])
+    sampler.sweep()
+
+    text = scrape_text(sampler)
+
+    assert "# TYPE swapline_gpu_xid_errors_total counter" in text
+    assert "# TYPE swapline_gpu_ecc_uncorrected_errors_total counter" in text
+    assert "# TYPE swapline_exporter_sweep_seconds histogram" in text
+    assert "# TYPE swapline_gpu_utilization_percent gauge" in text
+    assert "process_cpu_seconds_total" in text
