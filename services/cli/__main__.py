@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.cli import commands
+from services.cli import advise_command, commands
 from services.common.errors import SwaplineError
 from services.common.job_vocabulary import SELECTOR_MODES
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list recent jobs")
     listing.add_argument("--limit", type=int, default=20)
     listing.set_defaults(handler=commands.list_jobs)
+
+    advise_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="build a sample video from package-shipped photos and swap it")
     _stack_options(demo)

@@ -18,14 +18,13 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 from services.common.errors import Unavailable
-from services.triton.server_process import EmbeddedTriton
+from services.triton.server_process import EmbeddedTriton, free_ports
 
 log = logging.getLogger(__name__)
 
-ServiceName = Literal["decoder", "detector", "encoder", "exporter", "gateway", "worker"]
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "triton_models"
 _LISTENING = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
@@ -164,6 +163,8 @@ class EmbeddedStack:
                     "SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION": "false",
                 },
             })
+            # The gateway and the advisor call each other: the advisor's port is chosen first.
+            advisor_address = f"127.0.0.1:{free_ports(1)[0]}"
             targets = {
                 "DECODER_TARGET": self.services["decoder"].address,
                 "DETECTOR_TARGET": self.services["detector"].address,
@@ -175,7 +176,14 @@ class EmbeddedStack:
                     "SWAPLINE_GATEWAY_MEDIA_ROOT": media_root,
                     "SWAPLINE_GATEWAY_GPU_TREND_SOURCE": "trend_log",
                     "SWAPLINE_GATEWAY_TREND_DIR": str(self.trend_dir),
+                    "SWAPLINE_GATEWAY_ADVISOR_TARGET": advisor_address,
                     **{f"SWAPLINE_GATEWAY_{key}": value for key, value in targets.items()},
+                }
+            })
+            self._start_tier({
+                "advisor": {
+                    **_server_env("SWAPLINE_ADVISOR_", int(advisor_address.rsplit(":", 1)[1])),
+                    "SWAPLINE_ADVISOR_GATEWAY_TARGET": self.gateway_address,
                 }
             })
             # Triton loads models while the CPU services start; workers need it serving.

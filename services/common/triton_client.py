@@ -31,6 +31,8 @@ class TritonClient:
         channel_args = [
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            # With a headless Service name (dns:///...) calls spread over every Triton pod.
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
 

@@ -19,6 +19,7 @@ from services.gateway.gpu_trend_source import (
 )
 from services.gateway.job_coordinator import Clock, JobCoordinator
 from services.gateway.job_gpu_trend import JobTrendRecorder
+from services.gateway.job_recommendation import GrpcAdvisor, JobAdvisor, NoAdvisor
 from services.gateway.job_service import JobService, new_job_id
 from services.gateway.job_store import JobStore
 from services.gateway.media_clients import MediaServices
@@ -69,12 +70,19 @@ def assemble_gateway(
     clock: Clock = time.time,
     new_id: Callable[[], str] = new_job_id,
     gpu_source: GpuTrendSource | None = None,
+    advisor: JobAdvisor | None = None,
 ) -> GatewayParts:
-    """gpu_source stands in for the one the settings name (tests)."""
+    """gpu_source and advisor stand in for the ones the settings name (tests)."""
     media_root = Path(settings.media_root)
     source = gpu_source if gpu_source is not None else open_gpu_trend_source(settings, clock)
     recorder = JobTrendRecorder(source, settings.gpu_trend_source, media_root)
-    coordinator = JobCoordinator(store, media, media_root, clock, recorder)
+    if advisor is None:
+        advisor = (
+            GrpcAdvisor(settings.advisor_target, settings.advisor_timeout_seconds)
+            if settings.advisor_target
+            else NoAdvisor()
+        )
+    coordinator = JobCoordinator(store, media, media_root, clock, recorder, advisor)
     queue = ChunkQueue(coordinator, settings.lease_seconds, settings.max_attempts)
     jobs = JobService(
         coordinator,

@@ -19,6 +19,7 @@ from services.gateway.chunk_planner import report_uri
 from services.gateway.gpu_trend_source import NoTrendSource
 from services.gateway.job_change_feed import JobChangeFeed
 from services.gateway.job_gpu_trend import JobTrendRecorder
+from services.gateway.job_recommendation import JobAdvisor, NoAdvisor
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     JOB_STATES,
@@ -30,7 +31,7 @@ from services.gateway.job_records import (
     JobState,
     JoinOutcome,
 )
-from services.gateway.job_report import build_report, report_json, with_gpu_trend
+from services.gateway.job_report import build_report, report_json, with_gpu_trend, with_recommendation
 from services.gateway.job_store import JobStore
 from services.gateway.media_clients import MediaServices
 
@@ -51,6 +52,7 @@ class JobCoordinator:
         media_root: Path,
         clock: Clock = time.time,
         trend_recorder: JobTrendRecorder | None = None,
+        advisor: JobAdvisor | None = None,
     ) -> None:
         self.store = store
         self.feed = JobChangeFeed()
@@ -58,6 +60,7 @@ class JobCoordinator:
         self._media_root = media_root
         self._clock = clock
         self._trend_recorder = trend_recorder or JobTrendRecorder(NoTrendSource(), "none", media_root)
+        self._advisor = advisor or NoAdvisor()
         self._joins: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
@@ -179,4 +182,7 @@ class JobCoordinator:
         if job.started_at is not None and job.finished_at is not None:
             trend = await self._trend_recorder.record(job.id, job.started_at, job.finished_at, report["events"])
             report = with_gpu_trend(report, trend.section, trend.warnings)
+        if job.state == "SUCCEEDED":
+            section, warnings = await self._advisor.recommend(report)
+            report = with_recommendation(report, section, warnings)
         return report_json(report)

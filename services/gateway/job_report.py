@@ -34,7 +34,27 @@ def _stage_summary(frames: int, seconds: float) -> dict[str, float]:
     }
 
 
-def _chunk_events(chunk: ChunkRecord, stats: ChunkStats, origin: float) -> list[dict[str, Any]]:
+def real_face_count_changes(measured: Sequence[tuple[ChunkRecord, ChunkStats]]) -> set[tuple[int, int]]:
+    """(frame, faces) of the changes that change something.
+
+    Each worker lists the first frame of its chunk, since it cannot see the frame before; in frame
+    order over all chunks, a change that repeats the count already in force is no change.
+    """
+    ordered = sorted(
+        (change.frame_index, change.faces) for _, stats in measured for change in stats.face_count_changes
+    )
+    kept: set[tuple[int, int]] = set()
+    current: int | None = None
+    for frame, faces in ordered:
+        if faces != current:
+            kept.add((frame, faces))
+            current = faces
+    return kept
+
+
+def _chunk_events(
+    chunk: ChunkRecord, stats: ChunkStats, origin: float, changes: set[tuple[int, int]]
+) -> list[dict[str, Any]]:
     """Face-count changes carry a frame, not a time; they are placed in proportion within the chunk's run."""
     started, finished = stats.started_at_unix - origin, stats.finished_at_unix - origin
     span = max(finished - started, 0.0)
@@ -42,6 +62,8 @@ def _chunk_events(chunk: ChunkRecord, stats: ChunkStats, origin: float) -> list[
         {"t": started, "kind": "chunk_start", "chunk": chunk.index, "frame": chunk.start_frame, "faces": None}
     ]
     for change in stats.face_count_changes:
+        if (change.frame_index, change.faces) not in changes:
+            continue
         offset = min(max(change.frame_index - chunk.start_frame, 0), max(stats.frames, 1))
         events.append(
             {
@@ -81,7 +103,8 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
     }
     stages["join"] = {"seconds": round(job.join.join_seconds if job.join else 0.0, 4)}
 
-    events = [event for chunk, stats in measured for event in _chunk_events(chunk, stats, origin)]
+    changes = real_face_count_changes(measured)
+    events = [event for chunk, stats in measured for event in _chunk_events(chunk, stats, origin, changes)]
     events.sort(key=lambda event: (event["t"], _EVENT_ORDER[event["kind"]], event["chunk"], event["frame"]))
     for event in events:
         event["t"] = round(event["t"], 4)
@@ -202,6 +225,13 @@ def with_gpu_trend(
     report: Mapping[str, Any], section: Mapping[str, Any], warnings: Sequence[str]
 ) -> dict[str, Any]:
     return {**report, "gpu": dict(section), "warnings": [*report["warnings"], *warnings]}
+
+
+def with_recommendation(
+    report: Mapping[str, Any], section: Mapping[str, Any] | None, warnings: Sequence[str]
+) -> dict[str, Any]:
+    extra = {} if section is None else {"recommendation": dict(section)}
+    return {**report, **extra, "warnings": [*report["warnings"], *warnings]}
 
 
 def report_json(report: dict[str, Any]) -> str:

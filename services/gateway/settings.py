@@ -36,3 +36,6 @@ class GatewaySettings(ServerSettings):
     # Label matchers limiting the GPUs charted, e.g. node=~"gpu-node-.*"; empty charts every GPU.
     prometheus_selector: str = ""
     prometheus_timeout_seconds: float = 10.0
+    # The advisor service that adds a GPU recommendation to succeeded jobs' reports; empty for none.
+    advisor_target: str = ""
+    advisor_timeout_seconds: float = 10.0

@@ -36,6 +36,11 @@ def test_video_swap_carries_source_identity_and_keeps_format(
     assert output_info.has_audio and source_info.has_audio
     assert report["chunks"] > 1
     assert report["frames"] == source_info.frame_count
+    recommendation = report["recommendation"]
+    assert recommendation["recommended_gpu"] and recommendation["reason"]
+    chosen = [option for option in recommendation["options"] if option["gpu"] == recommendation["recommended_gpu"]]
+    assert len(chosen) == 1 and chosen[0]["fits"]
+    assert "ran in CPU mode" in " ".join(report["warnings"])
 
     judge = IdentityJudge()
     source_identity = judge.descriptor(sample_media.grace_hopper_photo())

@@ -97,6 +97,15 @@ def test_events_are_in_time_order_with_face_changes_inside_their_chunk() -> None
     assert end_of_first["frame"] == 50 and end_of_first["t"] == pytest.approx(6.0)
 
 
+def test_a_chunk_that_starts_with_the_count_already_in_force_adds_no_face_change() -> None:
+    job = succeeded_job(wall_seconds=4.0)
+    first = stats(50, 0.0, 2.0, face_count_changes=(FaceCountChange(0, 1), FaceCountChange(20, 2)))
+    same = stats(50, 2.0, 4.0, face_count_changes=(FaceCountChange(50, 2), FaceCountChange(70, 1)))
+    report = build_report(job, [chunk(0, 0, first), chunk(1, 50, same)])
+    changes = [(event["frame"], event["faces"]) for event in report["events"] if event["kind"] == "faces_changed"]
+    assert changes == [(0, 1), (20, 2), (70, 1)]
+
+
 def test_warnings_name_frames_without_faces_retries_and_chunk_warnings() -> None:
     job = succeeded_job(wall_seconds=2.0)
     partly = stats(

@@ -1,0 +1,153 @@
+{{/*
+The Deployment of one Python gRPC service (`python -m services.<component>` on the swapline image).
+Arguments (dict): root, component, env (list of EnvVar dicts the component adds), volumes, volumeMounts
+(lists), strategy (dict, optional), podAnnotations (dict, optional).
+
+The server env (HOST, PORT, METRICS_PORT, DRAIN_SECONDS, MAX_MESSAGE_BYTES, MAX_CONNECTION_AGE_SECONDS,
+LOG_LEVEL) comes from ServerSettings, which every service's settings class extends; `settings` values
+become further SWAPLINE_<COMPONENT>_<FIELD> variables, and may not repeat one the chart sets.
+*/}}
+{{- define "swapline.pythonDeployment" -}}
+{{- $root := .root }}
+{{- $component := .component }}
+{{- $values := index $root.Values $component }}
+{{- $prefix := include "swapline.envPrefix" $component }}
+{{- $env := list
+  (dict "name" (printf "%sHOST" $prefix) "value" "0.0.0.0")
+  (dict "name" (printf "%sPORT" $prefix) "value" (include "swapline.envValue" $values.ports.grpc))
+  (dict "name" (printf "%sMETRICS_PORT" $prefix) "value" (include "swapline.envValue" $values.ports.metrics))
+  (dict "name" (printf "%sDRAIN_SECONDS" $prefix) "value" (include "swapline.envValue" $values.drainSeconds))
+  (dict "name" (printf "%sMAX_MESSAGE_BYTES" $prefix) "value" (include "swapline.envValue" $root.Values.grpc.maxMessageBytes))
+  (dict "name" (printf "%sMAX_CONNECTION_AGE_SECONDS" $prefix) "value" (include "swapline.envValue" $root.Values.grpc.maxConnectionAgeSeconds))
+  (dict "name" (printf "%sLOG_LEVEL" $prefix) "value" $values.logLevel)
+}}
+{{- $env = concat $env (default (list) .env) }}
+{{- $chartSet := list }}
+{{- range $env }}
+{{- $chartSet = append $chartSet .name }}
+{{- end }}
+{{- range $field, $value := $values.settings }}
+{{- $name := printf "%s%s" $prefix (upper $field) }}
+{{- if has $name $chartSet }}
+{{- fail (printf "%s.settings.%s: the chart sets %s itself from its own values" $component $field $name) }}
+{{- end }}
+{{- $env = append $env (dict "name" $name "value" (include "swapline.envValue" $value)) }}
+{{- end }}
+{{- $env = concat $env $values.extraEnv }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "swapline.componentName" . }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "swapline.labels" . | nindent 4 }}
+spec:
+  {{- if not $values.autoscaling.enabled }}
+  replicas: {{ $values.replicaCount }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  {{- with .strategy }}
+  strategy:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "swapline.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "swapline.labels" . | nindent 8 }}
+        {{- with $values.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- $annotations := merge (dict) (default (dict) .podAnnotations) $values.podAnnotations }}
+      {{- with $annotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      serviceAccountName: {{ include "swapline.serviceAccountName" . }}
+      # The services call no Kubernetes API.
+      automountServiceAccountToken: false
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $values.podSecurityContext | nindent 8 }}
+      # Longer than the preStop sleep plus the server's drain, so in-flight calls finish before SIGKILL.
+      terminationGracePeriodSeconds: {{ include "swapline.terminationGracePeriod" . }}
+      {{- with $values.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
+      {{- with $values.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: {{ $component }}
+          image: {{ include "swapline.image" . | quote }}
+          imagePullPolicy: {{ include "swapline.imagePullPolicy" . }}
+          # The image's ENTRYPOINT is ["python", "-m"]: the argument picks the service.
+          args: ["services.{{ $component }}"]
+          ports:
+            - name: grpc
+              containerPort: {{ $values.ports.grpc }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $values.ports.metrics }}
+              protocol: TCP
+          env:
+            {{- toYaml $env | nindent 12 }}
+          # Native gRPC probes against grpc.health.v1 (the empty service name is the server overall).
+          startupProbe:
+            grpc:
+              port: {{ $values.ports.grpc }}
+            periodSeconds: 2
+            timeoutSeconds: {{ $values.probes.timeoutSeconds }}
+            failureThreshold: {{ $values.probes.startupFailureThreshold }}
+          livenessProbe:
+            grpc:
+              port: {{ $values.ports.grpc }}
+            periodSeconds: {{ $values.probes.periodSeconds }}
+            timeoutSeconds: {{ $values.probes.timeoutSeconds }}
+            failureThreshold: {{ $values.probes.failureThreshold }}
+          readinessProbe:
+            grpc:
+              port: {{ $values.ports.grpc }}
+            periodSeconds: {{ $values.probes.periodSeconds }}
+            timeoutSeconds: {{ $values.probes.timeoutSeconds }}
+            failureThreshold: {{ $values.probes.failureThreshold }}
+          lifecycle:
+            {{- include "swapline.preStop" . | nindent 12 }}
+          resources:
+            {{- toYaml $values.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            {{- with .volumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        # The root filesystem is read-only; temporary files go here.
+        - name: tmp
+          emptyDir:
+            sizeLimit: 1Gi
+        {{- with .volumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+{{- end }}

@@ -1,0 +1,32 @@
+"""What the servicer and the scaling loop share: settings, catalog, calibration and the gateway's jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.advisor.gateway_jobs import GatewayJobs
+from services.advisor.gpu_catalog import GpuCatalog, load_catalog
+from services.advisor.settings import AdvisorSettings
+from services.advisor.time_predictor import Calibration, load_calibration
+from swapline.jobs.v1 import jobs_pb2_grpc
+
+
+@dataclass(frozen=True)
+class AdvisorState:
+    settings: AdvisorSettings
+    catalog: GpuCatalog
+    calibration: Calibration
+    jobs: GatewayJobs
+
+    @classmethod
+    def from_settings(cls, settings: AdvisorSettings, stub: jobs_pb2_grpc.JobServiceStub) -> AdvisorState:
+        """Reads catalog and calibration at start, so a bad override stops the pod instead of every call."""
+        return cls(
+            settings=settings,
+            catalog=load_catalog(settings.catalog_path),
+            calibration=load_calibration(settings.calibration_path),
+            jobs=GatewayJobs(stub),
+        )
+
+    def job_limit(self, requested: int) -> int:
+        return requested if requested > 0 else self.settings.default_job_limit
