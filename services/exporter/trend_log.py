@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import io
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -40,14 +41,17 @@ _FILE_NAME = re.compile(r"^gpu-trend-(\d{4}-\d{2}-\d{2})\.csv$")
 
 @dataclass(frozen=True)
 class TrendRow:
+    """One GPU at one instant. Readings are floats so that other sources of the same rows (the
+    gateway's Prometheus reader) can say NaN for a reading they lack; the log itself has them all."""
+
     timestamp: float
     node: str
     gpu_index: int
     gpu_uuid: str
     gpu_model: str
     utilization_percent: float
-    memory_used_bytes: int
-    memory_total_bytes: int
+    memory_used_bytes: float
+    memory_total_bytes: float
     temperature_celsius: float
     power_watts: float
 
@@ -166,8 +170,8 @@ def _parse_row(fields: list[str]) -> TrendRow | None:
             gpu_uuid=fields[3],
             gpu_model=fields[4],
             utilization_percent=float(fields[5]),
-            memory_used_bytes=int(fields[6]),
-            memory_total_bytes=int(fields[7]),
+            memory_used_bytes=float(int(fields[6])),
+            memory_total_bytes=float(int(fields[7])),
             temperature_celsius=float(fields[8]),
             power_watts=float(fields[9]),
         )
@@ -175,14 +179,47 @@ def _parse_row(fields: list[str]) -> TrendRow | None:
         return None
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """The file's whole lines; a last line without its newline is still being written and is left out."""
+_TAIL_BLOCK_BYTES = 64 * 1024
+
+
+def _line_stamp(line: bytes) -> float:
+    """The timestamp a row starts with; the header (or a damaged line) sorts before every row."""
     try:
-        data = path.read_bytes()
+        return float(line.split(b",", 1)[0])
+    except ValueError:
+        return -math.inf
+
+
+def _complete_lines(path: Path, since: float = -math.inf) -> list[str]:
+    """The file's whole lines from the last one stamped before `since` on.
+
+    Rows are appended in time order, so the file is read backwards a block at a time and reading
+    stops once a row older than `since` is in hand: the gateway asks every second for the last few
+    seconds of a file that grows all day. A last line without its newline is still being written
+    and is left out.
+    """
+    try:
+        handle = path.open("rb")
     except FileNotFoundError:
         return []
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        data = b""
+        first = 0
+        while position > 0:
+            step = min(_TAIL_BLOCK_BYTES, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+            # Above the file's start, the block's first line may be cut: rows begin after a newline.
+            first = data.find(b"\n") + 1 if position > 0 else 0
+            if position > 0 and first == 0:
+                continue
+            line_end = data.find(b"\n", first)
+            if line_end >= 0 and _line_stamp(data[first:line_end]) < since:
+                break
     end = data.rfind(b"\n")
-    return data[: end + 1].decode("utf-8", errors="replace").splitlines() if end >= 0 else []
+    return data[first : end + 1].decode("utf-8", errors="replace").splitlines() if end >= first else []
 
 
 def read_trend_rows(trend_dir: Path, start: float, end: float) -> list[TrendRow]:
@@ -195,7 +232,7 @@ def read_trend_rows(trend_dir: Path, start: float, end: float) -> list[TrendRow]
         day = trend_file_day(path.name)
         if day is None or not first_day <= day <= last_day:
             continue
-        for fields in csv.reader(_complete_lines(path)):
+        for fields in csv.reader(_complete_lines(path, since=start)):
             row = _parse_row(fields)
             if row is not None and start <= row.timestamp <= end:
                 rows.append(row)

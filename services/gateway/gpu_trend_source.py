@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from services.common.errors import Unavailable
-from services.exporter.trend_log import TrendRow as LoggedTrendRow
-from services.exporter.trend_log import read_trend_rows
+from services.exporter.trend_log import TrendRow, read_trend_rows
 
 GpuTrendSourceKind = Literal["none", "trend_log", "prometheus"]
 GPU_TREND_SOURCE_KINDS: tuple[GpuTrendSourceKind, ...] = typing.get_args(GpuTrendSourceKind)
@@ -34,22 +33,6 @@ PROMETHEUS_STEP_SECONDS = 1.0
 PROMETHEUS_MAX_POINTS = 11_000
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class TrendRow:
-    """One GPU at one instant, as the trend log's columns name it; a missing reading is NaN."""
-
-    timestamp: float
-    node: str
-    gpu_index: int
-    gpu_uuid: str
-    gpu_model: str
-    utilization_percent: float
-    memory_used_bytes: float
-    memory_total_bytes: float
-    temperature_celsius: float
-    power_watts: float
 
 
 @dataclass(frozen=True)
@@ -124,7 +107,7 @@ class TrendLogSource:
             rows = read_trend_rows(self._trend_dir, start, end)
         except OSError as error:
             raise Unavailable(f"cannot read the GPU trend log in {self._trend_dir}: {error}") from error
-        return sorted((_trend_row(row) for row in rows), key=lambda row: (row.timestamp, gpu_key(row)))
+        return sorted(rows, key=lambda row: (row.timestamp, gpu_key(row)))
 
     async def window(self, start: float, end: float) -> list[TrendRow]:
         return await asyncio.to_thread(self._read, start, end)
@@ -132,22 +115,6 @@ class TrendLogSource:
     async def latest(self) -> list[TrendRow]:
         now = self._clock()
         return latest_per_gpu(await self.window(now - LATEST_MAX_AGE_SECONDS, now))
-
-
-def _trend_row(row: LoggedTrendRow) -> TrendRow:
-    """The exporter's row as the gateway's; the gateway's readings may be NaN (missing in Prometheus)."""
-    return TrendRow(
-        timestamp=float(row.timestamp),
-        node=str(row.node),
-        gpu_index=int(row.gpu_index),
-        gpu_uuid=str(row.gpu_uuid),
-        gpu_model=str(row.gpu_model),
-        utilization_percent=float(row.utilization_percent),
-        memory_used_bytes=float(row.memory_used_bytes),
-        memory_total_bytes=float(row.memory_total_bytes),
-        temperature_celsius=float(row.temperature_celsius),
-        power_watts=float(row.power_watts),
-    )
 
 
 # TrendRow field filled by each exporter metric.

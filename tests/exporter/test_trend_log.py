@@ -3,6 +3,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+
 from services.exporter.trend_log import (
     TREND_HEADER,
     TrendLog,
@@ -127,3 +129,38 @@ def test_read_window_outside_the_log_is_empty(tmp_path: Path) -> None:
 
     assert read_trend_rows(tmp_path, BEFORE_MIDNIGHT + 10, BEFORE_MIDNIGHT + 20) == []
     assert read_trend_rows(tmp_path / "missing", 0, BEFORE_MIDNIGHT) == []
+
+
+def test_a_window_at_the_end_of_a_long_day_reads_back_only_from_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = TrendLog(tmp_path, node="n")
+    day_start = BEFORE_MIDNIGHT - 40_000
+    for second in range(0, 40_000, 4):
+        log.append([gpu_sample(0, timestamp=day_start + second), gpu_sample(1, timestamp=day_start + second)])
+    path = tmp_path / "gpu-trend-2024-03-09.csv"
+    read_bytes: list[int] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: object, **kwargs: object) -> object:
+        handle = real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+        original_read = handle.read
+
+        def read(size: int = -1) -> bytes:
+            data = original_read(size)
+            read_bytes.append(len(data))
+            return data
+
+        handle.read = read
+        return handle
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    recent = read_trend_rows(tmp_path, BEFORE_MIDNIGHT - 10, BEFORE_MIDNIGHT)
+    monkeypatch.undo()
+    everything = read_trend_rows(tmp_path, day_start, BEFORE_MIDNIGHT)
+
+    assert [row.timestamp for row in recent] == [
+        row.timestamp for row in everything if row.timestamp >= BEFORE_MIDNIGHT - 10
+    ]
+    assert {row.gpu_index for row in recent} == {0, 1} and len(everything) == 20_000
+    assert sum(read_bytes) < path.stat().st_size / 10
