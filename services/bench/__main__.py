@@ -2,7 +2,10 @@
 
 Both runs use the same video (the demo's: 5 s, 720p, 25 fps, one face), the same ONNX models and
 the same chunk pipeline code; the difference is the gRPC hops and process boundaries, printed as
-a ratio. Results also go to <workdir>/bench.json.
+a ratio. For the services, "wall seconds" runs from submit to the final progress event (upload,
+validation, report and chart included); "pipeline seconds" is the job's own window from its first
+chunk lease to the end of the join, the same work the in-process run times, and the ratio uses it.
+Results also go to <workdir>/bench.json.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ async def in_process_run(video: Path, source_png: bytes, output: Path) -> dict[s
     return {
         "frames": stats.frames,
         "wall_seconds": wall,
+        "pipeline_seconds": wall,
         "fps": stats.frames / wall,
+        "pipeline_fps": stats.frames / wall,
         "ms_per_frame": {stage: 1000 * stats.stage_seconds[stage] / stats.frames for stage in STAGE_NAMES},
     }
 
@@ -73,7 +78,9 @@ def service_run(video: Path, source_png: bytes, work_dir: Path, workers: int) ->
         "frames": frames,
         "workers": workers,
         "wall_seconds": wall,
+        "pipeline_seconds": report["wall_seconds"],
         "fps": frames / wall,
+        "pipeline_fps": frames / report["wall_seconds"],
         "chunks": report["chunks"],
         "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
         "join_seconds": report["stages"]["join"]["seconds"],
@@ -91,6 +98,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     columns = list(results)
     print(f"{'':24}" + "".join(f"{name:>22}" for name in columns))
     print(f"{'end-to-end fps':24}" + "".join(f"{results[n]['fps']:>22.2f}" for n in columns))
+    print(f"{'pipeline fps':24}" + "".join(f"{results[n]['pipeline_fps']:>22.2f}" for n in columns))
+    print(f"{'pipeline seconds':24}" + "".join(f"{results[n]['pipeline_seconds']:>22.2f}" for n in columns))
     print(f"{'wall seconds':24}" + "".join(f"{results[n]['wall_seconds']:>22.2f}" for n in columns))
     for stage in STAGE_NAMES:
         print(f"{stage + ' ms/frame':24}" + "".join(f"{results[n]['ms_per_frame'][stage]:>22.2f}" for n in columns))
@@ -117,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             video, source_png, work_dir / f"stack-{workers}", workers
         )
     print_table(results)
-    baseline = results["in-process"]["wall_seconds"]
+    baseline = results["in-process"]["pipeline_seconds"]
     for name, result in results.items():
         if name != "in-process":
-            print(f"service hops, {name}: {result['wall_seconds'] / baseline:.2f}x the in-process wall time")
+            print(
+                f"service hops, {name}: {result['pipeline_seconds'] / baseline:.2f}x the in-process time"
+                f" ({result['wall_seconds'] / baseline:.2f}x counting upload, validation and the report)"
+            )
     (work_dir / "bench.json").write_text(json.dumps(results, indent=2))
     return 0
 
