@@ -15,7 +15,7 @@ from services.gateway.settings import ENV_PREFIX, GatewaySettings
 async def run(settings: GatewaySettings) -> None:
     settings.media_root.mkdir(parents=True, exist_ok=True)
     store = open_job_store(settings.database_url, settings.media_root)
-    # Before serving: chunks leased by a previous process go back to the queue.
+    # Before serving: the joins a previous gateway left unfinished (and, with SQLite, its leases) resume.
     joining = store.recover_after_restart()
     media = GrpcMediaServices(
         settings.decoder_target,

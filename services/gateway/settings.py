@@ -18,7 +18,7 @@ class GatewaySettings(ServerSettings):
     decoder_target: str
     detector_target: str
     encoder_target: str
-    # Empty means sqlite:///<media_root>/swapline.db; PostgreSQL URLs are refused until that store exists.
+    # Empty means sqlite:///<media_root>/swapline.db (one gateway); a postgresql:// URL lets gateways share jobs.
     database_url: str = ""
     # Chunks span whole GOPs of at least this many seconds, except the last one.
     chunk_seconds: float = 2.0

@@ -1,0 +1,432 @@
+"""What the SQLite and PostgreSQL job stores share: the schema, every statement, the row mapping and the
+method bodies of the job store the gateway uses.
+
+A store supplies its connection handling (transactions, running a statement), its column types and
+lock clauses (SqlDialect), and restart recovery, which differs because a PostgreSQL database may be
+shared by several gateways. Statements are written with ? placeholders; the PostgreSQL store rewrites
+them to %s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+from services.common.media_info import Keyframe, MediaInfo
+from services.gateway.job_records import (
+    ENDED_JOB_STATES,
+    ChunkRecord,
+    ChunkState,
+    ChunkStats,
+    EncodeOptions,
+    FaceCountChange,
+    JobError,
+    JobRecord,
+    JobState,
+    JoinOutcome,
+    PlannedChunk,
+)
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SqlDialect:
+    serial_key: str
+    blob: str
+    real: str
+    integer: str
+    # Appended to the query choosing the chunk to lease.
+    lease_lock: str
+    # Appended to the query of the open chunks of a job being ended; empty: that query is not needed.
+    open_chunks_lock: str
+
+
+_SCHEMA_TEMPLATE = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq {serial_key},
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    target_uri TEXT NOT NULL,
+    output_uri TEXT NOT NULL,
+    source_image {blob} NOT NULL,
+    reference_image {blob} NOT NULL,
+    encode_crf {integer} NOT NULL,
+    encode_preset TEXT NOT NULL,
+    target_json TEXT,
+    frames_total {integer} NOT NULL,
+    chunks_total {integer} NOT NULL,
+    created_at {real} NOT NULL,
+    started_at {real},
+    finished_at {real},
+    error_code {integer},
+    error_message TEXT,
+    join_json TEXT,
+    report_json TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    idx {integer} NOT NULL,
+    state TEXT NOT NULL,
+    start_frame {integer} NOT NULL,
+    seek_pts {integer} NOT NULL,
+    frame_count {integer} NOT NULL,
+    segment_uri TEXT NOT NULL,
+    attempts {integer} NOT NULL DEFAULT 0,
+    lease_id TEXT NOT NULL DEFAULT '',
+    lease_expires_at {real} NOT NULL DEFAULT 0,
+    worker_id TEXT NOT NULL DEFAULT '',
+    frames_done {integer} NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    faces {integer} NOT NULL DEFAULT 0,
+    stats_json TEXT,
+    error_code {integer},
+    error_message TEXT,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
+CREATE INDEX IF NOT EXISTS chunks_by_lease ON chunks (lease_id);
+"""
+
+
+def schema_sql(dialect: SqlDialect) -> str:
+    return _SCHEMA_TEMPLATE.format(
+        serial_key=dialect.serial_key, blob=dialect.blob, real=dialect.real, integer=dialect.integer
+    )
+
+
+# chunks_done and frames_done come from the chunks; a leased chunk counts the frames its worker reported.
+# The casts keep PostgreSQL's SUM (NUMERIC over BIGINT) an integer.
+_JOB_COLUMNS = """
+    jobs.*,
+    CAST((SELECT COUNT(*) FROM chunks c WHERE c.job_id = jobs.id AND c.state = 'DONE') AS BIGINT)
+        AS chunks_done,
+    CAST((SELECT COALESCE(SUM(CASE WHEN c.state = 'DONE' THEN c.frame_count
+                                   WHEN c.state = 'LEASED' AND c.frames_done < c.frame_count
+                                       THEN c.frames_done
+                                   WHEN c.state = 'LEASED' THEN c.frame_count
+                                   ELSE 0 END), 0)
+            FROM chunks c WHERE c.job_id = jobs.id) AS BIGINT) AS frames_done
+"""
+
+_INSERT_JOB = """INSERT INTO jobs (id, state, selector, target_uri, output_uri, source_image,
+        reference_image, encode_crf, encode_preset, target_json, frames_total, chunks_total,
+        created_at, started_at, finished_at, error_code, error_message, join_json, report_json)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"""
+_INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
+    VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
+_SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
+_LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?"
+_LIST_JOBS_IN_STATE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?"
+_LIST_CHUNKS = "SELECT * FROM chunks WHERE job_id = ? ORDER BY idx"
+_SELECT_LEASED_CHUNK = "SELECT * FROM chunks WHERE lease_id = ?"
+_NEXT_PENDING_CHUNK = """SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND j.state IN ('QUEUED', 'RUNNING')
+    ORDER BY j.seq, c.idx LIMIT 1"""
+_LEASE_CHUNK = """UPDATE chunks SET state = 'LEASED', attempts = attempts + 1, lease_id = ?,
+        lease_expires_at = ?, worker_id = ?, frames_done = 0, stage = '', faces = 0
+    WHERE job_id = ? AND idx = ?"""
+_START_JOB = """UPDATE jobs SET state = 'RUNNING', started_at = COALESCE(started_at, ?)
+    WHERE id = ? AND state = 'QUEUED'"""
+_RECORD_PROGRESS = """UPDATE chunks SET lease_expires_at = ?, frames_done = ?, stage = ?, faces = ?
+    WHERE lease_id = ? AND state = 'LEASED'"""
+_FINISH_CHUNK = """UPDATE chunks SET state = 'DONE', segment_uri = ?, stats_json = ?, frames_done = ?,
+        faces = ?
+    WHERE job_id = ? AND idx = ?"""
+_COUNT_UNFINISHED_CHUNKS = "SELECT COUNT(*) AS n FROM chunks WHERE job_id = ? AND state != 'DONE'"
+_RELEASE_CHUNK = """UPDATE chunks SET state = ?, lease_id = '', lease_expires_at = 0, worker_id = '',
+        error_code = ?, error_message = ?
+    WHERE job_id = ? AND idx = ?"""
+_LAPSED_LEASES = "SELECT * FROM chunks WHERE state = 'LEASED' AND lease_expires_at < ? ORDER BY job_id, idx"
+_TRANSITION_JOB = """UPDATE jobs SET state = ?,
+        finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
+        error_code = COALESCE(?, error_code),
+        error_message = COALESCE(?, error_message),
+        join_json = COALESCE(?, join_json),
+        report_json = COALESCE(?, report_json)
+    WHERE id = ? AND state IN ({from_states})"""
+_OPEN_CHUNKS = "SELECT idx FROM chunks WHERE job_id = ? AND state IN ('PENDING', 'LEASED') ORDER BY idx"
+_CANCEL_OPEN_CHUNKS = """UPDATE chunks SET state = 'CANCELLED'
+    WHERE job_id = ? AND state IN ('PENDING', 'LEASED')"""
+REQUEUE_LEASED_CHUNKS = """UPDATE chunks SET state = 'PENDING', lease_id = '', lease_expires_at = 0,
+        worker_id = '', frames_done = 0, stage = '', faces = 0
+    WHERE state = 'LEASED'"""
+JOINING_JOB_IDS = "SELECT id FROM jobs WHERE state = 'JOINING' ORDER BY seq"
+JOB_STATE = "SELECT state FROM jobs WHERE id = ?"
+_COUNT_JOBS_BY_STATE = "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"
+_COUNT_PENDING_CHUNKS = """SELECT COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND j.state IN ('QUEUED', 'RUNNING')"""
+
+
+def _target_to_json(target: MediaInfo | None) -> str | None:
+    return None if target is None else json.dumps(dataclasses.asdict(target))
+
+
+def _target_from_json(text: str | None) -> MediaInfo | None:
+    if text is None:
+        return None
+    raw = json.loads(text)
+    raw["keyframes"] = tuple(Keyframe(**keyframe) for keyframe in raw["keyframes"])
+    raw["time_base"] = tuple(raw.get("time_base", (1, 1)))
+    return MediaInfo(**raw)
+
+
+def _stats_from_json(text: str | None) -> ChunkStats | None:
+    if text is None:
+        return None
+    raw = json.loads(text)
+    raw["face_count_changes"] = tuple(FaceCountChange(**change) for change in raw["face_count_changes"])
+    raw["warnings"] = tuple(raw["warnings"])
+    return ChunkStats(**raw)
+
+
+def _error_from_row(row: Row) -> JobError | None:
+    return None if row["error_code"] is None else JobError(code=row["error_code"], message=row["error_message"])
+
+
+def _job_from_row(row: Row) -> JobRecord:
+    join_json = row["join_json"]
+    return JobRecord(
+        id=row["id"],
+        state=row["state"],
+        selector=row["selector"],
+        target_uri=row["target_uri"],
+        output_uri=row["output_uri"],
+        source_image=bytes(row["source_image"]),
+        reference_image=bytes(row["reference_image"]),
+        encode=EncodeOptions(crf=row["encode_crf"], preset=row["encode_preset"]),
+        target=_target_from_json(row["target_json"]),
+        frames_total=row["frames_total"],
+        chunks_total=row["chunks_total"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=_error_from_row(row),
+        join=None if join_json is None else JoinOutcome(**json.loads(join_json)),
+        report_json=row["report_json"],
+        chunks_done=row["chunks_done"],
+        frames_done=row["frames_done"],
+    )
+
+
+def _chunk_from_row(row: Row) -> ChunkRecord:
+    return ChunkRecord(
+        job_id=row["job_id"],
+        index=row["idx"],
+        state=row["state"],
+        start_frame=row["start_frame"],
+        seek_pts=row["seek_pts"],
+        frame_count=row["frame_count"],
+        segment_uri=row["segment_uri"],
+        attempts=row["attempts"],
+        lease_id=row["lease_id"],
+        lease_expires_at=row["lease_expires_at"],
+        worker_id=row["worker_id"],
+        frames_done=row["frames_done"],
+        stage=row["stage"],
+        faces=row["faces"],
+        stats=_stats_from_json(row["stats_json"]),
+        last_error=_error_from_row(row),
+    )
+
+
+def _job_values(job: JobRecord) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.state,
+        job.selector,
+        job.target_uri,
+        job.output_uri,
+        job.source_image,
+        job.reference_image,
+        job.encode.crf,
+        job.encode.preset,
+        _target_to_json(job.target),
+        job.frames_total,
+        job.chunks_total,
+        job.created_at,
+        job.started_at,
+        job.finished_at,
+        None if job.error is None else job.error.code,
+        None if job.error is None else job.error.message,
+        job.report_json,
+    )
+
+
+def _placeholders(values: Collection[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+class SqlJobStore(ABC):
+    """Durable jobs and chunks over one connection; every write is one explicit transaction."""
+
+    dialect: ClassVar[SqlDialect]
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[None]:
+        """Commits when the block ends, rolls back when it raises; nothing else is open meanwhile."""
+
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[None]:
+        """Wraps reads that need no write lock."""
+
+    @abstractmethod
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]: ...
+
+    @abstractmethod
+    def _change(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Runs a write statement; the number of rows it changed."""
+
+    @abstractmethod
+    def _change_many(self, sql: str, params: Iterable[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    def recover_after_restart(self) -> list[str]:
+        """Called once before serving: the ids of JOINING jobs this gateway must join again.
+
+        SQLite also puts every LEASED chunk back to PENDING (its gateway was the only one); PostgreSQL,
+        shared by gateways, leaves leases to the reapers and returns only joins no live gateway holds.
+        """
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _claim_join(self, job_id: str) -> None:
+        """Called inside the transaction that moves a job to JOINING."""
+
+    @abstractmethod
+    def _job_left_joining(self, job_id: str) -> None:
+        """Called after the transaction of any attempt to end a job."""
+
+    def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk]) -> None:
+        with self._transaction():
+            self._change(_INSERT_JOB, _job_values(job))
+            self._change_many(
+                _INSERT_CHUNK,
+                [
+                    (job.id, chunk.index, chunk.start_frame, chunk.seek_pts, chunk.frame_count, chunk.segment_uri)
+                    for chunk in chunks
+                ],
+            )
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._reading():
+            rows = self._rows(_SELECT_JOB, (job_id,))
+        return _job_from_row(rows[0]) if rows else None
+
+    def list_jobs(self, limit: int, state: JobState | None = None) -> list[JobRecord]:
+        with self._reading():
+            if state is None:
+                rows = self._rows(_LIST_JOBS, (limit,))
+            else:
+                rows = self._rows(_LIST_JOBS_IN_STATE, (state, limit))
+        return [_job_from_row(row) for row in rows]
+
+    def list_chunks(self, job_id: str) -> list[ChunkRecord]:
+        with self._reading():
+            rows = self._rows(_LIST_CHUNKS, (job_id,))
+        return [_chunk_from_row(row) for row in rows]
+
+    def chunk_for_lease(self, lease_id: str) -> ChunkRecord | None:
+        if not lease_id:
+            return None
+        with self._reading():
+            rows = self._rows(_SELECT_LEASED_CHUNK, (lease_id,))
+        return _chunk_from_row(rows[0]) if rows else None
+
+    def lease_next_chunk(self, worker_id: str, lease_id: str, now: float, expires_at: float) -> ChunkRecord | None:
+        """Leases the first PENDING chunk of the oldest live job; its job becomes RUNNING."""
+        with self._transaction():
+            rows = self._rows(_NEXT_PENDING_CHUNK + self.dialect.lease_lock)
+            if not rows:
+                return None
+            job_id, index = rows[0]["job_id"], rows[0]["idx"]
+            self._change(_LEASE_CHUNK, (lease_id, expires_at, worker_id, job_id, index))
+            self._change(_START_JOB, (now, job_id))
+        return self.chunk_for_lease(lease_id)
+
+    def record_progress(self, lease_id: str, expires_at: float, frames_done: int, stage: str, faces: int) -> None:
+        with self._transaction():
+            self._change(_RECORD_PROGRESS, (expires_at, frames_done, stage, faces, lease_id))
+
+    def finish_chunk(self, job_id: str, index: int, segment_uri: str, stats: ChunkStats) -> bool:
+        """Marks the chunk DONE; True when every chunk of the job is DONE."""
+        stats_json = json.dumps(dataclasses.asdict(stats))
+        with self._transaction():
+            self._change(_FINISH_CHUNK, (segment_uri, stats_json, stats.frames, stats.faces, job_id, index))
+            remaining = self._rows(_COUNT_UNFINISHED_CHUNKS, (job_id,))[0]["n"]
+        return int(remaining) == 0
+
+    def release_chunk(self, job_id: str, index: int, error: JobError, retry: bool) -> None:
+        """Ends the chunk's lease: PENDING again when retry, else FAILED."""
+        state: ChunkState = "PENDING" if retry else "FAILED"
+        with self._transaction():
+            self._change(_RELEASE_CHUNK, (state, error.code, error.message, job_id, index))
+
+    def lapsed_leases(self, now: float) -> list[ChunkRecord]:
+        with self._reading():
+            rows = self._rows(_LAPSED_LEASES, (now,))
+        return [_chunk_from_row(row) for row in rows]
+
+    def transition_job(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        at: float,
+        error: JobError | None = None,
+        join: JoinOutcome | None = None,
+        report_json: str | None = None,
+    ) -> bool:
+        """Moves the job only from one of from_states; an ended job's open chunks are CANCELLED.
+
+        A report given here is stored in the same transaction, so no reader sees an ended job
+        without the report it ended with.
+        """
+        ended = to_state in ENDED_JOB_STATES
+        with self._transaction():
+            if ended and self.dialect.open_chunks_lock:
+                # Chunks before the job, the order leasing locks them in, so the two never deadlock.
+                self._rows(_OPEN_CHUNKS + self.dialect.open_chunks_lock, (job_id,))
+            changed = (
+                self._change(
+                    _TRANSITION_JOB.format(from_states=_placeholders(from_states)),
+                    (
+                        to_state,
+                        ended,
+                        at,
+                        None if error is None else error.code,
+                        None if error is None else error.message,
+                        None if join is None else json.dumps(dataclasses.asdict(join)),
+                        report_json,
+                        job_id,
+                        *from_states,
+                    ),
+                )
+                == 1
+            )
+            if changed and ended:
+                self._change(_CANCEL_OPEN_CHUNKS, (job_id,))
+            if changed and to_state == "JOINING":
+                self._claim_join(job_id)
+        if ended:
+            self._job_left_joining(job_id)
+        return changed
+
+    def count_jobs_by_state(self) -> dict[JobState, int]:
+        with self._reading():
+            rows = self._rows(_COUNT_JOBS_BY_STATE)
+        return {cast(JobState, row["state"]): int(row["n"]) for row in rows}
+
+    def count_pending_chunks(self) -> int:
+        with self._reading():
+            rows = self._rows(_COUNT_PENDING_CHUNKS)
+        return int(rows[0]["n"])
