@@ -22,6 +22,7 @@ from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, Local
 from services.cli import sample_media
 from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY, EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
+from services.common.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
 from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="build/bench")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
+    # The in-process run gets the allocator settings every service process applies in serve().
+    keep_frame_buffers()
     work_dir = Path(args.workdir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     video = work_dir / "astronaut-720p.mp4"
