@@ -1,4 +1,8 @@
-"""Packs numpy RGB frames into FrameBatch messages and back, checking sizes on the way in."""
+"""Packs numpy RGB frames into FrameBatch messages and back, checking sizes on the way in.
+
+The frame streams (decode, encode) send FrameRuns through frame_wire's serialiser and receive
+FrameBatchViews; unpack_frames reads both those and generated FrameBatch messages.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from services.common.errors import InvalidArgument
+from services.common.frame_wire import FrameBatchView, FrameRun
 from swapline.common.v1 import common_pb2
 
 Frames = NDArray[np.uint8]  # (count, height, width, 3) RGB
 
-# protobuf (upb) serialises large messages super-linearly: a 720p frame costs 3.7 ms inside an
-# 8-frame message and 0.7 ms alone. Streams therefore carry frames in messages of about this size
-# and receivers regroup them into the batches the models want.
+# Streams carry frames in messages of about this size (one 720p frame), so the receiver works on one
+# frame while the next is on the wire, and regroups them into the batches the models want.
 STREAM_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -30,18 +34,18 @@ def pack_frames(frames: Frames, indices: Sequence[int], pts: Sequence[int] | Non
     return batch
 
 
-def pack_frame_stream(
+def frame_runs(
     frames: Frames,
     indices: Sequence[int],
     pts: Sequence[int] | None = None,
     message_bytes: int = STREAM_MESSAGE_BYTES,
-) -> Iterator[common_pb2.FrameBatch]:
-    """The frames as consecutive messages of at most message_bytes each (at least one frame a message)."""
+) -> Iterator[FrameRun]:
+    """The frames as consecutive runs of at most message_bytes each (at least one frame a run), one per message."""
     frame_bytes = max(1, int(np.prod(frames.shape[1:])))
     step = max(1, message_bytes // frame_bytes)
     for start in range(0, len(frames), step):
         stop = start + step
-        yield pack_frames(frames[start:stop], indices[start:stop], None if pts is None else pts[start:stop])
+        yield FrameRun(frames[start:stop], indices[start:stop], None if pts is None else pts[start:stop])
 
 
 async def regroup_frames(
@@ -65,10 +69,12 @@ async def regroup_frames(
         yield np.concatenate(pending), pending_indices
 
 
-def unpack_frames(batch: common_pb2.FrameBatch, copy: bool = True) -> tuple[Frames, list[int], list[int]]:
+def unpack_frames(
+    batch: common_pb2.FrameBatch | FrameBatchView, copy: bool = True
+) -> tuple[Frames, list[int], list[int]]:
     """Returns (frames, indices, pts); a frame whose byte count is off is an INVALID_ARGUMENT.
 
-    With copy=False a one-frame batch comes back as a read-only view of the message's bytes, for
+    With copy=False a one-frame batch comes back as a read-only view of the received bytes, for
     receivers that only read (the encoder) or copy anyway (regroup_frames).
     """
     width, height = batch.width, batch.height
@@ -86,6 +92,6 @@ def unpack_frames(batch: common_pb2.FrameBatch, copy: bool = True) -> tuple[Fram
     if not copy and len(batch.frames) == 1:
         return np.frombuffer(batch.frames[0].rgb, np.uint8).reshape(1, height, width, 3), indices, stamps
     buffer = np.empty((len(batch.frames), height, width, 3), np.uint8)
-    for slot, frame in enumerate(batch.frames):
-        buffer[slot] = np.frombuffer(frame.rgb, np.uint8).reshape(height, width, 3)
+    for slot, pixels in enumerate(frame.rgb for frame in batch.frames):
+        buffer[slot] = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)
     return buffer, indices, stamps

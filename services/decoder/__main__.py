@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.settings_loader import load_settings
 from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import ENV_PREFIX, DecoderSettings
-from swapline.decoder.v1 import decoder_pb2_grpc
 
 
 def binding(settings: DecoderSettings) -> ServiceBinding:
     return ServiceBinding(
-        DecoderServicer(settings), decoder_pb2_grpc.add_DecoderServiceServicer_to_server, SERVICE_NAME
+        DecoderServicer(settings), register_decoder, SERVICE_NAME
     )
 
 

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.frame_codec import pack_frame_stream
+from services.common.frame_codec import frame_runs
+from services.common.frame_wire import FrameRun
 from services.common.media_info import media_info_to_proto
 from services.common.media_paths import existing_media_path
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.decoder.settings import DecoderSettings
 from services.decoder.thread_stream import stream_in_thread
-from swapline.common.v1 import common_pb2
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
@@ -32,7 +32,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
     async def Decode(
         self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[common_pb2.FrameBatch]:
+    ) -> AsyncIterator[FrameRun]:
+        """FrameRuns, which frame_streams.register_decoder writes as FrameBatch messages."""
         path = existing_media_path(self._settings.media_root, request.uri)
         batches = iter_frame_batches(
             path,
@@ -42,5 +43,5 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             batch_size=request.batch_size or self._settings.default_batch_size,
         )
         async for frames, indices, stamps in stream_in_thread(batches):
-            for message in pack_frame_stream(frames, indices, stamps):
-                yield message
+            for run in frame_runs(frames, indices, stamps):
+                yield run

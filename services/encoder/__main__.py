@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_streams import register_encoder
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.settings_loader import load_settings
 from services.encoder.servicer import SERVICE_NAME, EncoderServicer
 from services.encoder.settings import ENV_PREFIX, EncoderSettings
-from swapline.encoder.v1 import encoder_pb2_grpc
 
 
 def binding(settings: EncoderSettings) -> ServiceBinding:
     return ServiceBinding(
-        EncoderServicer(settings), encoder_pb2_grpc.add_EncoderServiceServicer_to_server, SERVICE_NAME
+        EncoderServicer(settings), register_encoder, SERVICE_NAME
     )
 
 

@@ -11,6 +11,8 @@ import grpc
 
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames, unpack_frames
+from services.common.frame_streams import EncodeSegmentMessage
+from services.common.frame_wire import FrameBatchView
 from services.common.media_paths import existing_media_path, relative_uri, writable_media_path
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
@@ -36,10 +38,10 @@ class _EncodeClock:
             self.seconds += time.perf_counter() - started
 
 
-def _batch_frames(header: encoder_pb2.SegmentHeader, message: encoder_pb2.EncodeSegmentRequest) -> Frames:
-    if message.WhichOneof("payload") != "frames":
+def _batch_frames(header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessage) -> Frames:
+    if not isinstance(message, FrameBatchView):
         raise InvalidArgument(f"{header.output_uri}: only frame batches may follow the header")
-    batch = message.frames
+    batch = message
     if batch.frames and (batch.width, batch.height) != (header.width, header.height):
         raise InvalidArgument(
             f"{header.output_uri}: frame batch is {batch.width}x{batch.height}, "
@@ -66,11 +68,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def EncodeSegment(
         self,
-        request_iterator: AsyncIterator[encoder_pb2.EncodeSegmentRequest],
+        request_iterator: AsyncIterator[EncodeSegmentMessage],
         context: grpc.aio.ServicerContext,
     ) -> encoder_pb2.EncodeSegmentResponse:
+        """The header, then frame batches (as frame_streams.register_encoder parses them)."""
         first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("payload") != "header":
+        if not isinstance(first, encoder_pb2.EncodeSegmentRequest) or first.WhichOneof("payload") != "header":
             raise InvalidArgument("EncodeSegment's first message must be a SegmentHeader")
         header = first.header
         clock = _EncodeClock()

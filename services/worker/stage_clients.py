@@ -17,7 +17,8 @@ import numpy as np
 
 from services.common.errors import Internal, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
-from services.common.frame_codec import Frames, pack_frame_stream, pack_frames, regroup_frames, unpack_frames
+from services.common.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
+from services.common.frame_wire import FrameRun
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -26,7 +27,7 @@ SINK_QUEUE_SIZE = 2
 
 
 class DecoderFrameSource:
-    """Streams one frame range from DecoderService.Decode as (frames, indices) batches."""
+    """Streams one frame range from DecoderService.Decode (frame_streams.decoder_stub) as (frames, indices) batches."""
 
     def __init__(
         self,
@@ -135,7 +136,7 @@ class DetectorFaceFinder:
 
 
 class EncoderSegmentSink:
-    """An EncoderService.EncodeSegment client stream: the header, then one message per frame batch.
+    """An EncoderService.EncodeSegment client stream (frame_streams.encoder_stub): the header, then FrameRuns.
 
     Use it as an async context manager: leaving the block without close() (an error, a
     cancellation) cancels the stream, so the encoder never finishes a partial segment.
@@ -150,7 +151,7 @@ class EncoderSegmentSink:
         self._stub = stub
         self._header = header
         self._next_index = first_index
-        self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | None] = asyncio.Queue(
+        self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | FrameRun | None] = asyncio.Queue(
             SINK_QUEUE_SIZE
         )
         self._call: grpc.aio.StreamUnaryCall | None = None
@@ -171,7 +172,7 @@ class EncoderSegmentSink:
         if self._call is not None:
             self._call.cancel()
 
-    async def _request_stream(self) -> AsyncIterator[encoder_pb2.EncodeSegmentRequest]:
+    async def _request_stream(self) -> AsyncIterator[encoder_pb2.EncodeSegmentRequest | FrameRun]:
         yield encoder_pb2.EncodeSegmentRequest(header=self._header)
         while (request := await self._requests.get()) is not None:
             yield request
@@ -189,7 +190,7 @@ class EncoderSegmentSink:
             return from_rpc_error(error)
         return Internal("the encoder ended the segment stream before the worker closed it")
 
-    async def _send(self, request: encoder_pb2.EncodeSegmentRequest | None) -> None:
+    async def _send(self, request: FrameRun | None) -> None:
         """Queues a request, unless the stream fails first: a dead encoder must not block the pipeline."""
         response = self._started()
         put = asyncio.ensure_future(self._requests.put(request))
@@ -202,8 +203,8 @@ class EncoderSegmentSink:
     async def write(self, frames: Frames) -> None:
         indices = list(range(self._next_index, self._next_index + len(frames)))
         self._next_index += len(frames)
-        for message in await asyncio.to_thread(lambda: list(pack_frame_stream(frames, indices))):
-            await self._send(encoder_pb2.EncodeSegmentRequest(frames=message))
+        for run in frame_runs(frames, indices):
+            await self._send(run)
 
     async def close(self) -> int:
         await self._send(None)

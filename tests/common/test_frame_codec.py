@@ -9,7 +9,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import (
     Frames,
-    pack_frame_stream,
+    frame_runs,
     pack_frames,
     regroup_frames,
     unpack_frames,
@@ -35,14 +35,14 @@ def test_a_frame_with_the_wrong_byte_count_is_rejected() -> None:
 
 def test_stream_messages_stay_under_the_size_and_keep_the_order() -> None:
     frames = numbered_frames(5)
-    messages = list(pack_frame_stream(frames, list(range(5)), message_bytes=2 * frames[0].nbytes))
-    assert [len(message.frames) for message in messages] == [2, 2, 1]
-    assert [frame.index for message in messages for frame in message.frames] == [0, 1, 2, 3, 4]
+    runs = list(frame_runs(frames, list(range(5)), message_bytes=2 * frames[0].nbytes))
+    assert [len(run.frames) for run in runs] == [2, 2, 1]
+    assert [index for run in runs for index in run.indices] == [0, 1, 2, 3, 4]
 
 
 def test_a_frame_larger_than_the_message_size_still_travels_alone() -> None:
-    messages = list(pack_frame_stream(numbered_frames(2), [0, 1], message_bytes=10))
-    assert [len(message.frames) for message in messages] == [1, 1]
+    runs = list(frame_runs(numbered_frames(2), [0, 1], message_bytes=10))
+    assert [len(run.frames) for run in runs] == [1, 1]
 
 
 def test_uncopied_single_frames_are_read_only_views() -> None:

@@ -11,6 +11,7 @@ import pytest
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.face_types import DetectedFace, frames_faces_to_proto
 from services.common.frame_codec import pack_frames, unpack_frames
+from services.common.frame_streams import decoder_stub, encoder_stub
 from services.worker.stage_clients import (
     DecoderFrameSource,
     DetectorFaceFinder,
@@ -116,7 +117,7 @@ def test_detector_finder_downscales_and_scales_faces_back() -> None:
 
 def test_decoder_source_streams_batches_and_maps_errors() -> None:
     async def body(channel: grpc.aio.Channel) -> list[list[int]]:
-        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+        stub = decoder_stub(channel)
         batches = []
         async for frames, indices in DecoderFrameSource(stub, "clip.mp4", 10, 0, 5, 2):
             assert [int(frame[0, 0, 0]) for frame in frames] == list(indices)
@@ -140,7 +141,7 @@ def test_encoder_sink_sends_the_header_then_numbered_frames() -> None:
     encoder = _Encoder()
 
     async def body(channel: grpc.aio.Channel) -> int:
-        async with EncoderSegmentSink(encoder_pb2_grpc.EncoderServiceStub(channel), _header(), 100) as sink:
+        async with EncoderSegmentSink(encoder_stub(channel), _header(), 100) as sink:
             for _ in range(3):
                 await sink.write(np.zeros((2, 4, 6, 3), np.uint8))
             return await sink.close()
@@ -157,7 +158,7 @@ def test_encoder_sink_surfaces_a_failed_stream_instead_of_blocking() -> None:
     encoder = _Encoder(fail_after=2)
 
     async def body(channel: grpc.aio.Channel) -> None:
-        async with EncoderSegmentSink(encoder_pb2_grpc.EncoderServiceStub(channel), _header()) as sink:
+        async with EncoderSegmentSink(encoder_stub(channel), _header()) as sink:
             for _ in range(50):
                 await sink.write(np.zeros((2, 4, 6, 3), np.uint8))
             await sink.close()

@@ -1,0 +1,73 @@
+"""The two frame streams, Decode (decoder -> worker) and EncodeSegment (worker -> encoder), on
+frame_wire's codecs: the servers' registrations and the worker's stubs.
+
+Decode's messages are FrameRuns on the server and FrameBatchViews on the client. EncodeSegment's first
+message stays a generated EncodeSegmentRequest carrying the header; the frames after it are FrameRuns on
+the client and FrameBatchViews on the server. The bytes on the wire are the protos' own, so generated
+clients and servers interoperate with these.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.frame_wire import (
+    FrameBatchView,
+    FrameRun,
+    frame_batch_field,
+    parse_frame_batch,
+    serialize_frame_batch,
+    serialize_frame_batch_field,
+)
+from services.common.grpc_codecs import MethodCodec, register_with_codecs
+from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
+DECODER_SERVICE = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+_ENCODE_FRAMES_FIELD = encoder_pb2.EncodeSegmentRequest.DESCRIPTOR.fields_by_name["frames"].number
+
+EncodeSegmentMessage = encoder_pb2.EncodeSegmentRequest | FrameBatchView
+
+
+def serialize_encode_segment_request(message: encoder_pb2.EncodeSegmentRequest | FrameRun) -> bytes:
+    if isinstance(message, FrameRun):
+        return serialize_frame_batch_field(_ENCODE_FRAMES_FIELD, message)
+    return message.SerializeToString()
+
+
+def parse_encode_segment_request(data: bytes) -> EncodeSegmentMessage:
+    frames = frame_batch_field(_ENCODE_FRAMES_FIELD, data)
+    return frames if frames is not None else encoder_pb2.EncodeSegmentRequest.FromString(data)
+
+
+register_decoder = register_with_codecs(
+    decoder_pb2_grpc.add_DecoderServiceServicer_to_server,
+    {"Decode": MethodCodec(response_serializer=serialize_frame_batch)},
+)
+register_encoder = register_with_codecs(
+    encoder_pb2_grpc.add_EncoderServiceServicer_to_server,
+    {"EncodeSegment": MethodCodec(request_deserializer=parse_encode_segment_request)},
+)
+
+
+def decoder_stub(channel: grpc.aio.Channel) -> decoder_pb2_grpc.DecoderServiceStub:
+    """A DecoderServiceStub whose Decode yields FrameBatchViews."""
+    stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+    stub.Decode = channel.unary_stream(
+        f"/{DECODER_SERVICE}/Decode",
+        request_serializer=decoder_pb2.DecodeRequest.SerializeToString,
+        response_deserializer=parse_frame_batch,
+    )
+    return stub
+
+
+def encoder_stub(channel: grpc.aio.Channel) -> encoder_pb2_grpc.EncoderServiceStub:
+    """An EncoderServiceStub whose EncodeSegment takes the header message, then FrameRuns."""
+    stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+    stub.EncodeSegment = channel.stream_unary(
+        f"/{ENCODER_SERVICE}/EncodeSegment",
+        request_serializer=serialize_encode_segment_request,
+        response_deserializer=encoder_pb2.EncodeSegmentResponse.FromString,
+    )
+    return stub

@@ -1,0 +1,91 @@
+"""frame_wire writes the generated serialiser's bytes and reads them back as views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.frame_codec import pack_frames, unpack_frames
+from services.common.frame_streams import parse_encode_segment_request, serialize_encode_segment_request
+from services.common.frame_wire import FrameBatchView, FrameRun, parse_frame_batch, serialize_frame_batch
+from swapline.common.v1 import common_pb2
+from swapline.encoder.v1 import encoder_pb2
+
+
+def frames(count: int, height: int = 4, width: int = 6) -> np.ndarray:
+    return np.arange(count * height * width * 3, dtype=np.uint64).astype(np.uint8).reshape(count, height, width, 3)
+
+
+@pytest.mark.parametrize(
+    ("indices", "pts"),
+    [([0], None), ([7, 8, 9], [70, 80, 90]), ([2**40], [-3]), ([0, 1], [0, -(2**62)])],
+)
+def test_the_bytes_are_the_generated_serialisers(indices: list[int], pts: list[int] | None) -> None:
+    batch = frames(len(indices))
+    expected = pack_frames(batch, indices, pts).SerializeToString()
+    assert serialize_frame_batch(FrameRun(batch, indices, pts)) == expected
+
+
+def test_an_empty_run_is_an_empty_batch_of_its_size() -> None:
+    empty = np.zeros((0, 4, 6, 3), np.uint8)
+    assert serialize_frame_batch(FrameRun(empty, [])) == common_pb2.FrameBatch(width=6, height=4).SerializeToString()
+
+
+def test_generated_bytes_parse_to_the_same_frames() -> None:
+    batch = frames(3)
+    view = parse_frame_batch(pack_frames(batch, [5, 6, 7], [-1, 0, 9]).SerializeToString())
+    unpacked, indices, stamps = unpack_frames(view)
+    assert np.array_equal(unpacked, batch)
+    assert (indices, stamps) == ([5, 6, 7], [-1, 0, 9])
+
+
+def test_a_single_frame_is_a_view_of_the_received_bytes() -> None:
+    data = serialize_frame_batch(FrameRun(frames(1), [0]))
+    unpacked, _, _ = unpack_frames(parse_frame_batch(data), copy=False)
+    assert np.shares_memory(unpacked, np.frombuffer(data, np.uint8))
+
+
+def test_unknown_fields_are_skipped() -> None:
+    data = serialize_frame_batch(FrameRun(frames(1), [3]))
+    # Field 15 as a varint, field 16 as fixed64, then as fixed32.
+    extra = b"\x78\x2a" + b"\x81\x01" + bytes(8) + b"\x85\x01" + bytes(4)
+    view = parse_frame_batch(extra + data)
+    assert (view.width, view.height, [frame.index for frame in view.frames]) == (6, 4, [3])
+
+
+def test_a_truncated_message_is_invalid() -> None:
+    data = serialize_frame_batch(FrameRun(frames(1), [0]))
+    with pytest.raises(InvalidArgument, match="truncated frame message"):
+        parse_frame_batch(data[:-1])
+
+
+def test_a_frame_of_the_wrong_size_is_invalid_after_parsing() -> None:
+    data = serialize_frame_batch(FrameRun(frames(1), [0]))
+    view = parse_frame_batch(data)
+    wrong = FrameBatchView(width=view.width + 1, height=view.height, frames=view.frames)
+    with pytest.raises(InvalidArgument, match="frame 0 has 72 bytes, expected 84"):
+        unpack_frames(wrong)
+
+
+def test_frames_of_the_encode_stream_round_trip_through_the_generated_message() -> None:
+    batch = frames(2)
+    data = serialize_encode_segment_request(FrameRun(batch, [4, 5]))
+    generated = encoder_pb2.EncodeSegmentRequest.FromString(data)
+    assert generated.WhichOneof("payload") == "frames"
+    assert np.array_equal(unpack_frames(generated.frames)[0], batch)
+    parsed = parse_encode_segment_request(data)
+    assert isinstance(parsed, FrameBatchView)
+    assert np.array_equal(unpack_frames(parsed)[0], batch)
+
+
+def test_the_encode_streams_header_stays_a_generated_message() -> None:
+    header = encoder_pb2.EncodeSegmentRequest(header=encoder_pb2.SegmentHeader(output_uri="s.mp4", width=6))
+    parsed = parse_encode_segment_request(serialize_encode_segment_request(header))
+    assert parsed == header
+
+
+def test_a_message_repeating_the_frames_field_is_refused() -> None:
+    data = serialize_encode_segment_request(FrameRun(frames(1), [0]))
+    with pytest.raises(InvalidArgument, match="repeats field 2"):
+        parse_encode_segment_request(data + data)
