@@ -5,25 +5,31 @@ the same chunk pipeline code; the difference is the gRPC hops and process bounda
 a ratio. For the services, "wall seconds" runs from submit to the final progress event (upload,
 validation, report and chart included); "pipeline seconds" is the job's own window from its first
 chunk lease to the end of the join, the same work the in-process run times, and the ratio uses it.
-Results also go to <workdir>/bench.json.
+Each column is the median of --repeat runs (after a warm-up run), with the spread of all runs beside
+it. One frame hop is also timed alone (frame_hop.py). Results also go to <workdir>/bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from services.bench.frame_hop import measure_hops
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
 from services.cli import sample_media
 from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY, EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
+from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
 from services.encoder.segment_writer import SegmentWriter
@@ -38,54 +44,67 @@ DETECT_MAX_SIDE = 640
 BATCH_SIZE = 8
 
 
-async def in_process_run(video: Path, source_png: bytes, output: Path) -> dict[str, Any]:
+async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: int) -> list[dict[str, Any]]:
     info = probe_media(video)
     models = LocalModels(DEFAULT_MODEL_REPOSITORY, intra_op_threads=StackOptions.triton_intra_op_threads)
     finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
     swapper = CropTransferSwapper(models)
     identity = await prepare_source_identity(source_png, finder, swapper)
-    started = time.perf_counter()
-    with SegmentWriter(output, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
-        stats = await run_chunk_pipeline(
-            LocalFrameSource(video, info.frame_count, BATCH_SIZE), finder, swapper, identity,
-            LocalSegmentSink(writer), FaceSelection(mode="one"),
-        )
-    wall = time.perf_counter() - started
-    return {
-        "frames": stats.frames,
-        "wall_seconds": wall,
-        "pipeline_seconds": wall,
-        "fps": stats.frames / wall,
-        "pipeline_fps": stats.frames / wall,
-        "ms_per_frame": {stage: 1000 * stats.stage_seconds[stage] / stats.frames for stage in STAGE_NAMES},
-    }
+    results = []
+    # The first run warms the models up, as the services' warm-up job does.
+    for _ in range(repeat + 1):
+        started = time.perf_counter()
+        with SegmentWriter(output, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
+            stats = await run_chunk_pipeline(
+                LocalFrameSource(video, info.frame_count, BATCH_SIZE), finder, swapper, identity,
+                LocalSegmentSink(writer), FaceSelection(mode="one"),
+            )
+        wall = time.perf_counter() - started
+        results.append({
+            "frames": stats.frames,
+            "wall_seconds": wall,
+            "pipeline_seconds": wall,
+            "fps": stats.frames / wall,
+            "pipeline_fps": stats.frames / wall,
+            "ms_per_frame": {stage: 1000 * stats.stage_seconds[stage] / stats.frames for stage in STAGE_NAMES},
+        })
+    return results[1:]
 
 
-def service_run(video: Path, source_png: bytes, work_dir: Path, workers: int) -> dict[str, Any]:
+def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, repeat: int) -> list[dict[str, Any]]:
     options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=workers,
                            worker_batch_size=BATCH_SIZE)
+    results = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
         _wait(client, warmup.id)
-        started = time.perf_counter()
-        job = client.submit(source_png, target_path=video)
-        finished = _wait(client, job.id)
-        wall = time.perf_counter() - started
-    if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        raise SystemExit(f"benchmark job failed: {finished.error.message}")
-    report = json.loads(finished.report_json)
-    frames = report["frames"]
-    return {
-        "frames": frames,
-        "workers": workers,
-        "wall_seconds": wall,
-        "pipeline_seconds": report["wall_seconds"],
-        "fps": frames / wall,
-        "pipeline_fps": frames / report["wall_seconds"],
-        "chunks": report["chunks"],
-        "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
-        "join_seconds": report["stages"]["join"]["seconds"],
-    }
+        for _ in range(repeat):
+            started = time.perf_counter()
+            job = client.submit(source_png, target_path=video)
+            finished = _wait(client, job.id)
+            wall = time.perf_counter() - started
+            if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+                raise SystemExit(f"benchmark job failed: {finished.error.message}")
+            report = json.loads(finished.report_json)
+            frames = report["frames"]
+            results.append({
+                "frames": frames,
+                "workers": workers,
+                "wall_seconds": wall,
+                "pipeline_seconds": report["wall_seconds"],
+                "fps": frames / wall,
+                "pipeline_fps": frames / report["wall_seconds"],
+                "chunks": report["chunks"],
+                "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
+                "join_seconds": report["stages"]["join"]["seconds"],
+            })
+    return results
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median pipeline time (the upper one of an even count), with every run's time beside it."""
+    ordered = sorted(runs, key=lambda run: run["pipeline_seconds"])
+    return {**ordered[len(ordered) // 2], "runs_pipeline_seconds": [run["pipeline_seconds"] for run in runs]}
 
 
 def _wait(client: JobClient, job_id: str) -> jobs_pb2.Job:
@@ -102,6 +121,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     print(f"{'pipeline fps':24}" + "".join(f"{results[n]['pipeline_fps']:>22.2f}" for n in columns))
     print(f"{'pipeline seconds':24}" + "".join(f"{results[n]['pipeline_seconds']:>22.2f}" for n in columns))
     print(f"{'wall seconds':24}" + "".join(f"{results[n]['wall_seconds']:>22.2f}" for n in columns))
+    spreads = [results[n]["runs_pipeline_seconds"] for n in columns]
+    print(f"{'pipeline s, all runs':24}" + "".join(f"{f'{min(runs):.2f}-{max(runs):.2f}':>22}" for runs in spreads))
     for stage in STAGE_NAMES:
         print(f"{stage + ' ms/frame':24}" + "".join(f"{results[n]['ms_per_frame'][stage]:>22.2f}" for n in columns))
 
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__)
     parser.add_argument("--workdir", default="build/bench")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
     args = parser.parse_args(argv)
     # The in-process run gets the allocator settings every service process applies in serve().
     keep_frame_buffers()
@@ -123,10 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"video: {video.name}, {info.width}x{info.height}, {info.fps:g} fps, {info.frame_count} frames", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
-    results["in-process"] = asyncio.run(in_process_run(video, source_png, work_dir / "in-process.mp4"))
+    results["in-process"] = median_run(
+        asyncio.run(in_process_runs(video, source_png, work_dir / "in-process.mp4", args.repeat))
+    )
+    batches = iter_frame_batches(video, 0, 0, info.frame_count, BATCH_SIZE)
+    video_frames = np.concatenate([frames for frames, _, _ in batches])
+    hops = measure_hops(video_frames, BATCH_SIZE, args.repeat)
+    del video_frames
     for workers in args.workers:
-        results[f"services, {workers} worker(s)"] = service_run(
-            video, source_png, work_dir / f"stack-{workers}", workers
+        results[f"services, {workers} worker(s)"] = median_run(
+            service_runs(video, source_png, work_dir / f"stack-{workers}", workers, args.repeat)
         )
     print_table(results)
     baseline = results["in-process"]["pipeline_seconds"]
@@ -136,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"service hops, {name}: {result['pipeline_seconds'] / baseline:.2f}x the in-process time"
                 f" ({result['wall_seconds'] / baseline:.2f}x counting upload, validation and the report)"
             )
-    (work_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"one frame hop alone ({info.frame_count} frames streamed over loopback gRPC, both ends in one process):")
+    for codec, figures in hops.items():
+        print(f"  {codec:>10}: {figures.cpu_ms_per_frame:.2f} ms CPU, {figures.wall_ms_per_frame:.2f} ms wall a frame")
+    record = {**results, "frame_hop": {codec: dataclasses.asdict(figures) for codec, figures in hops.items()}}
+    (work_dir / "bench.json").write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -1,0 +1,92 @@
+"""One frame hop alone: the demo's frames streamed over loopback gRPC and unpacked, in one process.
+
+Measures CPU (both ends: they share the process) and wall time per frame, with the generated message
+classes and with frame_wire's codec, so the cost of a hop is visible apart from the rest of the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from services.common.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
+from services.common.frame_wire import FrameRun, parse_frame_batch, serialize_frame_batch
+from swapline.common.v1 import common_pb2
+
+HopCodec = Literal["generated", "frame_wire"]
+HOP_CODECS: tuple[HopCodec, ...] = ("generated", "frame_wire")
+_METHOD = "/swapline.bench.FrameHop/Stream"
+_MESSAGE_LIMIT = 64 * 1024 * 1024
+_OPTIONS = [("grpc.max_receive_message_length", _MESSAGE_LIMIT), ("grpc.max_send_message_length", _MESSAGE_LIMIT)]
+
+
+@dataclass(frozen=True)
+class HopFigures:
+    cpu_ms_per_frame: float
+    wall_ms_per_frame: float
+
+
+def _generated_message(run: FrameRun) -> common_pb2.FrameBatch:
+    return pack_frames(run.frames, run.indices)
+
+
+def _codec(codec: HopCodec) -> tuple[Callable[[FrameRun], Any], Callable[[Any], bytes], Callable[[bytes], Any]]:
+    """(what the server yields for a run, its serialiser, the client's deserialiser)."""
+    if codec == "generated":
+        return _generated_message, common_pb2.FrameBatch.SerializeToString, common_pb2.FrameBatch.FromString
+    return (lambda run: run), serialize_frame_batch, parse_frame_batch
+
+
+async def measure_hop(frames: Frames, codec: HopCodec, batch_size: int, repeat: int) -> HopFigures:
+    """The median over `repeat` streams of every frame, received and regrouped as the worker does."""
+    to_message, serializer, deserializer = _codec(codec)
+
+    async def stream(_request: bytes, _context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        for run in frame_runs(frames, list(range(len(frames)))):
+            yield to_message(run)
+
+    server = grpc.aio.server(options=_OPTIONS)
+    handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=bytes, response_serializer=serializer)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("swapline.bench.FrameHop", {"Stream": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    cpu: list[float] = []
+    wall: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_OPTIONS) as channel:
+            call = channel.unary_stream(_METHOD, request_serializer=bytes, response_deserializer=deserializer)
+
+            async def received() -> AsyncIterator[tuple[Frames, list[int]]]:
+                async for message in call(b""):
+                    batch, indices, _ = unpack_frames(message, copy=False)
+                    yield batch, indices
+
+            for _ in range(repeat + 1):
+                started_cpu, started = _process_cpu(), time.perf_counter()
+                count = 0
+                async for batch, _ in regroup_frames(received(), batch_size):
+                    count += len(batch)
+                cpu.append((_process_cpu() - started_cpu) / count)
+                wall.append((time.perf_counter() - started) / count)
+    finally:
+        await server.stop(None)
+    # The first stream warms both ends up.
+    return HopFigures(1000 * statistics.median(cpu[1:]), 1000 * statistics.median(wall[1:]))
+
+
+def _process_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def measure_hops(frames: Frames, batch_size: int, repeat: int) -> dict[HopCodec, HopFigures]:
+    return {codec: asyncio.run(measure_hop(frames, codec, batch_size, repeat)) for codec in HOP_CODECS}
