@@ -1,13 +1,17 @@
-"""The two frame streams, Decode (decoder -> worker) and EncodeSegment (worker -> encoder), on
-frame_wire's codecs: the servers' registrations and the worker's stubs.
+"""The calls that carry frames, Decode (decoder -> worker), EncodeSegment (worker -> encoder) and Detect
+(worker -> detector), on frame_wire's codecs: the servers' registrations and the worker's stubs.
 
 Decode's messages are FrameRuns on the server and FrameBatchViews on the client. EncodeSegment's first
 message stays a generated EncodeSegmentRequest carrying the header; the frames after it are FrameRuns on
-the client and FrameBatchViews on the server. The bytes on the wire are the protos' own, so generated
+the client and FrameBatchViews on the server. Detect's request is a DetectFrames: the frames apart, the
+other fields in a generated DetectRequest. The bytes on the wire are the protos' own, so generated
 clients and servers interoperate with these.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -18,14 +22,18 @@ from services.common.frame_wire import (
     parse_frame_batch,
     serialize_frame_batch,
     serialize_frame_batch_field,
+    split_frame_batch_field,
 )
 from services.common.grpc_codecs import MethodCodec, register_with_codecs
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
 DECODER_SERVICE = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
 _ENCODE_FRAMES_FIELD = encoder_pb2.EncodeSegmentRequest.DESCRIPTOR.fields_by_name["frames"].number
+_DETECT_FRAMES_FIELD = detector_pb2.DetectRequest.DESCRIPTOR.fields_by_name["frames"].number
 
 EncodeSegmentMessage = encoder_pb2.EncodeSegmentRequest | FrameBatchView
 
@@ -41,6 +49,27 @@ def parse_encode_segment_request(data: bytes) -> EncodeSegmentMessage:
     return frames if frames is not None else encoder_pb2.EncodeSegmentRequest.FromString(data)
 
 
+FramesT = TypeVar("FramesT", FrameRun, FrameBatchView)
+
+
+@dataclass(frozen=True)
+class DetectFrames(Generic[FramesT]):
+    """A DetectRequest whose frames travel apart: a FrameRun to send, a FrameBatchView received."""
+
+    frames: FramesT
+    # The request's other fields; its own frames field stays empty.
+    options: detector_pb2.DetectRequest
+
+
+def serialize_detect_request(request: DetectFrames[FrameRun]) -> bytes:
+    return request.options.SerializeToString() + serialize_frame_batch_field(_DETECT_FRAMES_FIELD, request.frames)
+
+
+def parse_detect_request(data: bytes) -> DetectFrames[FrameBatchView]:
+    frames, rest = split_frame_batch_field(_DETECT_FRAMES_FIELD, data)
+    return DetectFrames(frames or FrameBatchView(0, 0, []), detector_pb2.DetectRequest.FromString(rest))
+
+
 register_decoder = register_with_codecs(
     decoder_pb2_grpc.add_DecoderServiceServicer_to_server,
     {"Decode": MethodCodec(response_serializer=serialize_frame_batch)},
@@ -50,14 +79,17 @@ register_encoder = register_with_codecs(
     {"EncodeSegment": MethodCodec(request_deserializer=parse_encode_segment_request)},
 )
 
+register_detector = register_with_codecs(
+    detector_pb2_grpc.add_DetectorServiceServicer_to_server,
+    {"Detect": MethodCodec(request_deserializer=parse_detect_request)},
+)
+
 
 def decoder_stub(channel: grpc.aio.Channel) -> decoder_pb2_grpc.DecoderServiceStub:
     """A DecoderServiceStub whose Decode yields FrameBatchViews."""
     stub = decoder_pb2_grpc.DecoderServiceStub(channel)
     stub.Decode = channel.unary_stream(
-        f"/{DECODER_SERVICE}/Decode",
-        request_serializer=decoder_pb2.DecodeRequest.SerializeToString,
-        response_deserializer=parse_frame_batch,
+        f"/{DECODER_SERVICE}/Decode", decoder_pb2.DecodeRequest.SerializeToString, parse_frame_batch
     )
     return stub
 
@@ -67,7 +99,16 @@ def encoder_stub(channel: grpc.aio.Channel) -> encoder_pb2_grpc.EncoderServiceSt
     stub = encoder_pb2_grpc.EncoderServiceStub(channel)
     stub.EncodeSegment = channel.stream_unary(
         f"/{ENCODER_SERVICE}/EncodeSegment",
-        request_serializer=serialize_encode_segment_request,
-        response_deserializer=encoder_pb2.EncodeSegmentResponse.FromString,
+        serialize_encode_segment_request,
+        encoder_pb2.EncodeSegmentResponse.FromString,
+    )
+    return stub
+
+
+def detector_stub(channel: grpc.aio.Channel) -> detector_pb2_grpc.DetectorServiceStub:
+    """A DetectorServiceStub whose Detect takes a DetectFrames."""
+    stub = detector_pb2_grpc.DetectorServiceStub(channel)
+    stub.Detect = channel.unary_unary(
+        f"/{DETECTOR_SERVICE}/Detect", serialize_detect_request, detector_pb2.DetectResponse.FromString
     )
     return stub

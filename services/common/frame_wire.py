@@ -124,16 +124,18 @@ def _signed64(value: int) -> int:
     return value - _UINT64 if value >= 1 << 63 else value
 
 
-def iter_fields(data: Buffer) -> Iterator[tuple[int, int | memoryview]]:
-    """(field number, value) for each field: an int for varints, a view for everything else."""
+def _field_spans(data: Buffer) -> Iterator[tuple[int, int | memoryview, int, int]]:
+    """(field number, value, start, end) for each field: an int for varints, a view for everything else;
+    data[start:end] is the whole field, key included."""
     view = memoryview(data).cast("B")
     position = 0
     while position < len(view):
+        start = position
         key, position = _read_varint(view, position)
         field, wire_type = key >> 3, key & 7
         if wire_type == _VARINT:
             value, position = _read_varint(view, position)
-            yield field, value
+            yield field, value, start, position
             continue
         if wire_type == _LENGTH_DELIMITED:
             size, position = _read_varint(view, position)
@@ -143,8 +145,14 @@ def iter_fields(data: Buffer) -> Iterator[tuple[int, int | memoryview]]:
             raise InvalidArgument(f"malformed frame message: field {field} has wire type {wire_type}")
         if position + size > len(view):
             raise InvalidArgument(f"truncated frame message: field {field} runs past the end")
-        yield field, view[position : position + size]
+        yield field, view[position : position + size], start, position + size
         position += size
+
+
+def iter_fields(data: Buffer) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) for each field: an int for varints, a view for everything else."""
+    for field, value, _, _ in _field_spans(data):
+        yield field, value
 
 
 def _parse_frame(data: memoryview) -> FrameView:
@@ -173,15 +181,25 @@ def parse_frame_batch(data: Buffer) -> FrameBatchView:
     return FrameBatchView(width=width, height=height, frames=frames)
 
 
-def frame_batch_field(field: int, data: Buffer) -> FrameBatchView | None:
-    """The FrameBatch in field `field` of a serialised message; None if absent.
+def split_frame_batch_field(field: int, data: Buffer) -> tuple[FrameBatchView | None, bytes]:
+    """The FrameBatch in field `field` (None if absent), and the message's other fields for a generated parser.
 
     Senders write the field once; a message that repeats it (which protobuf would merge) is refused.
     """
     found: memoryview | None = None
-    for number, value in iter_fields(data):
-        if number == field and isinstance(value, memoryview):
-            if found is not None:
-                raise InvalidArgument(f"frame message repeats field {field}")
+    view = memoryview(data).cast("B")
+    rest: list[memoryview] = []
+    for number, value, start, end in _field_spans(view):
+        if number != field or not isinstance(value, memoryview):
+            rest.append(view[start:end])
+        elif found is not None:
+            raise InvalidArgument(f"frame message repeats field {field}")
+        else:
             found = value
-    return None if found is None else parse_frame_batch(found)
+    return None if found is None else parse_frame_batch(found), b"".join(rest)
+
+
+def frame_batch_field(field: int, data: Buffer) -> FrameBatchView | None:
+    """The FrameBatch in field `field` of a serialised message; None if absent."""
+    frames, _ = split_frame_batch_field(field, data)
+    return frames

@@ -1,4 +1,4 @@
-"""DetectorService over gRPC: FrameBatch in, per-frame faces out."""
+"""DetectorService over gRPC: FrameBatch in (parsed by frame_streams.register_detector), per-frame faces out."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import grpc
 from services.common.errors import InvalidArgument
 from services.common.face_types import frames_faces_to_proto
 from services.common.frame_codec import unpack_frames
+from services.common.frame_streams import DetectFrames, register_detector
+from services.common.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
 from services.detector.face_detector import FaceDetector
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
@@ -19,20 +21,21 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
         self.detector = detector
 
     async def Detect(
-        self, request: detector_pb2.DetectRequest, context: grpc.aio.ServicerContext
+        self, request: DetectFrames[FrameBatchView], context: grpc.aio.ServicerContext
     ) -> detector_pb2.DetectResponse:
-        if request.min_face_size < 0:
-            raise InvalidArgument(f"min_face_size {request.min_face_size} is negative")
-        if request.min_score < 0:
-            raise InvalidArgument(f"min_score {request.min_score} is negative")
+        options = request.options
+        if options.min_face_size < 0:
+            raise InvalidArgument(f"min_face_size {options.min_face_size} is negative")
+        if options.min_score < 0:
+            raise InvalidArgument(f"min_score {options.min_score} is negative")
         frames, indices, _ = unpack_frames(request.frames)
         faces = await self.detector.detect(
-            frames, min_face_size=request.min_face_size or None, min_score=request.min_score or None
+            frames, min_face_size=options.min_face_size or None, min_score=options.min_score or None
         )
         return detector_pb2.DetectResponse(frames=frames_faces_to_proto(indices, faces))
 
 
 def detector_binding(detector: FaceDetector) -> ServiceBinding:
     return ServiceBinding(
-        DetectorServicer(detector), detector_pb2_grpc.add_DetectorServiceServicer_to_server, SERVICE_NAME
+        DetectorServicer(detector), register_detector, SERVICE_NAME
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.frame_streams import decoder_stub, encoder_stub
+from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import open_channel
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
@@ -18,7 +18,6 @@ from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
 from services.worker.settings import SETTINGS_PREFIX, WorkerSettings
 from services.worker.source_face import JobFaceCache
 from swapline.chunks.v1 import chunks_pb2_grpc
-from swapline.detector.v1 import detector_pb2_grpc
 
 SERVICE_NAME = "worker"
 
@@ -36,7 +35,7 @@ async def run_worker(settings: WorkerSettings) -> None:
     triton = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
     stubs = StageStubs(
         decoder=decoder_stub(channels["decoder"]),
-        detector=detector_pb2_grpc.DetectorServiceStub(channels["detector"]),
+        detector=detector_stub(channels["detector"]),
         encoder=encoder_stub(channels["encoder"]),
     )
     runner = ChunkRunner(settings, stubs, CropTransferSwapper(triton), JobFaceCache())

@@ -15,15 +15,18 @@ import cv2
 import grpc
 import numpy as np
 
-from services.common.errors import Internal, from_rpc_error
+from services.common.errors import Internal, Unavailable, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
-from services.common.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
+from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
+from services.common.frame_streams import DetectFrames
 from services.common.frame_wire import FrameRun
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
 SINK_QUEUE_SIZE = 2
+# How grpc-python's debug string names a send that failed because the stream had ended.
+_SEND_FAILED = "SendMessageOperation"
 
 
 class DecoderFrameSource:
@@ -90,7 +93,8 @@ def scale_face(face: DetectedFace, scale_x: float, scale_y: float) -> DetectedFa
 
 
 class DetectorFaceFinder:
-    """DetectorService.Detect on a copy of the frames downscaled to max_side, faces scaled back.
+    """DetectorService.Detect (frame_streams.detector_stub) on a copy of the frames downscaled to max_side,
+    faces scaled back.
 
     min_face_size is in full-frame pixels and scaled with the frames (0 keeps the detector's default).
     """
@@ -125,14 +129,27 @@ class DetectorFaceFinder:
             found[message.frame_index] = [scale_face(face, scale_x, scale_y) for face in faces]
         return found
 
-    def _request(self, frames: Frames, size: tuple[int, int]) -> detector_pb2.DetectRequest:
+    def _request(self, frames: Frames, size: tuple[int, int]) -> DetectFrames[FrameRun]:
         small = downscale_frames(frames, size)
         min_face = self._min_face_size
         if min_face > 0:
             min_face = max(1, round(min_face * size[0] / frames.shape[2]))
-        return detector_pb2.DetectRequest(
-            frames=pack_frames(small, list(range(len(small)))), min_face_size=min_face
+        return DetectFrames(
+            FrameRun(small, list(range(len(small)))), detector_pb2.DetectRequest(min_face_size=min_face)
         )
+
+
+def encoder_stream_error(output_uri: str, error: grpc.aio.AioRpcError) -> Exception:
+    """The domain error for a failed EncodeSegment stream."""
+    if error.code() == grpc.StatusCode.INTERNAL and _SEND_FAILED in (error.debug_error_string() or ""):
+        # grpc/grpc#36066: when the encoder ends the stream while a frame is being sent, grpc-python
+        # may replace the encoder's status with this INTERNAL one from the failed send. The encoder
+        # did end the stream early, so the chunk is retried instead of failing its job as a bug.
+        return Unavailable(
+            f"{output_uri}: the encoder ended the segment stream while frames were being sent; "
+            "gRPC lost its status (grpc/grpc#36066)"
+        )
+    return from_rpc_error(error)
 
 
 class EncoderSegmentSink:
@@ -187,7 +204,7 @@ class EncoderSegmentSink:
         try:
             await response
         except grpc.aio.AioRpcError as error:
-            return from_rpc_error(error)
+            return encoder_stream_error(self.output_uri, error)
         return Internal("the encoder ended the segment stream before the worker closed it")
 
     async def _send(self, request: FrameRun | None) -> None:
@@ -211,6 +228,6 @@ class EncoderSegmentSink:
         try:
             result = await self._started()
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+            raise encoder_stream_error(self.output_uri, error) from error
         self.output_uri = result.output_uri or self.output_uri
         return int(result.frames)

@@ -7,9 +7,16 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import pack_frames, unpack_frames
-from services.common.frame_streams import parse_encode_segment_request, serialize_encode_segment_request
+from services.common.frame_streams import (
+    DetectFrames,
+    parse_detect_request,
+    parse_encode_segment_request,
+    serialize_detect_request,
+    serialize_encode_segment_request,
+)
 from services.common.frame_wire import FrameBatchView, FrameRun, parse_frame_batch, serialize_frame_batch
 from swapline.common.v1 import common_pb2
+from swapline.detector.v1 import detector_pb2
 from swapline.encoder.v1 import encoder_pb2
 
 
@@ -89,3 +96,28 @@ def test_a_message_repeating_the_frames_field_is_refused() -> None:
     data = serialize_encode_segment_request(FrameRun(frames(1), [0]))
     with pytest.raises(InvalidArgument, match="repeats field 2"):
         parse_encode_segment_request(data + data)
+
+
+def test_a_detect_request_round_trips_through_the_generated_message() -> None:
+    batch = frames(2)
+    options = detector_pb2.DetectRequest(min_face_size=24, min_score=0.5)
+    data = serialize_detect_request(DetectFrames(FrameRun(batch, [0, 1]), options))
+    generated = detector_pb2.DetectRequest.FromString(data)
+    assert (generated.min_face_size, generated.min_score) == (24, 0.5)
+    assert np.array_equal(unpack_frames(generated.frames)[0], batch)
+    parsed = parse_detect_request(data)
+    assert parsed.options == options
+    assert np.array_equal(unpack_frames(parsed.frames)[0], batch)
+
+
+def test_a_generated_detect_request_parses_with_its_fields_in_any_order() -> None:
+    batch = frames(1)
+    data = detector_pb2.DetectRequest(frames=pack_frames(batch, [9]), min_face_size=30).SerializeToString()
+    parsed = parse_detect_request(data)
+    assert parsed.options == detector_pb2.DetectRequest(min_face_size=30)
+    assert unpack_frames(parsed.frames)[1] == [9]
+
+
+def test_a_detect_request_without_frames_has_an_empty_batch() -> None:
+    parsed = parse_detect_request(detector_pb2.DetectRequest(min_face_size=30).SerializeToString())
+    assert (len(parsed.frames.frames), parsed.options.min_face_size) == (0, 30)
