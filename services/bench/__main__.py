@@ -52,7 +52,7 @@ async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: 
     identity = await prepare_source_identity(source_png, finder, swapper)
     results = []
     # The first run warms the models up, as the services' warm-up job does.
-    for _ in range(repeat + 1):
+    for run in range(repeat + 1):
         started = time.perf_counter()
         with SegmentWriter(output, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
             stats = await run_chunk_pipeline(
@@ -60,6 +60,7 @@ async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: 
                 LocalSegmentSink(writer), FaceSelection(mode="one"),
             )
         wall = time.perf_counter() - started
+        print(f"  in-process, {_run_name(run)}: {wall:.2f} s", flush=True)
         results.append({
             "frames": stats.frames,
             "wall_seconds": wall,
@@ -78,7 +79,7 @@ def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, r
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
         _wait(client, warmup.id)
-        for _ in range(repeat):
+        for run in range(1, repeat + 1):
             started = time.perf_counter()
             job = client.submit(source_png, target_path=video)
             finished = _wait(client, job.id)
@@ -87,6 +88,7 @@ def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, r
                 raise SystemExit(f"benchmark job failed: {finished.error.message}")
             report = json.loads(finished.report_json)
             frames = report["frames"]
+            print(f"  services, {workers} worker(s), {_run_name(run)}: {report['wall_seconds']:.2f} s", flush=True)
             results.append({
                 "frames": frames,
                 "workers": workers,
@@ -99,6 +101,10 @@ def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, r
                 "join_seconds": report["stages"]["join"]["seconds"],
             })
     return results
+
+
+def _run_name(run: int) -> str:
+    return "warm-up run" if run == 0 else f"run {run}"
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
