@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
     args = parser.parse_args(argv)
-    # The in-process run gets the allocator settings every service process applies in serve().
+    # The in-process run gets the allocator settings the frame services apply at start.
     keep_frame_buffers()
     work_dir = Path(args.workdir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ the heap top back to the kernel once more than the trim threshold lies free ther
 protobuf field, the serialised message, gRPC's copy), so each costs a page fault and a zeroed page per
 4 KiB: packing and serialising one frame took 4.1 ms, against 0.8 ms with the blocks kept on the heap
 and reused (`make bench` notes in docs/benchmarks.md). The price is resident memory that stays at its
-high-water mark (a few frame batches per stream) instead of shrinking between messages.
+high-water mark (a few frame batches per stream) instead of shrinking between messages, so only the
+processes that move frames (decoder, detector, encoder, worker) apply them, at start.
 """
 
 from __future__ import annotations

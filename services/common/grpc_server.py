@@ -14,7 +14,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.common.frame_allocator import keep_frame_buffers
 from services.common.grpc_interceptors import ErrorMappingInterceptor
 from services.common.server_settings import ServerSettings
 
@@ -94,7 +93,6 @@ async def serve(
 ) -> None:
     """Runs until SIGTERM or SIGINT, then drains. `background` coroutines run beside the server."""
     configure_logging(settings.log_level)
-    keep_frame_buffers()
     if settings.metrics_port >= 0:
         start_http_server(settings.metrics_port, addr=settings.host)
     running = await start_server(settings, bindings)

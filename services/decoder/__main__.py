@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.settings_loader import load_settings
@@ -19,6 +20,7 @@ def binding(settings: DecoderSettings) -> ServiceBinding:
 
 def main() -> None:
     settings = load_settings(DecoderSettings, ENV_PREFIX)
+    keep_frame_buffers()
     asyncio.run(serve(settings, [binding(settings)], "decoder"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_allocator import keep_frame_buffers
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
@@ -24,6 +25,7 @@ async def run(settings: DetectorSettings) -> None:
 
 def main() -> None:
     settings = load_settings(DetectorSettings, ENV_PREFIX)
+    keep_frame_buffers()
     asyncio.run(run(settings))
 
 

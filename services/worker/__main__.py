@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import open_channel
 from services.common.grpc_server import serve
@@ -64,6 +65,7 @@ async def run_worker(settings: WorkerSettings) -> None:
 
 
 def main() -> None:
+    keep_frame_buffers()
     asyncio.run(run_worker(load_settings(WorkerSettings, SETTINGS_PREFIX)))
 
 
