@@ -18,20 +18,16 @@ import grpc
 from services.common.frame_wire import (
     FrameBatchView,
     FrameRun,
-    frame_batch_field,
     parse_frame_batch,
     serialize_frame_batch,
     serialize_frame_batch_field,
     split_frame_batch_field,
 )
-from services.common.grpc_codecs import MethodCodec, register_with_codecs
-from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from services.common.grpc_codecs import MethodCodec, register_with_codecs, stub_with_codecs
+from swapline.decoder.v1 import decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
-DECODER_SERVICE = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
-ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
-DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
 _ENCODE_FRAMES_FIELD = encoder_pb2.EncodeSegmentRequest.DESCRIPTOR.fields_by_name["frames"].number
 _DETECT_FRAMES_FIELD = detector_pb2.DetectRequest.DESCRIPTOR.fields_by_name["frames"].number
 
@@ -45,7 +41,7 @@ def serialize_encode_segment_request(message: encoder_pb2.EncodeSegmentRequest |
 
 
 def parse_encode_segment_request(data: bytes) -> EncodeSegmentMessage:
-    frames = frame_batch_field(_ENCODE_FRAMES_FIELD, data)
+    frames, _ = split_frame_batch_field(_ENCODE_FRAMES_FIELD, data)
     return frames if frames is not None else encoder_pb2.EncodeSegmentRequest.FromString(data)
 
 
@@ -70,45 +66,33 @@ def parse_detect_request(data: bytes) -> DetectFrames[FrameBatchView]:
     return DetectFrames(frames or FrameBatchView(0, 0, []), detector_pb2.DetectRequest.FromString(rest))
 
 
-register_decoder = register_with_codecs(
-    decoder_pb2_grpc.add_DecoderServiceServicer_to_server,
-    {"Decode": MethodCodec(response_serializer=serialize_frame_batch)},
-)
-register_encoder = register_with_codecs(
-    encoder_pb2_grpc.add_EncoderServiceServicer_to_server,
-    {"EncodeSegment": MethodCodec(request_deserializer=parse_encode_segment_request)},
-)
+_DECODER_CODECS = {
+    "Decode": MethodCodec(response_serializer=serialize_frame_batch, response_deserializer=parse_frame_batch)
+}
+_ENCODER_CODECS = {
+    "EncodeSegment": MethodCodec(
+        request_serializer=serialize_encode_segment_request, request_deserializer=parse_encode_segment_request
+    )
+}
+_DETECTOR_CODECS = {
+    "Detect": MethodCodec(request_serializer=serialize_detect_request, request_deserializer=parse_detect_request)
+}
 
-register_detector = register_with_codecs(
-    detector_pb2_grpc.add_DetectorServiceServicer_to_server,
-    {"Detect": MethodCodec(request_deserializer=parse_detect_request)},
-)
+register_decoder = register_with_codecs(decoder_pb2_grpc.add_DecoderServiceServicer_to_server, _DECODER_CODECS)
+register_encoder = register_with_codecs(encoder_pb2_grpc.add_EncoderServiceServicer_to_server, _ENCODER_CODECS)
+register_detector = register_with_codecs(detector_pb2_grpc.add_DetectorServiceServicer_to_server, _DETECTOR_CODECS)
 
 
 def decoder_stub(channel: grpc.aio.Channel) -> decoder_pb2_grpc.DecoderServiceStub:
     """A DecoderServiceStub whose Decode yields FrameBatchViews."""
-    stub = decoder_pb2_grpc.DecoderServiceStub(channel)
-    stub.Decode = channel.unary_stream(
-        f"/{DECODER_SERVICE}/Decode", decoder_pb2.DecodeRequest.SerializeToString, parse_frame_batch
-    )
-    return stub
+    return stub_with_codecs(decoder_pb2_grpc.DecoderServiceStub, channel, _DECODER_CODECS)
 
 
 def encoder_stub(channel: grpc.aio.Channel) -> encoder_pb2_grpc.EncoderServiceStub:
     """An EncoderServiceStub whose EncodeSegment takes the header message, then FrameRuns."""
-    stub = encoder_pb2_grpc.EncoderServiceStub(channel)
-    stub.EncodeSegment = channel.stream_unary(
-        f"/{ENCODER_SERVICE}/EncodeSegment",
-        serialize_encode_segment_request,
-        encoder_pb2.EncodeSegmentResponse.FromString,
-    )
-    return stub
+    return stub_with_codecs(encoder_pb2_grpc.EncoderServiceStub, channel, _ENCODER_CODECS)
 
 
 def detector_stub(channel: grpc.aio.Channel) -> detector_pb2_grpc.DetectorServiceStub:
     """A DetectorServiceStub whose Detect takes a DetectFrames."""
-    stub = detector_pb2_grpc.DetectorServiceStub(channel)
-    stub.Detect = channel.unary_unary(
-        f"/{DETECTOR_SERVICE}/Detect", serialize_detect_request, detector_pb2.DetectResponse.FromString
-    )
-    return stub
+    return stub_with_codecs(detector_pb2_grpc.DetectorServiceStub, channel, _DETECTOR_CODECS)

@@ -198,8 +198,3 @@ def split_frame_batch_field(field: int, data: Buffer) -> tuple[FrameBatchView | 
             found = value
     return None if found is None else parse_frame_batch(found), b"".join(rest)
 
-
-def frame_batch_field(field: int, data: Buffer) -> FrameBatchView | None:
-    """The FrameBatch in field `field` of a serialised message; None if absent."""
-    frames, _ = split_frame_batch_field(field, data)
-    return frames

@@ -16,6 +16,7 @@ short explicit transaction (autocommit off). What sharing the database changes:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -51,6 +52,12 @@ POSTGRES_DIALECT = SqlDialect(
 _LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(?, 0)"
 _CLAIM_JOIN = "SELECT pg_try_advisory_lock(?, hashtext(?)) AS claimed"
 _RELEASE_JOIN = "SELECT pg_advisory_unlock(?, hashtext(?)) AS released"
+
+
+@functools.cache
+def _pyformat(statement: str) -> str:
+    """The shared statements' ? placeholders as psycopg's %s; each statement is rewritten once."""
+    return statement.replace("?", "%s")
 
 
 def libpq_url(database_url: str) -> str:
@@ -101,14 +108,14 @@ class PostgresJobStore(SqlJobStore):
         return self._transaction()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
-        return self._db.execute(sql.replace("?", "%s"), params).fetchall()
+        return self._db.execute(_pyformat(sql), params).fetchall()
 
     def _change(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return self._db.execute(sql.replace("?", "%s"), params).rowcount
+        return self._db.execute(_pyformat(sql), params).rowcount
 
     def _change_many(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
         with self._db.cursor() as cursor:
-            cursor.executemany(sql.replace("?", "%s"), params)
+            cursor.executemany(_pyformat(sql), params)
 
     def _claim_join(self, job_id: str) -> None:
         if job_id in self._claimed_joins:

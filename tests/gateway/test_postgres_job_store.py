@@ -15,8 +15,9 @@ from services.common.errors import Unavailable
 from services.gateway.job_records import ChunkRecord, ChunkStats
 from services.gateway.job_store import open_job_store
 from services.gateway.postgres_job_store import PostgresJobStore
+from services.triton.server_process import free_ports
 from tests.gateway.gateway_fakes import job_record, planned_chunks
-from tests.support.postgres_server import free_loopback_port, session_postgres
+from tests.support.postgres_server import session_postgres
 
 StoreOpener = Callable[[], PostgresJobStore]
 
@@ -177,7 +178,7 @@ def test_open_job_store_picks_postgres_by_scheme(database: str, tmp_path: Path) 
 def test_an_unreachable_server_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="cannot connect to the PostgreSQL job store"):
         PostgresJobStore(
-            f"postgresql://postgres@127.0.0.1:{free_loopback_port()}/none", connect_timeout_seconds=2
+            f"postgresql://postgres@127.0.0.1:{free_ports(1)[0]}/none", connect_timeout_seconds=2
         )
 
 

@@ -13,7 +13,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+
+from services.triton.server_process import free_ports
 
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SERVICE_USER = "postgres"
@@ -46,12 +47,6 @@ def postgres_bin_dir() -> Path:
             f"no {POSTGRES_BIN_GLOB}: install Debian's postgresql package (`make install` does)"
         )
     return candidates[-1]
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ def _init_cluster(root: Path, run_as: _RunAs) -> Path:
 def _start_once(
     root: Path, data_dir: Path, run_as: _RunAs, attempt: int, timeout_seconds: float
 ) -> PostgresServer:
-    port = free_loopback_port()
+    (port,) = free_ports(1)
     log_path = root / f"postgres-{attempt}.log"
     command = [
         str(postgres_bin_dir() / "postgres"),
