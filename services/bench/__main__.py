@@ -1,8 +1,9 @@
 """`make bench`: end-to-end fps through the services, and the same frames in one process.
 
 Both runs use the same video (the demo's: 5 s, 720p, 25 fps, one face), the same ONNX models and
-the same chunk pipeline code; the difference is the gRPC hops and process boundaries, printed as
-a ratio. For the services, "wall seconds" runs from submit to the final progress event (upload,
+the same chunk pipeline code, and do the same work: the source face's identity, every frame, and
+the output joined with the original audio; the difference is the gRPC hops, process boundaries and
+chunking, printed as a ratio. For the services, "wall seconds" runs from submit to the final progress event (upload,
 validation, report and chart included); "pipeline seconds" is the job's own window from its first
 chunk lease to the end of the join, the same work the in-process run times, and the ratio uses it.
 Each column is the median of --repeat runs (after a warm-up run), with the spread of all runs beside
@@ -25,13 +26,20 @@ import numpy as np
 from services.bench.frame_hop import measure_hops
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
 from services.cli import sample_media
-from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY, EmbeddedStack, StackOptions
+from services.cli.embedded_stack import (
+    DEFAULT_MODEL_REPOSITORY,
+    FRAME_TRANSPORTS,
+    EmbeddedStack,
+    FrameTransport,
+    StackOptions,
+)
 from services.cli.job_client import JobClient
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
+from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
 from services.triton.local_models import LocalModels
 from services.worker.chunk_pipeline import run_chunk_pipeline
@@ -45,20 +53,23 @@ BATCH_SIZE = 8
 
 
 async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: int) -> list[dict[str, Any]]:
+    """The services' job window in one process: the source face, every frame, and the output with audio."""
     info = probe_media(video)
     models = LocalModels(DEFAULT_MODEL_REPOSITORY, intra_op_threads=StackOptions.triton_intra_op_threads)
     finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
     swapper = CropTransferSwapper(models)
-    identity = await prepare_source_identity(source_png, finder, swapper)
+    segment = output.with_suffix(".segment.mp4")
     results = []
     # The first run warms the models up, as the services' warm-up job does.
     for run in range(repeat + 1):
         started = time.perf_counter()
-        with SegmentWriter(output, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
+        identity = await prepare_source_identity(source_png, finder, swapper)
+        with SegmentWriter(segment, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
             stats = await run_chunk_pipeline(
                 LocalFrameSource(video, info.frame_count, BATCH_SIZE), finder, swapper, identity,
                 LocalSegmentSink(writer), FaceSelection(mode="one"),
             )
+        await asyncio.to_thread(join_segments, [segment], output, video)
         wall = time.perf_counter() - started
         print(f"  in-process, {_run_name(run)}: {wall:.2f} s", flush=True)
         results.append({
@@ -72,9 +83,12 @@ async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: 
     return results[1:]
 
 
-def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, repeat: int) -> list[dict[str, Any]]:
+def service_runs(
+    video: Path, source_png: bytes, work_dir: Path, workers: int, transport: FrameTransport, repeat: int
+) -> list[dict[str, Any]]:
     options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=workers,
-                           worker_batch_size=BATCH_SIZE)
+                           worker_batch_size=BATCH_SIZE, frame_transport=transport)
+    name = f"services, {workers} worker(s), {transport}"
     results = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
@@ -88,7 +102,7 @@ def service_runs(video: Path, source_png: bytes, work_dir: Path, workers: int, r
                 raise SystemExit(f"benchmark job failed: {finished.error.message}")
             report = json.loads(finished.report_json)
             frames = report["frames"]
-            print(f"  services, {workers} worker(s), {_run_name(run)}: {report['wall_seconds']:.2f} s", flush=True)
+            print(f"  {name}, {_run_name(run)}: {report['wall_seconds']:.2f} s", flush=True)
             results.append({
                 "frames": frames,
                 "workers": workers,
@@ -122,7 +136,7 @@ def _wait(client: JobClient, job_id: str) -> jobs_pb2.Job:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     columns = list(results)
-    print(f"{'':24}" + "".join(f"{name:>22}" for name in columns))
+    print(f"{'':24}" + "".join(f"{name.removeprefix('services, '):>22}" for name in columns))
     print(f"{'end-to-end fps':24}" + "".join(f"{results[n]['fps']:>22.2f}" for n in columns))
     print(f"{'pipeline fps':24}" + "".join(f"{results[n]['pipeline_fps']:>22.2f}" for n in columns))
     print(f"{'pipeline seconds':24}" + "".join(f"{results[n]['pipeline_seconds']:>22.2f}" for n in columns))
@@ -137,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__)
     parser.add_argument("--workdir", default="build/bench")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--transports", nargs="+", choices=FRAME_TRANSPORTS, default=list(FRAME_TRANSPORTS),
+                        help="how workers reach the frame services; the embedded stack's default is unix")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
     args = parser.parse_args(argv)
     # The in-process run gets the allocator settings the frame services apply at start.
@@ -158,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     video_frames = np.concatenate([frames for frames, _, _ in batches])
     hops = measure_hops(video_frames, BATCH_SIZE, args.repeat)
     del video_frames
-    for workers in args.workers:
-        results[f"services, {workers} worker(s)"] = median_run(
-            service_runs(video, source_png, work_dir / f"stack-{workers}", workers, args.repeat)
-        )
+    for transport in args.transports:
+        for workers in args.workers:
+            results[f"services, {workers} worker(s), {transport}"] = median_run(
+                service_runs(video, source_png, work_dir / f"stack-{workers}", workers, transport, args.repeat)
+            )
     print_table(results)
     baseline = results["in-process"]["pipeline_seconds"]
     for name, result in results.items():

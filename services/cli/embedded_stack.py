@@ -2,6 +2,8 @@
 
 Used by `swapline run` (when SWAPLINE_GATEWAY is not set), `swapline up`, the end-to-end tests and
 the benchmark. Services listen on port 0 and print the port they bound; the stack reads it back.
+The frame services (decoder, detector, encoder) also listen on Unix sockets, which their clients use
+by default: every process is on this machine, and raw frames then skip the TCP stack.
 """
 
 from __future__ import annotations
@@ -10,20 +12,26 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal, get_args
 
 from services.common.errors import Unavailable
 from services.triton.server_process import EmbeddedTriton, free_ports
 
 log = logging.getLogger(__name__)
+
+FrameTransport = Literal["unix", "tcp"]
+FRAME_TRANSPORTS: tuple[FrameTransport, ...] = get_args(FrameTransport)
+FRAME_SERVICES = ("decoder", "detector", "encoder")
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "triton_models"
@@ -83,6 +91,15 @@ def start_service(name: str, env: Mapping[str, str], log_dir: Path) -> ServicePr
     return service
 
 
+def frame_service_sockets(socket_dir: Path | None) -> dict[str, tuple[dict[str, str], str]]:
+    """Per frame service: the environment that makes it listen on a Unix socket in socket_dir, and the
+    target its clients use ("": its TCP address). No socket_dir: TCP only."""
+    if socket_dir is None:
+        return {name: ({}, "") for name in FRAME_SERVICES}
+    paths = {name: socket_dir / f"{name}.sock" for name in FRAME_SERVICES}
+    return {name: ({f"SWAPLINE_{name.upper()}_UNIX_SOCKET": str(path)}, f"unix:{path}") for name, path in paths.items()}
+
+
 def _server_env(prefix: str, port: int = 0) -> dict[str, str]:
     return {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": "0"}
 
@@ -98,6 +115,8 @@ class StackOptions:
     # One onnxruntime thread per model instance: the CPU models serve small requests, and four
     # model processes beside the services would otherwise contend for the same cores.
     triton_intra_op_threads: int = 1
+    # How workers and the gateway reach the frame services: "tcp" is how a cluster's pods do.
+    frame_transport: FrameTransport = "unix"
     startup_timeout: float = 120.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -114,6 +133,8 @@ class EmbeddedStack:
         self.triton: EmbeddedTriton | None = None
         self.services: dict[str, ServiceProcess] = {}
         self.log_dir = options.work_dir / "logs"
+        # Not under work_dir: a Unix socket path must stay within 107 bytes.
+        self._socket_dir: Path | None = None
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-start")
 
     @property
@@ -151,10 +172,17 @@ class EmbeddedStack:
         try:
             triton_ready = self._starter.submit(self.triton.start)
             triton_url = self.triton.grpc_url
+            sockets = self._frame_sockets()
+            frame_service_env = {
+                "decoder": {"SWAPLINE_DECODER_MEDIA_ROOT": media_root},
+                "encoder": {"SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
+                "detector": {"SWAPLINE_DETECTOR_TRITON_URL": triton_url},
+            }
             self._start_tier({
-                "decoder": {**_server_env("SWAPLINE_DECODER_"), "SWAPLINE_DECODER_MEDIA_ROOT": media_root},
-                "encoder": {**_server_env("SWAPLINE_ENCODER_"), "SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
-                "detector": {**_server_env("SWAPLINE_DETECTOR_"), "SWAPLINE_DETECTOR_TRITON_URL": triton_url},
+                **{
+                    name: {**_server_env(f"SWAPLINE_{name.upper()}_"), **sockets[name][0], **env}
+                    for name, env in frame_service_env.items()
+                },
                 "exporter": {
                     **_server_env("SWAPLINE_EXPORTER_"),
                     "SWAPLINE_EXPORTER_TREND_DIR": str(self.trend_dir),
@@ -166,9 +194,7 @@ class EmbeddedStack:
             # The gateway and the advisor call each other: the advisor's port is chosen first.
             advisor_address = f"127.0.0.1:{free_ports(1)[0]}"
             targets = {
-                "DECODER_TARGET": self.services["decoder"].address,
-                "DETECTOR_TARGET": self.services["detector"].address,
-                "ENCODER_TARGET": self.services["encoder"].address,
+                f"{name.upper()}_TARGET": sockets[name][1] or self.services[name].address for name in FRAME_SERVICES
             }
             self._start_tier({
                 "gateway": {
@@ -204,6 +230,11 @@ class EmbeddedStack:
             raise
         return self
 
+    def _frame_sockets(self) -> dict[str, tuple[dict[str, str], str]]:
+        if self.options.frame_transport == "unix":
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="swapline-"))
+        return frame_service_sockets(self._socket_dir)
+
     def stop(self, timeout: float = 20.0) -> None:
         for service in reversed(list(self.services.values())):
             if service.process.poll() is None:
@@ -219,6 +250,9 @@ class EmbeddedStack:
         if self.triton is not None:
             self.triton.stop()
             self.triton = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

@@ -79,6 +79,11 @@ async def start_server(settings: ServerSettings, bindings: Sequence[ServiceBindi
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
+    if settings.unix_socket:
+        try:
+            server.add_insecure_port(f"unix:{settings.unix_socket}")
+        except RuntimeError as error:
+            raise OSError(f"could not listen on the unix socket {settings.unix_socket}: {error}") from error
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

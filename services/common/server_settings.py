@@ -12,6 +12,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 0
+    # A Unix socket path to listen on as well (empty: none). Clients on the same machine reach it
+    # as `unix:<path>`: raw frames skip the TCP stack (about 10% of a frame hop's CPU on loopback).
+    unix_socket: str = ""
     metrics_port: int = 0
     # Seconds in-flight calls get to finish after SIGTERM; the chart's grace period is longer.
     drain_seconds: float = 10.0

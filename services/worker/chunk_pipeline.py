@@ -72,6 +72,9 @@ class ChunkStats:
     started_at: float = 0.0
     finished_at: float = 0.0
     skipped_faces: int = 0  # faces whose landmarks no similarity transform fits
+    # Set once the last frame is handed to the sink. What is left is the encoder flushing its
+    # lookahead (a few hundred ms of libx264 at 720p), which the worker overlaps with its next chunk.
+    frames_sent: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def busiest_stage(self) -> StageName:
         """The stage that has taken the most time so far: the chunk's bottleneck."""
@@ -243,6 +246,7 @@ async def run_chunk_pipeline(
                 await sink.write(batch.frames)
             for index, faces in zip(batch.indices, batch.faces_per_frame, strict=True):
                 live.record_frame(index, faces)
+        live.frames_sent.set()
         with clock.timing("encode"):
             written = await sink.close()
         if written != live.frames:

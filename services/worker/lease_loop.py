@@ -4,8 +4,12 @@ Every ended chunk is reported exactly once: CompleteChunk with its stats, or Fai
 error's status code, retryable when trying again may pass (services.common.errors.RETRYABLE_CODES).
 A heartbeat answered with stop (job cancelled, lease lapsed) cancels the chunk and reports
 nothing: the lease is no longer this worker's. On shutdown (the loop's task is cancelled) no new
-chunk is leased; the chunk in hand gets `drain_seconds` to finish and is otherwise failed as
+chunk is leased; each chunk in hand gets `drain_seconds` to finish and is otherwise failed as
 retryable, so another worker takes it at once instead of after the lease lapses.
+
+A slot leases its next chunk once the current one has sent its last frame to the encoder, so the
+encoder's flush of one segment overlaps the next chunk's decode and detection instead of leaving
+the worker idle; a slot then holds two chunks, one computing and one finishing.
 """
 
 from __future__ import annotations
@@ -76,6 +80,17 @@ def failure_status(error: BaseException) -> tuple[common_pb2.ErrorStatus, bool]:
     return common_pb2.ErrorStatus(code=code_value(code), message=message), code in RETRYABLE_CODES
 
 
+async def _until_frames_sent(handled: asyncio.Task[None], stats: ChunkStats) -> None:
+    """Returns when the chunk has handed its last frame to the encoder or has ended; raises what it raised."""
+    sent = asyncio.create_task(stats.frames_sent.wait())
+    try:
+        await asyncio.wait({handled, sent}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sent.cancel()
+    if handled.done():
+        handled.result()
+
+
 class LeaseLoop:
     def __init__(
         self,
@@ -107,11 +122,35 @@ class LeaseLoop:
             raise
 
     async def _slot(self) -> None:
+        """Leases the next chunk as soon as the current one has sent its last frame.
+
+        The chunk before then finishes (the encoder flushes its segment, the worker reports) beside
+        the next one's decode and detection, so a slot holds at most one chunk in each phase.
+        """
         backoff = Backoff(self._settings.backoff_initial_seconds, self._settings.backoff_max_seconds)
-        while True:
-            lease = await self._lease(backoff)
-            if lease is not None:
-                await self.handle_lease(lease)
+        finishing: asyncio.Task[None] | None = None
+        handled: asyncio.Task[None] | None = None
+        try:
+            while True:
+                lease = await self._lease(backoff)
+                if lease is None:
+                    continue
+                stats = ChunkStats()
+                handled = asyncio.create_task(self.handle_lease(lease, stats), name=f"lease-{lease.lease_id}")
+                await _until_frames_sent(handled, stats)
+                if finishing is not None:
+                    # wait() leaves the task alone if this slot is cancelled meanwhile: it drains below.
+                    await asyncio.wait({finishing})
+                    finishing.result()
+                finishing, handled = (None, None) if handled.done() else (handled, None)
+        except asyncio.CancelledError:
+            # Each chunk still in hand drains (or is given back) on its own cancellation.
+            live = [task for task in (finishing, handled) if task is not None and not task.done()]
+            for task in live:
+                task.cancel()
+            if live:
+                await asyncio.wait(live)
+            raise
 
     async def _lease(self, backoff: Backoff) -> chunks_pb2.ChunkLease | None:
         if self._ready is not None and not await self._ready():
@@ -136,10 +175,9 @@ class LeaseLoop:
         backoff.reset()
         return response.lease if response.has_lease else None
 
-    async def handle_lease(self, lease: chunks_pb2.ChunkLease) -> None:
-        """Runs one leased chunk to its end and reports it."""
+    async def handle_lease(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> None:
+        """Runs one leased chunk to its end and reports it; `stats` fills in as it runs."""
         log.info("chunk %d of job %s leased (attempt %d)", lease.chunk_index, lease.job_id, lease.attempt)
-        stats = ChunkStats()
         chunk = asyncio.create_task(self._run_chunk(lease, stats), name=f"chunk-{lease.lease_id}")
         stop_reasons: list[str] = []
         heartbeat = asyncio.create_task(self._heartbeat(lease, stats, chunk, stop_reasons))

@@ -164,11 +164,50 @@ def test_stages_overlap_decode_runs_ahead_of_detect() -> None:
     assert asyncio.run(scenario()).frames == 9
 
 
+class _FlagWatchingSink(_CollectingSink):
+    """Records whether the chunk said "frames sent" at each write and at close."""
+
+    def __init__(self, stats: ChunkStats) -> None:
+        super().__init__()
+        self.stats = stats
+        self.flag_at_writes: list[bool] = []
+        self.flag_at_close: bool | None = None
+
+    async def write(self, frames: Frames) -> None:
+        self.flag_at_writes.append(self.stats.frames_sent.is_set())
+        await super().write(frames)
+
+    async def close(self) -> int:
+        self.flag_at_close = self.stats.frames_sent.is_set()
+        return await super().close()
+
+
+def test_frames_sent_is_set_after_the_last_write_and_before_the_segment_closes() -> None:
+    async def scenario() -> _FlagWatchingSink:
+        stats = ChunkStats()
+        sink = _FlagWatchingSink(stats)
+        pipeline = run_chunk_pipeline(
+            _PhotoSource(frames=7), _KnownFaces(), _InvertingSwapper(), _identity(), sink, FaceSelection("one"), stats
+        )
+        await asyncio.wait_for(pipeline, timeout=20)
+        return sink
+
+    sink = asyncio.run(scenario())
+    assert sink.flag_at_writes == [False, False, False]
+    assert sink.flag_at_close is True
+
+
 def test_a_detector_error_propagates_and_ends_the_pipeline() -> None:
-    sink = _CollectingSink()
+    stats = ChunkStats()
+    sink = _FlagWatchingSink(stats)
+    pipeline = run_chunk_pipeline(
+        _PhotoSource(frames=12), _KnownFaces(fail_on_call=2), _InvertingSwapper(), _identity(), sink,
+        FaceSelection("one"), stats,
+    )
     with pytest.raises(Unavailable, match="detector went away"):
-        _run(_PhotoSource(frames=12), _KnownFaces(fail_on_call=2), _InvertingSwapper(), sink)
+        asyncio.run(asyncio.wait_for(pipeline, timeout=20))
     assert not sink.closed
+    assert not stats.frames_sent.is_set()
 
 
 def test_cancelling_the_pipeline_stops_every_stage() -> None:

@@ -76,6 +76,16 @@ def _run_until_leases_are_used(queue: _FakeQueue, run_chunk: Any) -> None:
     asyncio.run(scenario())
 
 
+async def _shut_down_when(
+    event: asyncio.Event, queue: _FakeQueue, run_chunk: Any, settings: LeaseLoopSettings | None = None
+) -> None:
+    """Runs the loop until `event` is set, then shuts it down as SIGTERM does and waits for its drain."""
+    task = asyncio.create_task(LeaseLoop(queue, run_chunk, settings or _settings()).run())
+    await asyncio.wait_for(event.wait(), timeout=10)
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
+
+
 def _leased() -> chunks_pb2.LeaseChunkResponse:
     return chunks_pb2.LeaseChunkResponse(has_lease=True, lease=LEASE)
 
@@ -151,10 +161,7 @@ def test_shutdown_gives_an_unfinished_chunk_back_as_retryable() -> None:
             return stats
 
         queue = _FakeQueue([_leased()])
-        task = asyncio.create_task(LeaseLoop(queue, run_chunk, _settings()).run())
-        await asyncio.wait_for(started.wait(), timeout=10)
-        task.cancel()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
+        await _shut_down_when(started, queue, run_chunk)
         return queue
 
     queue = asyncio.run(scenario())
@@ -173,10 +180,7 @@ def test_shutdown_lets_a_chunk_that_finishes_in_time_complete() -> None:
 
         queue = _FakeQueue([_leased()])
         settings = LeaseLoopSettings(worker_id="w", heartbeat_seconds=10, drain_seconds=10)
-        task = asyncio.create_task(LeaseLoop(queue, run_chunk, settings).run())
-        await asyncio.wait_for(started.wait(), timeout=10)
-        task.cancel()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
+        await _shut_down_when(started, queue, run_chunk, settings)
         return queue
 
     queue = asyncio.run(scenario())
@@ -198,3 +202,68 @@ def test_backoff_grows_to_its_ceiling_and_resets() -> None:
     assert all(ceiling / 2 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def _lease(number: int) -> chunks_pb2.LeaseChunkResponse:
+    lease = chunks_pb2.ChunkLease(lease_id=f"lease-{number}", job_id="job-1", chunk_index=number)
+    return chunks_pb2.LeaseChunkResponse(has_lease=True, lease=lease)
+
+
+def test_the_next_chunk_is_leased_while_the_last_one_finishes_its_segment() -> None:
+    first_done = asyncio.Event()
+    completed_when_second_started: list[list[str]] = []
+    queue = _FakeQueue([_lease(1), _lease(2)])
+
+    async def run_chunk(lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+        if lease.lease_id == "lease-1":
+            stats.frames_sent.set()
+            await first_done.wait()
+        else:
+            completed_when_second_started.append([request.lease_id for request in queue.completed])
+            first_done.set()
+        return stats
+
+    _run_until_leases_are_used(queue, run_chunk)
+    assert completed_when_second_started == [[]]
+    assert sorted(request.lease_id for request in queue.completed) == ["lease-1", "lease-2"]
+
+
+def test_a_slot_holds_at_most_one_finishing_chunk_beside_the_computing_one() -> None:
+    running: list[str] = []
+    most_at_once = 0
+
+    async def run_chunk(lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+        nonlocal most_at_once
+        running.append(lease.lease_id)
+        most_at_once = max(most_at_once, len(running))
+        stats.frames_sent.set()
+        for _ in range(20):  # the encoder's flush: control returns to the loop many times
+            await asyncio.sleep(0)
+        running.remove(lease.lease_id)
+        return stats
+
+    queue = _FakeQueue([_lease(number) for number in range(1, 6)])
+    _run_until_leases_are_used(queue, run_chunk)
+    assert most_at_once == 2
+    assert len(queue.completed) == 5
+
+
+def test_shutdown_drains_both_the_finishing_and_the_computing_chunk() -> None:
+    async def scenario() -> _FakeQueue:
+        second_started = asyncio.Event()
+
+        async def run_chunk(lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+            if lease.lease_id == "lease-1":
+                stats.frames_sent.set()
+            else:
+                second_started.set()
+            await asyncio.Event().wait()
+            return stats
+
+        queue = _FakeQueue([_lease(1), _lease(2)])
+        await _shut_down_when(second_started, queue, run_chunk)
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert sorted(request.lease_id for request in queue.failed) == ["lease-1", "lease-2"]
+    assert all(request.retryable for request in queue.failed)
