@@ -2,12 +2,14 @@
 
 Both runs use the same video (the demo's: 5 s, 720p, 25 fps, one face), the same ONNX models and
 the same chunk pipeline code, and do the same work: the source face's identity, every frame, and
-the output joined with the original audio; the difference is the gRPC hops, process boundaries and
-chunking, printed as a ratio. For the services, "wall seconds" runs from submit to the final progress event (upload,
-validation, report and chart included); "pipeline seconds" is the job's own window from its first
-chunk lease to the end of the join, the same work the in-process run times, and the ratio uses it.
-Each column is the median of --repeat runs (after a warm-up run), with the spread of all runs beside
-it. One frame hop is also timed alone (frame_hop.py). Results also go to <workdir>/bench.json.
+the output joined with the original audio. The difference is the gRPC hops, the process boundaries
+and the chunking, printed as a ratio. For the services, "wall seconds" runs from submit to the
+final progress event (upload, validation, report and chart included); "pipeline seconds" is the
+job's own window from its first chunk lease to the end of the join, the same work the in-process
+run times, and the ratio uses it. Each services job is paired with an in-process run just before
+it and the ratio is the median of the pairs' ratios, so the VM's drift in speed cancels; each
+column shows its median run (after a warm-up run) with the spread of all runs beside it. One frame
+hop is also timed alone (frame_hop.py). Results also go to <workdir>/bench.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,48 +55,59 @@ DETECT_MAX_SIDE = 640
 BATCH_SIZE = 8
 
 
-async def in_process_runs(video: Path, source_png: bytes, output: Path, repeat: int) -> list[dict[str, Any]]:
+class InProcessJob:
     """The services' job window in one process: the source face, every frame, and the output with audio."""
-    info = probe_media(video)
-    models = LocalModels(DEFAULT_MODEL_REPOSITORY, intra_op_threads=StackOptions.triton_intra_op_threads)
-    finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
-    swapper = CropTransferSwapper(models)
-    segment = output.with_suffix(".segment.mp4")
-    results = []
-    # The first run warms the models up, as the services' warm-up job does.
-    for run in range(repeat + 1):
+
+    def __init__(self, video: Path, source_png: bytes, output: Path) -> None:
+        self._video, self._source_png, self._output = video, source_png, output
+        self._info = probe_media(video)
+        models = LocalModels(DEFAULT_MODEL_REPOSITORY, intra_op_threads=StackOptions.triton_intra_op_threads)
+        self._finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
+        self._swapper = CropTransferSwapper(models)
+
+    async def _run(self) -> dict[str, Any]:
+        info, segment = self._info, self._output.with_suffix(".segment.mp4")
         started = time.perf_counter()
-        identity = await prepare_source_identity(source_png, finder, swapper)
+        identity = await prepare_source_identity(self._source_png, self._finder, self._swapper)
         with SegmentWriter(segment, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
             stats = await run_chunk_pipeline(
-                LocalFrameSource(video, info.frame_count, BATCH_SIZE), finder, swapper, identity,
+                LocalFrameSource(self._video, info.frame_count, BATCH_SIZE), self._finder, self._swapper, identity,
                 LocalSegmentSink(writer), FaceSelection(mode="one"),
             )
-        await asyncio.to_thread(join_segments, [segment], output, video)
+        await asyncio.to_thread(join_segments, [segment], self._output, self._video)
         wall = time.perf_counter() - started
-        print(f"  in-process, {_run_name(run)}: {wall:.2f} s", flush=True)
-        results.append({
+        return {
             "frames": stats.frames,
             "wall_seconds": wall,
             "pipeline_seconds": wall,
             "fps": stats.frames / wall,
             "pipeline_fps": stats.frames / wall,
             "ms_per_frame": {stage: 1000 * stats.stage_seconds[stage] / stats.frames for stage in STAGE_NAMES},
-        })
-    return results[1:]
+        }
+
+    def run(self, name: str) -> dict[str, Any]:
+        result = asyncio.run(self._run())
+        print(f"  in-process, {name}: {result['pipeline_seconds']:.2f} s", flush=True)
+        return result
 
 
-def service_runs(
-    video: Path, source_png: bytes, work_dir: Path, workers: int, transport: FrameTransport, repeat: int
-) -> list[dict[str, Any]]:
+def paired_runs(
+    video: Path, source_png: bytes, work_dir: Path, workers: int, transport: FrameTransport, repeat: int,
+    in_process: InProcessJob,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(in-process run, services job) pairs, each in-process run right before its job.
+
+    The VM's speed drifts by 10-20% over minutes; a ratio within a pair cancels most of that drift.
+    """
     options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=workers,
                            worker_batch_size=BATCH_SIZE, frame_transport=transport)
     name = f"services, {workers} worker(s), {transport}"
-    results = []
+    pairs = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
         _wait(client, warmup.id)
         for run in range(1, repeat + 1):
+            baseline = in_process.run(f"before {name} run {run}")
             started = time.perf_counter()
             job = client.submit(source_png, target_path=video)
             finished = _wait(client, job.id)
@@ -102,8 +116,8 @@ def service_runs(
                 raise SystemExit(f"benchmark job failed: {finished.error.message}")
             report = json.loads(finished.report_json)
             frames = report["frames"]
-            print(f"  {name}, {_run_name(run)}: {report['wall_seconds']:.2f} s", flush=True)
-            results.append({
+            print(f"  {name}, run {run}: {report['wall_seconds']:.2f} s", flush=True)
+            pairs.append((baseline, {
                 "frames": frames,
                 "workers": workers,
                 "wall_seconds": wall,
@@ -113,12 +127,8 @@ def service_runs(
                 "chunks": report["chunks"],
                 "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
                 "join_seconds": report["stages"]["join"]["seconds"],
-            })
-    return results
-
-
-def _run_name(run: int) -> str:
-    return "warm-up run" if run == 0 else f"run {run}"
+            }))
+    return pairs
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -166,27 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     info = probe_media(video)
     print(f"video: {video.name}, {info.width}x{info.height}, {info.fps:g} fps, {info.frame_count} frames", flush=True)
 
-    results: dict[str, dict[str, Any]] = {}
-    results["in-process"] = median_run(
-        asyncio.run(in_process_runs(video, source_png, work_dir / "in-process.mp4", args.repeat))
-    )
+    in_process = InProcessJob(video, source_png, work_dir / "in-process.mp4")
+    # The first run warms the models up, as the services' warm-up job does.
+    in_process.run("warm-up run")
     batches = iter_frame_batches(video, 0, 0, info.frame_count, BATCH_SIZE)
     video_frames = np.concatenate([frames for frames, _, _ in batches])
     hops = measure_hops(video_frames, BATCH_SIZE, args.repeat)
     del video_frames
+    baselines: list[dict[str, Any]] = []
+    columns: dict[str, dict[str, Any]] = {}
     for transport in args.transports:
         for workers in args.workers:
-            results[f"services, {workers} worker(s), {transport}"] = median_run(
-                service_runs(video, source_png, work_dir / f"stack-{workers}", workers, transport, args.repeat)
+            pairs = paired_runs(
+                video, source_png, work_dir / f"stack-{workers}", workers, transport, args.repeat, in_process
             )
+            baselines += [baseline for baseline, _ in pairs]
+            columns[f"services, {workers} worker(s), {transport}"] = {
+                **median_run([job for _, job in pairs]),
+                "pipeline_ratios": [job["pipeline_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
+                "wall_ratios": [job["wall_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
+            }
+    results = {"in-process": median_run(baselines), **columns}
     print_table(results)
-    baseline = results["in-process"]["pipeline_seconds"]
-    for name, result in results.items():
-        if name != "in-process":
-            print(
-                f"service hops, {name}: {result['pipeline_seconds'] / baseline:.2f}x the in-process time"
-                f" ({result['wall_seconds'] / baseline:.2f}x counting upload, validation and the report)"
-            )
+    for name, column in columns.items():
+        ratios = column["pipeline_ratios"]
+        print(
+            f"service hops, {name}: {statistics.median(ratios):.2f}x the in-process time"
+            f" (median of {len(ratios)} paired runs, {min(ratios):.2f}x-{max(ratios):.2f}x;"
+            f" {statistics.median(column['wall_ratios']):.2f}x counting upload, validation and the report)"
+        )
     print(f"one frame hop alone ({info.frame_count} frames streamed over loopback gRPC, both ends in one process):")
     for codec, figures in hops.items():
         print(f"  {codec:>10}: {figures.cpu_ms_per_frame:.2f} ms CPU, {figures.wall_ms_per_frame:.2f} ms wall a frame")

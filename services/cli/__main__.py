@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from services.cli import advise_command, commands
+from services.cli.embedded_stack import StackOptions
 from services.common.errors import SwaplineError
 from services.common.job_vocabulary import SELECTOR_MODES
 
@@ -26,7 +27,7 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
 
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="where the embedded stack keeps media, database and logs")
-    parser.add_argument("--workers", type=int, default=1, help="chunk workers in the embedded stack")
+    parser.add_argument("--workers", type=int, default=StackOptions.workers, help="chunk workers in the embedded stack")
 
 
 def build_parser() -> argparse.ArgumentParser:

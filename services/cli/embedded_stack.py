@@ -110,7 +110,9 @@ class StackOptions:
     media_root: Path
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     gateway_port: int = 0
-    workers: int = 1
+    # Two workers keep both cores of a small machine busy while one of them waits on a stage:
+    # `make bench` measures 5-10% more frames a second than with one.
+    workers: int = 2
     worker_batch_size: int = 8
     # One onnxruntime thread per model instance: the CPU models serve small requests, and four
     # model processes beside the services would otherwise contend for the same cores.
