@@ -1,7 +1,8 @@
 """One frame hop alone: the demo's frames streamed over loopback gRPC and unpacked, in one process.
 
 Measures CPU (both ends: they share the process) and wall time per frame, with the generated message
-classes and with frame_wire's codec, so the cost of a hop is visible apart from the rest of the job.
+classes and with frame_wire's codec over TCP loopback, and with frame_wire over a Unix socket (the
+embedded stack's transport), so the cost of a hop is visible apart from the rest of the job.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,7 +23,13 @@ from services.common.frame_wire import FrameRun, parse_frame_batch, serialize_fr
 from swapline.common.v1 import common_pb2
 
 HopCodec = Literal["generated", "frame_wire"]
-HOP_CODECS: tuple[HopCodec, ...] = ("generated", "frame_wire")
+HopTransport = Literal["tcp", "unix"]
+# (name, codec, transport) of each measured hop.
+HOPS: tuple[tuple[str, HopCodec, HopTransport], ...] = (
+    ("generated, tcp", "generated", "tcp"),
+    ("frame_wire, tcp", "frame_wire", "tcp"),
+    ("frame_wire, unix", "frame_wire", "unix"),
+)
 _METHOD = "/swapline.bench.FrameHop/Stream"
 _MESSAGE_LIMIT = 64 * 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", _MESSAGE_LIMIT), ("grpc.max_send_message_length", _MESSAGE_LIMIT)]
@@ -44,8 +52,17 @@ def _codec(codec: HopCodec) -> tuple[Callable[[FrameRun], Any], Callable[[Any], 
     return (lambda run: run), serialize_frame_batch, parse_frame_batch
 
 
-async def measure_hop(frames: Frames, codec: HopCodec, batch_size: int, repeat: int) -> HopFigures:
+async def measure_hop(
+    frames: Frames, codec: HopCodec, transport: HopTransport, batch_size: int, repeat: int
+) -> HopFigures:
     """The median over `repeat` streams of every frame, received and regrouped as the worker does."""
+    with tempfile.TemporaryDirectory(prefix="swapline-hop-") as socket_dir:
+        return await _measure_hop(frames, codec, transport, socket_dir, batch_size, repeat)
+
+
+async def _measure_hop(
+    frames: Frames, codec: HopCodec, transport: HopTransport, socket_dir: str, batch_size: int, repeat: int
+) -> HopFigures:
     to_message, serializer, deserializer = _codec(codec)
 
     async def stream(_request: bytes, _context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -57,12 +74,16 @@ async def measure_hop(frames: Frames, codec: HopCodec, batch_size: int, repeat: 
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("swapline.bench.FrameHop", {"Stream": handler}),)
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    if transport == "unix":
+        target = f"unix:{socket_dir}/hop.sock"
+        server.add_insecure_port(target)
+    else:
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
     cpu: list[float] = []
     wall: list[float] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(target, options=_OPTIONS) as channel:
             call = channel.unary_stream(_METHOD, request_serializer=bytes, response_deserializer=deserializer)
 
             async def received() -> AsyncIterator[tuple[Frames, list[int]]]:
@@ -88,5 +109,7 @@ def _process_cpu() -> float:
     return times.user + times.system
 
 
-def measure_hops(frames: Frames, batch_size: int, repeat: int) -> dict[HopCodec, HopFigures]:
-    return {codec: asyncio.run(measure_hop(frames, codec, batch_size, repeat)) for codec in HOP_CODECS}
+def measure_hops(frames: Frames, batch_size: int, repeat: int) -> dict[str, HopFigures]:
+    return {
+        name: asyncio.run(measure_hop(frames, codec, transport, batch_size, repeat)) for name, codec, transport in HOPS
+    }
