@@ -9,7 +9,8 @@ job's own window from its first chunk lease to the end of the join, the same wor
 run times, and the ratio uses it. Each services job is paired with an in-process run just before
 it and the ratio is the median of the pairs' ratios, so the VM's drift in speed cancels; each
 column shows its median run (after a warm-up run) with the spread of all runs beside it. One frame
-hop is also timed alone (frame_hop.py). Results also go to <workdir>/bench.json.
+hop is also timed alone (frame_hop.py), and one face-swapper request through Triton with its tensors
+in the gRPC payload and in shared memory (triton_hop.py). Results also go to <workdir>/bench.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from services.bench.frame_hop import measure_hops
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
+from services.bench.triton_hop import FACES, measure_triton_hops
 from services.cli import sample_media
 from services.cli.embedded_stack import (
     DEFAULT_MODEL_REPOSITORY,
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     video_frames = np.concatenate([frames for frames, _, _ in batches])
     hops = measure_hops(video_frames, BATCH_SIZE, args.repeat)
     del video_frames
+    triton_hops = measure_triton_hops(
+        DEFAULT_MODEL_REPOSITORY, work_dir / "triton-hop", StackOptions.triton_intra_op_threads
+    )
     baselines: list[dict[str, Any]] = []
     columns: dict[str, dict[str, Any]] = {}
     for transport in args.transports:
@@ -208,7 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one frame hop alone ({info.frame_count} frames streamed over gRPC, both ends in one process):")
     for hop, figures in hops.items():
         print(f"  {hop:>16}: {figures.cpu_ms_per_frame:.2f} ms CPU, {figures.wall_ms_per_frame:.2f} ms wall a frame")
-    record = {**results, "frame_hop": {hop: dataclasses.asdict(figures) for hop, figures in hops.items()}}
+    print(f"one face-swapper request ({FACES} faces) through Triton alone, a request:")
+    for transport, triton_figures in triton_hops.items():
+        print(
+            f"  {transport:>16}: client {triton_figures.client_cpu_ms:.1f} ms CPU, tritonserver and stubs"
+            f" {triton_figures.server_cpu_ms:.1f} ms CPU, {triton_figures.wall_ms:.1f} ms wall"
+        )
+    record = {
+        **results,
+        "frame_hop": {hop: dataclasses.asdict(figures) for hop, figures in hops.items()},
+        "triton_hop": {transport: dataclasses.asdict(figures) for transport, figures in triton_hops.items()},
+    }
     (work_dir / "bench.json").write_text(json.dumps(record, indent=2))
     return 0
 

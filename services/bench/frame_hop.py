@@ -92,11 +92,11 @@ async def _measure_hop(
                     yield batch, indices
 
             for _ in range(repeat + 1):
-                started_cpu, started = _process_cpu(), time.perf_counter()
+                started_cpu, started = process_cpu_seconds(), time.perf_counter()
                 count = 0
                 async for batch, _ in regroup_frames(received(), batch_size):
                     count += len(batch)
-                cpu.append((_process_cpu() - started_cpu) / count)
+                cpu.append((process_cpu_seconds() - started_cpu) / count)
                 wall.append((time.perf_counter() - started) / count)
     finally:
         await server.stop(None)
@@ -104,7 +104,7 @@ async def _measure_hop(
     return HopFigures(1000 * statistics.median(cpu[1:]), 1000 * statistics.median(wall[1:]))
 
 
-def _process_cpu() -> float:
+def process_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
 

@@ -178,7 +178,11 @@ class EmbeddedStack:
             frame_service_env = {
                 "decoder": {"SWAPLINE_DECODER_MEDIA_ROOT": media_root},
                 "encoder": {"SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
-                "detector": {"SWAPLINE_DETECTOR_TRITON_URL": triton_url},
+                # Triton runs on this machine: tensors go through shared memory, not gRPC.
+                "detector": {
+                    "SWAPLINE_DETECTOR_TRITON_URL": triton_url,
+                    "SWAPLINE_DETECTOR_TRITON_SHARED_MEMORY": "true",
+                },
             }
             self._start_tier({
                 **{
@@ -221,6 +225,7 @@ class EmbeddedStack:
                     **_server_env("SWAPLINE_WORKER_"),
                     "SWAPLINE_WORKER_GATEWAY_TARGET": self.gateway_address,
                     "SWAPLINE_WORKER_TRITON_URL": triton_url,
+                    "SWAPLINE_WORKER_TRITON_SHARED_MEMORY": "true",
                     "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
                     "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
                     **{f"SWAPLINE_WORKER_{key}": value for key, value in targets.items()},

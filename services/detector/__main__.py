@@ -15,7 +15,7 @@ from services.detector.settings import ENV_PREFIX, DetectorSettings
 
 async def run(settings: DetectorSettings) -> None:
     # Created inside the running loop: the aio channel belongs to the loop that opens it.
-    client = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
+    client = TritonClient(settings.triton_url, settings.triton_timeout_seconds, settings.triton_shared_memory)
     try:
         detector = FaceDetector(client, settings.detection_defaults())
         await serve(settings, [detector_binding(detector)], "detector")

@@ -14,6 +14,9 @@ ENV_PREFIX = "SWAPLINE_DETECTOR_"
 class DetectorSettings(ServerSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_timeout_seconds: float = 30.0
+    # Tensors to and from Triton through shared memory instead of the gRPC payload: only where
+    # tritonserver shares this process's /dev/shm (the embedded stack); otherwise it turns itself off.
+    triton_shared_memory: bool = False
     # In pixels of the frames the detector is given (the worker sends a downscaled copy).
     min_face_size: int = DetectionDefaults.min_face_size
     # Cascade thresholds of the original MTCNN; min_score is the final (O-Net) one.

@@ -33,7 +33,7 @@ async def run_worker(settings: WorkerSettings) -> None:
             ("encoder", settings.encoder_target),
         )
     }
-    triton = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
+    triton = TritonClient(settings.triton_url, settings.triton_timeout_seconds, settings.triton_shared_memory)
     stubs = StageStubs(
         decoder=decoder_stub(channels["decoder"]),
         detector=detector_stub(channels["detector"]),

@@ -33,4 +33,7 @@ class WorkerSettings(ServerSettings):
     min_face_size: int = 0
     heartbeat_seconds: float = 5.0
     triton_timeout_seconds: float = 60.0
+    # Tensors to and from Triton through shared memory instead of the gRPC payload: only where
+    # tritonserver shares this process's /dev/shm (the embedded stack); otherwise it turns itself off.
+    triton_shared_memory: bool = False
     lease_wait_seconds: float = 10.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
+from services.common import triton_shared_memory
 from services.common.errors import Unavailable
 from services.common.triton_client import TritonClient
 from services.triton.local_models import LocalModels
@@ -21,14 +22,25 @@ PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
 TIMEOUT_SECONDS = 30.0
 
 
+# Tensors in the gRPC payload, and through shared memory regions registered with the server.
+TRANSPORTS = pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc-payload", "shared-memory"])
+
+
 async def _infer_all(
-    url: str, model: str, requests: list[dict[str, np.ndarray]], outputs: list[str]
+    url: str, model: str, requests: list[dict[str, np.ndarray]], outputs: list[str], shared_memory: bool = False
 ) -> list[dict[str, np.ndarray]]:
-    client = TritonClient(url, TIMEOUT_SECONDS)
+    client = TritonClient(url, TIMEOUT_SECONDS, shared_memory)
     try:
-        return await asyncio.gather(*(client.infer(model, inputs, outputs) for inputs in requests))
+        answers = await asyncio.gather(*(client.infer(model, inputs, outputs) for inputs in requests))
+        # Falling back to the payload would hide a broken shared-memory path.
+        assert client.uses_shared_memory is shared_memory
+        return answers
     finally:
         await client.close()
+
+
+def _own_regions() -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"swapline-{os.getpid()}-")]
 
 
 def _execution_and_inference_counts(triton: EmbeddedTriton, model: str) -> tuple[int, int]:
@@ -62,13 +74,16 @@ def test_every_configured_model_is_served(embedded_triton: EmbeddedTriton) -> No
     assert all(asyncio.run(readiness()))
 
 
+@TRANSPORTS
 def test_rnet_through_triton_matches_in_process(
-    embedded_triton: EmbeddedTriton, local_models: LocalModels
+    embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
 ) -> None:
     image = np.random.default_rng(11).uniform(0, 255, (7, 3, 24, 24)).astype(np.float32)
     outputs = ["probability", "regression"]
 
-    (served,) = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_rnet", [{"image": image}], outputs))
+    (served,) = asyncio.run(
+        _infer_all(embedded_triton.grpc_url, "mtcnn_rnet", [{"image": image}], outputs, shared_memory)
+    )
     local = asyncio.run(local_models.infer("mtcnn_rnet", {"image": image}, outputs))
 
     for name in outputs:
@@ -77,8 +92,9 @@ def test_rnet_through_triton_matches_in_process(
         np.testing.assert_allclose(served[name], local[name], atol=1e-5)
 
 
+@TRANSPORTS
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
-    embedded_triton: EmbeddedTriton, local_models: LocalModels
+    embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
 ) -> None:
     rng = np.random.default_rng(12)
     requests = [
@@ -87,7 +103,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     outputs = ["probability", "regression", "landmarks"]
     executions_before, inferences_before = _execution_and_inference_counts(embedded_triton, "mtcnn_onet")
 
-    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_onet", requests, outputs))
+    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_onet", requests, outputs, shared_memory))
 
     for inputs, answer in zip(requests, answers, strict=True):
         expected = asyncio.run(local_models.infer("mtcnn_onet", inputs, outputs))
@@ -100,8 +116,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     assert executions_after - executions_before < len(requests)
 
 
+@TRANSPORTS
 def test_pnet_requests_of_different_sizes_are_answered_at_their_own_size(
-    embedded_triton: EmbeddedTriton, local_models: LocalModels
+    embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
 ) -> None:
     rng = np.random.default_rng(13)
     sizes = [(30, 50), (64, 48), (30, 50), (100, 80)]
@@ -110,7 +127,7 @@ def test_pnet_requests_of_different_sizes_are_answered_at_their_own_size(
     ]
     outputs = ["probability", "regression"]
 
-    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_pnet", requests, outputs))
+    answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_pnet", requests, outputs, shared_memory))
 
     for inputs, answer in zip(requests, answers, strict=True):
         expected = asyncio.run(local_models.infer("mtcnn_pnet", inputs, outputs))
@@ -119,7 +136,10 @@ def test_pnet_requests_of_different_sizes_are_answered_at_their_own_size(
         np.testing.assert_allclose(answer["regression"], expected["regression"], atol=1e-5)
 
 
-def test_face_swapper_round_trips_fp16(embedded_triton: EmbeddedTriton, local_models: LocalModels) -> None:
+@TRANSPORTS
+def test_face_swapper_round_trips_fp16(
+    embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
+) -> None:
     rng = np.random.default_rng(14)
     inputs = {
         "target": rng.uniform(0, 1, (2, 3, 256, 256)).astype(np.float16),
@@ -127,7 +147,7 @@ def test_face_swapper_round_trips_fp16(embedded_triton: EmbeddedTriton, local_mo
     }
     outputs = ["swapped", "mask"]
 
-    (served,) = asyncio.run(_infer_all(embedded_triton.grpc_url, "face_swapper", [inputs], outputs))
+    (served,) = asyncio.run(_infer_all(embedded_triton.grpc_url, "face_swapper", [inputs], outputs, shared_memory))
     local = asyncio.run(local_models.infer("face_swapper", inputs, outputs))
 
     assert served["swapped"].dtype == served["mask"].dtype == np.float16
@@ -135,6 +155,57 @@ def test_face_swapper_round_trips_fp16(embedded_triton: EmbeddedTriton, local_mo
     assert served["mask"].shape == (2, 1, 256, 256)
     np.testing.assert_array_equal(served["swapped"], local["swapped"])
     np.testing.assert_array_equal(served["mask"], local["mask"])
+
+
+def test_shared_memory_regions_are_reused_grown_and_removed_on_close(embedded_triton: EmbeddedTriton) -> None:
+    rng = np.random.default_rng(15)
+    outputs = ["probability", "regression"]
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS, shared_memory=True)
+        counts = []
+        try:
+            for count in (2, 2, 9, 3):
+                image = rng.uniform(0, 255, (count, 3, 24, 24)).astype(np.float32)
+                answer = await client.infer("mtcnn_rnet", {"image": image}, outputs)
+                assert answer["probability"].shape == (count, 2)
+                counts.append(len(_own_regions()))
+        finally:
+            await client.close()
+        return counts, _own_regions()
+
+    counts, left = asyncio.run(scenario())
+    # One request at a time holds one region; the larger request replaced it; close removes it.
+    assert counts == [1, 1, 1, 1]
+    assert left == []
+
+
+def test_a_server_that_cannot_map_the_region_gets_the_tensors_over_grpc(
+    embedded_triton: EmbeddedTriton, local_models: LocalModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = triton_shared_memory.SharedMemoryRegion.__init__
+
+    def region_the_server_cannot_open(region: triton_shared_memory.SharedMemoryRegion, byte_size: int) -> None:
+        created(region, byte_size)
+        region.key = "/swapline-no-such-region"
+
+    monkeypatch.setattr(triton_shared_memory.SharedMemoryRegion, "__init__", region_the_server_cannot_open)
+    image = np.random.default_rng(16).uniform(0, 255, (3, 3, 24, 24)).astype(np.float32)
+    outputs = ["probability", "regression"]
+
+    async def scenario() -> tuple[dict[str, np.ndarray], bool]:
+        client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS, shared_memory=True)
+        try:
+            answer = await client.infer("mtcnn_rnet", {"image": image}, outputs)
+            return answer, client.uses_shared_memory
+        finally:
+            await client.close()
+
+    answer, still_shared = asyncio.run(scenario())
+    expected = asyncio.run(local_models.infer("mtcnn_rnet", {"image": image}, outputs))
+    assert not still_shared
+    np.testing.assert_allclose(answer["probability"], expected["probability"], atol=1e-5)
+    assert _own_regions() == []
 
 
 def test_metrics_endpoint_counts_inferences(embedded_triton: EmbeddedTriton) -> None:
