@@ -59,6 +59,7 @@ class TritonClient:
         ]
         self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
         self._shared_memory = SharedMemoryPool(self._client, timeout_seconds) if shared_memory else None
+        self._retired_pools: list[SharedMemoryPool] = []
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -72,7 +73,7 @@ class TritonClient:
             try:
                 return await self._infer_through_shared_memory(self._shared_memory, model, arrays, outputs)
             except SharedMemoryUnavailable as error:
-                await self._stop_shared_memory(error)
+                self._stop_shared_memory(error)
         request_inputs = _inputs(arrays)
         for tensor, array in zip(request_inputs, arrays.values(), strict=True):
             tensor.set_data_from_numpy(array)
@@ -99,6 +100,7 @@ class TritonClient:
         capacity = max(array.nbytes for array in arrays.values())
         layout = plan_layout({name: array.nbytes for name, array in arrays.items()}, outputs, capacity)
         region = await pool.acquire(layout.byte_size)
+        answered = False
         try:
             request_inputs = _inputs(arrays)
             for tensor, placement in zip(request_inputs, layout.inputs, strict=True):
@@ -110,15 +112,21 @@ class TritonClient:
                 output.set_shared_memory(region.name, placement.byte_size, placement.offset)
                 request_outputs.append(output)
             result = await self._call(model, request_inputs, request_outputs)
-            return _read_outputs(region, result, layout.outputs)
+            outputs_read = _read_outputs(region, result, layout.outputs)
+            answered = True
+            return outputs_read
         finally:
-            pool.release(region)
+            if answered:
+                pool.release(region)
+            else:
+                pool.abandon(region)
 
-    async def _stop_shared_memory(self, error: SharedMemoryUnavailable) -> None:
-        log.warning("Triton at %s cannot use shared memory (%s); sending tensors over gRPC", self.url, error)
-        pool, self._shared_memory = self._shared_memory, None
-        if pool is not None:
-            await pool.close()
+    def _stop_shared_memory(self, error: SharedMemoryUnavailable) -> None:
+        """New requests go over gRPC; requests already in a region finish there, and close() removes them."""
+        if self._shared_memory is not None:
+            log.warning("Triton at %s cannot use shared memory (%s); sending tensors over gRPC", self.url, error)
+            self._retired_pools.append(self._shared_memory)
+            self._shared_memory = None
 
     async def is_model_ready(self, model: str) -> bool:
         try:
@@ -127,8 +135,8 @@ class TritonClient:
             return False
 
     async def close(self) -> None:
-        if self._shared_memory is not None:
-            await self._shared_memory.close()
+        for pool in [*self._retired_pools, *([self._shared_memory] if self._shared_memory else [])]:
+            await pool.close()
         await self._client.close()
 
 

@@ -10,6 +10,7 @@ client and tritonserver to share /dev/shm: the embedded stack, or pods sharing t
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +20,20 @@ import tritonclient.grpc.aio as triton_grpc
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
+log = logging.getLogger(__name__)
+
 ALIGNMENT = 64
+MIN_REGION_BYTES = 1 << 20
 _region_numbers = itertools.count()
 
 
 class SharedMemoryUnavailable(Exception):
     """Triton cannot use this process's shared memory: it runs on another host or /dev/shm is full."""
+
+
+def region_size(byte_size: int) -> int:
+    """The next power of two of at least MIN_REGION_BYTES."""
+    return max(MIN_REGION_BYTES, 1 << max(0, byte_size - 1).bit_length())
 
 
 def aligned(size: int) -> int:
@@ -87,16 +96,24 @@ class SharedMemoryPool:
         self._timeout_seconds = timeout_seconds
         self._free: list[SharedMemoryRegion] = []
         self._all: list[SharedMemoryRegion] = []
+        # Regions of requests that failed or were cancelled: Triton may still write a late answer
+        # into them, so they are never handed out again, only unregistered once Triton lets go.
+        self._abandoned: list[SharedMemoryRegion] = []
 
     async def acquire(self, byte_size: int) -> SharedMemoryRegion:
-        """A free region of at least byte_size; a free one that is too small is replaced by a larger one."""
+        """The smallest free region of at least byte_size, or a new one sized up to a power of two.
+
+        Regions are only unregistered on close: Triton may still hold a finished request's
+        reference for a moment and refuses to unregister a region in use. Power-of-two sizes keep
+        the set of regions small: a few per concurrent request.
+        """
         fitting = [region for region in self._free if region.byte_size >= byte_size]
         if fitting:
             region = min(fitting, key=lambda candidate: candidate.byte_size)
             self._free.remove(region)
             return region
-        if self._free:
-            await self._drop(self._free.pop())
+        await self._remove_abandoned()
+        byte_size = region_size(byte_size)
         try:
             region = SharedMemoryRegion(byte_size)
         except system_shm.SharedMemoryException as error:
@@ -115,20 +132,34 @@ class SharedMemoryPool:
         return region
 
     def release(self, region: SharedMemoryRegion) -> None:
+        """Back to the pool after a request whose answer has been read."""
         self._free.append(region)
 
-    async def _drop(self, region: SharedMemoryRegion) -> None:
-        self._all.remove(region)
+    def abandon(self, region: SharedMemoryRegion) -> None:
+        """After a failed or cancelled request: never reused."""
+        self._abandoned.append(region)
+
+    async def _unregister(self, region: SharedMemoryRegion) -> bool:
         try:
             await self._client.unregister_system_shared_memory(region.name, client_timeout=self._timeout_seconds)
-        finally:
-            region.destroy()
+        except InferenceServerException as error:
+            log.debug("shared memory region %s not unregistered yet: %s", region.name, error.message())
+            return False
+        return True
+
+    async def _remove_abandoned(self) -> None:
+        for region in list(self._abandoned):
+            if await self._unregister(region):
+                self._abandoned.remove(region)
+                self._all.remove(region)
+                region.destroy()
 
     async def close(self) -> None:
-        """Unregisters and removes every region; a Triton that has gone away only loses its registrations."""
-        for region in list(self._all):
-            try:
-                await self._drop(region)
-            except InferenceServerException:
-                continue
+        """Unregisters and removes every region; a region Triton still holds keeps Triton's mapping alive."""
+        for region in self._all:
+            if not await self._unregister(region):
+                log.warning("shared memory region %s is still held by Triton at close", region.name)
+            region.destroy()
+        self._all.clear()
         self._free.clear()
+        self._abandoned.clear()

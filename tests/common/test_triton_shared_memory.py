@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from services.common.triton_shared_memory import ALIGNMENT, Placement, aligned, plan_layout
+from services.common.triton_shared_memory import (
+    ALIGNMENT,
+    MIN_REGION_BYTES,
+    Placement,
+    aligned,
+    plan_layout,
+    region_size,
+)
 
 
 def test_sizes_round_up_to_the_alignment() -> None:
@@ -22,3 +29,9 @@ def test_every_placement_starts_aligned_and_none_overlap() -> None:
     assert all(placement.offset % ALIGNMENT == 0 for placement in placements)
     assert all(left.offset + left.byte_size <= right.offset for left, right in pairwise(placements))
     assert placements[-1].offset + placements[-1].byte_size <= layout.byte_size
+
+
+def test_regions_are_sized_to_powers_of_two_from_one_mebibyte() -> None:
+    assert [region_size(size) for size in (1, MIN_REGION_BYTES, MIN_REGION_BYTES + 1, 5 << 20)] == [
+        MIN_REGION_BYTES, MIN_REGION_BYTES, 2 * MIN_REGION_BYTES, 8 << 20
+    ]

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from services.common import triton_shared_memory
-from services.common.errors import Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.triton_client import TritonClient
 from services.triton.local_models import LocalModels
 from services.triton.model_config import repository_models
@@ -157,7 +157,9 @@ def test_face_swapper_round_trips_fp16(
     np.testing.assert_array_equal(served["mask"], local["mask"])
 
 
-def test_shared_memory_regions_are_reused_grown_and_removed_on_close(embedded_triton: EmbeddedTriton) -> None:
+def test_shared_memory_regions_are_reused_added_when_outgrown_and_removed_on_close(
+    embedded_triton: EmbeddedTriton,
+) -> None:
     rng = np.random.default_rng(15)
     outputs = ["probability", "regression"]
 
@@ -165,7 +167,8 @@ def test_shared_memory_regions_are_reused_grown_and_removed_on_close(embedded_tr
         client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS, shared_memory=True)
         counts = []
         try:
-            for count in (2, 2, 9, 3):
+            # 24x24 crops: 80 of them outgrow the first 1 MiB region (input plus room for two outputs).
+            for count in (2, 2, 80, 3):
                 image = rng.uniform(0, 255, (count, 3, 24, 24)).astype(np.float32)
                 answer = await client.infer("mtcnn_rnet", {"image": image}, outputs)
                 assert answer["probability"].shape == (count, 2)
@@ -175,9 +178,33 @@ def test_shared_memory_regions_are_reused_grown_and_removed_on_close(embedded_tr
         return counts, _own_regions()
 
     counts, left = asyncio.run(scenario())
-    # One request at a time holds one region; the larger request replaced it; close removes it.
-    assert counts == [1, 1, 1, 1]
+    # Requests one at a time reuse a region; the large one adds a second, the small one after it
+    # takes the first again; close removes both.
+    assert counts == [1, 1, 2, 2]
     assert left == []
+
+
+def test_the_region_of_a_failed_request_is_not_reused_and_is_removed(embedded_triton: EmbeddedTriton) -> None:
+    rng = np.random.default_rng(17)
+    outputs = ["probability", "regression"]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS, shared_memory=True)
+        try:
+            wrong_channels = rng.uniform(0, 255, (2, 4, 24, 24)).astype(np.float32)
+            with pytest.raises(InvalidArgument):
+                await client.infer("mtcnn_rnet", {"image": wrong_channels}, outputs)
+            after_failure = _own_regions()
+            image = rng.uniform(0, 255, (2, 3, 24, 24)).astype(np.float32)
+            await client.infer("mtcnn_rnet", {"image": image}, outputs)
+            return after_failure, _own_regions()
+        finally:
+            await client.close()
+
+    after_failure, after_next = asyncio.run(scenario())
+    assert len(after_failure) == 1 and len(after_next) == 1
+    # A late answer to the failed request could land in its region: the next request got a new one.
+    assert after_next != after_failure
 
 
 def test_a_server_that_cannot_map_the_region_gets_the_tensors_over_grpc(
