@@ -46,6 +46,7 @@ from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
+from services.encoder.settings import EncoderSettings
 from services.triton.local_models import LocalModels
 from services.worker.chunk_pipeline import run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
@@ -71,7 +72,10 @@ class InProcessJob:
         info, segment = self._info, self._output.with_suffix(".segment.mp4")
         started = time.perf_counter()
         identity = await prepare_source_identity(self._source_png, self._finder, self._swapper)
-        with SegmentWriter(segment, info.fps, info.width, info.height, crf=20, preset="veryfast") as writer:
+        with SegmentWriter(
+            segment, info.fps, info.width, info.height,
+            crf=EncoderSettings.default_crf, preset=EncoderSettings.default_preset,
+        ) as writer:
             stats = await run_chunk_pipeline(
                 LocalFrameSource(self._video, info.frame_count, BATCH_SIZE), self._finder, self._swapper, identity,
                 LocalSegmentSink(writer), FaceSelection(mode="one"),

@@ -27,6 +27,7 @@ TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
+
 def keep_frame_buffers() -> bool:
     """Applies the settings to this process; False where the C library is not glibc (nothing changes)."""
     library = ctypes.util.find_library("c")

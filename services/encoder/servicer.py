@@ -41,13 +41,12 @@ class _EncodeClock:
 def _batch_frames(header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessage) -> Frames:
     if not isinstance(message, FrameBatchView):
         raise InvalidArgument(f"{header.output_uri}: only frame batches may follow the header")
-    batch = message
-    if batch.frames and (batch.width, batch.height) != (header.width, header.height):
+    if message.frames and (message.width, message.height) != (header.width, header.height):
         raise InvalidArgument(
-            f"{header.output_uri}: frame batch is {batch.width}x{batch.height}, "
+            f"{header.output_uri}: frame batch is {message.width}x{message.height}, "
             f"the header says {header.width}x{header.height}"
         )
-    frames, _indices, _pts = unpack_frames(batch, copy=False)
+    frames, _indices, _pts = unpack_frames(message, copy=False)
     return frames
 
 

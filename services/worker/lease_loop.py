@@ -142,7 +142,8 @@ class LeaseLoop:
                     # wait() leaves the task alone if this slot is cancelled meanwhile: it drains below.
                     await asyncio.wait({finishing})
                     finishing.result()
-                finishing, handled = (None, None) if handled.done() else (handled, None)
+                finishing = None if handled.done() else handled
+                handled = None
         except asyncio.CancelledError:
             # Each chunk still in hand drains (or is given back) on its own cancellation.
             live = [task for task in (finishing, handled) if task is not None and not task.done()]
