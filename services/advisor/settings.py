@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.server_settings import ServerSettings
+from services.common.settings_loader import ranged
 
 ENV_PREFIX = "SWAPLINE_ADVISOR_"
 DEFAULT_HEADROOM_FRACTION = 0.15
@@ -20,16 +21,16 @@ class AdvisorSettings(ServerSettings):
     # A calibration JSON (services/advisor/calibration_fitter.py writes one) replacing the packaged one.
     calibration_path: str = ""
     # Fraction of a job's peak GPU memory kept free on top of it before a GPU counts as fitting.
-    headroom_fraction: float = DEFAULT_HEADROOM_FRACTION
+    headroom_fraction: float = ranged(DEFAULT_HEADROOM_FRACTION, ge=0.0, le=1.0)
     # Seconds between recomputations of the autoscaling gauges from the gateway's jobs.
-    refresh_seconds: float = 30.0
+    refresh_seconds: float = ranged(30.0, gt=0.0)
     # How soon the pending frames should be done: the worker gauge asks for enough replicas for it.
-    target_chunk_seconds: float = 60.0
-    max_worker_replicas: int = 32
-    max_triton_replicas: int = 8
+    target_chunk_seconds: float = ranged(60.0, gt=0.0)
+    max_worker_replicas: int = ranged(32, ge=1)
+    max_triton_replicas: int = ranged(8, ge=1)
     # The Triton gauge plans for GPUs this busy, leaving room for bursts.
-    target_gpu_utilization: float = 0.8
+    target_gpu_utilization: float = ranged(0.8, gt=0.0, le=1.0)
     # Per-worker fps assumed until a succeeded job has measured one.
-    default_worker_fps: float = 10.0
+    default_worker_fps: float = ranged(10.0, gt=0.0)
     # Jobs read per refresh and per FleetReport when the request leaves limit at 0.
-    default_job_limit: int = DEFAULT_JOB_LIMIT
+    default_job_limit: int = ranged(DEFAULT_JOB_LIMIT, ge=1, le=1000)

@@ -1,4 +1,9 @@
-"""Reads a frozen settings dataclass from environment variables named PREFIX + FIELD in upper case."""
+"""Reads a frozen settings dataclass from environment variables named PREFIX + FIELD in upper case.
+
+Every numeric or string field may carry its allowed range (`ranged(...)`); a settings class that derives
+from ValidatedSettings checks them when it is built, so a service refuses to start on `BATCH_SIZE=0`
+whether the value came from the environment, a test or the chart.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,75 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class SettingsError(InvalidArgument):
-    """A variable is missing or does not parse; the message names it."""
+    """A variable is missing, does not parse or is out of range; the message names it."""
+
+    def __init__(self, message: str, field_name: str = "") -> None:
+        super().__init__(message)
+        self.field_name = field_name
+
+
+BOUNDS_KEY = "swapline_bounds"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a number (ge/gt/le) or the longest allowed string or tuple (max_length)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    max_length: int | None = None
+
+    def problem(self, value: Any) -> str:
+        """What is wrong with `value`, or "" when it is allowed."""
+        if isinstance(value, bool) or value is None:
+            return ""
+        if isinstance(value, int | float):
+            if self.ge is not None and value < self.ge:
+                return f"must be at least {self.ge:g}"
+            if self.gt is not None and value <= self.gt:
+                return f"must be greater than {self.gt:g}"
+            if self.le is not None and value > self.le:
+                return f"must be at most {self.le:g}"
+        if self.max_length is not None and isinstance(value, str | tuple) and len(value) > self.max_length:
+            return f"must be at most {self.max_length} long"
+        return ""
+
+
+def ranged(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    max_length: int | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with its allowed range, checked by ValidatedSettings."""
+    metadata = {BOUNDS_KEY: Bounds(ge=ge, gt=gt, le=le, max_length=max_length)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_ranges(settings: Any) -> None:
+    """Raises SettingsError for the first field outside its range."""
+    for field in dataclasses.fields(settings):
+        bounds = field.metadata.get(BOUNDS_KEY)
+        if bounds is None:
+            continue
+        value = getattr(settings, field.name)
+        problem = bounds.problem(value)
+        if problem:
+            shown = value if not isinstance(value, str) else f"{value[:40]!r}"
+            raise SettingsError(f"{field.name}={shown} {problem}", field.name)
+
+
+class ValidatedSettings:
+    """Mixin for frozen settings dataclasses: ranges are checked as soon as an instance exists."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def env_name(prefix: str, field_name: str) -> str:
@@ -78,5 +151,12 @@ def load_settings(cls: type[SettingsT], prefix: str, environ: Mapping[str, str] 
         if name in source:
             values[field.name] = _convert(name, source[name], hints[field.name])
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise SettingsError(f"{name} must be set")
-    return cls(**values)
+            raise SettingsError(f"{name} must be set", field.name)
+    try:
+        return cls(**values)
+    except SettingsError as error:
+        if not error.field_name:
+            raise
+        raise SettingsError(
+            error.message.replace(error.field_name, env_name(prefix, error.field_name), 1), error.field_name
+        ) from None

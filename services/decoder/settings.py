@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.server_settings import ServerSettings
+from services.common.settings_loader import ranged
 
 ENV_PREFIX = "SWAPLINE_DECODER_"
 
@@ -15,4 +16,4 @@ class DecoderSettings(ServerSettings):
     media_root: Path
     # Frames per streamed batch when a request leaves batch_size at 0: 8 frames of 1080p RGB
     # are about 50 MB, well inside the raised message limit.
-    default_batch_size: int = 8
+    default_batch_size: int = ranged(8, ge=1, le=256)

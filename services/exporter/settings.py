@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.server_settings import ServerSettings
-from services.common.settings_loader import load_settings
+from services.common.settings_loader import load_settings, ranged
 
 ENV_PREFIX = "SWAPLINE_EXPORTER_"
 
@@ -15,12 +15,12 @@ ENV_PREFIX = "SWAPLINE_EXPORTER_"
 class ExporterSettings(ServerSettings):
     host: str = "0.0.0.0"
     # dcgm-exporter's port, so existing scrape configs and dashboards find it.
-    port: int = 9400
-    interval_seconds: float = 1.0
+    port: int = ranged(9400, ge=0, le=65535)
+    interval_seconds: float = ranged(1.0, ge=0.05, le=3600.0)
     # Set from the downward API (spec.nodeName) in the DaemonSet; empty means the hostname.
     node_name: str = ""
     trend_dir: Path = Path("gpu-trend")
-    retention_days: int = 7
+    retention_days: int = ranged(7, ge=1, le=3650)
     # Path of a recording (JSON lines) to replay instead of reading NVML; empty reads the GPUs.
     replay: str = ""
     kubernetes_attribution: bool = True

@@ -9,18 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.settings_loader import ValidatedSettings, ranged
+
 ENV_PREFIX = "SWAPLINE_TRITON_"
 
 
 @dataclass(frozen=True, kw_only=True)
-class TritonSettings:
+class TritonSettings(ValidatedSettings):
     model_repository: Path = Path("triton_models")
     work_dir: Path = Path("build/triton")
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
+    grpc_port: int = ranged(8001, ge=1, le=65535)
+    http_port: int = ranged(8000, ge=1, le=65535)
+    metrics_port: int = ranged(8002, ge=1, le=65535)
     # Empty serves every model in the repository.
     models: tuple[str, ...] = ()
-    startup_timeout: float = 120.0
-    intra_op_threads: int = 0
+    startup_timeout: float = ranged(120.0, gt=0.0)
+    intra_op_threads: int = ranged(0, ge=0, le=256)
     log_path: Path | None = None
