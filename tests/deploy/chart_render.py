@@ -42,8 +42,9 @@ def scenario_values(name: str) -> dict[str, Any]:
 def render(values: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Template path -> rendered text; raises helm_python.HelmError where `helm template` would fail."""
     with helm_python.Chart.load(CHART_DIR) as chart:
-        return chart.render(dict(values) if values is not None else None, name=RELEASE, namespace=NAMESPACE,
-                            is_install=True)
+        return chart.render(
+            dict(values) if values is not None else None, name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
 
 
 def objects_of(rendered: Mapping[str, str]) -> list[Manifest]:
@@ -109,8 +110,11 @@ def workloads(objects: list[Manifest]) -> list[Manifest]:
 
 
 def workload_of(objects: list[Manifest], component: str) -> Manifest:
-    matches = [item for item in workloads(objects)
-               if item["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    matches = [
+        item
+        for item in workloads(objects)
+        if item["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
     assert len(matches) == 1, f"expected one workload for {component}, found {len(matches)}"
     return matches[0]
 

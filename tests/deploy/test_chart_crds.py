@@ -1,4 +1,4 @@
-"""KEDA and Prometheus Operator objects, checked by hand: their CRD schemas are not in kubernetes-validate.
+"""KEDA, Prometheus Operator and cert-manager objects, checked by hand: kubernetes-validate lacks their CRDs.
 
 What is checked is their structure and their references to the chart's own objects (targets, selectors,
 ports, queries on the metrics the services export); the CRDs' full OpenAPI schemas are not.
@@ -27,7 +27,22 @@ API_VERSIONS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
+    "Certificate": "cert-manager.io/v1",
 }
+# cert-manager's Certificate spec fields the chart may set, and the usages it knows.
+CERTIFICATE_FIELDS = {
+    "secretName",
+    "secretTemplate",
+    "commonName",
+    "dnsNames",
+    "ipAddresses",
+    "duration",
+    "renewBefore",
+    "privateKey",
+    "usages",
+    "issuerRef",
+}
+KEY_USAGES = {"digital signature", "key encipherment", "server auth", "client auth"}
 DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 # The series the autoscaling queries may use: what the gateway, Triton and the advisor export.
 SCALING_SERIES = {
@@ -68,8 +83,17 @@ def test_scaled_objects(scenario: str) -> None:
     for scaled in of_kind(objects, "ScaledObject"):
         assert_object_shape(scaled)
         spec = scaled["spec"]
-        assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
-                             "cooldownPeriod", "triggers", "advanced", "fallback", "idleReplicaCount"}
+        assert set(spec) <= {
+            "scaleTargetRef",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "pollingInterval",
+            "cooldownPeriod",
+            "triggers",
+            "advanced",
+            "fallback",
+            "idleReplicaCount",
+        }
         target = spec["scaleTargetRef"]
         assert target["apiVersion"] == "apps/v1" and target["kind"] == "Deployment"
         deployment = deployments[target["name"]]
@@ -99,11 +123,17 @@ def test_scaled_objects(scenario: str) -> None:
 def test_workers_scale_on_pending_chunks_and_triton_on_its_queue() -> None:
     objects = scenario_objects("gpu-keda")
     scaled = {item["spec"]["scaleTargetRef"]["name"]: item for item in of_kind(objects, "ScaledObject")}
-    worker_queries = [t["metadata"]["query"] for t in scaled[component_name("worker")]["spec"]["triggers"]
-                      if t["type"] == "prometheus"]
+    worker_queries = [
+        t["metadata"]["query"]
+        for t in scaled[component_name("worker")]["spec"]["triggers"]
+        if t["type"] == "prometheus"
+    ]
     assert worker_queries == ['sum(swapline_gateway_chunks_pending{namespace="media"})']
-    triton_series = {series for trigger in scaled[component_name("triton")]["spec"]["triggers"]
-                     for series in query_series(trigger["metadata"].get("query", ""))}
+    triton_series = {
+        series
+        for trigger in scaled[component_name("triton")]["spec"]["triggers"]
+        for series in query_series(trigger["metadata"].get("query", ""))
+    }
     assert triton_series == {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"}
     for cpu_service in ("decoder", "detector", "encoder"):
         triggers = scaled[component_name(cpu_service)]["spec"]["triggers"]
@@ -118,12 +148,17 @@ def test_service_monitors_select_a_service_with_the_scraped_port(scenario: str) 
         assert_object_shape(monitor)
         spec = monitor["spec"]
         assert spec["namespaceSelector"] == {"matchNames": ["media"]}
-        selected = [service for service in services
-                    if labels_match(spec["selector"]["matchLabels"], service["metadata"]["labels"])]
-        assert len(selected) == 1
-        port_names = {port["name"] for port in selected[0]["spec"]["ports"]}
+        selected = [
+            service
+            for service in services
+            if labels_match(spec["selector"]["matchLabels"], service["metadata"]["labels"])
+        ]
+        scraped = {endpoint["port"] for endpoint in spec["endpoints"]}
+        # Exactly one selected Service carries the scraped port: a second would scrape every pod twice.
+        exposing = [service for service in selected if scraped & {port["name"] for port in service["spec"]["ports"]}]
+        assert len(exposing) == 1, [service["metadata"]["name"] for service in exposing]
+        assert scraped <= {port["name"] for port in exposing[0]["spec"]["ports"]}
         for endpoint in spec["endpoints"]:
-            assert endpoint["port"] in port_names
             assert DURATION.match(endpoint["interval"])
 
 
@@ -133,12 +168,17 @@ def test_pod_monitors_select_pods_with_the_scraped_port(scenario: str) -> None:
     for monitor in of_kind(objects, "PodMonitor"):
         assert_object_shape(monitor)
         spec = monitor["spec"]
-        selected = [workload for workload in workloads(objects)
-                    if labels_match(spec["selector"]["matchLabels"],
-                                    workload["spec"]["template"]["metadata"]["labels"])]
+        selected = [
+            workload
+            for workload in workloads(objects)
+            if labels_match(spec["selector"]["matchLabels"], workload["spec"]["template"]["metadata"]["labels"])
+        ]
         assert len(selected) == 1
-        container_ports = {port["name"] for container in selected[0]["spec"]["template"]["spec"]["containers"]
-                           for port in container.get("ports", [])}
+        container_ports = {
+            port["name"]
+            for container in selected[0]["spec"]["template"]["spec"]["containers"]
+            for port in container.get("ports", [])
+        }
         for endpoint in spec["podMetricsEndpoints"]:
             assert endpoint["port"] in container_ports
             assert DURATION.match(endpoint["interval"])
@@ -147,8 +187,11 @@ def test_pod_monitors_select_pods_with_the_scraped_port(scenario: str) -> None:
 @pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
 def test_the_exporter_scrape_is_what_the_alert_rules_expect(kind: str) -> None:
     scenario = "monitoring-on" if kind == "ServiceMonitor" else "object-storage"
-    monitor = next(item for item in of_kind(scenario_objects(scenario), kind)
-                   if item["metadata"]["name"] == component_name("exporter"))
+    monitor = next(
+        item
+        for item in of_kind(scenario_objects(scenario), kind)
+        if item["metadata"]["name"] == component_name("exporter")
+    )
     endpoints_key = "endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"
     (endpoint,) = monitor["spec"][endpoints_key]
     assert endpoint["honorLabels"] is True
@@ -172,3 +215,25 @@ def test_prometheus_rules_hold_alerts_and_records(scenario: str) -> None:
                 assert isinstance(entry["expr"], str) and entry["expr"].strip()
                 if "alert" in entry:
                     assert entry["labels"]["severity"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_certificates(scenario: str) -> None:
+    objects = scenario_objects(scenario)
+    mounted = {
+        volume["secret"]["secretName"]
+        for workload in workloads(objects)
+        for volume in workload["spec"]["template"]["spec"]["volumes"]
+        if "secret" in volume
+    }
+    for certificate in of_kind(objects, "Certificate"):
+        assert_object_shape(certificate)
+        spec = certificate["spec"]
+        assert set(spec) <= CERTIFICATE_FIELDS
+        assert spec["secretName"] in mounted
+        assert set(spec["usages"]) <= KEY_USAGES
+        assert DURATION.match(spec["duration"]) and DURATION.match(spec["renewBefore"])
+        assert spec["privateKey"]["algorithm"] in {"RSA", "ECDSA"}
+        assert set(spec["issuerRef"]) == {"name", "kind", "group"} and spec["issuerRef"]["name"]
+        assert len(spec["commonName"]) <= 64
+        assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) for name in spec["dnsNames"])

@@ -20,9 +20,9 @@ from tests.deploy.chart_render import (
     scenario_values,
 )
 
-# Kinds whose schemas come from CRDs (KEDA, Prometheus Operator), absent from the Kubernetes OpenAPI;
+# Kinds whose schemas come from CRDs (KEDA, Prometheus Operator, cert-manager), absent from the Kubernetes OpenAPI;
 # tests/deploy/test_chart_crds.py checks them by hand.
-CRD_KINDS = frozenset({"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"})
+CRD_KINDS = frozenset({"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"})
 SCENARIOS = ["default", *scenario_names()]
 
 
@@ -53,8 +53,9 @@ def test_every_object_validates_against_kubernetes_strictly(scenario: str) -> No
 def test_helm_lint_reports_no_errors(scenario: str) -> None:
     values = None if scenario == "default" else scenario_values(scenario)
     # strict: warnings count as errors too.
-    report = helm_python.lint(CHART_DIR, values, strict=True, kube_version=f"v{KUBERNETES_VERSION}.0",
-                              namespace="media")
+    report = helm_python.lint(
+        CHART_DIR, values, strict=True, kube_version=f"v{KUBERNETES_VERSION}.0", namespace="media"
+    )
     findings = [message for message in report["messages"] if message["severity"] >= 2]
     assert findings == []
     assert report["errors"] == []
@@ -113,8 +114,8 @@ def test_the_notes_say_how_to_reach_the_gateway_and_what_autoscales() -> None:
 
 def test_the_readme_values_example_renders_and_validates() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("## Install on a GPU cluster"):]
-    example = section[section.index("# my-values.yaml"):]
+    section = readme[readme.index("## Install on a GPU cluster") :]
+    example = section[section.index("# my-values.yaml") :]
     example = example[: example.index("```")]
     objects = objects_of(render(yaml.safe_load(example)))
     for item in objects:

@@ -30,16 +30,18 @@ SETTINGS_CLASSES = {
     "advisor": "services.advisor.settings.AdvisorSettings",
     "exporter": "services.exporter.settings.ExporterSettings",
 }
-# The deployment contract's cluster ports: (gRPC, metrics); the exporter serves /metrics on its one port.
+# The deployment contract's cluster ports by container port name; the exporter serves /metrics on its one port.
 CONTRACT_PORTS = {
-    "gateway": (50051, 9090),
-    "decoder": (50061, 9090),
-    "detector": (50062, 9090),
-    "encoder": (50063, 9090),
-    "worker": (50064, 9090),
-    "advisor": (50071, 9090),
-    "exporter": (None, 9400),
+    "gateway": {"grpc": 50051, "internal": 50052, "metrics": 9090},
+    "decoder": {"grpc": 50061, "metrics": 9090},
+    "detector": {"grpc": 50062, "metrics": 9090},
+    "encoder": {"grpc": 50063, "metrics": 9090},
+    "worker": {"grpc": 50064, "metrics": 9090},
+    "advisor": {"grpc": 50071, "metrics": 9090},
+    "exporter": {"metrics": 9400},
 }
+# The settings field each container port is configured by.
+PORT_FIELDS = {"grpc": "PORT", "internal": "INTERNAL_PORT", "metrics": "METRICS_PORT"}
 # Stand-ins for values Kubernetes fills in at run time.
 RUNTIME_VALUES = {"fieldRef": "gpu-node-1", "secretKeyRef": "postgresql://swapline@db:5432/swapline"}
 
@@ -142,15 +144,13 @@ def test_ports_match_the_settings_and_the_contract(scenario: str) -> None:
         container = service_container(scenario, service)
         environment = runtime_environment(container)
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        grpc_port, metrics_port = CONTRACT_PORTS[service]
+        assert ports == CONTRACT_PORTS[service]
         prefix = prefix_of(service)
-        if grpc_port is None:
-            assert ports == {"metrics": metrics_port}
-            assert int(environment[f"{prefix}PORT"]) == metrics_port
+        if service == "exporter":
+            assert int(environment[f"{prefix}PORT"]) == ports["metrics"]
             continue
-        assert ports == {"grpc": grpc_port, "metrics": metrics_port}
-        assert int(environment[f"{prefix}PORT"]) == grpc_port
-        assert int(environment[f"{prefix}METRICS_PORT"]) == metrics_port
+        for name, port in ports.items():
+            assert int(environment[f"{prefix}{PORT_FIELDS[name]}"]) == port, f"{service} {name}"
 
 
 def test_settings_values_become_prefixed_variables() -> None:

@@ -59,8 +59,12 @@ def test_models_and_build_outputs_stay_out_of_the_image() -> None:
     allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "protos", "services"}
     # What the build copies is what the context lets in.
-    sources = {source for name, value in instructions() if name == "COPY" and "--from" not in value
-               for source in value.split()[:-1]}
+    sources = {
+        source
+        for name, value in instructions()
+        if name == "COPY" and "--from" not in value
+        for source in value.split()[:-1]
+    }
     assert {source.rstrip("/") for source in sources} == allowed
 
 
@@ -73,8 +77,14 @@ def test_the_runtime_stage_installs_no_build_tools() -> None:
 def make_images(path_dir: Path) -> subprocess.CompletedProcess[str]:
     make = shutil.which("make")
     assert make is not None
-    return subprocess.run([make, "--no-print-directory", "-C", str(REPO_ROOT), "images"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PATH": str(path_dir)}, check=False)
+    return subprocess.run(
+        [make, "--no-print-directory", "-C", str(REPO_ROOT), "images"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(path_dir)},
+        check=False,
+    )
 
 
 def tool_dir(tmp_path: Path) -> Path:
@@ -111,7 +121,10 @@ def test_make_images_builds_with_podman_when_docker_is_absent(tmp_path: Path) ->
     (bin_dir / "podman").chmod(0o755)
     result = make_images(bin_dir)
     assert result.returncode == 0, result.stderr
-    version = next(line.split('"')[1] for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines()
-                   if line.startswith("version = "))
+    version = next(
+        line.split('"')[1]
+        for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines()
+        if line.startswith("version = ")
+    )
     build = f"build -f deploy/docker/Dockerfile -t swapline:{version} ."
     assert calls.read_text().splitlines() == ["info", build]

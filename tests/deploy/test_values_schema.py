@@ -71,8 +71,9 @@ def test_sqlite_refuses_gateway_autoscaling() -> None:
 
 
 def test_postgresql_allows_several_gateways() -> None:
-    rendered = render({"jobStore": {"type": "postgresql", "postgresql": {"existingSecret": "db"}},
-                       "gateway": {"replicaCount": 3}})
+    rendered = render(
+        {"jobStore": {"type": "postgresql", "postgresql": {"existingSecret": "db"}}, "gateway": {"replicaCount": 3}}
+    )
     assert "replicas: 3" in rendered["swapline/templates/gateway-deployment.yaml"]
 
 
@@ -162,3 +163,67 @@ def test_every_values_key_is_commented() -> None:
 def test_the_comment_check_finds_an_undocumented_key() -> None:
     text = "# group\ngroup:\n  # -- documented\n  a: 1\n  b: 2\n# -- value\nvalue:\n  inner: 1\n"
     assert undocumented_keys(text) == ["line 5: b: 2"]
+
+
+def nested(path: str, leaf: Any) -> dict[str, Any]:
+    """{"a": {"b": leaf}} for "a.b"."""
+    node: Any = leaf
+    for key in reversed(path.split(".")):
+        node = {key: node}
+    result: dict[str, Any] = node
+    return result
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        "security",
+        "tls",
+        "tls.componentSecrets",
+        "tls.certManager",
+        "tls.certManager.issuerRef",
+        "auth",
+        "auth.tenantTokens",
+        "auth.internalToken",
+        "networkPolicy",
+        "networkPolicy.postgresql",
+        "networkPolicy.prometheus",
+        "networkPolicy.objectStorage",
+        "networkPolicy.kubernetesApi",
+    ],
+)
+def test_an_unknown_key_under_a_security_section_is_rejected(section: str) -> None:
+    message = render_error(nested(section, {"bogus": True}))
+    assert f"at '/{section.replace('.', '/')}'" in message
+    assert "additional properties 'bogus' not allowed" in message
+
+
+def test_an_unknown_key_in_a_tenant_token_is_rejected() -> None:
+    token = {"tenant": "acme", "token": "t" * 32, "role": "admin"}
+    message = render_error({"auth": {"tenantTokens": {"tokens": [token]}}})
+    assert "/auth/tenantTokens/tokens/0" in message
+    assert "additional properties 'role' not allowed" in message
+
+
+def test_an_unknown_key_in_a_network_policy_peer_is_rejected() -> None:
+    message = render_error({"networkPolicy": {"clientsFrom": [{"podSelectr": {}}]}})
+    assert "/networkPolicy/clientsFrom/0" in message
+
+
+def test_plaintext_is_reachable_only_through_open_mode() -> None:
+    message = render_error({"security": {"transportSecurity": "plaintext"}})
+    assert "/security/transportSecurity" in message
+
+
+@pytest.mark.parametrize(
+    ("token", "tenant"),
+    [("short", "acme"), ("t" * 20 + " spaced", "acme"), ("t" * 32, "two words"), ("t" * 32, "")],
+)
+def test_tenant_tokens_are_long_printable_and_name_one_tenant(token: str, tenant: str) -> None:
+    message = render_error({"auth": {"tenantTokens": {"tokens": [{"tenant": tenant, "token": token}]}}})
+    assert "/auth/tenantTokens/tokens/0/" in message
+
+
+def test_cert_manager_needs_an_issuer() -> None:
+    message = render_error({"tls": {"certManager": {"enabled": True}}})
+    assert "/tls/certManager/issuerRef/name" in message

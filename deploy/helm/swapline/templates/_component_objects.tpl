@@ -5,13 +5,19 @@ Objects every component has in the same shape; each takes a dict of root and com
 {{/*
 A headless Service: DNS answers with every ready pod's address, so gRPC clients (dns:/// targets,
 round_robin) balance per call instead of pinning one pod through a virtual IP.
+Optional arguments: ports (a name -> port dict; default every port of the component) and suffix (added
+to the name, for a component with more than one Service).
 */}}
 {{- define "swapline.headlessService" -}}
 {{- $values := index .root.Values .component }}
+{{- $name := include "swapline.componentName" . }}
+{{- with .suffix }}
+{{- $name = printf "%s-%s" $name . }}
+{{- end }}
 apiVersion: v1
 kind: Service
 metadata:
-  name: {{ include "swapline.componentName" . }}
+  name: {{ $name }}
   namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "swapline.labels" . | nindent 4 }}
@@ -20,12 +26,12 @@ spec:
   selector:
     {{- include "swapline.selectorLabels" . | nindent 4 }}
   ports:
-    {{- range $name, $port := $values.ports }}
+    {{- range $name, $port := default $values.ports .ports }}
     - name: {{ $name }}
       port: {{ $port }}
       targetPort: {{ $name }}
       protocol: TCP
-      {{- if eq $name "grpc" }}
+      {{- if has $name (list "grpc" "internal") }}
       appProtocol: grpc
       {{- else }}
       appProtocol: http
@@ -70,18 +76,16 @@ spec:
 {{- end }}
 
 {{/*
-Ingress rules of one component: gRPC and HTTP API ports from this release's pods (plus clientsFrom for
-public APIs), metrics ports from metricsFrom. Egress stays open: DNS, object storage, PostgreSQL.
+NetworkPolicy parts. Each <component>-networkpolicy.yaml lists its component's flows with these: the
+policy's head (it selects the component's pods and governs both directions), peers by component, and the
+rules every component shares (metrics scrapes in, DNS out).
 */}}
-{{- define "swapline.networkPolicy" -}}
-{{- $root := .root }}
-{{- $values := index $root.Values .component }}
-{{- if $root.Values.networkPolicy.enabled }}
+{{- define "swapline.networkPolicyHead" -}}
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
   name: {{ include "swapline.componentName" . }}
-  namespace: {{ $root.Release.Namespace }}
+  namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "swapline.labels" . | nindent 4 }}
 spec:
@@ -90,35 +94,150 @@ spec:
       {{- include "swapline.selectorLabels" . | nindent 6 }}
   policyTypes:
     - Ingress
-  ingress:
-    {{- range $name, $port := $values.ports }}
-    {{- if ne $name "metrics" }}
-    - ports:
-        - port: {{ $port }}
-          protocol: TCP
-      from:
-        - podSelector:
-            matchLabels:
-              app.kubernetes.io/instance: {{ $root.Release.Name }}
-              app.kubernetes.io/part-of: swapline
-    {{- if has $.component (list "gateway" "advisor") }}
-    - ports:
-        - port: {{ $port }}
-          protocol: TCP
-      {{- with $root.Values.networkPolicy.clientsFrom }}
-      from:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-    {{- end }}
-    {{- end }}
-    {{- end }}
-    - ports:
-        - port: {{ $values.ports.metrics }}
-          protocol: TCP
-      {{- with $root.Values.networkPolicy.metricsFrom }}
-      from:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+    - Egress
+{{- end }}
+
+{{/* Peers: the pods of each named component of this release (dict root, components). */}}
+{{- define "swapline.componentPeers" -}}
+{{- $root := .root }}
+{{- range .components }}
+- podSelector:
+    matchLabels:
+      {{- include "swapline.selectorLabels" (dict "root" $root "component" .) | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* TCP ports of a rule (a list of port numbers). */}}
+{{- define "swapline.tcpPorts" -}}
+{{- range . }}
+- port: {{ . }}
+  protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/* An ingress rule: the pods of `components` may reach `port` (dict root, components, port). */}}
+{{- define "swapline.ingressFromComponents" -}}
+- from:
+    {{- include "swapline.componentPeers" . | trim | nindent 4 }}
+  ports:
+    {{- include "swapline.tcpPorts" (list .port) | trim | nindent 4 }}
+{{- end }}
+
+{{/* An egress rule: this pod may reach `port` of `component`'s pods (dict root, component, port). */}}
+{{- define "swapline.egressToComponent" -}}
+- to:
+    {{- include "swapline.componentPeers" (dict "root" .root "components" (list .component)) | trim | nindent 4 }}
+  ports:
+    {{- include "swapline.tcpPorts" (list .port) | trim | nindent 4 }}
+{{- end }}
+
+{{/* An egress rule to peers from values (dict to, ports); no peers allows any destination on the ports. */}}
+{{- define "swapline.egressToPeers" -}}
+- ports:
+    {{- include "swapline.tcpPorts" .ports | trim | nindent 4 }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Prometheus (networkPolicy.metricsFrom, or any source when empty) may scrape the metrics port. */}}
+{{- define "swapline.metricsIngress" -}}
+{{- $values := index .root.Values .component }}
+- ports:
+    {{- include "swapline.tcpPorts" (list $values.ports.metrics) | trim | nindent 4 }}
+  {{- with .root.Values.networkPolicy.metricsFrom }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Name lookups against the cluster DNS (the root context). */}}
+{{- define "swapline.dnsEgress" -}}
+- to:
+    {{- toYaml (required "networkPolicy.dnsTo must name the cluster DNS" .Values.networkPolicy.dnsTo) | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end }}
+
+{{/*
+A component's TLS Secret generated by the chart (no Secret in values, no cert-manager), signed by the kept
+private CA. An existing one signed by that CA is kept as it is, so upgrades do not change certificates.
+*/}}
+{{- define "swapline.generatedTlsSecret" -}}
+{{- if and (not .root.Values.security.openMode) (eq (include "swapline.tlsSource" .) "generated") }}
+{{- $root := .root }}
+{{- include "swapline.generatedCa" $root }}
+{{- $ca := $root.swaplineGeneratedCa }}
+{{- $caPem := $ca.Cert | b64enc }}
+{{- $name := include "swapline.tlsSecretName" . }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace $name }}
+{{- $data := dict }}
+{{- if and (eq (dig "data" "ca.crt" "" $existing) $caPem) (dig "data" "tls.crt" "" $existing) (dig "data" "tls.key" "" $existing) }}
+{{- $data = pick $existing.data "tls.crt" "tls.key" "ca.crt" }}
+{{- else }}
+{{- $dnsNames := include "swapline.tlsDnsNames" . | fromJsonArray }}
+{{- $ips := include "swapline.tlsIpAddresses" . | fromJsonArray }}
+{{- $cert := genSignedCertWithKey (include "swapline.componentName" .) $ips $dnsNames (int $root.Values.tls.generatedValidityDays) $ca (genPrivateKey "ecdsa") }}
+{{- $data = dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" $caPem }}
+{{- end }}
+apiVersion: v1
+kind: Secret
+metadata:
+  name: {{ $name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "swapline.labels" . | nindent 4 }}
+type: kubernetes.io/tls
+data:
+  {{- toYaml $data | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A component's cert-manager Certificate: server and client usages (mtls uses the same pair both ways),
+every name of the component's Services, and a new key on each renewal.
+*/}}
+{{- define "swapline.certificate" -}}
+{{- if and (not .root.Values.security.openMode) (eq (include "swapline.tlsSource" .) "certManager") }}
+{{- $manager := .root.Values.tls.certManager }}
+{{- $ips := include "swapline.tlsIpAddresses" . | fromJsonArray }}
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ include "swapline.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "swapline.labels" . | nindent 4 }}
+spec:
+  secretName: {{ include "swapline.tlsSecretName" . }}
+  secretTemplate:
+    labels:
+      {{- include "swapline.selectorLabels" . | nindent 6 }}
+      app.kubernetes.io/part-of: swapline
+  commonName: {{ include "swapline.componentName" . }}
+  dnsNames:
+    {{- include "swapline.tlsDnsNames" . | fromJsonArray | toYaml | nindent 4 }}
+  {{- with $ips }}
+  ipAddresses:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  duration: {{ $manager.duration }}
+  renewBefore: {{ $manager.renewBefore }}
+  privateKey:
+    algorithm: {{ $manager.privateKeyAlgorithm }}
+    size: {{ ternary 256 2048 (eq $manager.privateKeyAlgorithm "ECDSA") }}
+    rotationPolicy: Always
+  usages:
+    - digital signature
+    - key encipherment
+    - server auth
+    - client auth
+  issuerRef:
+    {{- toYaml $manager.issuerRef | nindent 4 }}
 {{- end }}
 {{- end }}
 

@@ -91,6 +91,12 @@ services/common/grpc_channel.py balances round-robin across them.
 {{- printf "dns:///%s:%d" (include "swapline.serviceHost" .) (int $values.ports.grpc) }}
 {{- end }}
 
+{{/* The workers' target: the gateway's internal Service and port (the chunk queue). */}}
+{{- define "swapline.gatewayInternalTarget" -}}
+{{- $context := dict "root" . "component" "gateway-internal" }}
+{{- printf "dns:///%s:%d" (include "swapline.serviceHost" $context) (int .Values.gateway.ports.internal) }}
+{{- end }}
+
 {{/* SWAPLINE_<COMPONENT>_, the env prefix of a settings class. */}}
 {{- define "swapline.envPrefix" -}}
 {{- printf "SWAPLINE_%s_" (upper .) }}
@@ -139,10 +145,184 @@ preStop:
 {{- fail (printf "%s.autoscaling.signal advisor needs advisor.enabled" $component) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.tls.certManager.enabled .Values.tls.existingSecret }}
+{{- fail "tls.existingSecret and tls.certManager.enabled both provide every component's certificate; keep one" }}
+{{- end }}
+{{- $tenants := .Values.auth.tenantTokens }}
+{{- if and $tenants.existingSecret $tenants.tokens }}
+{{- fail "auth.tenantTokens.existingSecret and auth.tenantTokens.tokens both provide the tenants; keep one" }}
+{{- end }}
+{{- $owners := dict }}
+{{- range $tenants.tokens }}
+{{- if hasKey $owners .token }}
+{{- fail (printf "auth.tenantTokens.tokens: tenants %s and %s share a token; each token must name one tenant" (index $owners .token) .tenant) }}
+{{- end }}
+{{- $_ := set $owners .token .tenant }}
+{{- end }}
 {{- range $component := list "gateway" "worker" "decoder" "detector" "encoder" "advisor" "triton" }}
 {{- $autoscaling := (index $.Values $component).autoscaling }}
 {{- if and $autoscaling.enabled (lt (int $autoscaling.maxReplicas) (int $autoscaling.minReplicas)) }}
 {{- fail (printf "%s.autoscaling.maxReplicas is below minReplicas" $component) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Security of the swapline gRPC services. Fixed mount paths: the settings name them, nothing else needs to.
+*/}}
+{{- define "swapline.tlsMountPath" -}}/etc/swapline/tls{{- end }}
+{{- define "swapline.internalTokenMountPath" -}}/etc/swapline/internal-token{{- end }}
+{{- define "swapline.tenantTokensMountPath" -}}/etc/swapline/tenant-tokens{{- end }}
+
+{{/* The services' transport_security: plaintext only when open mode is asked for. */}}
+{{- define "swapline.transportSecurity" -}}
+{{- if .Values.security.openMode }}plaintext{{ else }}{{ .Values.security.transportSecurity }}{{ end }}
+{{- end }}
+
+{{/* The Python services that serve gRPC, hence carry a certificate and the internal token. */}}
+{{- define "swapline.tlsComponents" -}}
+{{- $components := list "gateway" "worker" "decoder" "detector" "encoder" }}
+{{- if .Values.advisor.enabled }}
+{{- $components = append $components "advisor" }}
+{{- end }}
+{{- toJson $components }}
+{{- end }}
+
+{{/* Where a component's certificate comes from: "given" (a Secret in values), "certManager" or "generated". */}}
+{{- define "swapline.tlsSource" -}}
+{{- $tls := .root.Values.tls }}
+{{- if or (index $tls.componentSecrets .component) $tls.existingSecret }}given
+{{- else if $tls.certManager.enabled }}certManager
+{{- else }}generated
+{{- end }}
+{{- end }}
+
+{{- define "swapline.tlsSecretName" -}}
+{{- $tls := .root.Values.tls }}
+{{- $given := default $tls.existingSecret (index $tls.componentSecrets .component) }}
+{{- default (printf "%s-tls" (include "swapline.componentName" .)) $given }}
+{{- end }}
+
+{{/* Every name a component's Services answer to, as a JSON list; the gateway's include the public ones. */}}
+{{- define "swapline.tlsDnsNames" -}}
+{{- $root := .root }}
+{{- $services := list .component }}
+{{- if eq .component "gateway" }}
+{{- $services = append $services "gateway-internal" }}
+{{- end }}
+{{- $names := list }}
+{{- range $services }}
+{{- $service := include "swapline.componentName" (dict "root" $root "component" .) }}
+{{- $names = concat $names (list $service
+  (printf "%s.%s" $service $root.Release.Namespace)
+  (printf "%s.%s.svc" $service $root.Release.Namespace)
+  (include "swapline.serviceHost" (dict "root" $root "component" .))) }}
+{{- end }}
+{{- if eq .component "gateway" }}
+{{- $names = concat $names $root.Values.tls.gatewayDnsNames }}
+{{- end }}
+{{- toJson (uniq $names) }}
+{{- end }}
+
+{{- define "swapline.tlsIpAddresses" -}}
+{{- toJson (ternary .root.Values.tls.gatewayIpAddresses (list) (eq .component "gateway")) }}
+{{- end }}
+
+{{/*
+The private CA that signs generated certificates, computed once per render and stored on the root
+context: the one kept in <fullname>-tls-ca when it exists, else a new one.
+*/}}
+{{- define "swapline.generatedCa" -}}
+{{- if not (hasKey . "swaplineGeneratedCa") }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-tls-ca" (include "swapline.fullname" .)) }}
+{{- $cert := dig "data" "tls.crt" "" $existing }}
+{{- $key := dig "data" "tls.key" "" $existing }}
+{{- $ca := dict }}
+{{- if and $cert $key }}
+{{- $ca = buildCustomCert $cert $key }}
+{{- else }}
+{{- $ca = genCAWithKey (printf "%s CA" (include "swapline.fullname" .)) 3650 (genPrivateKey "ecdsa") }}
+{{- end }}
+{{- $_ := set . "swaplineGeneratedCa" $ca }}
+{{- end }}
+{{- end }}
+
+{{- define "swapline.anyGeneratedTls" -}}
+{{- if not .Values.security.openMode }}
+{{- range (include "swapline.tlsComponents" $ | fromJsonArray) }}
+{{- if eq (include "swapline.tlsSource" (dict "root" $ "component" .)) "generated" }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "swapline.internalTokenSecretName" -}}
+{{- default (printf "%s-internal-token" (include "swapline.fullname" .)) .Values.auth.internalToken.existingSecret }}
+{{- end }}
+
+{{- define "swapline.tenantTokensSecretName" -}}
+{{- $gateway := include "swapline.componentName" (dict "root" . "component" "gateway") }}
+{{- default (printf "%s-tenant-tokens" $gateway) .Values.auth.tenantTokens.existingSecret }}
+{{- end }}
+
+{{/* "true" when the gateway has tenant tokens to mount. */}}
+{{- define "swapline.tenantTokensConfigured" -}}
+{{- if or .Values.auth.tenantTokens.existingSecret .Values.auth.tenantTokens.tokens }}true{{ end }}
+{{- end }}
+
+{{/* The tenant tokens file the chart renders: one `TOKEN TENANT` line each. */}}
+{{- define "swapline.tenantTokensFile" -}}
+{{- range .Values.auth.tenantTokens.tokens }}
+{{ .token }} {{ .tenant }}
+{{- end }}
+{{- end }}
+
+{{/*
+What a Python gRPC service adds for security (dict root, component, tenantTokens): env, volumes and
+volumeMounts, as YAML. Open mode sets plaintext and open and mounts nothing.
+*/}}
+{{- define "swapline.securityParts" -}}
+{{- $root := .root }}
+{{- $prefix := include "swapline.envPrefix" .component }}
+{{- $security := $root.Values.security }}
+{{- $env := list
+  (dict "name" (printf "%sTRANSPORT_SECURITY" $prefix) "value" (include "swapline.transportSecurity" $root))
+  (dict "name" (printf "%sAUTH_MODE" $prefix) "value" (ternary "open" "token" $security.openMode))
+  (dict "name" (printf "%sREFLECTION" $prefix) "value" (toString $security.reflection))
+}}
+{{- $volumes := list }}
+{{- $mounts := list }}
+{{- if not $security.openMode }}
+{{- $tls := include "swapline.tlsMountPath" . }}
+{{- $env = concat $env (list
+  (dict "name" (printf "%sTLS_CERT_FILE" $prefix) "value" (printf "%s/tls.crt" $tls))
+  (dict "name" (printf "%sTLS_KEY_FILE" $prefix) "value" (printf "%s/tls.key" $tls))
+  (dict "name" (printf "%sTLS_CA_FILE" $prefix) "value" (printf "%s/ca.crt" $tls))) }}
+{{- $tlsItems := list (dict "key" "tls.crt" "path" "tls.crt") (dict "key" "tls.key" "path" "tls.key") (dict "key" "ca.crt" "path" "ca.crt") }}
+{{- $volumes = append $volumes (dict "name" "tls" "secret" (dict "secretName" (include "swapline.tlsSecretName" .) "items" $tlsItems "defaultMode" 0440)) }}
+{{- $mounts = append $mounts (dict "name" "tls" "mountPath" $tls "readOnly" true) }}
+{{- $internal := include "swapline.internalTokenMountPath" . }}
+{{- $env = append $env (dict "name" (printf "%sINTERNAL_TOKEN_FILE" $prefix) "value" (printf "%s/token" $internal)) }}
+{{- $items := list (dict "key" $root.Values.auth.internalToken.secretKey "path" "token") }}
+{{- $volumes = append $volumes (dict "name" "internal-token" "secret" (dict "secretName" (include "swapline.internalTokenSecretName" $root) "items" $items "defaultMode" 0440)) }}
+{{- $mounts = append $mounts (dict "name" "internal-token" "mountPath" $internal "readOnly" true) }}
+{{- if and .tenantTokens (include "swapline.tenantTokensConfigured" $root) }}
+{{- $tenants := include "swapline.tenantTokensMountPath" . }}
+{{- $env = append $env (dict "name" (printf "%sTENANT_TOKENS_FILE" $prefix) "value" (printf "%s/tokens" $tenants)) }}
+{{- $items = list (dict "key" $root.Values.auth.tenantTokens.secretKey "path" "tokens") }}
+{{- $volumes = append $volumes (dict "name" "tenant-tokens" "secret" (dict "secretName" (include "swapline.tenantTokensSecretName" $root) "items" $items "defaultMode" 0440)) }}
+{{- $mounts = append $mounts (dict "name" "tenant-tokens" "mountPath" $tenants "readOnly" true) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "env" $env "volumes" $volumes "volumeMounts" $mounts) }}
+{{- end }}
+
+{{/* A probe handler on a gRPC port: the kubelet's gRPC probe speaks plaintext only, so TLS ports get a TCP check. */}}
+{{- define "swapline.grpcProbeHandler" -}}
+{{- if .root.Values.security.openMode }}
+grpc:
+  port: {{ .port }}
+{{- else }}
+tcpSocket:
+  port: {{ .port }}
 {{- end }}
 {{- end }}

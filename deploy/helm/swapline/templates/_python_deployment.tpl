@@ -1,11 +1,13 @@
 {{/*
 The Deployment of one Python gRPC service (`python -m services.<component>` on the swapline image).
 Arguments (dict): root, component, env (list of EnvVar dicts the component adds), volumes, volumeMounts
-(lists), strategy (dict, optional), podAnnotations (dict, optional).
+(lists), strategy (dict, optional), podAnnotations (dict, optional), tenantTokens (bool: mount the public
+API's tenant tokens).
 
 The server env (HOST, PORT, METRICS_PORT, DRAIN_SECONDS, MAX_MESSAGE_BYTES, MAX_CONNECTION_AGE_SECONDS,
-LOG_LEVEL) comes from ServerSettings, which every service's settings class extends; `settings` values
-become further SWAPLINE_<COMPONENT>_<FIELD> variables, and may not repeat one the chart sets.
+LOG_LEVEL, and the security fields of swapline.securityParts) comes from ServerSettings, which every
+service's settings class extends; `settings` values become further SWAPLINE_<COMPONENT>_<FIELD> variables,
+and may not repeat one the chart sets. Every port in the component's `ports` is a container port.
 */}}
 {{- define "swapline.pythonDeployment" -}}
 {{- $root := .root }}
@@ -21,7 +23,8 @@ become further SWAPLINE_<COMPONENT>_<FIELD> variables, and may not repeat one th
   (dict "name" (printf "%sMAX_CONNECTION_AGE_SECONDS" $prefix) "value" (include "swapline.envValue" $root.Values.grpc.maxConnectionAgeSeconds))
   (dict "name" (printf "%sLOG_LEVEL" $prefix) "value" $values.logLevel)
 }}
-{{- $env = concat $env (default (list) .env) }}
+{{- $security := include "swapline.securityParts" (dict "root" $root "component" $component "tenantTokens" .tenantTokens) | fromYaml }}
+{{- $env = concat $env $security.env (default (list) .env) }}
 {{- $chartSet := list }}
 {{- range $env }}
 {{- $chartSet = append $chartSet .name }}
@@ -103,30 +106,28 @@ spec:
           # The image's ENTRYPOINT is ["python", "-m"]: the argument picks the service.
           args: ["services.{{ $component }}"]
           ports:
-            - name: grpc
-              containerPort: {{ $values.ports.grpc }}
+            {{- range $name, $port := $values.ports }}
+            - name: {{ $name }}
+              containerPort: {{ $port }}
               protocol: TCP
-            - name: metrics
-              containerPort: {{ $values.ports.metrics }}
-              protocol: TCP
+            {{- end }}
           env:
             {{- toYaml $env | nindent 12 }}
-          # Native gRPC probes against grpc.health.v1 (the empty service name is the server overall).
+          # Native gRPC probes against grpc.health.v1 (the empty service name is the server overall) where the
+          # port speaks plaintext; the kubelet cannot speak TLS, so TLS ports are checked for accepting connections.
+          {{- $probe := include "swapline.grpcProbeHandler" (dict "root" $root "port" $values.ports.grpc) | trim }}
           startupProbe:
-            grpc:
-              port: {{ $values.ports.grpc }}
+            {{- $probe | nindent 12 }}
             periodSeconds: 2
             timeoutSeconds: {{ $values.probes.timeoutSeconds }}
             failureThreshold: {{ $values.probes.startupFailureThreshold }}
           livenessProbe:
-            grpc:
-              port: {{ $values.ports.grpc }}
+            {{- $probe | nindent 12 }}
             periodSeconds: {{ $values.probes.periodSeconds }}
             timeoutSeconds: {{ $values.probes.timeoutSeconds }}
             failureThreshold: {{ $values.probes.failureThreshold }}
           readinessProbe:
-            grpc:
-              port: {{ $values.ports.grpc }}
+            {{- $probe | nindent 12 }}
             periodSeconds: {{ $values.probes.periodSeconds }}
             timeoutSeconds: {{ $values.probes.timeoutSeconds }}
             failureThreshold: {{ $values.probes.failureThreshold }}
@@ -139,7 +140,7 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
-            {{- with .volumeMounts }}
+            {{- with concat (default (list) .volumeMounts) $security.volumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
       volumes:
@@ -147,7 +148,7 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 1Gi
-        {{- with .volumes }}
+        {{- with concat (default (list) .volumes) $security.volumes }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
 {{- end }}
