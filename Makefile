@@ -15,8 +15,8 @@ all: install protos models
 
 # Triton's Python-backend stub links against the system libpython of the same version; Debian's
 # prometheus brings promtool and the server that the alert-rule and scrape tests run; postgresql the
-# server the PostgreSQL job store tests start.
-SYSTEM_PACKAGES := libpython3.11 prometheus postgresql
+# server the PostgreSQL job store tests start; openssl the CA and certificates of `swapline up --secure`.
+SYSTEM_PACKAGES := libpython3.11 prometheus postgresql openssl
 
 # Checked on every run (dpkg -s is cheap) so that a package added here reaches machines that already
 # have the stamp; the stamp is touched only when first made, so the venv is not rebuilt for it.

@@ -8,7 +8,7 @@ from services.advisor.advisor_state import AdvisorState
 from services.advisor.scaling_loop import refresh_scaling_forever
 from services.advisor.servicer import SERVICE_NAME, AdvisorServicer
 from services.advisor.settings import ENV_PREFIX, AdvisorSettings
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.settings_loader import load_settings
 from swapline.advisor.v1 import advisor_pb2_grpc
@@ -16,8 +16,11 @@ from swapline.jobs.v1 import jobs_pb2_grpc
 
 
 async def run(settings: AdvisorSettings) -> None:
-    channel = open_channel(settings.gateway_target, settings.max_message_bytes)
+    # The internal token lets the advisor read every tenant's jobs.
+    channel = open_channel(settings.gateway_target, channel_security(settings), settings.max_message_bytes)
     state = AdvisorState.from_settings(settings, jobs_pb2_grpc.JobServiceStub(channel))
+    # Internal: its fleet report aggregates every tenant's jobs, so only the gateway and operators holding
+    # the internal token may ask.
     binding = ServiceBinding(
         AdvisorServicer(state), advisor_pb2_grpc.add_AdvisorServiceServicer_to_server, SERVICE_NAME
     )

@@ -16,10 +16,17 @@ from services.common.job_vocabulary import SELECTOR_MODES
 def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="image holding the face to put in")
     parser.add_argument("--target", required=True, help="video or image to swap faces in")
-    parser.add_argument("--target-uri", action="store_true",
-                        help="treat --target as a path under the gateway's media root instead of uploading it")
-    parser.add_argument("--selector", choices=SELECTOR_MODES, default="one",
-                        help="which faces to replace: the largest, all, or those matching --reference")
+    parser.add_argument(
+        "--target-uri",
+        action="store_true",
+        help="treat --target as a path under the gateway's media root instead of uploading it",
+    )
+    parser.add_argument(
+        "--selector",
+        choices=SELECTOR_MODES,
+        default="one",
+        help="which faces to replace: the largest, all, or those matching --reference",
+    )
     parser.add_argument("--reference", default="", help="image of the face to replace, for --selector reference")
     parser.add_argument("--crf", type=int, default=0, help="x264 quality, 0-51 (0: the encoder's default)")
     parser.add_argument("--preset", default="", help="x264 preset (default: the encoder's)")
@@ -28,12 +35,32 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="where the embedded stack keeps media, database and logs")
     parser.add_argument("--workers", type=int, default=StackOptions.workers, help="chunk workers in the embedded stack")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS on every listener and bearer tokens; credentials are generated in the work directory",
+    )
+    parser.add_argument(
+        "--mtls",
+        action="store_true",
+        help="--secure, and the services also prove themselves to each other with certificates",
+    )
+    parser.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"with --secure: a tenant to make a token for (repeatable; default: {', '.join(StackOptions.tenants)})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swapline", description=__doc__)
-    parser.add_argument("--gateway", default=commands.default_gateway(),
-                        help=f"gateway address host:port (default: ${commands.GATEWAY_ENV})")
+    parser.add_argument(
+        "--gateway",
+        default=commands.default_gateway(),
+        help=f"gateway address host:port (default: ${commands.GATEWAY_ENV})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

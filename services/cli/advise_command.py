@@ -23,7 +23,7 @@ from services.advisor.servicer import fleet_report_to_proto
 from services.advisor.settings import DEFAULT_HEADROOM_FRACTION, DEFAULT_JOB_LIMIT
 from services.advisor.time_predictor import load_calibration
 from services.common.errors import InvalidArgument, from_rpc_error
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import client_security_from_env, open_channel
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
 from swapline.jobs.v1 import jobs_pb2_grpc
 
@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 async def _from_advisor(address: str, limit: int, deadline: float) -> advisor_pb2.FleetReportResponse:
-    channel = open_channel(address)
+    channel = open_channel(address, client_security_from_env())
     try:
         stub = advisor_pb2_grpc.AdvisorServiceStub(channel)
         request = advisor_pb2.FleetReportRequest(limit=limit, deadline_seconds=deadline)
@@ -66,7 +66,7 @@ async def _from_advisor(address: str, limit: int, deadline: float) -> advisor_pb
 
 
 async def _computed_here(gateway: str, limit: int, deadline: float) -> advisor_pb2.FleetReportResponse:
-    channel = open_channel(gateway)
+    channel = open_channel(gateway, client_security_from_env())
     try:
         jobs = GatewayJobs(jobs_pb2_grpc.JobServiceStub(channel))
         reports, unreadable = await jobs.succeeded_reports(limit or DEFAULT_JOB_LIMIT)

@@ -13,18 +13,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from services.cli.embedded_stack import EmbeddedStack, StackOptions
-from services.cli.job_client import TERMINAL_STATES, JobClient, job_error, state_name
+from services.cli.embedded_stack import GATEWAY_ENV, EmbeddedStack, ServiceRestart, StackOptions
+from services.cli.job_client import JobClient, job_error, state_name
+from services.cli.job_follower import Reconnecting, Reconnector, WatchingClient, follow_job
 from services.cli.progress_bar import ProgressBar
+from services.cli.stack_credentials import StackCredentials
 from services.common.errors import InvalidArgument, NotFound, SwaplineError
+from services.common.tenant_context import LOCAL_TENANT
 from swapline.jobs.v1 import jobs_pb2
-
-GATEWAY_ENV = "SWAPLINE_GATEWAY"
 
 
 def fail(error: SwaplineError) -> int:
@@ -38,33 +40,61 @@ def read_file(path: Path, what: str) -> bytes:
     return path.read_bytes()
 
 
+def stack_options(args: argparse.Namespace, work_dir: Path, gateway_port: int = 0) -> StackOptions:
+    return StackOptions(
+        work_dir=work_dir,
+        media_root=work_dir / "media",
+        gateway_port=gateway_port,
+        workers=args.workers,
+        secure=args.secure or args.mtls,
+        mutual_tls=args.mtls,
+        tenants=tuple(args.tenant or StackOptions.tenants),
+    )
+
+
 @contextmanager
-def gateway_for(args: argparse.Namespace) -> Iterator[str]:
-    """The gateway named by --gateway or SWAPLINE_GATEWAY, or an embedded stack started for this command."""
+def client_for(args: argparse.Namespace) -> Iterator[JobClient]:
+    """A client of the gateway named by --gateway or SWAPLINE_GATEWAY (with SWAPLINE_TOKEN and SWAPLINE_CA_FILE),
+    or of an embedded stack started for this command, with that stack's credentials."""
     if args.gateway:
-        yield args.gateway
+        with JobClient.from_env(args.gateway) as client:
+            yield client
         return
     work_dir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="swapline-"))
-    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=args.workers)
     print(f"starting the embedded stack in {work_dir} ...", file=sys.stderr)
     try:
-        with EmbeddedStack(options) as stack:
-            yield stack.gateway_address
+        with (
+            EmbeddedStack(stack_options(args, work_dir), on_restart=report_restart) as stack,
+            stack.job_client() as client,
+        ):
+            yield client
     finally:
         if not args.workdir:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def follow(client: JobClient, job_id: str, quiet: bool = False) -> jobs_pb2.Job:
+def report_restart(restart: ServiceRestart) -> None:
+    print(restart.describe(), file=sys.stderr, flush=True)
+
+
+def follow(client: WatchingClient, job_id: str, quiet: bool = False) -> jobs_pb2.Job:
+    """Shows progress until the job ends; waits out gateway restarts and dropped connections."""
     bar = None if quiet else ProgressBar()
-    for event in client.watch(job_id):
+
+    def reconnecting(retry: Reconnecting) -> None:
+        message = (
+            f"gateway unavailable for {retry.outage_seconds:.0f} s ({retry.error.message[:80]});"
+            f" reconnecting in {retry.retry_in_seconds:.1f} s"
+        )
         if bar is not None:
-            bar.update(event)
-        if event.state in TERMINAL_STATES:
-            break
+            bar.note(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    job = follow_job(client, job_id, bar.update if bar is not None else lambda _: None, Reconnector(reconnecting))
     if bar is not None:
         bar.finish()
-    return client.get(job_id)
+    return job
 
 
 def save_output(client: JobClient, job: jobs_pb2.Job, output: Path) -> Path:
@@ -91,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if not args.target_uri and not target.is_file():
         raise NotFound(f"target {args.target!r} does not exist")
-    with gateway_for(args) as address, JobClient(address) as client:
+    with client_for(args) as client:
         job = client.submit(
             source,
             target_path=None if args.target_uri else target,
@@ -143,18 +173,56 @@ def save_report(client: JobClient, job_id: str, report_dir: Path) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+OPEN_WARNING = (
+    "WARNING: this stack is OPEN: plaintext gRPC (no TLS), no tokens, and every job belongs to the tenant"
+    f" {LOCAL_TENANT!r}. It listens on 127.0.0.1 only; anyone who can run a program on this machine can use it."
+    " Run `swapline up --secure` for TLS and tokens."
+)
+
+
+class RunningStack(Protocol):
+    """What `swapline up` tells about a started stack."""
+
+    @property
+    def gateway_address(self) -> str: ...
+
+    @property
+    def credentials(self) -> StackCredentials | None: ...
+
+    def client_env(self, tenant: str = "") -> dict[str, str]: ...
+
+
+def announce(stack: RunningStack, options: StackOptions) -> None:
+    """Where the gateway is, whether it is open (a warning on stderr) or secure, and the `export` line to copy."""
+    print(f"gateway listening on {stack.gateway_address}; media root {options.media_root.resolve()}")
+    credentials = stack.credentials
+    if credentials is None:
+        print(OPEN_WARNING, file=sys.stderr)
+    else:
+        mode = "mutual TLS between services" if options.mutual_tls else "TLS"
+        print(f"secure: {mode}, bearer tokens; credentials in {credentials.directory} (regenerated at every start)")
+        print(f"tenants and their tokens: {credentials.tenant_tokens_file} (`TOKEN TENANT` lines)")
+    exports = " ".join(f"{name}={value}" for name, value in stack.client_env().items())
+    tenant = f"  # as tenant {credentials.first_tenant!r}" if credentials is not None else ""
+    print(f"export {exports}{tenant}", flush=True)
+
+
 def up(args: argparse.Namespace) -> int:
     work_dir = Path(args.workdir or "swapline-data")
-    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", gateway_port=args.port,
-                           workers=args.workers)
+    options = stack_options(args, work_dir, gateway_port=args.port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedStack(options) as stack:
-        print(f"gateway listening on {stack.gateway_address}; media root {options.media_root.resolve()}")
-        print(f"export {GATEWAY_ENV}={stack.gateway_address}", flush=True)
+    with EmbeddedStack(options, on_restart=report_restart) as stack:
+        announce(stack, options)
         stop.wait()
+        print(f"stopping; restarts: {restarts_summary(stack.restarts())}", file=sys.stderr)
     return 0
+
+
+def restarts_summary(restarts: dict[str, int]) -> str:
+    restarted = [f"{name} {count}" for name, count in restarts.items() if count]
+    return ", ".join(restarted) or "none"
 
 
 def require_gateway(args: argparse.Namespace) -> str:
@@ -166,18 +234,25 @@ def require_gateway(args: argparse.Namespace) -> str:
 def submit(args: argparse.Namespace) -> int:
     source = read_file(Path(args.source), "source image")
     reference = read_file(Path(args.reference), "reference image") if args.reference else b""
-    with JobClient(require_gateway(args)) as client:
+    with JobClient.from_env(require_gateway(args)) as client:
         upload = None if args.target_uri else Path(args.target)
         if upload is not None and not upload.is_file():
             raise NotFound(f"target {args.target!r} does not exist")
-        job = client.submit(source, target_path=upload, target_uri=args.target if args.target_uri else "",
-                            selector=args.selector, reference_image=reference, crf=args.crf, preset=args.preset)
+        job = client.submit(
+            source,
+            target_path=upload,
+            target_uri=args.target if args.target_uri else "",
+            selector=args.selector,
+            reference_image=reference,
+            crf=args.crf,
+            preset=args.preset,
+        )
     print(job.id)
     return 0
 
 
 def watch(args: argparse.Namespace) -> int:
-    with JobClient(require_gateway(args)) as client:
+    with JobClient.from_env(require_gateway(args)) as client:
         job = follow(client, args.job_id)
     error = job_error(job)
     return fail(error) if error is not None else (0 if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1)
@@ -188,19 +263,19 @@ def print_job(job: jobs_pb2.Job) -> None:
 
 
 def get(args: argparse.Namespace) -> int:
-    with JobClient(require_gateway(args)) as client:
+    with JobClient.from_env(require_gateway(args)) as client:
         print_job(client.get(args.job_id))
     return 0
 
 
 def cancel(args: argparse.Namespace) -> int:
-    with JobClient(require_gateway(args)) as client:
+    with JobClient.from_env(require_gateway(args)) as client:
         print_job(client.cancel(args.job_id))
     return 0
 
 
 def list_jobs(args: argparse.Namespace) -> int:
-    with JobClient(require_gateway(args)) as client:
+    with JobClient.from_env(require_gateway(args)) as client:
         for job in client.list(args.limit):
             print(f"{job.id}  {state_name(job.state):10} {job.frames_done}/{job.frames_total} frames  {job.target_uri}")
     return 0
@@ -217,9 +292,22 @@ def demo(args: argparse.Namespace) -> int:
     sample_media.make_face_video(target, sample_media.astronaut_photo())
     source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
     run_args = argparse.Namespace(
-        source=str(source), target=str(target), target_uri=False, output=str(work_dir / "output.mp4"),
-        report=str(work_dir / "report"), selector="one", reference="", crf=0, preset="", quiet=False,
-        gateway=args.gateway, workdir=str(work_dir / "stack"), workers=args.workers,
+        source=str(source),
+        target=str(target),
+        target_uri=False,
+        output=str(work_dir / "output.mp4"),
+        report=str(work_dir / "report"),
+        selector="one",
+        reference="",
+        crf=0,
+        preset="",
+        quiet=False,
+        gateway=args.gateway,
+        workdir=str(work_dir / "stack"),
+        workers=args.workers,
+        secure=args.secure,
+        mtls=args.mtls,
+        tenant=args.tenant,
     )
     code = run(run_args)
     if code == 0:

@@ -4,91 +4,59 @@ Used by `swapline run` (when SWAPLINE_GATEWAY is not set), `swapline up`, the en
 the benchmark. Services listen on port 0 and print the port they bound; the stack reads it back.
 The frame services (decoder, detector, encoder) also listen on Unix sockets, which their clients use
 by default: every process is on this machine, and raw frames then skip the TCP stack.
+
+The stack supervises its children (process_supervisor.py): one that dies is started again on the
+same address, so its clients reconnect.
+
+By default every service runs open (plaintext, no tokens, every job belongs to the tenant "local"),
+which is why everything listens on loopback only. `StackOptions.secure` generates a private CA, a
+service certificate and tokens, and runs every service with TLS and token authentication.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import queue
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Literal, get_args
+from typing import Literal, get_args
 
-from services.common.errors import Unavailable
+from services.cli.job_client import JobClient
+from services.cli.process_supervisor import (
+    REPOSITORY_ROOT,
+    TRITON_NAME,
+    ProcessSupervisor,
+    ServiceProcess,
+    ServiceRestart,
+    service_env_prefix,
+)
+from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, generate_credentials
+from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
+from services.common.server_settings import TransportSecurity
 from services.triton.server_process import EmbeddedTriton, free_ports
-
-log = logging.getLogger(__name__)
 
 FrameTransport = Literal["unix", "tcp"]
 FRAME_TRANSPORTS: tuple[FrameTransport, ...] = get_args(FrameTransport)
 FRAME_SERVICES = ("decoder", "detector", "encoder")
-
-REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+GATEWAY_ENV = "SWAPLINE_GATEWAY"
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "triton_models"
-_LISTENING = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
-
-
-def _drain(stream: IO[str], sink: IO[str], lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        sink.write(line)
-        sink.flush()
-        lines.put(line)
-    lines.put(None)
-
-
-@dataclass
-class ServiceProcess:
-    name: str
-    process: subprocess.Popen[str]
-    log_path: Path
-    address: str = ""
-    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-
-    def wait_listening(self, timeout: float) -> str:
-        """Blocks until the service prints its bound address; fails with its log if it dies first."""
-        while True:
-            try:
-                line = self._lines.get(timeout=timeout)
-            except queue.Empty:
-                raise Unavailable(f"{self.name} did not start within {timeout:.0f} s; log: {self.log_path}") from None
-            if line is None:
-                raise Unavailable(f"{self.name} exited with {self.process.wait()} during start:\n{self.log_tail()}")
-            match = _LISTENING.search(line)
-            if match:
-                self.address = f"{match['host']}:{match['port']}"
-                return self.address
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def start_service(name: str, env: Mapping[str, str], log_dir: Path) -> ServiceProcess:
-    log_path = log_dir / f"{name}.log"
-    sink = log_path.open("a")
-    process = subprocess.Popen(
-        [sys.executable, "-m", f"services.{name.split('-')[0]}"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPOSITORY_ROOT,
-        start_new_session=True,
-    )
-    service = ServiceProcess(name=name, process=process, log_path=log_path)
-    assert process.stdout is not None
-    threading.Thread(target=_drain, args=(process.stdout, sink, service._lines), daemon=True).start()
-    return service
+__all__ = [
+    "DEFAULT_MODEL_REPOSITORY",
+    "FRAME_SERVICES",
+    "FRAME_TRANSPORTS",
+    "GATEWAY_ENV",
+    "REPOSITORY_ROOT",
+    "TRITON_NAME",
+    "EmbeddedStack",
+    "FrameTransport",
+    "ServiceRestart",
+    "StackOptions",
+    "frame_service_sockets",
+    "security_env",
+]
 
 
 def frame_service_sockets(socket_dir: Path | None) -> dict[str, tuple[dict[str, str], str]]:
@@ -100,8 +68,29 @@ def frame_service_sockets(socket_dir: Path | None) -> dict[str, tuple[dict[str, 
     return {name: ({f"SWAPLINE_{name.upper()}_UNIX_SOCKET": str(path)}, f"unix:{path}") for name, path in paths.items()}
 
 
+def security_env(prefix: str, credentials: StackCredentials | None, mutual_tls: bool = False) -> dict[str, str]:
+    """No credentials: plaintext and open. Otherwise TLS (or mutual TLS) and token authentication."""
+    if credentials is None:
+        return {f"{prefix}TRANSPORT_SECURITY": "plaintext", f"{prefix}AUTH_MODE": "open"}
+    transport: TransportSecurity = "mtls" if mutual_tls else "tls"
+    return {
+        f"{prefix}TRANSPORT_SECURITY": transport,
+        f"{prefix}AUTH_MODE": "token",
+        f"{prefix}TLS_CERT_FILE": str(credentials.cert_file),
+        f"{prefix}TLS_KEY_FILE": str(credentials.key_file),
+        f"{prefix}TLS_CA_FILE": str(credentials.ca_file),
+        f"{prefix}TENANT_TOKENS_FILE": str(credentials.tenant_tokens_file),
+        f"{prefix}INTERNAL_TOKEN_FILE": str(credentials.internal_token_file),
+    }
+
+
 def _server_env(prefix: str, port: int = 0) -> dict[str, str]:
-    return {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": "0"}
+    """Loopback; the metrics port is chosen up front so that it stays the same across restarts."""
+    return {
+        f"{prefix}HOST": "127.0.0.1",
+        f"{prefix}PORT": str(port),
+        f"{prefix}METRICS_PORT": str(free_ports(1)[0]),
+    }
 
 
 @dataclass
@@ -120,6 +109,12 @@ class StackOptions:
     # How workers and the gateway reach the frame services: "tcp" is how a cluster's pods do.
     frame_transport: FrameTransport = "unix"
     startup_timeout: float = 120.0
+    # TLS on every listener and bearer tokens (credentials generated in work_dir/credentials).
+    secure: bool = False
+    # With `secure`: services also prove themselves to each other with the service certificate.
+    mutual_tls: bool = False
+    # With `secure`: the tenants that get a token.
+    tenants: tuple[str, ...] = DEFAULT_TENANTS
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -128,43 +123,89 @@ class EmbeddedStack:
 
     The exporter samples this machine's GPUs into a trend log that the gateway charts each job from;
     without a GPU it keeps running with swapline_gpu_nvml_up 0 and every report says CPU mode.
+    `on_restart` is called, from a supervisor thread, whenever a restarted child serves again.
     """
 
-    def __init__(self, options: StackOptions) -> None:
+    def __init__(self, options: StackOptions, on_restart: Callable[[ServiceRestart], None] | None = None) -> None:
         self.options = replace(options, work_dir=options.work_dir.resolve(), media_root=options.media_root.resolve())
         self.triton: EmbeddedTriton | None = None
-        self.services: dict[str, ServiceProcess] = {}
-        self.log_dir = options.work_dir / "logs"
+        self.credentials: StackCredentials | None = None
+        self.log_dir = self.options.work_dir / "logs"
+        self.supervisor = ProcessSupervisor(self.log_dir, self.options.startup_timeout, on_restart)
         # Not under work_dir: a Unix socket path must stay within 107 bytes.
         self._socket_dir: Path | None = None
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-start")
 
     @property
     def gateway_address(self) -> str:
-        return self.services["gateway"].address
+        return self.supervisor.service("gateway").address
 
     @property
     def exporter_address(self) -> str:
         """host:port of the exporter's /metrics and /healthz."""
-        return self.services["exporter"].address
+        return self.supervisor.service("exporter").address
 
     @property
     def trend_dir(self) -> Path:
         return (self.options.work_dir / "gpu-trend").resolve()
 
-    def _start_tier(self, envs: Mapping[str, Mapping[str, str]]) -> None:
-        started = {name: start_service(name, {**env, **self.options.extra_env}, self.log_dir)
-                   for name, env in envs.items()}
-        self.services.update(started)
-        for service in started.values():
-            service.wait_listening(self.options.startup_timeout)
-            log.info("%s at %s", service.name, service.address)
+    def client_env(self, tenant: str = "") -> dict[str, str]:
+        """What a `swapline` client needs to reach this stack: as `tenant` (default: the first) when secure."""
+        env = {GATEWAY_ENV: self.gateway_address}
+        if self.credentials is not None:
+            env[CA_FILE_ENV] = str(self.credentials.ca_file)
+            env[TOKEN_ENV] = self.credentials.token(tenant or self.credentials.first_tenant)
+        return env
+
+    def job_client(self, tenant: str = "", timeout_seconds: float = 60.0) -> JobClient:
+        """A client of this stack's gateway; when secure it trusts the stack's CA and carries `tenant`'s token."""
+        if self.credentials is None:
+            return JobClient(self.gateway_address, timeout_seconds)
+        return JobClient(
+            self.gateway_address,
+            timeout_seconds,
+            token=self.credentials.token(tenant or self.credentials.first_tenant),
+            ca_file=self.credentials.ca_file,
+        )
+
+    def process(self, name: str) -> subprocess.Popen[str]:
+        """The current process of a service: gateway, decoder, detector, encoder, worker-N, advisor, exporter."""
+        return self.supervisor.service(name).process
+
+    def pid(self, name: str) -> int:
+        """The current process id of a service or of tritonserver (TRITON_NAME)."""
+        return self.supervisor.pid(name)
+
+    def metrics_address(self, name: str) -> str:
+        """host:port of a service's /metrics: per-method RPC counts, latencies and calls in flight."""
+        return self.supervisor.metrics_address(name)
+
+    def restarts(self) -> dict[str, int]:
+        """How many times the supervisor has restarted each child, by name (tritonserver included)."""
+        return self.supervisor.restarts()
+
+    def wait_restarted(self, name: str, previous_pid: int, timeout: float) -> int:
+        """Blocks until `name` runs as a process other than `previous_pid` and serves again; returns its pid."""
+        return self.supervisor.wait_restarted(name, previous_pid, timeout)
+
+    def _start_tier(self, envs: Mapping[str, Mapping[str, str]]) -> dict[str, ServiceProcess]:
+        return self.supervisor.start(
+            {
+                name: {
+                    **security_env(service_env_prefix(name), self.credentials, self.options.mutual_tls),
+                    **env,
+                    **self.options.extra_env,
+                }
+                for name, env in envs.items()
+            }
+        )
 
     def start(self) -> EmbeddedStack:
         options = self.options
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         options.media_root.mkdir(parents=True, exist_ok=True)
         media_root = str(options.media_root.resolve())
+        if options.secure:
+            self.credentials = generate_credentials(options.work_dir, options.tenants)
         self.triton = EmbeddedTriton(
             options.model_repository,
             options.work_dir / "triton",
@@ -184,54 +225,66 @@ class EmbeddedStack:
                     "SWAPLINE_DETECTOR_TRITON_SHARED_MEMORY": "true",
                 },
             }
-            self._start_tier({
-                **{
-                    name: {**_server_env(f"SWAPLINE_{name.upper()}_"), **sockets[name][0], **env}
-                    for name, env in frame_service_env.items()
-                },
-                "exporter": {
-                    **_server_env("SWAPLINE_EXPORTER_"),
-                    "SWAPLINE_EXPORTER_TREND_DIR": str(self.trend_dir),
-                    "SWAPLINE_EXPORTER_REPLAY": "",
-                    # One machine, no Kubernetes API to ask which pod a GPU process belongs to.
-                    "SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION": "false",
-                },
-            })
-            # The gateway and the advisor call each other: the advisor's port is chosen first.
-            advisor_address = f"127.0.0.1:{free_ports(1)[0]}"
+            first_tier = self._start_tier(
+                {
+                    **{
+                        name: {**_server_env(f"SWAPLINE_{name.upper()}_"), **sockets[name][0], **env}
+                        for name, env in frame_service_env.items()
+                    },
+                    "exporter": {
+                        **_server_env("SWAPLINE_EXPORTER_"),
+                        "SWAPLINE_EXPORTER_TREND_DIR": str(self.trend_dir),
+                        "SWAPLINE_EXPORTER_REPLAY": "",
+                        # One machine, no Kubernetes API to ask which pod a GPU process belongs to.
+                        "SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION": "false",
+                    },
+                }
+            )
+            # The gateway and the advisor call each other, so the advisor's port is chosen first; so is the
+            # gateway's internal port (the workers' chunk queue), which the workers are given.
+            advisor_port, queue_port = free_ports(2)
+            advisor_address = f"127.0.0.1:{advisor_port}"
             targets = {
-                f"{name.upper()}_TARGET": sockets[name][1] or self.services[name].address for name in FRAME_SERVICES
+                f"{name.upper()}_TARGET": sockets[name][1] or first_tier[name].address for name in FRAME_SERVICES
             }
-            self._start_tier({
-                "gateway": {
-                    **_server_env("SWAPLINE_GATEWAY_", options.gateway_port),
-                    "SWAPLINE_GATEWAY_MEDIA_ROOT": media_root,
-                    "SWAPLINE_GATEWAY_GPU_TREND_SOURCE": "trend_log",
-                    "SWAPLINE_GATEWAY_TREND_DIR": str(self.trend_dir),
-                    "SWAPLINE_GATEWAY_ADVISOR_TARGET": advisor_address,
-                    **{f"SWAPLINE_GATEWAY_{key}": value for key, value in targets.items()},
+            self._start_tier(
+                {
+                    "gateway": {
+                        **_server_env("SWAPLINE_GATEWAY_", options.gateway_port),
+                        "SWAPLINE_GATEWAY_INTERNAL_PORT": str(queue_port),
+                        "SWAPLINE_GATEWAY_MEDIA_ROOT": media_root,
+                        "SWAPLINE_GATEWAY_GPU_TREND_SOURCE": "trend_log",
+                        "SWAPLINE_GATEWAY_TREND_DIR": str(self.trend_dir),
+                        "SWAPLINE_GATEWAY_ADVISOR_TARGET": advisor_address,
+                        **{f"SWAPLINE_GATEWAY_{key}": value for key, value in targets.items()},
+                    }
                 }
-            })
-            self._start_tier({
-                "advisor": {
-                    **_server_env("SWAPLINE_ADVISOR_", int(advisor_address.rsplit(":", 1)[1])),
-                    "SWAPLINE_ADVISOR_GATEWAY_TARGET": self.gateway_address,
+            )
+            self._start_tier(
+                {
+                    "advisor": {
+                        **_server_env("SWAPLINE_ADVISOR_", advisor_port),
+                        "SWAPLINE_ADVISOR_GATEWAY_TARGET": self.gateway_address,
+                    }
                 }
-            })
+            )
             # Triton loads models while the CPU services start; workers need it serving.
             triton_ready.result()
-            self._start_tier({
-                f"worker-{index}": {
-                    **_server_env("SWAPLINE_WORKER_"),
-                    "SWAPLINE_WORKER_GATEWAY_TARGET": self.gateway_address,
-                    "SWAPLINE_WORKER_TRITON_URL": triton_url,
-                    "SWAPLINE_WORKER_TRITON_SHARED_MEMORY": "true",
-                    "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
-                    "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
-                    **{f"SWAPLINE_WORKER_{key}": value for key, value in targets.items()},
+            self.supervisor.supervise_triton(self.triton)
+            self._start_tier(
+                {
+                    f"worker-{index}": {
+                        **_server_env("SWAPLINE_WORKER_"),
+                        "SWAPLINE_WORKER_GATEWAY_TARGET": f"127.0.0.1:{queue_port}",
+                        "SWAPLINE_WORKER_TRITON_URL": triton_url,
+                        "SWAPLINE_WORKER_TRITON_SHARED_MEMORY": "true",
+                        "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
+                        "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
+                        **{f"SWAPLINE_WORKER_{key}": value for key, value in targets.items()},
+                    }
+                    for index in range(options.workers)
                 }
-                for index in range(options.workers)
-            })
+            )
         except BaseException:
             self.stop()
             raise
@@ -239,21 +292,13 @@ class EmbeddedStack:
 
     def _frame_sockets(self) -> dict[str, tuple[dict[str, str], str]]:
         if self.options.frame_transport == "unix":
+            # mkdtemp makes it 0700: only this user can reach the sockets in it.
             self._socket_dir = Path(tempfile.mkdtemp(prefix="swapline-"))
         return frame_service_sockets(self._socket_dir)
 
     def stop(self, timeout: float = 20.0) -> None:
-        for service in reversed(list(self.services.values())):
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        for service in reversed(list(self.services.values())):
-            try:
-                service.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not drain in %.0f s; killing it", service.name, timeout)
-                service.process.kill()
-                service.process.wait()
-        self.services.clear()
+        # Supervision ends before anything is stopped: no child is restarted during the stop.
+        self.supervisor.stop(timeout)
         if self.triton is not None:
             self.triton.stop()
             self.triton = None

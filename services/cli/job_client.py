@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
 
 from services.common.errors import SwaplineError, error_for_code_value, from_rpc_error
+from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV, bearer_metadata, channel_options
 from services.common.job_vocabulary import SelectorMode, selector_mode_to_proto
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
+from services.common.token_file import read_secret_file
 from swapline.encoder.v1 import encoder_pb2
 from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -32,16 +35,33 @@ def _upload_requests(spec: jobs_pb2.JobSpec, target: Path | None) -> Iterator[jo
 
 
 class JobClient:
-    """Every call turns a failed RPC into the domain error of the same code."""
+    """Every call carries `token` (a tenant's) and turns a failed RPC into the domain error of the same code.
 
-    def __init__(self, target: str, timeout_seconds: float = 60.0) -> None:
-        options = [
-            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        ]
-        self._channel = grpc.insecure_channel(target, options=options)
+    TLS when `ca_file` names the CA that signed the gateway's certificate; plaintext otherwise.
+    """
+
+    def __init__(
+        self, target: str, timeout_seconds: float = 60.0, token: str = "", ca_file: Path | None = None
+    ) -> None:
+        options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+        if ca_file is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            roots = read_secret_file(ca_file, CA_FILE_ENV, "")
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._timeout = timeout_seconds
+        # Metadata on each call works the same on plaintext and TLS channels (call credentials need TLS).
+        self._metadata = bearer_metadata(token) if token else None
+
+    @classmethod
+    def from_env(
+        cls, target: str, timeout_seconds: float = 60.0, environ: Mapping[str, str] | None = None
+    ) -> JobClient:
+        """Token from SWAPLINE_TOKEN, CA from SWAPLINE_CA_FILE (TLS when set)."""
+        source = os.environ if environ is None else environ
+        ca_file = source.get(CA_FILE_ENV, "").strip()
+        return cls(target, timeout_seconds, source.get(TOKEN_ENV, "").strip(), Path(ca_file) if ca_file else None)
 
     def close(self) -> None:
         self._channel.close()
@@ -72,31 +92,36 @@ class JobClient:
             encode=encoder_pb2.EncodeSettings(crf=crf, preset=preset),
         )
         try:
-            return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None)
+            return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         try:
-            return self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=self._timeout)
+            return self._stub.GetJob(
+                jobs_pb2.GetJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         try:
-            return self._stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), timeout=self._timeout)
+            return self._stub.CancelJob(
+                jobs_pb2.CancelJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
     def list(self, limit: int = 50) -> list[jobs_pb2.Job]:
         try:
-            return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(limit=limit), timeout=self._timeout).jobs)
+            request = jobs_pb2.ListJobsRequest(limit=limit)
+            return list(self._stub.ListJobs(request, timeout=self._timeout, metadata=self._metadata).jobs)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
     def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
         try:
-            yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id))
+            yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -107,7 +132,7 @@ class JobClient:
         try:
             with partial.open("wb") as stream:
                 request = jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
-                for chunk in self._stub.FetchArtifact(request, timeout=self._timeout * 10):
+                for chunk in self._stub.FetchArtifact(request, timeout=self._timeout * 10, metadata=self._metadata):
                     stream.write(chunk.data)
         except grpc.RpcError as error:
             partial.unlink(missing_ok=True)

@@ -39,9 +39,10 @@ def progress_line(event: jobs_pb2.JobEvent) -> str:
 class ProgressBar:
     """Redraws in place on a terminal; prints one line per change in percent elsewhere (logs, CI)."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self._stream = stream
-        self._interactive = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        # sys.stderr as it is now, not at import: a test or a caller may have replaced it since.
+        self._stream = stream if stream is not None else sys.stderr
+        self._interactive = self._stream.isatty()
         self._last_percent = -1
 
     def update(self, event: jobs_pb2.JobEvent) -> None:
@@ -54,6 +55,11 @@ class ProgressBar:
                 return
             self._last_percent = percent
             self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def note(self, message: str) -> None:
+        """A line of its own (a reconnect, say); on a terminal the bar is redrawn below it at the next update."""
+        self._stream.write(("\r" + message.ljust(110) if self._interactive else message) + "\n")
         self._stream.flush()
 
     def finish(self) -> None:

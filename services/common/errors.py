@@ -33,6 +33,12 @@ class PermissionDenied(SwaplineError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(SwaplineError):
+    """No credentials, or none the service trusts (a bearer token, or an mTLS certificate on internal ports)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Unavailable(SwaplineError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -60,6 +66,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SwaplineError]] = {
         NotFound,
         FailedPrecondition,
         PermissionDenied,
+        Unauthenticated,
         Unavailable,
         ResourceExhausted,
         DeadlineExceeded,

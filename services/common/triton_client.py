@@ -3,6 +3,15 @@
 With `shared_memory` the tensors travel through /dev/shm regions registered with Triton instead of
 the gRPC payload (triton_shared_memory); a Triton that cannot map them (another host) turns it off
 for the rest of the process with one warning, and the request goes through gRPC as usual.
+
+A Triton that is down or restarting fails requests at once as Unavailable (retryable): callers wait
+for readiness (is_model_ready) rather than holding requests open. A restarted Triton has forgotten
+the shared-memory regions registered with its predecessor; the first request that meets that drops
+them and is sent again in a fresh region.
+
+Every model served here batches (max_batch_size > 0), so every output's first dimension is the
+request's batch; an answer that lacks an output or has another batch fails as FailedPrecondition
+naming the model, instead of surfacing later as "no face found" or a reshape error.
 """
 
 from __future__ import annotations
@@ -19,25 +28,60 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Resource
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.triton_shared_memory import (
     Placement,
+    PoolLimits,
     SharedMemoryPool,
     SharedMemoryRegion,
     SharedMemoryUnavailable,
+    is_transient,
     plan_layout,
 )
 
 log = logging.getLogger(__name__)
 
+# A readiness probe answers at once from a live server; a longer wait means it is not serving.
+READY_TIMEOUT_SECONDS = 5.0
+# The channel retries a lost connection at most this far apart, so a restarted Triton is found within
+# about this long instead of gRPC's default of up to two minutes.
+MAX_RECONNECT_BACKOFF_MS = 2000
+# How Triton names a shared-memory region it does not know: one registered with a predecessor.
+_UNKNOWN_REGION = "unable to find"
+
 
 def _error_for(model: str, error: InferenceServerException) -> Exception:
     status = (error.status() or "").upper()
     text = f"triton model {model}: {error.message()}"
-    if "UNAVAILABLE" in status or "DEADLINE" in status or "connect" in text.lower():
+    if is_transient(error) or "connect" in text.lower():
         return Unavailable(text)
     if "RESOURCE_EXHAUSTED" in status or "out of memory" in text.lower():
         return ResourceExhausted(text)
     if "NOT_FOUND" in status or "unknown model" in text.lower() or "not ready" in text.lower():
         return FailedPrecondition(text)
     return InvalidArgument(text)
+
+
+class _UnknownRegion(Exception):
+    """Triton no longer knows a region of the pool: it restarted since the region was registered."""
+
+
+def _batch_size(arrays: Mapping[str, np.ndarray]) -> int | None:
+    """The first dimension every input shares, or None where they do not (no batch to check against)."""
+    sizes = {array.shape[0] for array in arrays.values() if array.ndim}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def check_outputs(
+    model: str, answered: Mapping[str, np.ndarray | None], outputs: Sequence[str], batch: int | None
+) -> dict[str, np.ndarray]:
+    """Every requested output, present and holding `batch` items; otherwise FailedPrecondition naming the model."""
+    checked = {}
+    for name in outputs:
+        array = answered.get(name)
+        if array is None:
+            raise FailedPrecondition(f"model {model} returned no {name!r} output")
+        if batch is not None and (array.ndim == 0 or array.shape[0] != batch):
+            raise FailedPrecondition(f"model {model} returned {name!r} of shape {array.shape} for a batch of {batch}")
+        checked[name] = array
+    return checked
 
 
 def _inputs(arrays: Mapping[str, np.ndarray]) -> list[triton_types.InferInput]:
@@ -48,7 +92,13 @@ def _inputs(arrays: Mapping[str, np.ndarray]) -> list[triton_types.InferInput]:
 
 
 class TritonClient:
-    def __init__(self, url: str, timeout_seconds: float, shared_memory: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_seconds: float,
+        shared_memory: bool = False,
+        pool_limits: PoolLimits | None = None,
+    ) -> None:
         self.url = url
         self.timeout_seconds = timeout_seconds
         channel_args = [
@@ -56,9 +106,10 @@ class TritonClient:
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             # With a headless Service name (dns:///...) calls spread over every Triton pod.
             ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
         self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
-        self._shared_memory = SharedMemoryPool(self._client, timeout_seconds) if shared_memory else None
+        self._shared_memory = SharedMemoryPool(self._client, timeout_seconds, pool_limits) if shared_memory else None
         self._retired_pools: list[SharedMemoryPool] = []
 
     @property
@@ -69,9 +120,11 @@ class TritonClient:
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+        batch = _batch_size(arrays)
         if self._shared_memory is not None:
             try:
-                return await self._infer_through_shared_memory(self._shared_memory, model, arrays, outputs)
+                answered = await self._infer_in_a_region(self._shared_memory, model, arrays, outputs)
+                return check_outputs(model, answered, outputs, batch)
             except SharedMemoryUnavailable as error:
                 self._stop_shared_memory(error)
         request_inputs = _inputs(arrays)
@@ -79,22 +132,39 @@ class TritonClient:
             tensor.set_data_from_numpy(array)
         request_outputs = [triton_grpc.InferRequestedOutput(name) for name in outputs]
         result = await self._call(model, request_inputs, request_outputs)
-        return {name: result.as_numpy(name) for name in outputs}
+        return check_outputs(model, {name: result.as_numpy(name) for name in outputs}, outputs, batch)
 
     async def _call(
         self,
         model: str,
         inputs: list[triton_types.InferInput],
         outputs: list[triton_types.InferRequestedOutput],
+        region: SharedMemoryRegion | None = None,
     ) -> triton_types.InferResult:
         try:
             return await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_seconds)
         except InferenceServerException as error:
+            if region is not None and _UNKNOWN_REGION in error.message().lower() and region.name in error.message():
+                raise _UnknownRegion(error.message()) from error
             raise _error_for(model, error) from error
+
+    async def _infer_in_a_region(
+        self, pool: SharedMemoryPool, model: str, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray | None]:
+        """One request through shared memory; sent once more if Triton restarted since the region was registered."""
+        try:
+            return await self._infer_through_shared_memory(pool, model, arrays, outputs)
+        except _UnknownRegion as error:
+            log.warning("Triton at %s restarted (%s); registering shared memory again", self.url, error)
+            pool.forget_registrations()
+        try:
+            return await self._infer_through_shared_memory(pool, model, arrays, outputs)
+        except _UnknownRegion as error:
+            raise Unavailable(f"triton model {model}: {error}") from error
 
     async def _infer_through_shared_memory(
         self, pool: SharedMemoryPool, model: str, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, np.ndarray | None]:
         # No model served here answers with an output larger than its largest input; a larger one
         # fails the request with Triton's message naming the output.
         capacity = max(array.nbytes for array in arrays.values())
@@ -111,7 +181,7 @@ class TritonClient:
                 output = triton_grpc.InferRequestedOutput(placement.name)
                 output.set_shared_memory(region.name, placement.byte_size, placement.offset)
                 request_outputs.append(output)
-            result = await self._call(model, request_inputs, request_outputs)
+            result = await self._call(model, request_inputs, request_outputs, region)
             outputs_read = _read_outputs(region, result, layout.outputs)
             answered = True
             return outputs_read
@@ -130,7 +200,8 @@ class TritonClient:
 
     async def is_model_ready(self, model: str) -> bool:
         try:
-            return bool(await self._client.is_model_ready(model, client_timeout=self.timeout_seconds))
+            timeout = min(self.timeout_seconds, READY_TIMEOUT_SECONDS)
+            return bool(await self._client.is_model_ready(model, client_timeout=timeout))
         except InferenceServerException:
             return False
 
@@ -142,11 +213,21 @@ class TritonClient:
 
 def _read_outputs(
     region: SharedMemoryRegion, result: triton_types.InferResult, placements: Sequence[Placement]
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | None]:
+    """Each placed output as Triton described it, None for one it did not answer (check_outputs names it)."""
     answered = {output.name: output for output in result.get_response().outputs}
-    return {
-        placement.name: region.read(
-            triton_to_np_dtype(answered[placement.name].datatype), answered[placement.name].shape, placement.offset
-        )
-        for placement in placements
-    }
+    read: dict[str, np.ndarray | None] = {}
+    for placement in placements:
+        output = answered.get(placement.name)
+        if output is None:
+            read[placement.name] = None
+            continue
+        dtype = np.dtype(triton_to_np_dtype(output.datatype))
+        shape = [int(size) for size in output.shape]
+        if int(np.prod(shape)) * dtype.itemsize > placement.byte_size:
+            raise FailedPrecondition(
+                f"model {result.get_response().model_name} returned {placement.name!r} of shape {shape}, "
+                f"larger than the {placement.byte_size} bytes placed for it"
+            )
+        read[placement.name] = region.read(dtype, shape, placement.offset)
+    return read

@@ -13,9 +13,7 @@ from services.decoder.settings import ENV_PREFIX, DecoderSettings
 
 
 def binding(settings: DecoderSettings) -> ServiceBinding:
-    return ServiceBinding(
-        DecoderServicer(settings), register_decoder, SERVICE_NAME
-    )
+    return ServiceBinding(DecoderServicer(settings), register_decoder, SERVICE_NAME)
 
 
 def main() -> None:

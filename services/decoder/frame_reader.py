@@ -11,41 +11,71 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames
-from services.decoder.media_probe import open_media, video_stream
+from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
+from services.common.media_opener import open_media
+from services.decoder.media_probe import (
+    check_picture_size,
+    opening_options,
+    picture_pixel_limit,
+    shown_name,
+    video_stream,
+)
+
+# A batch of frames is at most this large unless a single frame is larger.
+DEFAULT_MAX_BATCH_BYTES = 256 * 1024 * 1024
 
 FrameBatch = tuple[Frames, list[int], list[int]]  # (frames (n, H, W, 3) RGB, indices, pts)
 
 
-def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream
-                    ) -> Iterator[av.VideoFrame]:
+def _decoded_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> Iterator[av.VideoFrame]:
     for packet in container.demux(stream):
         yield from packet.decode()
 
 
+def batch_frames(batch_size: int, frame_count: int, frame_bytes: int, max_batch_bytes: int) -> int:
+    """Frames per batch: as asked, but never past the range, nor past max_batch_bytes (at least one)."""
+    return max(1, min(batch_size, frame_count, max_batch_bytes // max(1, frame_bytes)))
+
+
 def iter_frame_batches(
-    path: Path, start_frame: int, seek_pts: int, frame_count: int, batch_size: int
+    path: Path,
+    start_frame: int,
+    seek_pts: int,
+    frame_count: int,
+    batch_size: int,
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> Generator[FrameBatch, None, None]:
-    """Yields frames start_frame .. start_frame + frame_count - 1, batch_size at a time.
+    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time.
 
     seek_pts is the presentation timestamp of start_frame as Probe reported it: decoding seeks
     back to the keyframe at or before it, and frames before it are dropped, so a range may start
     on any frame, though ranges that start on keyframes decode nothing twice.
+
+    The picture size is checked against the limits before the batch buffer exists, and FFmpeg is
+    told the same cap, so a frame whose bitstream claims more pixels than its headers is not decoded.
     """
     if start_frame < 0 or frame_count <= 0 or batch_size <= 0:
         raise InvalidArgument(
             f"frame range needs start_frame >= 0, frame_count > 0 and batch_size > 0; "
             f"got {start_frame}, {frame_count}, {batch_size}"
         )
-    with open_media(path) as container:
+    name = shown_name(path)
+    with open_media(path, opening_options(limits)) as container:
         stream = video_stream(container, path)
+        check_picture_size(container, stream, path, limits)
+        stream.codec_context.options = {"max_pixels": str(picture_pixel_limit(container, limits))}
         stream.thread_type = "AUTO"
         width, height = stream.codec_context.width, stream.codec_context.height
+        frames_per_batch = batch_frames(batch_size, frame_count, width * height * 3, max_batch_bytes)
         next_index = start_frame
         end_index = start_frame + frame_count
         try:
             if start_frame > 0:
                 container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
-            buffer = np.empty((min(batch_size, frame_count), height, width, 3), np.uint8)
+            buffer = np.empty((frames_per_batch, height, width, 3), np.uint8)
             indices: list[int] = []
             stamps: list[int] = []
             for frame in _decoded_frames(container, stream):
@@ -54,13 +84,11 @@ def iter_frame_batches(
                     continue
                 if next_index == start_frame and pts != seek_pts:
                     raise InvalidArgument(
-                        f"{path.name}: seek_pts {seek_pts} is not the timestamp of a frame "
-                        f"(the next frame has pts {pts})"
+                        f"{name}: seek_pts {seek_pts} is not the timestamp of a frame (the next frame has pts {pts})"
                     )
                 if (frame.width, frame.height) != (width, height):
                     raise InvalidArgument(
-                        f"{path.name} changes size at frame {next_index} "
-                        f"({width}x{height} -> {frame.width}x{frame.height})"
+                        f"{name} changes size at frame {next_index} ({width}x{height} -> {frame.width}x{frame.height})"
                     )
                 buffer[len(indices)] = frame.to_ndarray(format="rgb24")
                 indices.append(next_index)
@@ -73,10 +101,8 @@ def iter_frame_batches(
                 if next_index == end_index:
                     return
         except av.error.FFmpegError as error:
-            raise InvalidArgument(
-                f"{path.name} is truncated or corrupt at frame {next_index}: {error.strerror}"
-            ) from None
+            raise InvalidArgument(f"{name} is truncated or corrupt at frame {next_index}: {error.strerror}") from None
         raise InvalidArgument(
-            f"{path.name} is truncated or corrupt at frame {next_index}: the video ends "
+            f"{name} is truncated or corrupt at frame {next_index}: the video ends "
             f"{end_index - next_index} of the {frame_count} requested frames short"
         )

@@ -2,84 +2,25 @@
 
 Frame numbering is the rank of a video packet's presentation timestamp; a packet is a frame for
 every codec swapline accepts (H.264/H.265/VP9/AV1 in MP4, MKV, WebM; single images).
+Media past the input limits is refused from what the headers say, before a frame is decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from pathlib import Path
-from typing import BinaryIO
 
 import av
 import av.error
-import av.logging
 
 from services.common.errors import InvalidArgument
+from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits, check_media, check_pixels
 from services.common.media_info import Keyframe, MediaInfo
+from services.common.media_opener import open_media, shown_name
 
 # Demuxers that read a single still picture.
 IMAGE_FORMAT_SUFFIX = "_pipe"
 IMAGE_FORMATS = frozenset({"image2", "webp", "apng"})
-# Demuxers that render text files (ANSI art, .txt, .nfo) as pictures: text, not media.
-TEXT_ART_FORMATS = frozenset({"tty", "bin", "adf", "idf", "xbin"})
-
-_log_level_lock = threading.Lock()
-
-
-class _NamelessReader:
-    """A file FFmpeg can read but whose name it cannot see, so formats are probed by content alone."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle = handle
-
-    def read(self, size: int) -> bytes:
-        return self._handle.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._handle.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-
-def _open_failure_reason(path: Path) -> str | None:
-    """FFmpeg's own explanation of why `path` does not open, or None when its content is no media.
-
-    The name is hidden so that an extension (notes.mp4) cannot make a demuxer claim a text file.
-    PyAV keeps FFmpeg's log switched off (its callback takes the GIL from codec threads), which
-    also drops the reason from the exception; it is switched on only for this second attempt,
-    with repeated-message suppression off so the same reason is reported for every bad file.
-    """
-    with _log_level_lock, path.open("rb") as handle:
-        previous_level, previous_skip = av.logging.get_level(), av.logging.get_skip_repeated()
-        av.logging.set_level(av.logging.ERROR)
-        av.logging.set_skip_repeated(False)
-        try:
-            with av.logging.Capture(local=True) as logs, contextlib.suppress(av.error.FFmpegError):
-                av.open(_NamelessReader(handle)).close()
-        finally:
-            av.logging.set_level(previous_level)
-            av.logging.set_skip_repeated(previous_skip)
-    messages = [message.strip() for _level, name, message in logs if name and message.strip()]
-    return "; ".join(messages) or None
-
-
-def open_media(path: Path) -> av.container.InputContainer:
-    """Opens `path` for reading, turning every way it can fail into an InvalidArgument naming it."""
-    if path.stat().st_size == 0:
-        raise InvalidArgument(f"{path.name} is empty (0 bytes); it is not a video or image")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as error:
-        reason = _open_failure_reason(path)
-        if reason is None:
-            raise InvalidArgument(f"{path.name} is not a video or image ({error.strerror})") from None
-        raise InvalidArgument(f"{path.name} is truncated or corrupt: {reason}") from None
-    if container.format.name in TEXT_ART_FORMATS:
-        container.close()
-        raise InvalidArgument(f"{path.name} is not a video or image (it holds text)")
-    return container
+# File names come from callers; messages show this many characters of them.
 
 
 def is_image_format(format_name: str) -> bool:
@@ -88,8 +29,21 @@ def is_image_format(format_name: str) -> bool:
 
 def video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        raise InvalidArgument(f"{path.name} has no video stream; it is not a video or image")
+        raise InvalidArgument(f"{shown_name(path)} has no video stream; it is not a video or image")
     return container.streams.video[0]
+
+
+def picture_pixel_limit(container: av.container.InputContainer, limits: InputLimits) -> int:
+    return limits.max_image_pixels if is_image_format(container.format.name) else limits.max_video_pixels
+
+
+def check_picture_size(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path, limits: InputLimits
+) -> None:
+    """The picture size the headers give, against the limit for the media's kind; nothing is decoded."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    what = f"picture of {shown_name(path)}"
+    check_pixels(what, width, height, picture_pixel_limit(container, limits))
 
 
 def _frame_rate(stream: av.video.stream.VideoStream) -> float:
@@ -97,13 +51,30 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> float:
     return float(rate) if rate else 0.0
 
 
-def probe_media(path: Path) -> MediaInfo:
-    """Demuxes every video packet once: frame count and keyframes are exact, not estimated."""
-    with open_media(path) as container:
+def opening_options(limits: InputLimits) -> dict[str, str]:
+    """FFmpeg may decode a frame while opening a file: its pixel cap holds from the first byte."""
+    return {"max_pixels": str(max(limits.max_video_pixels, limits.max_image_pixels))}
+
+
+def probe_media(path: Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> MediaInfo:
+    """Demuxes every video packet once: frame count and keyframes are exact, not estimated.
+
+    Limits are checked as early as the file shows them: the picture size and the duration the
+    container states before the first packet, the frame count as soon as one packet too many is read.
+    """
+    name = shown_name(path)
+    with open_media(path, opening_options(limits)) as container:
         stream = video_stream(container, path)
+        check_picture_size(container, stream, path, limits)
         time_base = stream.time_base
         if time_base is None:
-            raise InvalidArgument(f"{path.name} is truncated or corrupt: its video stream has no time base")
+            raise InvalidArgument(f"{name} is truncated or corrupt: its video stream has no time base")
+        image = is_image_format(container.format.name)
+        stated_seconds = float(container.duration or 0) / av.time_base
+        if not image and stated_seconds > limits.max_duration_seconds:
+            raise InvalidArgument(
+                f"{name} lasts {stated_seconds:.1f} s; the limit is {limits.max_duration_seconds:.1f} s"
+            )
         stamps: list[tuple[int, bool]] = []
         packets_read = 0
         try:
@@ -115,31 +86,30 @@ def probe_media(path: Path) -> MediaInfo:
                     continue
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 stamps.append((stamp if stamp is not None else len(stamps), packet.is_keyframe))
+                if len(stamps) > limits.max_frames:
+                    raise InvalidArgument(f"{name} has more than {limits.max_frames} frames, the limit")
         except av.error.FFmpegError as error:
             raise InvalidArgument(
-                f"{path.name} is truncated or corrupt: "
-                f"reading packet {packets_read} failed ({error.strerror})"
+                f"{name} is truncated or corrupt: reading packet {packets_read} failed ({error.strerror})"
             ) from None
         if stream.frames and packets_read < stream.frames:
             raise InvalidArgument(
-                f"{path.name} is truncated or corrupt: its index lists {stream.frames} frames "
+                f"{name} is truncated or corrupt: its index lists {stream.frames} frames "
                 f"but only {packets_read} could be read"
             )
         if not stamps:
-            raise InvalidArgument(f"{path.name} is truncated or corrupt: its video stream holds no frames")
+            raise InvalidArgument(f"{name} is truncated or corrupt: its video stream holds no frames")
         stamps.sort()
         keyframes = tuple(Keyframe(index, pts) for index, (pts, key) in enumerate(stamps) if key)
         if not keyframes:
-            raise InvalidArgument(f"{path.name} is truncated or corrupt: its video stream has no keyframe")
-        image = is_image_format(container.format.name)
+            raise InvalidArgument(f"{name} is truncated or corrupt: its video stream has no keyframe")
         if image:
             duration, fps = 0.0, 0.0
         elif stream.duration is not None:
             duration, fps = float(stream.duration * time_base), _frame_rate(stream)
         else:
-            duration = float(container.duration or 0) / av.time_base
-            fps = _frame_rate(stream)
-        return MediaInfo(
+            duration, fps = stated_seconds, _frame_rate(stream)
+        info = MediaInfo(
             kind="image" if image else "video",
             duration_seconds=duration,
             fps=fps,
@@ -151,3 +121,5 @@ def probe_media(path: Path) -> MediaInfo:
             video_codec=stream.codec_context.name,
             time_base=(time_base.numerator, time_base.denominator),
         )
+    check_media(info, name, limits)
+    return info

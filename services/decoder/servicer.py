@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from services.common.frame_codec import frame_runs
 from services.common.frame_wire import FrameRun
-from services.common.media_info import media_info_to_proto
+from services.common.media_info import MediaInfo, media_info_to_proto
 from services.common.media_paths import existing_media_path
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
@@ -19,28 +20,39 @@ from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
+    """Path resolution, probing and decoding touch the disk: all of it runs in worker threads."""
+
     def __init__(self, settings: DecoderSettings) -> None:
         self._settings = settings
+        self._limits = settings.input_limits
+
+    def _media_path(self, uri: str) -> Path:
+        return existing_media_path(self._settings.media_root, uri, self._limits)
+
+    def _probe(self, uri: str) -> MediaInfo:
+        return probe_media(self._media_path(uri), self._limits)
 
     async def Probe(
         self, request: decoder_pb2.ProbeRequest, context: grpc.aio.ServicerContext
     ) -> decoder_pb2.ProbeResponse:
-        path = existing_media_path(self._settings.media_root, request.uri)
-        info = await asyncio.to_thread(probe_media, path)
+        info = await asyncio.to_thread(self._probe, request.uri)
         return decoder_pb2.ProbeResponse(info=media_info_to_proto(info))
 
     async def Decode(
         self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[FrameRun]:
         """FrameRuns, which frame_streams.register_decoder writes as FrameBatch messages."""
-        path = existing_media_path(self._settings.media_root, request.uri)
+        path = await asyncio.to_thread(self._media_path, request.uri)
         batches = iter_frame_batches(
             path,
             start_frame=request.start_frame,
             seek_pts=request.seek_pts,
             frame_count=request.frame_count,
             batch_size=request.batch_size or self._settings.default_batch_size,
+            limits=self._limits,
+            max_batch_bytes=self._settings.max_batch_bytes,
         )
         async for frames, indices, stamps in stream_in_thread(batches):
             for run in frame_runs(frames, indices, stamps):

@@ -14,20 +14,24 @@ Decisions where the original leaves room:
   taken from the smallest pyramid level that still has the crop's resolution (box_ops.pyramid_crops):
   INTER_AREA from a 300-pixel box costs several times more than from a 34-pixel one.
 - Regression and landmarks are applied to the box a crop really covered after snapping to pixels.
+
+Every answer is checked against the layout this code reads before it is used: a model that answers
+with too few rows or other channels fails the request as FailedPrecondition naming the model, rather
+than as "no face found" or an indexing error further on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.model_runner import ModelRunner
 from services.detector.box_ops import (
@@ -62,6 +66,9 @@ ONET_MAX_BATCH = 512
 
 RNET_SIDE = 24
 ONET_SIDE = 48
+
+# Channels of each output: face / not-face scores, box offsets (x1, y1, x2, y2), five (x, y) landmarks.
+OUTPUT_CHANNELS = {PROBABILITY: 2, REGRESSION: 4, LANDMARKS: 10}
 
 # Overlap thresholds of the original MTCNN: within one pyramid level, across levels, after R-Net,
 # and after O-Net, where 'min' also removes a small box lying inside a bigger face's box.
@@ -155,6 +162,25 @@ def relative_landmarks_to_pixels(boxes: FloatArray, relative: FloatArray) -> NDA
     return np.stack([xs, ys], axis=2).astype(np.float32)
 
 
+def check_model_outputs(model: str, outputs: Mapping[str, np.ndarray | None], names: Sequence[str], count: int) -> None:
+    """Each output present with `count` rows of its channels: (count, C, h, w) for P-Net's map, (count, C) else."""
+    grid_sizes = set()
+    for name in names:
+        array = outputs.get(name)
+        if array is None:
+            raise FailedPrecondition(f"model {model} returned no {name!r} output")
+        channels = OUTPUT_CHANNELS[name]
+        rank = 4 if model == PNET_MODEL else 2
+        if array.ndim != rank or array.shape[0] != count or array.shape[1] != channels:
+            expected = f"({count}, {channels}{', h, w' if rank == 4 else ''})"
+            raise FailedPrecondition(
+                f"model {model} returned {name!r} of shape {array.shape} for {count} images; expected {expected}"
+            )
+        grid_sizes.add(array.shape[2:])
+    if len(grid_sizes) > 1:
+        raise FailedPrecondition(f"model {model} returned outputs of different grid sizes {sorted(grid_sizes)}")
+
+
 def validate_frames(frames: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[3] != 3:
         raise InvalidArgument(f"frames must be (count, height, width, 3) RGB, got shape {frames.shape}")
@@ -203,9 +229,7 @@ class FaceDetector:
         # Every smaller level is resized from the first one: INTER_AREA from the full frame costs
         # several times more and gives nearly the same pixels.
         first = resize_frames(frames, math.ceil(width * scales[0]), math.ceil(height * scales[0]))
-        results = await asyncio.gather(
-            *(self._propose_level(first, width, height, scale) for scale in scales)
-        )
+        results = await asyncio.gather(*(self._propose_level(first, width, height, scale) for scale in scales))
         merged = concat_candidates([candidates for _, candidates, _ in results])
         offsets = np.concatenate([level_offsets for _, _, level_offsets in results])
         kept = merged.suppress_indices(PNET_MERGED_NMS)
@@ -261,7 +285,8 @@ class FaceDetector:
         passed = scores >= min_score
         landmarks = relative_landmarks_to_pixels(cropped[passed], outputs[LANDMARKS][passed])
         final = Candidates(
-            candidates.frame_index[passed], apply_regression(cropped[passed], outputs[REGRESSION][passed]),
+            candidates.frame_index[passed],
+            apply_regression(cropped[passed], outputs[REGRESSION][passed]),
             scores[passed],
         )
         kept = final.suppress_indices(ONET_NMS, ONET_NMS_MODE)
@@ -270,10 +295,10 @@ class FaceDetector:
     async def _infer_chunked(
         self, model: str, images: FloatArray, outputs: Sequence[str], max_batch: int
     ) -> dict[str, np.ndarray]:
-        chunks = [images[start:start + max_batch] for start in range(0, len(images), max_batch)]
-        results = await asyncio.gather(
-            *(self.runner.infer(model, {INPUT_NAME: chunk}, outputs) for chunk in chunks)
-        )
+        chunks = [images[start : start + max_batch] for start in range(0, len(images), max_batch)]
+        results = await asyncio.gather(*(self.runner.infer(model, {INPUT_NAME: chunk}, outputs) for chunk in chunks))
+        for chunk, result in zip(chunks, results, strict=True):
+            check_model_outputs(model, result, outputs, len(chunk))
         if len(results) == 1:
             return results[0]
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}

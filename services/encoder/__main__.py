@@ -13,9 +13,7 @@ from services.encoder.settings import ENV_PREFIX, EncoderSettings
 
 
 def binding(settings: EncoderSettings) -> ServiceBinding:
-    return ServiceBinding(
-        EncoderServicer(settings), register_encoder, SERVICE_NAME
-    )
+    return ServiceBinding(EncoderServicer(settings), register_encoder, SERVICE_NAME)
 
 
 def main() -> None:

@@ -1,9 +1,15 @@
-"""Joins encoded segments into the output file by remuxing, and copies the original's audio."""
+"""Joins encoded segments into the output file by remuxing, and copies the original's audio.
+
+The output is written under a temporary name beside it and renamed only once it is complete and its
+frames are counted: a join that fails, is cancelled or is killed never leaves a file at the output path.
+"""
 
 from __future__ import annotations
 
 import heapq
+import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,9 +19,9 @@ from pathlib import Path
 import av
 import av.error
 
-from services.common.errors import InvalidArgument
-from services.decoder.media_probe import open_media
-from services.encoder.segment_writer import is_image_path
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
+from services.common.media_opener import open_media, shown_name
+from services.encoder.segment_writer import count_video_frames, is_image_path, temporary_path
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,10 @@ class _SegmentLayout:
     height: int
     extradata: bytes | None
 
+    def difference(self, other: _SegmentLayout) -> str:
+        mine, theirs = f"{self.codec} {self.width}x{self.height}", f"{other.codec} {other.width}x{other.height}"
+        return f"{mine} vs {theirs}" if mine != theirs else "other encoder settings"
+
 
 def _layout(stream: av.video.stream.VideoStream) -> _SegmentLayout:
     context = stream.codec_context
@@ -41,12 +51,11 @@ def _layout(stream: av.video.stream.VideoStream) -> _SegmentLayout:
 
 
 def _segment_packets(
-    paths: Sequence[Path], output: av.container.OutputContainer, first: av.video.stream.VideoStream,
-    counter: list[int],
+    paths: Sequence[Path], output: av.container.OutputContainer, first: av.video.stream.VideoStream
 ) -> Iterator[tuple[Fraction, int, av.Packet]]:
     """Video packets of every segment in order, shifted so each segment starts where the last ended.
 
-    Yields (decode time in seconds, order, packet) for merging with audio; counter[0] counts frames.
+    Yields (decode time in seconds, order, packet) for merging with audio.
     """
     expected = _layout(first)
     target = output.streams.video[0]
@@ -55,19 +64,19 @@ def _segment_packets(
     for path in paths:
         with open_media(path) as container:
             if not container.streams.video:
-                raise InvalidArgument(f"segment {path.name} has no video stream")
+                raise InvalidArgument(f"segment {shown_name(path)} has no video stream")
             stream = container.streams.video[0]
             if _layout(stream) != expected:
                 raise InvalidArgument(
-                    f"segment {path.name} was encoded differently from {paths[0].name} "
-                    f"({_layout(stream)} vs {expected}); segments must share codec, size and settings"
+                    f"segment {shown_name(path)} was encoded differently from {shown_name(paths[0])} "
+                    f"({_layout(stream).difference(expected)}); segments must share codec, size and settings"
                 )
             time_base = stream.time_base
             if time_base is None:
-                raise InvalidArgument(f"segment {path.name} has no video time base")
+                raise InvalidArgument(f"segment {shown_name(path)} has no video time base")
             packets = [packet for packet in container.demux(stream) if packet.size > 0]
             if not packets:
-                raise InvalidArgument(f"segment {path.name} holds no frames")
+                raise InvalidArgument(f"segment {shown_name(path)} holds no frames")
             first_pts = min(packet.pts or 0 for packet in packets)
             # A container that leaves packet durations out still needs the last frame's length.
             rate = stream.average_rate or stream.guessed_rate
@@ -79,8 +88,6 @@ def _segment_packets(
                 dts = packet.dts if packet.dts is not None else pts
                 packet.pts, packet.dts = pts + shift, dts + shift
                 packet.stream = target
-                if not packet.is_discard:
-                    counter[0] += 1
                 yield Fraction(packet.dts) * time_base, order, packet
                 order += 1
             offset_seconds += (end_pts - first_pts) * time_base
@@ -96,48 +103,74 @@ def _audio_packets(container: av.container.InputContainer) -> Iterator[tuple[Fra
         yield Fraction(stamp) * time_base, order, packet
 
 
-def join_segments(segment_paths: Sequence[Path], output_path: Path, audio_source: Path | None) -> JoinResult:
+def join_segments(
+    segment_paths: Sequence[Path],
+    output_path: Path,
+    audio_source: Path | None,
+    expected_frames: int = 0,
+    cancelled: threading.Event | None = None,
+) -> JoinResult:
     """Remuxes the segments' video, in order and without re-encoding, into one MP4 at output_path.
 
     Timestamps continue across segments. The first audio stream of audio_source, when it has one,
     is stream-copied unchanged. A single image segment is copied to output_path as it is.
+    The output must hold expected_frames frames when that is above 0 (FailedPrecondition otherwise).
+    Setting `cancelled` stops the join (Cancelled) at the next packet or before the rename.
     """
     started = time.perf_counter()
     if not segment_paths:
         raise InvalidArgument("join needs at least one segment")
-    if any(is_image_path(path) for path in segment_paths):
-        if len(segment_paths) != 1:
-            raise InvalidArgument(f"an image output takes one segment, got {len(segment_paths)}")
-        shutil.copyfile(segment_paths[0], output_path)
-        return JoinResult(frames=1, audio_copied=False, seconds=time.perf_counter() - started)
+    stop = cancelled if cancelled is not None else threading.Event()
+    temporary = temporary_path(output_path)
+    try:
+        if any(is_image_path(path) for path in segment_paths):
+            if len(segment_paths) != 1:
+                raise InvalidArgument(f"an image output takes one segment, got {len(segment_paths)}")
+            shutil.copyfile(segment_paths[0], temporary)
+            frames, has_audio = 1, False
+        else:
+            has_audio = _remux(segment_paths, temporary, audio_source, stop)
+            frames = count_video_frames(temporary)
+        if expected_frames and frames != expected_frames:
+            raise FailedPrecondition(
+                f"the joined output holds {frames} frames, expected {expected_frames}; it was not kept"
+            )
+        if stop.is_set():
+            raise Cancelled("the join was cancelled")
+        os.replace(temporary, output_path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return JoinResult(frames=frames, audio_copied=has_audio, seconds=time.perf_counter() - started)
+
+
+def _remux(segment_paths: Sequence[Path], output_path: Path, audio_source: Path | None, stop: threading.Event) -> bool:
+    """Writes the joined MP4 to output_path; returns whether audio was copied."""
     audio_container = open_media(audio_source) if audio_source is not None else None
     try:
         has_audio = audio_container is not None and bool(audio_container.streams.audio)
         with open_media(segment_paths[0]) as first_segment:
             if not first_segment.streams.video:
-                raise InvalidArgument(f"segment {segment_paths[0].name} has no video stream")
+                raise InvalidArgument(f"segment {shown_name(segment_paths[0])} has no video stream")
             template = first_segment.streams.video[0]
-            frames = [0]
             try:
                 with av.open(str(output_path), "w", format="mp4") as output:
                     output.add_stream_from_template(template)
-                    sources = [_segment_packets(segment_paths, output, template, frames)]
+                    sources = [_segment_packets(segment_paths, output, template)]
                     if has_audio and audio_container is not None:
                         audio_target = output.add_stream_from_template(audio_container.streams.audio[0])
                         sources.append(_tagged(_audio_packets(audio_container), audio_target))
                     # Merged by decode time so the muxer never has to buffer one stream whole.
                     for _stamp, _order, packet in heapq.merge(*sources, key=lambda item: item[:2]):
+                        if stop.is_set():
+                            raise Cancelled("the join was cancelled")
                         output.mux(packet)
             except av.error.FFmpegError as error:
-                output_path.unlink(missing_ok=True)
-                raise InvalidArgument(f"joining into {output_path.name} failed: {error}") from None
-            except BaseException:
-                output_path.unlink(missing_ok=True)
-                raise
+                raise InvalidArgument(f"joining segments failed: {error.strerror}") from None
     finally:
         if audio_container is not None:
             audio_container.close()
-    return JoinResult(frames=frames[0], audio_copied=has_audio, seconds=time.perf_counter() - started)
+    return has_audio
 
 
 def _tagged(

@@ -1,91 +1,96 @@
-"""Writes RGB frames into one H.264 MP4 segment (or one still image) with exact frame timestamps."""
+"""Writes RGB frames into one H.264 MP4 segment (or one still image) with exact frame timestamps.
+
+The file is written under a temporary name beside its path, unique to one writer, and renamed to the
+path only once it is complete and read back: nobody sees half a segment, and two writers of the same
+path (a stale lease and its successor) never share a file; the last complete rename wins.
+"""
 
 from __future__ import annotations
 
-from fractions import Fraction
+import os
+import secrets
+import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, get_args
 
 import av
 import av.error
 import cv2
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.common.encode_options import (
+    MAX_FRAME_PIXELS,
+    check_frame_size,
+    checked_crf,
+    checked_frame_rate,
+    checked_preset,
+)
+from services.common.errors import Internal, InvalidArgument
 from services.common.frame_codec import Frames
+from services.common.input_limits import DEFAULT_MAX_FILENAME_LENGTH
+from services.common.media_opener import open_media, shown_name
 
-X264Preset = Literal[
-    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
-]
-X264_PRESETS: tuple[X264Preset, ...] = get_args(X264Preset)
-CRF_RANGE = range(0, 52)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# Frame rates such as 29.97 arrive as doubles; NTSC rates have denominator 1001.
-MAX_RATE_DENOMINATOR = 1001
+# Linux allows 255 bytes a name; the temporary name adds a dot, 16 hex digits and ".part" to this much.
+_TEMPORARY_STEM_CHARACTERS = 200
 
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def frame_rate(fps: float) -> Fraction:
-    if not fps > 0:
-        raise InvalidArgument(f"fps must be positive, got {fps}")
-    return Fraction(fps).limit_denominator(MAX_RATE_DENOMINATOR)
+def temporary_path(path: Path) -> Path:
+    """A hidden name beside `path`, unique to one writer, that nobody takes for the finished file."""
+    return path.with_name(f".{path.name[:_TEMPORARY_STEM_CHARACTERS]}.{secrets.token_hex(8)}.part")
 
 
-def checked_preset(preset: str) -> X264Preset:
-    for known in X264_PRESETS:
-        if known == preset:
-            return known
-    raise InvalidArgument(f"preset {preset!r} is not one of {', '.join(X264_PRESETS)}")
-
-
-def checked_crf(crf: int) -> int:
-    if crf not in CRF_RANGE:
-        raise InvalidArgument(f"crf {crf} is outside {CRF_RANGE.start}..{CRF_RANGE.stop - 1}")
-    return crf
+def count_video_frames(path: Path) -> int:
+    """The frames of the file's first video stream, counted from its packets without decoding them."""
+    with open_media(path) as container:
+        if not container.streams.video:
+            return 0
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size > 0 and not packet.is_discard)
 
 
 class SegmentWriter:
     """H.264 (libx264, yuv420p) in MP4: frame i gets pts i in a 1/fps time base.
 
     A path ending in .png, .jpg or .jpeg takes exactly one frame and writes it as that image.
-    Width and height must be even for video: yuv420p halves both for chroma, and neither x264 nor
-    MP4 can carry the crop that padding by one pixel would need, so odd sizes are refused.
+    Everything is checked when the writer is made, before any file or encoder exists; the file is
+    made at the first write. write, close and discard may be called from different threads: each
+    waits for the one in progress, so discard never frees the muxer under a running write.
     """
 
     def __init__(
-        self, path: Path, fps: float, width: int, height: int, crf: int, preset: str, threads: int = 0
+        self,
+        path: Path,
+        fps: float,
+        width: int,
+        height: int,
+        crf: int,
+        preset: str,
+        threads: int = 0,
+        max_pixels: int = MAX_FRAME_PIXELS,
     ) -> None:
-        if width <= 0 or height <= 0:
-            raise InvalidArgument(f"segment size must be positive, got {width}x{height}")
         self.path = path
         self.width, self.height = width, height
         self.frames_written = 0
         self._image = is_image_path(path)
-        self._container: av.container.OutputContainer | None = None
-        if self._image:
-            return
-        if width % 2 or height % 2:
+        if len(os.fsencode(path.name)) > DEFAULT_MAX_FILENAME_LENGTH:
             raise InvalidArgument(
-                f"H.264 yuv420p needs an even width and height, got {width}x{height} for {path.name}"
+                f"file name {shown_name(path)} is over the limit of {DEFAULT_MAX_FILENAME_LENGTH} bytes"
             )
-        rate = frame_rate(fps)
-        options = {"crf": str(checked_crf(crf)), "preset": checked_preset(preset)}
-        container = av.open(str(path), "w", format="mp4")
-        try:
-            stream = container.add_stream("libx264", rate=rate, options=options)
-            stream.width, stream.height = width, height
-            stream.pix_fmt = "yuv420p"
-            stream.codec_context.time_base = 1 / rate
-            stream.codec_context.thread_count = threads
-        except (av.error.FFmpegError, ValueError) as error:
-            container.close()
-            raise InvalidArgument(f"cannot set up the H.264 encoder for {path.name}: {error}") from None
-        self._container = container
-        self._stream = stream
+        check_frame_size(width, height, video=not self._image, max_pixels=max_pixels)
+        if not self._image:
+            self._rate = checked_frame_rate(fps)
+            self._options = {"crf": str(checked_crf(crf)), "preset": checked_preset(preset)}
+        self._threads = threads
+        self._temporary = temporary_path(path)
+        self._lock = threading.Lock()
+        self._container: av.container.OutputContainer | None = None
+        self._stream: av.video.stream.VideoStream | None = None
+        self._finished = False
 
     def __enter__(self) -> SegmentWriter:
         return self
@@ -102,43 +107,95 @@ class SegmentWriter:
         """Appends a batch of (n, height, width, 3) RGB frames."""
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
             raise InvalidArgument(
-                f"{self.path.name} takes ({self.height}, {self.width}, 3) RGB frames, got {frames.shape[1:]}"
+                f"{shown_name(self.path)} takes ({self.height}, {self.width}, 3) RGB frames, got {frames.shape[1:]}"
             )
-        if self._image:
-            self._write_image(frames)
-            return
-        if self._container is None:
-            raise InvalidArgument(f"{self.path.name} is already closed")
-        for frame in frames:
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            picture.pts = self.frames_written
-            self._container.mux(self._stream.encode(picture))
-            self.frames_written += 1
+        with self._lock:
+            if self._finished:
+                raise InvalidArgument(f"{shown_name(self.path)} is already closed")
+            if self._image:
+                self._write_image(frames)
+                return
+            container, stream = self._open()
+            for frame in frames:
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                picture.pts = self.frames_written
+                container.mux(stream.encode(picture))
+                self.frames_written += 1
+
+    def _open(self) -> tuple[av.container.OutputContainer, av.video.stream.VideoStream]:
+        if self._container is not None and self._stream is not None:
+            return self._container, self._stream
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        container = av.open(str(self._temporary), "w", format="mp4")
+        try:
+            stream = container.add_stream("libx264", rate=self._rate, options=self._options)
+            stream.width, stream.height = self.width, self.height
+            stream.pix_fmt = "yuv420p"
+            stream.codec_context.time_base = 1 / self._rate
+            stream.codec_context.thread_count = self._threads
+        except (av.error.FFmpegError, ValueError) as error:
+            container.close()
+            self._temporary.unlink(missing_ok=True)
+            reason = error.strerror if isinstance(error, av.error.FFmpegError) else str(error)
+            raise InvalidArgument(f"cannot set up the H.264 encoder for {shown_name(self.path)}: {reason}") from None
+        self._container, self._stream = container, stream
+        return container, stream
 
     def _write_image(self, frames: Frames) -> None:
         if self.frames_written + len(frames) > 1:
-            raise InvalidArgument(f"{self.path.name} is an image and takes exactly one frame")
+            raise InvalidArgument(f"{shown_name(self.path)} is an image and takes exactly one frame")
         if len(frames) == 0:
             return
         ok, encoded = cv2.imencode(self.path.suffix.lower(), cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR))
         if not ok:
-            raise InvalidArgument(f"could not encode {self.path.name}")
-        self.path.write_bytes(encoded.tobytes())
+            raise InvalidArgument(f"could not encode {shown_name(self.path)}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._temporary.write_bytes(encoded.tobytes())
         self.frames_written = 1
 
     def close(self) -> int:
-        """Flushes the encoder and finishes the file; returns the frames written."""
-        if self._container is not None:
-            container, self._container = self._container, None
+        """Finishes the file, checks it holds every frame and renames it to its path; returns the frames.
+
+        Closing again returns the same count. Nothing is left behind when it fails.
+        """
+        with self._lock:
+            if self._finished:
+                return self.frames_written
+            self._finished = True
             try:
-                container.mux(self._stream.encode(None))
+                self._finish()
+            except BaseException:
+                self._abandon()
+                raise
+            return self.frames_written
+
+    def _finish(self) -> None:
+        if self.frames_written == 0:
+            raise InvalidArgument(f"{shown_name(self.path)}: no frames were written")
+        if not self._image:
+            container, stream = self._open()
+            self._container = None
+            try:
+                container.mux(stream.encode(None))
             finally:
                 container.close()
-        return self.frames_written
+            found = count_video_frames(self._temporary)
+            if found != self.frames_written:
+                raise Internal(f"{shown_name(self.path)} holds {found} frames after {self.frames_written} were written")
+        os.replace(self._temporary, self.path)
 
     def discard(self) -> None:
-        """Abandons the segment: closes without flushing and deletes what was written."""
+        """Abandons the segment: waits for a write in progress, then closes and deletes what was written.
+
+        A segment already closed stays: it is complete, and a newer writer may have replaced it since.
+        """
+        with self._lock:
+            if not self._finished:
+                self._finished = True
+                self._abandon()
+
+    def _abandon(self) -> None:
         if self._container is not None:
             container, self._container = self._container, None
             container.close()
-        self.path.unlink(missing_ok=True)
+        self._temporary.unlink(missing_ok=True)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -13,7 +17,8 @@ from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames, unpack_frames
 from services.common.frame_streams import EncodeSegmentMessage
 from services.common.frame_wire import FrameBatchView
-from services.common.media_paths import existing_media_path, relative_uri, writable_media_path
+from services.common.input_limits import excerpt
+from services.common.media_paths import existing_media_path, relative_uri, resolve_media_path, writable_media_path
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
 from services.encoder.settings import EncoderSettings
@@ -22,6 +27,24 @@ from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 ResultT = TypeVar("ResultT")
+
+
+async def in_thread_to_the_end(work: Callable[[], ResultT], stop: threading.Event | None = None) -> ResultT:
+    """Runs work in a thread; a cancelled call sets `stop` and waits for the thread before it goes on.
+
+    A thread cannot be interrupted, so without the wait the clean-up after a cancellation (closing the
+    muxer, deleting the file) would run while the thread still uses them.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop.set()
+        # The thread's own failure is moot once the call is cancelled; the cancellation goes on.
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 class _EncodeClock:
@@ -33,36 +56,44 @@ class _EncodeClock:
     async def run(self, work: Callable[..., ResultT], *arguments: Any) -> ResultT:
         started = time.perf_counter()
         try:
-            return await asyncio.to_thread(work, *arguments)
+            return await in_thread_to_the_end(functools.partial(work, *arguments))
         finally:
             self.seconds += time.perf_counter() - started
 
 
 def _batch_frames(header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessage) -> Frames:
     if not isinstance(message, FrameBatchView):
-        raise InvalidArgument(f"{header.output_uri}: only frame batches may follow the header")
+        raise InvalidArgument(f"{excerpt(header.output_uri)}: only frame batches may follow the header")
     if message.frames and (message.width, message.height) != (header.width, header.height):
         raise InvalidArgument(
-            f"{header.output_uri}: frame batch is {message.width}x{message.height}, "
+            f"{excerpt(header.output_uri)}: frame batch is {message.width}x{message.height}, "
             f"the header says {header.width}x{header.height}"
         )
     frames, _indices, _pts = unpack_frames(message, copy=False)
     return frames
 
 
+def _check_expected_frames(expected: int) -> None:
+    if expected < 0:
+        raise InvalidArgument(f"expected_frames must be 0 (not checked) or positive, got {expected}")
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, settings: EncoderSettings) -> None:
         self._settings = settings
 
-    def _open_writer(self, header: encoder_pb2.SegmentHeader) -> SegmentWriter:
+    def _writer_for(self, header: encoder_pb2.SegmentHeader) -> SegmentWriter:
+        """Checks the header whole before anything is made: the file and the encoder come at the first write."""
+        _check_expected_frames(header.expected_frames)
         return SegmentWriter(
-            writable_media_path(self._settings.media_root, header.output_uri),
+            resolve_media_path(self._settings.media_root, header.output_uri),
             fps=header.fps,
             width=header.width,
             height=header.height,
             crf=header.settings.crf or self._settings.default_crf,
             preset=header.settings.preset or self._settings.default_preset,
             threads=self._settings.threads,
+            max_pixels=self._settings.max_frame_pixels,
         )
 
     async def EncodeSegment(
@@ -70,20 +101,31 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         request_iterator: AsyncIterator[EncodeSegmentMessage],
         context: grpc.aio.ServicerContext,
     ) -> encoder_pb2.EncodeSegmentResponse:
-        """The header, then frame batches (as frame_streams.register_encoder parses them)."""
+        """The header, then frame batches (as frame_streams.register_encoder parses them).
+
+        Cancelled at any moment, the call waits for the write in progress and deletes what it wrote.
+        """
         first = await anext(aiter(request_iterator), None)
         if not isinstance(first, encoder_pb2.EncodeSegmentRequest) or first.WhichOneof("payload") != "header":
             raise InvalidArgument("EncodeSegment's first message must be a SegmentHeader")
         header = first.header
         clock = _EncodeClock()
-        writer = await clock.run(self._open_writer, header)
+        writer = await clock.run(self._writer_for, header)
+        expected = header.expected_frames
         try:
             async for message in request_iterator:
                 frames = _batch_frames(header, message)
+                if expected and writer.frames_written + len(frames) > expected:
+                    raise InvalidArgument(
+                        f"{excerpt(header.output_uri)}: expected {expected} frames, "
+                        f"got more ({writer.frames_written + len(frames)} so far)"
+                    )
                 if len(frames):
                     await clock.run(writer.write, frames)
-            if writer.frames_written == 0:
-                raise InvalidArgument(f"{header.output_uri}: no frames followed the header")
+            if expected and writer.frames_written != expected:
+                raise InvalidArgument(
+                    f"{excerpt(header.output_uri)}: expected {expected} frames, got {writer.frames_written}"
+                )
             written = await clock.run(writer.close)
         except BaseException:
             await asyncio.to_thread(writer.discard)
@@ -94,17 +136,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             encode_seconds=clock.seconds,
         )
 
-    async def Join(
-        self, request: encoder_pb2.JoinRequest, context: grpc.aio.ServicerContext
-    ) -> encoder_pb2.JoinResponse:
+    def _join_paths(self, request: encoder_pb2.JoinRequest) -> tuple[list[Path], Path | None, Path]:
         root = self._settings.media_root
         segments = [existing_media_path(root, uri) for uri in request.segment_uris]
         audio_uri = request.audio_source_uri
         audio_source = existing_media_path(root, audio_uri) if audio_uri else None
-        output = writable_media_path(root, request.output_uri)
-        result = await asyncio.to_thread(join_segments, segments, output, audio_source)
+        return segments, audio_source, writable_media_path(root, request.output_uri)
+
+    async def Join(
+        self, request: encoder_pb2.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> encoder_pb2.JoinResponse:
+        """Cancelled at any moment, the join stops at its next packet and leaves no output behind."""
+        _check_expected_frames(request.expected_frames)
+        segments, audio_source, output = await asyncio.to_thread(self._join_paths, request)
+        stop = threading.Event()
+        result = await in_thread_to_the_end(
+            functools.partial(join_segments, segments, output, audio_source, request.expected_frames, stop), stop
+        )
         return encoder_pb2.JoinResponse(
-            output_uri=relative_uri(root, output),
+            output_uri=relative_uri(self._settings.media_root, output),
             frames=result.frames,
             audio_copied=result.audio_copied,
             join_seconds=result.seconds,

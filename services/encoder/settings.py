@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.encode_options import CRF_RANGE, MAX_FRAME_PIXELS, X264Preset
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
-from services.encoder.segment_writer import X264Preset
 
 ENV_PREFIX = "SWAPLINE_ENCODER_"
 
@@ -16,7 +16,9 @@ ENV_PREFIX = "SWAPLINE_ENCODER_"
 class EncoderSettings(ServerSettings):
     media_root: Path
     # Used when a request leaves crf at 0 or preset empty; 20 is close to visually lossless.
-    default_crf: int = ranged(20, ge=0, le=51)
+    default_crf: int = ranged(20, ge=CRF_RANGE.start, le=CRF_RANGE.stop - 1)
     default_preset: X264Preset = "veryfast"
     # Encoder threads per segment; 0 lets x264 pick one per core.
     threads: int = ranged(0, ge=0, le=256)
+    # Largest frame (width x height) a segment may have; a header asking for more is refused at once.
+    max_frame_pixels: int = ranged(MAX_FRAME_PIXELS, ge=1, le=MAX_FRAME_PIXELS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.grpc_channel import channel_security
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
 from services.gateway.gateway_parts import assemble_gateway
@@ -23,6 +24,7 @@ async def run(settings: GatewaySettings) -> None:
         settings.encoder_target,
         settings.downstream_timeout_seconds,
         settings.join_timeout_seconds,
+        channel_security(settings),
         settings.max_message_bytes,
     )
     parts = assemble_gateway(settings, store, media)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from services.common.media_info import Keyframe, MediaInfo, MediaKind
 from services.gateway.job_records import PlannedChunk
 
 
 def segment_uri(job_id: str, index: int, kind: MediaKind) -> str:
+    """The chunk's planned segment name; each lease writes its own variant (attempt_segment_uri)."""
     extension = "png" if kind == "image" else "mp4"
     return f"work/{job_id}/chunk-{index:05d}.{extension}"
+
+
+def attempt_segment_uri(planned_uri: str, attempt: int) -> str:
+    """Where the `attempt`-th lease of a chunk has its segment written.
+
+    A worker whose lease lapsed may still be writing; the next lease's segment has another name, so the
+    stale writer never touches the segment the job is joined from.
+    """
+    path = PurePosixPath(planned_uri)
+    return str(path.with_name(f"{path.stem}-a{attempt}{path.suffix}"))
 
 
 def output_uri(job_id: str, kind: MediaKind) -> str:

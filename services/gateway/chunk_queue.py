@@ -1,8 +1,15 @@
-"""Hands chunks to workers under leases that lapse without heartbeats, and takes back their results."""
+"""Hands chunks to workers under leases that lapse without heartbeats, and takes back their results.
+
+A failed attempt (or a lapsed lease) goes back to the queue after an exponential backoff, for as long as
+the retry budget lasts, counted from the first failure of the current run of failures: an outage of a
+stage service is waited out instead of spending every attempt while the channels reconnect. A job whose
+leased chunks make no progress for the stall deadline fails with DEADLINE_EXCEEDED.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -10,15 +17,20 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
-from services.common.errors import FailedPrecondition, code_value
+from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
+from services.common.input_limits import excerpt
+from services.gateway.chunk_planner import attempt_segment_uri
 from services.gateway.job_coordinator import JobCoordinator
+from services.gateway.job_images import read_media_file
 from services.gateway.job_records import (
     LIVE_JOB_STATES,
     ChunkRecord,
     ChunkStats,
     JobError,
     JobRecord,
+    RetrySchedule,
 )
+from services.gateway.retry_policy import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +38,14 @@ CHUNK_LEASES = Counter("swapline_gateway_chunk_leases_total", "Chunk leases hand
 CHUNKS_COMPLETED = Counter("swapline_gateway_chunks_completed_total", "Chunks completed by workers.")
 CHUNK_FAILURES = Counter(
     "swapline_gateway_chunk_failures_total",
-    "Chunk attempts that did not complete, by cause: lapsed (no heartbeat), retryable or fatal error.",
+    "Chunk attempts that did not complete, by cause: lapsed (no heartbeat), retryable or fatal error, "
+    "frames (a completion whose frame count was not the chunk's).",
     ["cause"],
 )
 FRAMES_PROCESSED = Counter("swapline_gateway_frames_processed_total", "Frames in completed chunks.")
+JOBS_STALLED = Counter(
+    "swapline_gateway_jobs_stalled_total", "Jobs failed because their chunks made no progress within the deadline."
+)
 
 # A worker asking for more than this waits this long; it asks again anyway.
 MAX_LEASE_WAIT_SECONDS = 60.0
@@ -41,6 +57,11 @@ class ChunkLease:
     chunk: ChunkRecord
     job: JobRecord
     lease_seconds: float
+    # This lease's own segment name: a stale worker of an earlier lease never writes it.
+    segment_uri: str
+    # Read from media storage for the lease; the job record holds only their URIs.
+    source_image: bytes
+    reference_image: bytes
 
 
 @dataclass(frozen=True)
@@ -60,11 +81,19 @@ def _end_reason(job: JobRecord | None, job_id: str) -> str:
 
 
 class ChunkQueue:
-    def __init__(self, coordinator: JobCoordinator, lease_seconds: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        coordinator: JobCoordinator,
+        lease_seconds: float,
+        retry: RetryPolicy,
+        stall_deadline_seconds: float = 0.0,
+    ) -> None:
+        """stall_deadline_seconds: 0 turns the stall deadline off."""
         self._coordinator = coordinator
         self._store = coordinator.store
         self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
+        self.retry = retry
+        self.stall_deadline_seconds = stall_deadline_seconds
         self._work = asyncio.Condition()
 
     async def work_added(self) -> None:
@@ -72,45 +101,83 @@ class ChunkQueue:
         async with self._work:
             self._work.notify_all()
 
-    def _try_lease(self, worker_id: str) -> ChunkLease | None:
+    def _try_lease(self, worker_id: str) -> ChunkRecord | None:
         now = self._coordinator.now()
-        lease_id = uuid.uuid4().hex
-        chunk = self._store.lease_next_chunk(worker_id, lease_id, now, now + self.lease_seconds)
-        if chunk is None:
-            return None
-        CHUNK_LEASES.inc()
-        job = self._coordinator.require_job(chunk.job_id)
-        return ChunkLease(lease_id=lease_id, chunk=chunk, job=job, lease_seconds=self.lease_seconds)
+        chunk = self._store.lease_next_chunk(worker_id, uuid.uuid4().hex, now, now + self.lease_seconds)
+        if chunk is not None:
+            CHUNK_LEASES.inc()
+        return chunk
+
+    def _wake_limit(self, remaining: float) -> float:
+        """How long a waiter may sleep: at most until the next chunk backing off becomes due."""
+        now = self._coordinator.now()
+        due = self._store.next_due_at(now)
+        return remaining if due is None else min(remaining, due - now)
 
     async def lease(self, worker_id: str, wait_seconds: float) -> ChunkLease | None:
-        """The oldest live job's next PENDING chunk, waiting up to wait_seconds for one to appear."""
+        """The oldest live job's next due PENDING chunk, waiting up to wait_seconds for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait_seconds, 0.0), MAX_LEASE_WAIT_SECONDS)
+        while True:
+            chunk = await self._next_chunk(worker_id, deadline)
+            if chunk is None:
+                return None
+            lease = await self._with_inputs(chunk)
+            if lease is not None:
+                await self._coordinator.changed(chunk.job_id)
+                return lease
+
+    async def _next_chunk(self, worker_id: str, deadline: float) -> ChunkRecord | None:
+        loop = asyncio.get_running_loop()
         async with self._work:
             # No await between looking and waiting, so a chunk added meanwhile always wakes this waiter.
-            while (lease := self._try_lease(worker_id)) is None:
+            while (chunk := self._try_lease(worker_id)) is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return None
-                try:
-                    await asyncio.wait_for(self._work.wait(), remaining)
-                except TimeoutError:
-                    return None
-        await self._coordinator.changed(lease.chunk.job_id)
-        return lease
+                # A timeout means a chunk came due or the wait is over: look again either way.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), self._wake_limit(remaining))
+            return chunk
+
+    async def _with_inputs(self, chunk: ChunkRecord) -> ChunkLease | None:
+        """The lease with the job's images; None (the chunk given back) when they cannot be read."""
+        job = self._coordinator.require_job(chunk.job_id)
+        media_root = self._coordinator.media_root
+        try:
+            source = await asyncio.to_thread(read_media_file, media_root, job.source_image_uri)
+            reference = await asyncio.to_thread(read_media_file, media_root, job.reference_image_uri)
+        except SwaplineError as error:
+            # Missing or not a file: no later attempt can do better.
+            await self._give_back(chunk, JobError(code_value(error.code), f"the job's images: {error.message}"), False)
+            return None
+        except OSError as error:
+            log.warning("reading the images of job %s failed: %s", job.id, error)
+            reason = f"media storage could not be read ({error.strerror or type(error).__name__})"
+            await self._give_back(chunk, JobError(code_value(grpc.StatusCode.UNAVAILABLE), reason), True)
+            return None
+        return ChunkLease(
+            lease_id=chunk.lease_id,
+            chunk=chunk,
+            job=job,
+            lease_seconds=self.lease_seconds,
+            segment_uri=attempt_segment_uri(chunk.segment_uri, chunk.attempts),
+            source_image=source,
+            reference_image=reference,
+        )
 
     async def heartbeat(self, lease_id: str, frames_done: int, stage: str, faces: int) -> HeartbeatAnswer:
         chunk = self._store.chunk_for_lease(lease_id)
         if chunk is None:
-            return HeartbeatAnswer(True, f"lease {lease_id} is unknown or has lapsed")
+            return HeartbeatAnswer(True, f"lease {excerpt(lease_id)} is unknown or has lapsed")
         job = self._store.get_job(chunk.job_id)
         if job is None or job.state not in LIVE_JOB_STATES or chunk.state != "LEASED":
             return HeartbeatAnswer(True, _end_reason(job, chunk.job_id))
         now = self._coordinator.now()
         if chunk.lease_expires_at < now:
             await self._lapse(chunk)
-            return HeartbeatAnswer(True, f"lease {lease_id} lapsed before this heartbeat")
-        self._store.record_progress(lease_id, now + self.lease_seconds, frames_done, stage, faces)
+            return HeartbeatAnswer(True, f"lease {excerpt(lease_id)} lapsed before this heartbeat")
+        self._store.record_progress(lease_id, now + self.lease_seconds, frames_done, stage, faces, now)
         await self._coordinator.feed.notify(chunk.job_id)
         return HeartbeatAnswer(False)
 
@@ -118,22 +185,37 @@ class ChunkQueue:
         chunk = self._store.chunk_for_lease(lease_id)
         if chunk is None:
             raise FailedPrecondition(
-                f"lease {lease_id} is unknown or has lapsed; the chunk went to another worker"
+                f"lease {excerpt(lease_id)} is unknown or has lapsed; the chunk went to another worker"
             )
         return chunk
 
     async def complete(self, lease_id: str, segment_uri: str, stats: ChunkStats) -> None:
-        """A lapsed but not yet re-queued lease still completes: the segment is there."""
+        """Only the lease that holds the chunk completes it, with its own segment and the chunk's frames.
+
+        A lapsed lease not yet given back still completes: nobody else holds the chunk, the segment is there.
+        """
         chunk = self._held_chunk(lease_id)
         if chunk.state != "LEASED":
             raise FailedPrecondition(_end_reason(self._store.get_job(chunk.job_id), chunk.job_id))
-        all_done = self._store.finish_chunk(
-            chunk.job_id, chunk.index, segment_uri or chunk.segment_uri, stats
+        leased_segment = attempt_segment_uri(chunk.segment_uri, chunk.attempts)
+        if segment_uri and segment_uri != leased_segment:
+            raise InvalidArgument(f"segment_uri {excerpt(segment_uri)} is not this lease's segment {leased_segment!r}")
+        if stats.frames != chunk.frame_count:
+            CHUNK_FAILURES.labels("frames").inc()
+            reason = f"the segment of chunk {chunk.index} holds {stats.frames} frames, not {chunk.frame_count}"
+            await self._give_back(chunk, JobError(code_value(grpc.StatusCode.DATA_LOSS), reason), True)
+            raise FailedPrecondition(f"{reason}; the completion is refused")
+        remaining = self._store.finish_chunk(
+            chunk.job_id, chunk.index, lease_id, leased_segment, stats, self._coordinator.now()
         )
+        if remaining is None:
+            raise FailedPrecondition(
+                f"lease {excerpt(lease_id)} no longer holds chunk {chunk.index}; the chunk went to another worker"
+            )
         CHUNKS_COMPLETED.inc()
         FRAMES_PROCESSED.inc(stats.frames)
         await self._coordinator.changed(chunk.job_id)
-        if all_done:
+        if remaining == 0:
             await self._coordinator.chunks_finished(chunk.job_id)
 
     async def fail(self, lease_id: str, error: JobError, retryable: bool) -> None:
@@ -144,37 +226,92 @@ class ChunkQueue:
 
     async def _lapse(self, chunk: ChunkRecord) -> None:
         reason = (
-            f"lease lapsed: no heartbeat from worker {chunk.worker_id or '?'} within {self.lease_seconds:g} s"
+            f"lease lapsed: no heartbeat from worker {excerpt(chunk.worker_id or '?')} within {self.lease_seconds:g} s"
         )
         CHUNK_FAILURES.labels("lapsed").inc()
         await self._give_back(chunk, JobError(code_value(grpc.StatusCode.DEADLINE_EXCEEDED), reason), True)
 
     async def _give_back(self, chunk: ChunkRecord, error: JobError, retryable: bool) -> None:
-        if retryable and chunk.attempts < self.max_attempts:
-            self._store.release_chunk(chunk.job_id, chunk.index, error, retry=True)
-            await self._coordinator.changed(chunk.job_id)
-            await self.work_added()
-            return
-        self._store.release_chunk(chunk.job_id, chunk.index, error, retry=False)
-        message = (
-            f"chunk {chunk.index} failed after {chunk.attempts} attempts: {error.message}"
-            if retryable
-            else f"chunk {chunk.index} failed: {error.message}"
+        """Queues a retryable failure again after its backoff while budget and attempts last; else fails the job."""
+        now = self._coordinator.now()
+        if retryable:
+            failing_since = chunk.failing_since if chunk.failing_since is not None else now
+            failures = chunk.failure_streak + 1
+            retry_at = self.retry.retry_at(failing_since, failures, chunk.attempts, now)
+            if retry_at is not None:
+                if self._store.requeue_chunk(chunk, error, RetrySchedule(retry_at, failing_since, failures), now):
+                    await self._coordinator.changed(chunk.job_id)
+                    await self.work_added()
+                return
+            message = self._spent_message(chunk, error, failing_since, now)
+        else:
+            message = f"chunk {chunk.index} failed: {error.message}"
+        if self._store.fail_chunk(chunk, error, now):
+            await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
+
+    @staticmethod
+    def _spent_message(chunk: ChunkRecord, error: JobError, failing_since: float, now: float) -> str:
+        return (
+            f"chunk {chunk.index} failed after {chunk.attempts} attempts, failing for "
+            f"{now - failing_since:.0f} s: {error.message}"
         )
-        await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
 
     async def reap_lapsed(self) -> int:
-        """Re-queues (or fails, past the attempt limit) every chunk whose lease has lapsed."""
+        """Gives back every chunk whose lease has lapsed: queued again, or failed past the budget."""
         lapsed = self._store.lapsed_leases(self._coordinator.now())
         for chunk in lapsed:
             await self._lapse(chunk)
         return len(lapsed)
 
+    async def fail_spent_budgets(self) -> int:
+        """Fails the jobs of queued chunks whose retry budget ran out while nobody leased them.
+
+        A chunk's last try is due at the budget's end at the latest; it gets one lease period more for a
+        worker to take it.
+        """
+        now = self._coordinator.now()
+        spent = self._store.budget_spent_chunks(now - self.retry.budget_seconds, now - self.lease_seconds)
+        for chunk in spent:
+            error = chunk.last_error or JobError(code_value(grpc.StatusCode.UNAVAILABLE), "no worker took the chunk")
+            failing_since = chunk.failing_since if chunk.failing_since is not None else now
+            if self._store.fail_chunk(chunk, error, now):
+                message = self._spent_message(chunk, error, failing_since, now)
+                await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
+        return len(spent)
+
+    async def fail_stalled_jobs(self) -> int:
+        """Fails RUNNING jobs whose leased chunks made no progress for the stall deadline (if one is set)."""
+        if self.stall_deadline_seconds <= 0:
+            return 0
+        stalled = self._store.stalled_jobs(self._coordinator.now(), self.stall_deadline_seconds)
+        for job in stalled:
+            chunk = job.chunk
+            where = (
+                ""
+                if chunk is None
+                else f" in chunk {chunk.index} (stage {chunk.stage or 'starting'}, {chunk.frames_done} of "
+                f"{chunk.frame_count} frames, worker {excerpt(chunk.worker_id)})"
+            )
+            reason = (
+                f"no progress for {job.stalled_seconds:.0f} s{where}; "
+                f"the stall deadline is {self.stall_deadline_seconds:g} s"
+            )
+            if await self._coordinator.fail_job(
+                job.job_id, JobError(code_value(grpc.StatusCode.DEADLINE_EXCEEDED), reason)
+            ):
+                JOBS_STALLED.inc()
+        return len(stalled)
+
+    async def reap_once(self) -> None:
+        await self.reap_lapsed()
+        await self.fail_spent_budgets()
+        await self.fail_stalled_jobs()
+
     async def reap_forever(self) -> None:
         interval = max(0.2, min(5.0, self.lease_seconds / 3))
         while True:
             try:
-                await self.reap_lapsed()
+                await self.reap_once()
             except Exception:
-                log.exception("reaping lapsed leases failed")
+                log.exception("reaping lapsed leases, spent retry budgets or stalled jobs failed")
             await asyncio.sleep(interval)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidArgument
+from services.common.grpc_channel import channel_security
 from services.common.grpc_server import ServiceBinding
 from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.gpu_trend_source import (
@@ -42,11 +43,14 @@ class GatewayParts:
                 JobServicer(self.jobs),
                 jobs_pb2_grpc.add_JobServiceServicer_to_server,
                 jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+                audience="public",
             ),
             ServiceBinding(
                 ChunkQueueServicer(self.queue),
                 chunks_pb2_grpc.add_ChunkQueueServiceServicer_to_server,
                 chunks_pb2.DESCRIPTOR.services_by_name["ChunkQueueService"].full_name,
+                # Workers only: a lease hands out a tenant's source face and a completion decides its output.
+                audience="internal",
             ),
         ]
 
@@ -78,12 +82,13 @@ def assemble_gateway(
     recorder = JobTrendRecorder(source, settings.gpu_trend_source, media_root)
     if advisor is None:
         advisor = (
-            GrpcAdvisor(settings.advisor_target, settings.advisor_timeout_seconds)
+            GrpcAdvisor(settings.advisor_target, settings.advisor_timeout_seconds, channel_security(settings))
             if settings.advisor_target
             else NoAdvisor()
         )
-    coordinator = JobCoordinator(store, media, media_root, clock, recorder, advisor)
-    queue = ChunkQueue(coordinator, settings.lease_seconds, settings.max_attempts)
+    retry = settings.retry_policy()
+    coordinator = JobCoordinator(store, media, media_root, retry, clock, recorder, advisor)
+    queue = ChunkQueue(coordinator, settings.lease_seconds, retry, settings.stall_deadline_seconds)
     jobs = JobService(
         coordinator,
         queue,
@@ -91,6 +96,7 @@ def assemble_gateway(
         media_root,
         settings.chunk_seconds,
         settings.max_upload_bytes,
+        settings.input_limits(),
         new_id,
         CurrentGpuUsage(source),
     )

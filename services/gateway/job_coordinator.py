@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 from prometheus_client import Gauge
 
-from services.common.errors import FailedPrecondition, NotFound, SwaplineError, code_value
-from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
+from services.common.errors import RETRYABLE_CODES, FailedPrecondition, NotFound, SwaplineError, code_value
+from services.common.input_limits import excerpt
+from services.common.media_paths import existing_media_path, resolve_media_path
 from services.gateway.chunk_planner import report_uri
 from services.gateway.gpu_trend_source import NoTrendSource
 from services.gateway.job_change_feed import JobChangeFeed
 from services.gateway.job_gpu_trend import JobTrendRecorder
+from services.gateway.job_images import work_area, write_media_file
 from services.gateway.job_recommendation import JobAdvisor, NoAdvisor
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
@@ -34,6 +37,7 @@ from services.gateway.job_records import (
 from services.gateway.job_report import build_report, report_json, with_gpu_trend, with_recommendation
 from services.gateway.job_store import JobStore
 from services.gateway.media_clients import MediaServices
+from services.gateway.retry_policy import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ JOBS_BY_STATE = Gauge("swapline_gateway_jobs", "Jobs in the store, by state.", [
 CHUNKS_PENDING = Gauge("swapline_gateway_chunks_pending", "Chunks of live jobs waiting for a worker.")
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# The ids this gateway hands out are 16 hex digits; anything unlike an id is looked up nowhere.
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class JobCoordinator:
@@ -50,15 +58,20 @@ class JobCoordinator:
         store: JobStore,
         media: MediaServices,
         media_root: Path,
+        retry: RetryPolicy,
         clock: Clock = time.time,
         trend_recorder: JobTrendRecorder | None = None,
         advisor: JobAdvisor | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """retry: how failed joins are tried again; sleep waits between them (tests advance a clock)."""
         self.store = store
         self.feed = JobChangeFeed()
+        self.media_root = media_root
         self._media = media
-        self._media_root = media_root
+        self._retry = retry
         self._clock = clock
+        self._sleep = sleep
         self._trend_recorder = trend_recorder or JobTrendRecorder(NoTrendSource(), "none", media_root)
         self._advisor = advisor or NoAdvisor()
         self._joins: set[asyncio.Task[None]] = set()
@@ -76,10 +89,14 @@ class JobCoordinator:
         self.publish_counts()
         await self.feed.notify(job_id)
 
-    def require_job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id)
-        if job is None:
-            raise NotFound(f"job {job_id!r} does not exist")
+    def require_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job, as the tenant may see it: another tenant's job is NOT_FOUND like a missing one.
+
+        tenant None: an internal caller, who sees every job.
+        """
+        job = self.store.get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
+        if job is None or (tenant is not None and job.tenant != tenant):
+            raise NotFound(f"job {excerpt(job_id)} does not exist")
         return job
 
     async def chunks_finished(self, job_id: str) -> None:
@@ -104,30 +121,64 @@ class JobCoordinator:
             await asyncio.gather(*list(self._joins), return_exceptions=True)
 
     async def join(self, job_id: str) -> None:
+        """Joins the segments; a retryable failure (the encoder restarting) is tried again with backoff
+        while the retry budget lasts, counted from the first failure."""
         job = self.require_job(job_id)
         chunks = self.store.list_chunks(job_id)
-        try:
-            if job.target is not None and job.target.kind == "image":
-                outcome = await self._copy_single_image(job.output_uri, chunks[0].segment_uri)
-            else:
-                audio_source = job.target_uri if job.target is not None and job.target.has_audio else ""
-                outcome = await self._media.join(
-                    [chunk.segment_uri for chunk in chunks], audio_source, job.output_uri
-                )
-        except Exception as error:
-            if not isinstance(error, SwaplineError):
+        failing_since: float | None = None
+        failures = 0
+        while True:
+            try:
+                outcome = await self._join_once(job, [chunk.segment_uri for chunk in chunks])
+                break
+            except SwaplineError as error:
+                if error.code not in RETRYABLE_CODES:
+                    await self.fail_job(job_id, JobError(code_value(error.code), f"joining segments failed: {error}"))
+                    return
+                now = self.now()
+                failing_since = now if failing_since is None else failing_since
+                failures += 1
+                retry_at = self._retry.retry_at(failing_since, failures, failures, now)
+                if retry_at is None:
+                    message = (
+                        f"joining segments failed {failures} times in {now - failing_since:.0f} s: {error.message}"
+                    )
+                    await self.fail_job(job_id, JobError(code_value(error.code), message))
+                    return
+                log.warning("joining job %s failed (%s); trying again in %.1f s", job_id, error, retry_at - now)
+                await self._sleep(retry_at - now)
+                if self.require_job(job_id).state != "JOINING":
+                    return
+            except Exception:
+                # Our bug: the details (paths among them) go to the log, not to the client.
                 log.exception("joining job %s failed", job_id)
-            code = error.code if isinstance(error, SwaplineError) else grpc.StatusCode.INTERNAL
-            await self.fail_job(job_id, JobError(code_value(code), f"joining segments failed: {error}"))
+                message = "joining segments failed: internal error (see the gateway's log)"
+                await self.fail_job(job_id, JobError(code_value(grpc.StatusCode.INTERNAL), message))
+                return
+        if outcome.frames != job.frames_total:
+            message = f"the joined output holds {outcome.frames} frames, not the job's {job.frames_total}"
+            await self.fail_job(job_id, JobError(code_value(grpc.StatusCode.DATA_LOSS), message))
             return
         if await self.end_job(job_id, JOINING_ONLY, "SUCCEEDED", join=outcome):
-            shutil.rmtree(resolve_media_path(self._media_root, f"work/{job_id}"), ignore_errors=True)
+            await asyncio.to_thread(
+                shutil.rmtree, resolve_media_path(self.media_root, work_area(job_id)), ignore_errors=True
+            )
+
+    async def _join_once(self, job: JobRecord, segment_uris: list[str]) -> JoinOutcome:
+        if job.target is not None and job.target.kind == "image":
+            return await self._copy_single_image(job.output_uri, segment_uris[0])
+        audio_source = job.target_uri if job.target is not None and job.target.has_audio else ""
+        return await self._media.join(segment_uris, audio_source, job.output_uri, job.frames_total)
 
     async def _copy_single_image(self, output_uri: str, segment_uri: str) -> JoinOutcome:
         """An image job has one segment, already the output picture: there is nothing to join or mux."""
         started = time.perf_counter()
-        source = existing_media_path(self._media_root, segment_uri)
-        await asyncio.to_thread(shutil.copyfile, source, writable_media_path(self._media_root, output_uri))
+
+        def copy() -> None:
+            picture = existing_media_path(self.media_root, segment_uri).read_bytes()
+            write_media_file(self.media_root, output_uri, picture)
+
+        await asyncio.to_thread(copy)
         return JoinOutcome(output_uri, 1, False, time.perf_counter() - started)
 
     async def fail_job(self, job_id: str, error: JobError) -> bool:
@@ -137,8 +188,8 @@ class JobCoordinator:
             log.info("job %s failed: %s", job_id, error.message)
         return failed
 
-    async def cancel_job(self, job_id: str) -> JobRecord:
-        job = self.require_job(job_id)
+    async def cancel_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        job = self.require_job(job_id, tenant)
         if job.state in ENDED_JOB_STATES or not await self.end_job(
             job_id,
             UNFINISHED_JOB_STATES,
@@ -146,9 +197,7 @@ class JobCoordinator:
             error=JobError(code_value(grpc.StatusCode.CANCELLED), f"job {job_id} was cancelled"),
         ):
             state = self.require_job(job_id).state
-            raise FailedPrecondition(
-                f"job {job_id} has already ended ({state}); only a running job can be cancelled"
-            )
+            raise FailedPrecondition(f"job {job_id} has already ended ({state}); only a running job can be cancelled")
         return self.require_job(job_id)
 
     async def end_job(
@@ -168,7 +217,7 @@ class JobCoordinator:
             return False
         if text is not None:
             try:
-                writable_media_path(self._media_root, report_uri(job_id)).write_text(text)
+                await asyncio.to_thread(write_media_file, self.media_root, report_uri(job_id), text.encode())
             except OSError as error_writing:
                 log.warning("could not write the report of job %s: %s", job_id, error_writing)
         await self.changed(job_id)

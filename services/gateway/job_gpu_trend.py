@@ -7,8 +7,10 @@ as a report warning.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,10 @@ class JobTrendRecorder:
         self._source = source
         self._source_name = source_name
         self._media_root = media_root
+        # Every chart is drawn on this one thread: matplotlib is not thread-safe, and it opens its font
+        # files once per drawing thread, so charts on the shared pool left a gateway holding more open
+        # files after each burst of jobs.
+        self._chart_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trend-chart")
 
     async def record(
         self, job_id: str, started_at: float, finished_at: float, events: Sequence[Mapping[str, Any]]
@@ -68,19 +74,23 @@ class JobTrendRecorder:
             csv_path = writable_media_path(self._media_root, gpu_trend_csv_uri(job_id))
             await asyncio.to_thread(write_trend_csv, csv_path, rows, started_at)
             charts["csv"] = gpu_trend_csv_uri(job_id)
-            await asyncio.to_thread(
-                draw_trend_chart,
-                chart_path,
-                rows,
-                events,
-                started_at,
-                finished_at - started_at,
-                f"GPU trend of job {job_id}",
-                no_samples_reason,
+            await asyncio.get_running_loop().run_in_executor(
+                self._chart_thread,
+                functools.partial(
+                    draw_trend_chart,
+                    chart_path,
+                    rows,
+                    events,
+                    started_at,
+                    finished_at - started_at,
+                    f"GPU trend of job {job_id}",
+                    no_samples_reason,
+                ),
             )
             charts["png"] = gpu_trend_chart_uri(job_id)
         except Exception as error:
             # A chart is never worth a failed job, whatever matplotlib or the disk raise.
             log.exception("could not write the GPU trend of job %s", job_id)
-            warnings.append(f"the GPU trend chart could not be written: {error}")
+            # The report goes to the client: the error's kind only, never its paths.
+            warnings.append(f"the GPU trend chart could not be written ({type(error).__name__}; see the gateway's log)")
         return JobGpuTrend(gpu_section(rows, self._source_name, window, charts), tuple(warnings))

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import ChannelSecurity, open_channel
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ class NoAdvisor:
 
 
 class GrpcAdvisor:
-    def __init__(self, target: str, timeout_seconds: float) -> None:
-        self._stub = advisor_pb2_grpc.AdvisorServiceStub(open_channel(target))
+    def __init__(self, target: str, timeout_seconds: float, security: ChannelSecurity) -> None:
+        self._stub = advisor_pb2_grpc.AdvisorServiceStub(open_channel(target, security))
         self._timeout_seconds = timeout_seconds
 
     async def recommend(self, report: Mapping[str, Any]) -> Recommendation:

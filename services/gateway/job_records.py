@@ -62,12 +62,16 @@ class JoinOutcome:
 @dataclass(frozen=True)
 class JobRecord:
     id: str
+    # The tenant the job belongs to; only its callers (and internal ones) see the job.
+    tenant: str
     state: JobState
     selector: SelectorMode
+    # Relative to the media root (a tenant's own area included); clients see it relative to their area.
     target_uri: str
     output_uri: str
-    source_image: bytes
-    reference_image: bytes
+    # The images live in media storage; a lease reads them, nothing else does. Empty: no reference.
+    source_image_uri: str
+    reference_image_uri: str
     encode: EncodeOptions
     target: MediaInfo | None
     frames_total: int
@@ -81,6 +85,25 @@ class JobRecord:
     # Derived from the chunks when read from the store.
     chunks_done: int = 0
     frames_done: int = 0
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """How a failed chunk goes back to the queue: not leased before not_before, its run of failures so far."""
+
+    not_before: float
+    failing_since: float
+    failure_streak: int
+
+
+@dataclass(frozen=True)
+class StalledJob:
+    """A running job whose leased chunks made no progress for stalled_seconds of leased time."""
+
+    job_id: str
+    stalled_seconds: float
+    # The leased chunk that has gone longest without progress; None if the lease ended meanwhile.
+    chunk: ChunkRecord | None
 
 
 @dataclass(frozen=True)
@@ -131,3 +154,11 @@ class ChunkRecord:
     faces: int = 0
     stats: ChunkStats | None = None
     last_error: JobError | None = None
+    # A chunk given back after a failure is not leased again before this time (backoff).
+    not_before: float = 0.0
+    # When the current run of failures began (None: the last attempt made progress or none failed),
+    # and how many failures it holds: the retry budget and the backoff count from these.
+    failing_since: float | None = None
+    failure_streak: int = 0
+    # When the current lease last made progress (frames rising), or was granted.
+    progress_at: float = 0.0

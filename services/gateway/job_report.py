@@ -16,6 +16,7 @@ from services.gateway.job_records import (
     ChunkStats,
     JobRecord,
 )
+from services.gateway.tenant_areas import tenant_view
 
 EventKind = Literal["chunk_start", "chunk_end", "faces_changed"]
 # Events at the same instant read in this order: a chunk starts, its faces change, it ends.
@@ -132,7 +133,7 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
         "target": None
         if target is None
         else {
-            "uri": job.target_uri,
+            "uri": tenant_view(job.tenant, job.target_uri),
             "width": target.width,
             "height": target.height,
             "fps": target.fps,

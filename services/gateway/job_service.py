@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shutil
 import uuid
@@ -9,31 +11,41 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
+from services.common.encode_options import checked_crf, checked_preset
 from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
 from services.common.image_codec import decode_rgb_image
+from services.common.input_limits import InputLimits, check_media, check_text, excerpt, image_size
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_info import MediaInfo
-from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
+from services.common.media_paths import check_media_uri, existing_media_path, resolve_media_path, writable_media_path
+from services.common.tenant_context import LOCAL_TENANT
 from services.gateway.chunk_planner import output_uri, plan_chunks, report_uri
 from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.gpu_trend_source import UNKNOWN_GPU_USAGE, CurrentGpuUsage, GpuUsage, NoTrendSource
 from services.gateway.job_coordinator import JobCoordinator
 from services.gateway.job_gpu_trend import gpu_trend_chart_uri, gpu_trend_csv_uri
+from services.gateway.job_images import reference_image_uri, source_image_uri, work_area, write_media_file
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     ArtifactKind,
+    EncodeOptions,
     JobError,
     JobRecord,
     JobRequest,
     JobState,
 )
-from services.gateway.media_clients import MediaServices
+from services.gateway.media_clients import MediaServices, downscaled
+from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area, resolve_target
 
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 # Progress events carry GPU usage in these states only: before and after, the GPUs serve other jobs.
 RUNNING_JOB_STATES: frozenset[JobState] = frozenset({"RUNNING", "JOINING"})
 _UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+# An upload is written under this name in its job's folder, and renamed once it is whole.
+_PARTIAL_UPLOAD_NAME = ".upload-in-progress"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,12 @@ def progress_rates(job: JobRecord, now: float) -> tuple[float, float]:
 
 
 class JobService:
+    """Every method takes the caller's tenant: a job of another tenant is NOT_FOUND, as a missing one.
+
+    tenant None: an internal caller (a swapline service), who sees every job; its submissions belong to
+    the local tenant.
+    """
+
     def __init__(
         self,
         coordinator: JobCoordinator,
@@ -98,6 +116,7 @@ class JobService:
         media_root: Path,
         chunk_seconds: float,
         max_upload_bytes: int,
+        limits: InputLimits,
         new_id: Callable[[], str] = new_job_id,
         gpu_usage: CurrentGpuUsage | None = None,
     ) -> None:
@@ -108,25 +127,30 @@ class JobService:
         self._media_root = media_root
         self._chunk_seconds = chunk_seconds
         self._max_upload_bytes = max_upload_bytes
+        self._limits = limits
         self._new_id = new_id
         self._gpu_usage = gpu_usage or CurrentGpuUsage(NoTrendSource())
 
-    async def submit(self, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
-        """Validates everything a worker would trip over, then queues the chunks.
+    async def submit(self, request: JobRequest, upload: AsyncIterator[bytes], tenant: str | None) -> JobRecord:
+        """Validates everything a worker would trip over, then stores the images and queues the chunks.
 
         A job that fails validation is still recorded, FAILED with the reason, and the call fails with the
         same status; its message carries the job id.
         """
+        owner = LOCAL_TENANT if tenant is None else checked_tenant(tenant)
         job_id = self._new_id()
         job = JobRecord(
             id=job_id,
+            tenant=owner,
             state="QUEUED",
             selector=request.selector,
-            target_uri=request.target_uri,
+            # Target and encode settings are set once they passed their checks: a failed job never stores
+            # what they refused.
+            target_uri="",
             output_uri="",
-            source_image=request.source_image,
-            reference_image=request.reference_image,
-            encode=request.encode,
+            source_image_uri="",
+            reference_image_uri="",
+            encode=EncodeOptions(),
             target=None,
             frames_total=0,
             chunks_total=0,
@@ -137,10 +161,9 @@ class JobService:
             job = await self._validate(job, request, upload)
             chunks = plan_chunks(job_id, job.target, self._chunk_seconds) if job.target else []
             if not chunks:
-                raise InvalidArgument(f"target {job.target_uri!r} has no video frames")
-            job = replace(
-                job, frames_total=sum(chunk.frame_count for chunk in chunks), chunks_total=len(chunks)
-            )
+                raise InvalidArgument(f"target {excerpt(job.target_uri)} has no video frames")
+            job = replace(job, frames_total=sum(chunk.frame_count for chunk in chunks), chunks_total=len(chunks))
+            job = await self._store_images(job, request)
             self._store.add_job(job, chunks)
             accepted = True
         except SwaplineError as error:
@@ -150,42 +173,72 @@ class JobService:
                 state="FAILED",
                 finished_at=self._coordinator.now(),
                 error=JobError(code_value(error.code), message),
+                source_image_uri="",
+                reference_image_uri="",
             )
             self._store.add_job(failed, [])
             await self._coordinator.changed(job_id)
             raise type(error)(message) from error
         finally:
             if not accepted:
-                shutil.rmtree(resolve_media_path(self._media_root, f"uploads/{job_id}"), ignore_errors=True)
+                await asyncio.to_thread(self._remove_job_files, owner, job_id)
         await self._coordinator.changed(job_id)
         await self._queue.work_added()
         return self._coordinator.require_job(job_id)
 
-    async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
-        source = decode_rgb_image(request.source_image, "source image")
-        reference = None
-        if request.selector == "reference":
+    def _remove_job_files(self, tenant: str, job_id: str) -> None:
+        for area in (in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{job_id}"), work_area(job_id)):
+            shutil.rmtree(resolve_media_path(self._media_root, area), ignore_errors=True)
+
+    def _check_strings(self, request: JobRequest) -> None:
+        """Lengths and characters first: nothing else is looked at before they pass."""
+        check_text("target_uri", request.target_uri, self._limits.max_uri_length)
+        check_text("target_filename", request.target_filename, self._limits.max_filename_length)
+        # crf 0 and an empty preset ask for the encoder's defaults.
+        checked_crf(request.encode.crf)
+        if request.encode.preset:
+            checked_preset(request.encode.preset)
+
+    def _uses_reference(self, request: JobRequest) -> bool:
+        return request.selector == "reference"
+
+    async def _decoded_images(self, request: JobRequest) -> tuple[np.ndarray, np.ndarray | None]:
+        """The source (and reference) image, sized from the header before OpenCV allocates anything."""
+        limits = self._limits
+        image_size(request.source_image, "source image", limits)
+        if self._uses_reference(request):
             if not request.reference_image:
-                raise InvalidArgument(
-                    "selector REFERENCE needs a reference_image holding the face to replace"
-                )
-            reference = decode_rgb_image(request.reference_image, "reference image")
+                raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
+            image_size(request.reference_image, "reference image", limits)
+        source = await asyncio.to_thread(
+            _decoded_for_detection, request.source_image, "source image", limits.max_image_pixels
+        )
+        reference = None
+        if self._uses_reference(request):
+            reference = await asyncio.to_thread(
+                _decoded_for_detection, request.reference_image, "reference image", limits.max_image_pixels
+            )
+        return source, reference
+
+    async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
+        self._check_strings(request)
+        job = replace(job, encode=request.encode)
+        source, reference = await self._decoded_images(request)
         if request.target_uri:
             if await anext(upload, None) is not None:
-                raise InvalidArgument(
-                    "the spec names a target_uri and also uploads a target; send one of them"
-                )
-            target_uri = request.target_uri
+                raise InvalidArgument("the spec names a target_uri and also uploads a target; send one of them")
+            job = replace(job, target_uri=request.target_uri)
+            check_media_uri(request.target_uri, self._limits)
+            target_uri = await asyncio.to_thread(resolve_target, self._media_root, job.tenant, request.target_uri)
         elif request.target_filename:
-            target_uri = await self._receive_upload(job.id, request.target_filename, upload)
+            target_uri = await self._receive_upload(job, request.target_filename, upload)
         else:
-            raise InvalidArgument(
-                "the spec needs a target_uri, or a target_filename followed by the uploaded target"
-            )
+            raise InvalidArgument("the spec needs a target_uri, or a target_filename followed by the uploaded target")
         job = replace(job, target_uri=target_uri)
         target = await self._media.probe(target_uri)
         job = replace(job, target=target, output_uri=output_uri(job.id, target.kind))
-        self._check_target(target_uri, target)
+        check_media(target, "target", self._limits)
+        self._check_target(request.target_uri or request.target_filename, target)
         if await self._media.count_faces(source) == 0:
             raise FailedPrecondition("no face found in the source image")
         if reference is not None and await self._media.count_faces(reference) == 0:
@@ -193,68 +246,80 @@ class JobService:
         return job
 
     @staticmethod
-    def _check_target(target_uri: str, target: MediaInfo) -> None:
+    def _check_target(named: str, target: MediaInfo) -> None:
         if target.width <= 0 or target.height <= 0:
-            raise InvalidArgument(
-                f"target {target_uri!r} has no picture size ({target.width}x{target.height})"
-            )
+            raise InvalidArgument(f"target {excerpt(named)} has no picture size ({target.width}x{target.height})")
         if target.kind == "video" and target.frame_count <= 0:
-            raise InvalidArgument(f"target {target_uri!r} has no video frames")
+            raise InvalidArgument(f"target {excerpt(named)} has no video frames")
 
-    async def _receive_upload(self, job_id: str, filename: str, upload: AsyncIterator[bytes]) -> str:
-        """Streams the upload to disk as it arrives, so a large target never sits in memory."""
-        uri = f"uploads/{job_id}/{sanitised_filename(filename)}"
+    async def _store_images(self, job: JobRecord, request: JobRequest) -> JobRecord:
+        """The images go to media storage, written whole before the job that names them is stored."""
+        source_uri = source_image_uri(job.id)
+        reference_uri = reference_image_uri(job.id) if self._uses_reference(request) else ""
+        await asyncio.to_thread(write_media_file, self._media_root, source_uri, request.source_image)
+        if reference_uri:
+            await asyncio.to_thread(write_media_file, self._media_root, reference_uri, request.reference_image)
+        return replace(job, source_image_uri=source_uri, reference_image_uri=reference_uri)
+
+    async def _receive_upload(self, job: JobRecord, filename: str, upload: AsyncIterator[bytes]) -> str:
+        """Streams the upload to disk as it arrives, so a large target never sits in memory; the file gets
+        its name only once it is whole."""
+        uri = in_tenant_area(job.tenant, f"{UPLOADS_FOLDER}/{job.id}/{sanitised_filename(filename)}")
+        path = await asyncio.to_thread(writable_media_path, self._media_root, uri)
+        partial = path.with_name(_PARTIAL_UPLOAD_NAME)
         received = 0
-        with writable_media_path(self._media_root, uri).open("wb") as file:
+        file = await asyncio.to_thread(partial.open, "wb")
+        try:
             async for piece in upload:
                 received += len(piece)
                 if received > self._max_upload_bytes:
-                    raise InvalidArgument(
-                        f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes"
-                    )
-                file.write(piece)
+                    raise InvalidArgument(f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes")
+                await asyncio.to_thread(file.write, piece)
+        finally:
+            await asyncio.to_thread(file.close)
         if received == 0:
             raise InvalidArgument("uploaded target is empty")
+        await asyncio.to_thread(os.replace, partial, path)
         return uri
 
-    def get(self, job_id: str) -> JobRecord:
-        return self._coordinator.require_job(job_id)
+    def get(self, job_id: str, tenant: str | None) -> JobRecord:
+        return self._coordinator.require_job(job_id, tenant)
 
-    def list(self, limit: int, state: JobState | None) -> list[JobRecord]:
+    def list(self, limit: int, state: JobState | None, tenant: str | None) -> list[JobRecord]:
         bounded = DEFAULT_LIST_LIMIT if limit <= 0 else min(limit, MAX_LIST_LIMIT)
-        return self._store.list_jobs(bounded, state)
+        return self._store.list_jobs(bounded, state, tenant)
 
-    async def cancel(self, job_id: str) -> JobRecord:
-        return await self._coordinator.cancel_job(job_id)
+    async def cancel(self, job_id: str, tenant: str | None) -> JobRecord:
+        return await self._coordinator.cancel_job(job_id, tenant)
 
-    def progress(self, job_id: str) -> JobProgress:
-        job = self._coordinator.require_job(job_id)
+    def progress(self, job_id: str, tenant: str | None) -> JobProgress:
+        job = self._coordinator.require_job(job_id, tenant)
         leased = [chunk.stage for chunk in self._store.list_chunks(job_id) if chunk.state == "LEASED"]
         now = self._coordinator.now()
         fps, eta = progress_rates(job, now)
         return JobProgress(job=job, stage=current_stage(job, leased), fps=fps, eta_seconds=eta, at=now)
 
-    async def _progress_with_gpu(self, job_id: str) -> JobProgress:
+    async def _progress_with_gpu(self, job_id: str, tenant: str | None) -> JobProgress:
         """While chunks run or segments join, the event also carries the GPUs' current usage."""
-        progress = self.progress(job_id)
+        progress = self.progress(job_id, tenant)
         if progress.job.state not in RUNNING_JOB_STATES:
             return progress
         return replace(progress, gpu=await self._gpu_usage.read())
 
-    async def watch(self, job_id: str) -> AsyncIterator[JobProgress]:
+    async def watch(self, job_id: str, tenant: str | None) -> AsyncIterator[JobProgress]:
         """The current state at once, then one event per change, ending after the terminal state."""
         feed = self._coordinator.feed
         seen = feed.version(job_id)
-        progress = await self._progress_with_gpu(job_id)
+        progress = await self._progress_with_gpu(job_id, tenant)
         yield progress
         while progress.job.state not in ENDED_JOB_STATES:
             seen = await feed.wait_past(job_id, seen)
-            progress = await self._progress_with_gpu(job_id)
+            progress = await self._progress_with_gpu(job_id, tenant)
             yield progress
 
-    def artifact(self, job_id: str, kind: ArtifactKind) -> ArtifactFile:
+    async def artifact(self, job_id: str, kind: ArtifactKind, tenant: str | None) -> ArtifactFile:
         """The output exists once the job SUCCEEDED; the report and GPU trend once it ended at all."""
-        job = self._coordinator.require_job(job_id)
+        job = self._coordinator.require_job(job_id, tenant)
         if kind == "output" and job.state != "SUCCEEDED":
             raise FailedPrecondition(f"job {job_id} is {job.state}; its output exists once it has SUCCEEDED")
         if job.state not in ENDED_JOB_STATES:
@@ -267,5 +332,14 @@ class JobService:
         }
         if kind in ("gpu_trend_chart", "gpu_trend_csv") and job.started_at is None:
             raise FailedPrecondition(f"job {job_id} ended before it started; it has no GPU trend")
-        path = existing_media_path(self._media_root, uris[kind])
-        return ArtifactFile(path=path, filename=path.name, size=path.stat().st_size)
+        return await asyncio.to_thread(_artifact_file, self._media_root, uris[kind])
+
+
+def _artifact_file(media_root: Path, uri: str) -> ArtifactFile:
+    path = existing_media_path(media_root, uri)
+    return ArtifactFile(path=path, filename=path.name, size=path.stat().st_size)
+
+
+def _decoded_for_detection(data: bytes, what: str, max_pixels: int) -> np.ndarray:
+    """Decoded and scaled down to the detector's size, in one worker-thread step."""
+    return np.ascontiguousarray(downscaled(decode_rgb_image(data, what, max_pixels)))

@@ -18,6 +18,7 @@ from services.gateway.postgres_job_store import POSTGRES_SCHEMES, PostgresJobSto
 from services.gateway.sql_job_store import (
     JOINING_JOB_IDS,
     REQUEUE_LEASED_CHUNKS,
+    STOP_STALL_CLOCKS,
     Row,
     SqlDialect,
     SqlJobStore,
@@ -34,7 +35,6 @@ JobStore: TypeAlias = SqlJobStore
 
 SQLITE_DIALECT = SqlDialect(
     serial_key="INTEGER PRIMARY KEY AUTOINCREMENT",
-    blob="BLOB",
     real="REAL",
     integer="INTEGER",
     # BEGIN IMMEDIATE already serialises every writer of the file.
@@ -46,13 +46,16 @@ SQLITE_DIALECT = SqlDialect(
 class SqliteJobStore(SqlJobStore):
     dialect = SQLITE_DIALECT
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, media_root: Path) -> None:
+        """media_root: where a store from an earlier version has its jobs' images moved when opened."""
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(schema_sql(self.dialect))
+        with self._transaction():
+            self._migrate(media_root)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -77,6 +80,9 @@ class SqliteJobStore(SqlJobStore):
     def _change_many(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
         self._db.executemany(sql, params)
 
+    def _column_names(self, table: str) -> set[str]:
+        return {row["name"] for row in self._rows(f"PRAGMA table_info({table})")}
+
     def _claim_join(self, job_id: str) -> None:
         """Nothing to claim: no other gateway uses the file."""
 
@@ -86,6 +92,7 @@ class SqliteJobStore(SqlJobStore):
     def recover_after_restart(self) -> list[str]:
         with self._transaction():
             self._change(REQUEUE_LEASED_CHUNKS)
+            self._change(STOP_STALL_CLOCKS)
             rows = self._rows(JOINING_JOB_IDS)
         return [row["id"] for row in rows]
 
@@ -106,7 +113,7 @@ def sqlite_path(database_url: str, media_root: Path) -> Path | str:
 def open_job_store(database_url: str, media_root: Path) -> JobStore:
     """SQLite for empty and sqlite:/// URLs, PostgreSQL for postgresql:// (and postgres://) URLs."""
     if database_url.startswith(POSTGRES_SCHEMES):
-        return PostgresJobStore(database_url)
+        return PostgresJobStore(database_url, media_root)
     if database_url and not database_url.startswith("sqlite:"):
         # Only the scheme: the rest of the URL may hold a password.
         scheme = database_url.split(":", 1)[0]
@@ -118,4 +125,4 @@ def open_job_store(database_url: str, media_root: Path) -> JobStore:
     path = sqlite_path(database_url, media_root)
     if isinstance(path, Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteJobStore(path)
+    return SqliteJobStore(path, media_root)

@@ -11,7 +11,7 @@ import numpy as np
 
 from services.common.errors import from_rpc_error
 from services.common.frame_codec import pack_frames
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import ChannelSecurity, open_channel
 from services.common.media_info import MediaInfo, media_info_from_proto
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
 from services.gateway.job_records import JoinOutcome
@@ -22,13 +22,14 @@ from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 # The detector needs no more than this on the long side to find a face in a portrait.
 DETECT_LONG_SIDE = 640
 
+
 class MediaServices(Protocol):
     async def probe(self, uri: str) -> MediaInfo: ...
 
     async def count_faces(self, image_rgb: np.ndarray) -> int: ...
 
     async def join(
-        self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str
+        self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str, expected_frames: int
     ) -> JoinOutcome: ...
 
     async def close(self) -> None: ...
@@ -51,10 +52,11 @@ class GrpcMediaServices:
         encoder_target: str,
         timeout_seconds: float,
         join_timeout_seconds: float,
+        security: ChannelSecurity,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._channels = [
-            open_channel(target, max_message_bytes)
+            open_channel(target, security, max_message_bytes)
             for target in (decoder_target, detector_target, encoder_target)
         ]
         self._decoder = decoder_pb2_grpc.DecoderServiceStub(self._channels[0])
@@ -65,9 +67,7 @@ class GrpcMediaServices:
 
     async def probe(self, uri: str) -> MediaInfo:
         try:
-            response = await self._decoder.Probe(
-                decoder_pb2.ProbeRequest(uri=uri), timeout=self._timeout_seconds
-            )
+            response = await self._decoder.Probe(decoder_pb2.ProbeRequest(uri=uri), timeout=self._timeout_seconds)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return media_info_from_proto(response.info)
@@ -81,9 +81,15 @@ class GrpcMediaServices:
             raise from_rpc_error(error) from error
         return sum(len(frame.faces) for frame in response.frames)
 
-    async def join(self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str) -> JoinOutcome:
+    async def join(
+        self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str, expected_frames: int
+    ) -> JoinOutcome:
+        """expected_frames: the encoder refuses (FAILED_PRECONDITION) an output holding another count."""
         request = encoder_pb2.JoinRequest(
-            segment_uris=list(segment_uris), audio_source_uri=audio_source_uri, output_uri=output_uri
+            segment_uris=list(segment_uris),
+            audio_source_uri=audio_source_uri,
+            output_uri=output_uri,
+            expected_frames=expected_frames,
         )
         try:
             response = await self._encoder.Join(request, timeout=self._join_timeout_seconds)

@@ -25,11 +25,11 @@ def lease_to_proto(lease: ChunkLease) -> chunks_pb2.ChunkLease:
         fps=target.fps if target else 0.0,
         width=target.width if target else 0,
         height=target.height if target else 0,
-        source_image=job.source_image,
+        source_image=lease.source_image,
         selector=selector_mode_to_proto(job.selector),
-        reference_image=job.reference_image,
+        reference_image=lease.reference_image,
         encode=encoder_pb2.EncodeSettings(crf=job.encode.crf, preset=job.encode.preset),
-        segment_uri=chunk.segment_uri,
+        segment_uri=lease.segment_uri,
         lease_seconds=lease.lease_seconds,
         attempt=chunk.attempts,
     )
@@ -42,8 +42,7 @@ def stats_from_proto(stats: chunks_pb2.ChunkStats) -> ChunkStats:
         frames_with_faces=stats.frames_with_faces,
         stage_seconds=dict(stats.stage_seconds),
         face_count_changes=tuple(
-            FaceCountChange(frame_index=change.frame_index, faces=change.faces)
-            for change in stats.face_count_changes
+            FaceCountChange(frame_index=change.frame_index, faces=change.faces) for change in stats.face_count_changes
         ),
         warnings=tuple(stats.warnings),
         started_at_unix=stats.started_at_unix,
@@ -66,9 +65,7 @@ class ChunkQueueServicer(chunks_pb2_grpc.ChunkQueueServiceServicer):
     async def Heartbeat(
         self, request: chunks_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> chunks_pb2.HeartbeatResponse:
-        answer = await self._queue.heartbeat(
-            request.lease_id, request.frames_done, request.stage, request.faces
-        )
+        answer = await self._queue.heartbeat(request.lease_id, request.frames_done, request.stage, request.faces)
         return chunks_pb2.HeartbeatResponse(stop=answer.stop, reason=answer.reason)
 
     async def CompleteChunk(

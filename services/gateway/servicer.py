@@ -1,7 +1,8 @@
-"""JobService over gRPC: proto in, domain call, proto out."""
+"""JobService over gRPC: proto in, domain call on behalf of the caller's tenant, proto out."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
 from services.common.job_vocabulary import selector_mode_from_proto, selector_mode_to_proto
+from services.common.tenant_context import current_caller
 from services.gateway.job_records import (
     ArtifactKind,
     EncodeOptions,
@@ -17,6 +19,7 @@ from services.gateway.job_records import (
     JobState,
 )
 from services.gateway.job_service import JobProgress, JobService
+from services.gateway.tenant_areas import checked_tenant, tenant_view
 from swapline.common.v1 import common_pb2
 from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -48,6 +51,12 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return stamp
 
 
+def caller_tenant() -> str | None:
+    """The tenant the authentication interceptor set for this call; None for internal callers (all jobs)."""
+    caller = current_caller()
+    return None if caller.internal else checked_tenant(caller.tenant)
+
+
 def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
     return JobRequest(
         source_image=spec.source_image,
@@ -63,7 +72,7 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
     message = jobs_pb2.Job(
         id=job.id,
         state=JOB_STATE_TO_PROTO[job.state],  # type: ignore[arg-type]
-        target_uri=job.target_uri,
+        target_uri=tenant_view(job.tenant, job.target_uri),
         output_uri=job.join.output_uri if job.join else job.output_uri,
         selector=selector_mode_to_proto(job.selector),
         frames_total=job.frames_total,
@@ -120,24 +129,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         first = await anext(messages, None)
         if first is None or first.WhichOneof("payload") != "spec":
             raise InvalidArgument("the first SubmitJob message must carry the spec")
-        job = await self._jobs.submit(request_from_proto(first.spec), _uploaded_pieces(messages))
+        job = await self._jobs.submit(request_from_proto(first.spec), _uploaded_pieces(messages), caller_tenant())
         return job_to_proto(job)
 
-    async def GetJob(
-        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
-    ) -> jobs_pb2.Job:
-        return job_to_proto(self._jobs.get(request.job_id))
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        return job_to_proto(self._jobs.get(request.job_id, caller_tenant()))
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
-        async for progress in self._jobs.watch(request.job_id):
+        async for progress in self._jobs.watch(request.job_id, caller_tenant()):
             yield event_to_proto(progress)
 
-    async def CancelJob(
-        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
-    ) -> jobs_pb2.Job:
-        return job_to_proto(await self._jobs.cancel(request.job_id))
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        return job_to_proto(await self._jobs.cancel(request.job_id, caller_tenant()))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -145,7 +150,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         state = JOB_STATE_FROM_PROTO.get(request.state) if request.state else None
         if request.state and state is None:
             raise InvalidArgument(f"unknown job state {request.state}")
-        jobs = self._jobs.list(request.limit, state)
+        jobs = self._jobs.list(request.limit, state, caller_tenant())
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
 
     async def FetchArtifact(
@@ -155,12 +160,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if kind is None:
             names = ", ".join(jobs_pb2.Artifact.Name(value) for value in ARTIFACT_FROM_PROTO)
             raise InvalidArgument(f"artifact must be one of {names}")
-        artifact = self._jobs.artifact(request.job_id, kind)
-        with artifact.path.open("rb") as file:
+        artifact = await self._jobs.artifact(request.job_id, kind, caller_tenant())
+        file = await asyncio.to_thread(artifact.path.open, "rb")
+        try:
             sent = 0
             while True:
-                piece = file.read(ARTIFACT_CHUNK_BYTES)
+                piece = await asyncio.to_thread(file.read, ARTIFACT_CHUNK_BYTES)
                 sent += len(piece)
                 yield jobs_pb2.ArtifactChunk(data=piece, filename=artifact.filename, total_size=artifact.size)
                 if not piece or sent >= artifact.size:
                     return
+        finally:
+            await asyncio.to_thread(file.close)

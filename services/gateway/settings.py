@@ -5,9 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.input_limits import (
+    DEFAULT_MAX_DURATION_SECONDS,
+    DEFAULT_MAX_FILENAME_LENGTH,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_URI_LENGTH,
+    DEFAULT_MAX_VIDEO_PIXELS,
+    InputLimits,
+)
 from services.common.server_settings import ServerSettings
-from services.common.settings_loader import ranged
+from services.common.settings_loader import SettingsError, ranged
 from services.gateway.gpu_trend_source import GpuTrendSourceKind
+from services.gateway.retry_policy import RetryPolicy
 
 ENV_PREFIX = "SWAPLINE_GATEWAY_"
 
@@ -24,8 +35,28 @@ class GatewaySettings(ServerSettings):
     # Chunks span whole GOPs of at least this many seconds, except the last one.
     chunk_seconds: float = ranged(2.0, gt=0.0, le=600.0)
     lease_seconds: float = ranged(30.0, ge=1.0, le=3600.0)
-    max_attempts: int = ranged(3, ge=1, le=100)
+    # A failed chunk (or join) is tried again after a backoff doubling from the initial one up to the
+    # maximum, until retry_budget_seconds have passed since the first failure of its current run of
+    # failures (progress ends a run); max_attempts bounds the leases of one chunk besides.
+    retry_budget_seconds: float = ranged(120.0, ge=0.0, le=86400.0)
+    retry_initial_backoff_seconds: float = ranged(1.0, gt=0.0, le=3600.0)
+    retry_max_backoff_seconds: float = ranged(30.0, gt=0.0, le=3600.0)
+    max_attempts: int = ranged(50, ge=1, le=10000)
+    # A running job whose leased chunks make no progress (frames rising, a chunk completing) for this long
+    # fails with DEADLINE_EXCEEDED; time with no chunk leased (queued, workers waiting for Triton's
+    # models) is not counted. 0: no deadline.
+    stall_deadline_seconds: float = ranged(300.0, ge=0.0, le=86400.0)
     max_upload_bytes: int = ranged(4 * 1024**3, ge=1)
+    # Checked at submit before anything large is allocated: the source and reference images (bytes, and
+    # pixels read from their header), the target's frame size, frames and duration (from the probe), and
+    # the lengths of target_uri and target_filename.
+    max_image_bytes: int = ranged(DEFAULT_MAX_IMAGE_BYTES, ge=1)
+    max_image_pixels: int = ranged(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    max_video_pixels: int = ranged(DEFAULT_MAX_VIDEO_PIXELS, ge=1)
+    max_frames: int = ranged(DEFAULT_MAX_FRAMES, ge=1)
+    max_duration_seconds: float = ranged(DEFAULT_MAX_DURATION_SECONDS, gt=0.0)
+    max_uri_length: int = ranged(DEFAULT_MAX_URI_LENGTH, ge=1, le=4096)
+    max_filename_length: int = ranged(DEFAULT_MAX_FILENAME_LENGTH, ge=1, le=DEFAULT_MAX_FILENAME_LENGTH)
     downstream_timeout_seconds: float = ranged(60.0, gt=0.0)
     join_timeout_seconds: float = ranged(1800.0, gt=0.0)
     # Where job GPU trends come from: the exporter's trend log on this machine (single node, embedded),
@@ -40,3 +71,31 @@ class GatewaySettings(ServerSettings):
     # The advisor service that adds a GPU recommendation to succeeded jobs' reports; empty for none.
     advisor_target: str = ""
     advisor_timeout_seconds: float = ranged(10.0, gt=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retry_max_backoff_seconds < self.retry_initial_backoff_seconds:
+            raise SettingsError(
+                f"retry_max_backoff_seconds={self.retry_max_backoff_seconds:g} must be at least "
+                f"retry_initial_backoff_seconds={self.retry_initial_backoff_seconds:g}",
+                "retry_max_backoff_seconds",
+            )
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            budget_seconds=self.retry_budget_seconds,
+            initial_backoff_seconds=self.retry_initial_backoff_seconds,
+            max_backoff_seconds=self.retry_max_backoff_seconds,
+            max_attempts=self.max_attempts,
+        )
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_video_pixels=self.max_video_pixels,
+            max_frames=self.max_frames,
+            max_duration_seconds=self.max_duration_seconds,
+            max_uri_length=self.max_uri_length,
+            max_filename_length=self.max_filename_length,
+        )

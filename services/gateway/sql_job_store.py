@@ -1,5 +1,5 @@
-"""What the SQLite and PostgreSQL job stores share: the schema, every statement, the row mapping and the
-method bodies of the job store the gateway uses.
+"""What the SQLite and PostgreSQL job stores share: the schema and its migration from earlier versions,
+every statement, the row mapping and the method bodies of the job store the gateway uses.
 
 A store supplies its connection handling (transactions, running a statement), its column types and
 lock clauses (SqlDialect), and restart recovery, which differs because a PostgreSQL database may be
@@ -15,13 +15,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 from services.common.media_info import Keyframe, MediaInfo
+from services.common.tenant_context import LOCAL_TENANT
+from services.gateway.job_images import reference_image_uri, source_image_uri, write_media_file
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     ChunkRecord,
-    ChunkState,
     ChunkStats,
     EncodeOptions,
     FaceCountChange,
@@ -30,6 +32,8 @@ from services.gateway.job_records import (
     JobState,
     JoinOutcome,
     PlannedChunk,
+    RetrySchedule,
+    StalledJob,
 )
 
 Row = Mapping[str, Any]
@@ -38,7 +42,6 @@ Row = Mapping[str, Any]
 @dataclass(frozen=True)
 class SqlDialect:
     serial_key: str
-    blob: str
     real: str
     integer: str
     # Appended to the query choosing the chunk to lease.
@@ -51,12 +54,13 @@ _SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq {serial_key},
     id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT '{local_tenant}',
     state TEXT NOT NULL,
     selector TEXT NOT NULL,
     target_uri TEXT NOT NULL,
     output_uri TEXT NOT NULL,
-    source_image {blob} NOT NULL,
-    reference_image {blob} NOT NULL,
+    source_image_uri TEXT NOT NULL DEFAULT '',
+    reference_image_uri TEXT NOT NULL DEFAULT '',
     encode_crf {integer} NOT NULL,
     encode_preset TEXT NOT NULL,
     target_json TEXT,
@@ -68,7 +72,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code {integer},
     error_message TEXT,
     join_json TEXT,
-    report_json TEXT NOT NULL DEFAULT ''
+    report_json TEXT NOT NULL DEFAULT '',
+    stall_started_at {real},
+    stalled_before {real} NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -89,17 +95,47 @@ CREATE TABLE IF NOT EXISTS chunks (
     stats_json TEXT,
     error_code {integer},
     error_message TEXT,
+    not_before {real} NOT NULL DEFAULT 0,
+    failing_since {real},
+    failure_streak {integer} NOT NULL DEFAULT 0,
+    progress_at {real} NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
 CREATE INDEX IF NOT EXISTS chunks_by_lease ON chunks (lease_id);
 """
 
+# Columns a store created by an earlier version lacks, added when it is opened. Jobs from before tenants
+# existed get the default: the local tenant.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "tenant", "TEXT NOT NULL DEFAULT '{local_tenant}'"),
+    ("jobs", "source_image_uri", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "reference_image_uri", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "stall_started_at", "{real}"),
+    ("jobs", "stalled_before", "{real} NOT NULL DEFAULT 0"),
+    ("chunks", "not_before", "{real} NOT NULL DEFAULT 0"),
+    ("chunks", "failing_since", "{real}"),
+    ("chunks", "failure_streak", "{integer} NOT NULL DEFAULT 0"),
+    ("chunks", "progress_at", "{real} NOT NULL DEFAULT 0"),
+)
+# Earlier versions kept the images in the job table; opening such a store moves them to media storage.
+_LEGACY_IMAGE_COLUMNS = ("source_image", "reference_image")
+# Made after the columns they index exist, which a migrated store gets only once it is open.
+_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq)",)
+
+
+def _dialect_values(dialect: SqlDialect) -> dict[str, str]:
+    return {
+        "serial_key": dialect.serial_key,
+        "real": dialect.real,
+        "integer": dialect.integer,
+        "local_tenant": LOCAL_TENANT,
+    }
+
 
 def schema_sql(dialect: SqlDialect) -> str:
-    return _SCHEMA_TEMPLATE.format(
-        serial_key=dialect.serial_key, blob=dialect.blob, real=dialect.real, integer=dialect.integer
-    )
+    """The tables of a new store (CREATE ... IF NOT EXISTS: an existing one is migrated by _migrate)."""
+    return _SCHEMA_TEMPLATE.format(**_dialect_values(dialect))
 
 
 # chunks_done and frames_done come from the chunks; a leased chunk counts the frames its worker reported.
@@ -115,36 +151,65 @@ _JOB_COLUMNS = """
                                    ELSE 0 END), 0)
             FROM chunks c WHERE c.job_id = jobs.id) AS BIGINT) AS frames_done
 """
+_LIVE_JOB = "j.state IN ('QUEUED', 'RUNNING')"
+_HAS_LEASED_CHUNK = "EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = jobs.id AND c.state = 'LEASED')"
 
-_INSERT_JOB = """INSERT INTO jobs (id, state, selector, target_uri, output_uri, source_image,
-        reference_image, encode_crf, encode_preset, target_json, frames_total, chunks_total,
+_INSERT_JOB = """INSERT INTO jobs (id, tenant, state, selector, target_uri, output_uri, source_image_uri,
+        reference_image_uri, encode_crf, encode_preset, target_json, frames_total, chunks_total,
         created_at, started_at, finished_at, error_code, error_message, join_json, report_json)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"""
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"""
 _INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
     VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
 _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
-_LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?"
-_LIST_JOBS_IN_STATE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?"
+_LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs {{where}} ORDER BY seq DESC LIMIT ?"
 _LIST_CHUNKS = "SELECT * FROM chunks WHERE job_id = ? ORDER BY idx"
 _SELECT_LEASED_CHUNK = "SELECT * FROM chunks WHERE lease_id = ?"
-_NEXT_PENDING_CHUNK = """SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id
-    WHERE c.state = 'PENDING' AND j.state IN ('QUEUED', 'RUNNING')
+_NEXT_PENDING_CHUNK = f"""SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND c.not_before <= ? AND {_LIVE_JOB}
     ORDER BY j.seq, c.idx LIMIT 1"""
+_NEXT_DUE = f"""SELECT MIN(c.not_before) AS due FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND c.not_before > ? AND {_LIVE_JOB}"""
 _LEASE_CHUNK = """UPDATE chunks SET state = 'LEASED', attempts = attempts + 1, lease_id = ?,
-        lease_expires_at = ?, worker_id = ?, frames_done = 0, stage = '', faces = 0
+        lease_expires_at = ?, worker_id = ?, frames_done = 0, stage = '', faces = 0, progress_at = ?
     WHERE job_id = ? AND idx = ?"""
 _START_JOB = """UPDATE jobs SET state = 'RUNNING', started_at = COALESCE(started_at, ?)
     WHERE id = ? AND state = 'QUEUED'"""
+# The stall clock runs while the job has a leased chunk: a lease starts it unless one already had.
+_RUN_STALL_CLOCK = "UPDATE jobs SET stall_started_at = COALESCE(stall_started_at, ?) WHERE id = ?"
+# ...and stops, keeping what it counted, once no chunk of the job is leased.
+_PAUSE_STALL_CLOCK = f"""UPDATE jobs SET stalled_before = stalled_before + (? - stall_started_at),
+        stall_started_at = NULL
+    WHERE id = ? AND stall_started_at IS NOT NULL AND NOT {_HAS_LEASED_CHUNK}"""
+# Progress sets it back to zero.
+_RESET_STALL_CLOCK = f"""UPDATE jobs SET stalled_before = 0,
+        stall_started_at = CASE WHEN {_HAS_LEASED_CHUNK} THEN ? ELSE NULL END
+    WHERE id = ?"""
+# Frames rising end a chunk's run of failures.
+_CHUNK_PROGRESSED = """UPDATE chunks SET progress_at = ?, failing_since = NULL, failure_streak = 0
+    WHERE lease_id = ? AND state = 'LEASED' AND frames_done < ?"""
 _RECORD_PROGRESS = """UPDATE chunks SET lease_expires_at = ?, frames_done = ?, stage = ?, faces = ?
     WHERE lease_id = ? AND state = 'LEASED'"""
 _FINISH_CHUNK = """UPDATE chunks SET state = 'DONE', segment_uri = ?, stats_json = ?, frames_done = ?,
-        faces = ?
-    WHERE job_id = ? AND idx = ?"""
+        faces = ?, failing_since = NULL, failure_streak = 0
+    WHERE job_id = ? AND idx = ? AND lease_id = ? AND state = 'LEASED'"""
 _COUNT_UNFINISHED_CHUNKS = "SELECT COUNT(*) AS n FROM chunks WHERE job_id = ? AND state != 'DONE'"
-_RELEASE_CHUNK = """UPDATE chunks SET state = ?, lease_id = '', lease_expires_at = 0, worker_id = '',
+_REQUEUE_CHUNK = """UPDATE chunks SET state = 'PENDING', lease_id = '', lease_expires_at = 0, worker_id = '',
+        error_code = ?, error_message = ?, not_before = ?, failing_since = ?, failure_streak = ?
+    WHERE job_id = ? AND idx = ? AND lease_id = ? AND state = 'LEASED'"""
+# A PENDING chunk has the empty lease id, so one call fails a leased chunk or a queued one.
+_FAIL_CHUNK = """UPDATE chunks SET state = 'FAILED', lease_id = '', lease_expires_at = 0, worker_id = '',
         error_code = ?, error_message = ?
-    WHERE job_id = ? AND idx = ?"""
+    WHERE job_id = ? AND idx = ? AND lease_id = ? AND state IN ('PENDING', 'LEASED')"""
 _LAPSED_LEASES = "SELECT * FROM chunks WHERE state = 'LEASED' AND lease_expires_at < ? ORDER BY job_id, idx"
+_BUDGET_SPENT_CHUNKS = f"""SELECT c.* FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND c.failing_since IS NOT NULL AND c.failing_since <= ? AND c.not_before <= ?
+        AND {_LIVE_JOB}
+    ORDER BY c.job_id, c.idx"""
+_STALLED_JOBS = """SELECT id, stalled_before + (? - stall_started_at) AS stalled FROM jobs
+    WHERE state = 'RUNNING' AND stall_started_at IS NOT NULL AND stalled_before + (? - stall_started_at) > ?
+    ORDER BY seq"""
+_LEAST_RECENTLY_PROGRESSED_CHUNK = """SELECT * FROM chunks WHERE job_id = ? AND state = 'LEASED'
+    ORDER BY progress_at, idx LIMIT 1"""
 _TRANSITION_JOB = """UPDATE jobs SET state = ?,
         finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
         error_code = COALESCE(?, error_code),
@@ -158,11 +223,15 @@ _CANCEL_OPEN_CHUNKS = """UPDATE chunks SET state = 'CANCELLED'
 REQUEUE_LEASED_CHUNKS = """UPDATE chunks SET state = 'PENDING', lease_id = '', lease_expires_at = 0,
         worker_id = '', frames_done = 0, stage = '', faces = 0
     WHERE state = 'LEASED'"""
+# With no chunk leased, no stall clock runs; the time the gateway was down is not counted.
+STOP_STALL_CLOCKS = "UPDATE jobs SET stall_started_at = NULL WHERE stall_started_at IS NOT NULL"
 JOINING_JOB_IDS = "SELECT id FROM jobs WHERE state = 'JOINING' ORDER BY seq"
 JOB_STATE = "SELECT state FROM jobs WHERE id = ?"
 _COUNT_JOBS_BY_STATE = "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"
-_COUNT_PENDING_CHUNKS = """SELECT COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
-    WHERE c.state = 'PENDING' AND j.state IN ('QUEUED', 'RUNNING')"""
+_COUNT_PENDING_CHUNKS = f"""SELECT COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND {_LIVE_JOB}"""
+_LEGACY_IMAGES = f"""SELECT j.id, j.source_image, j.reference_image FROM jobs j WHERE {_LIVE_JOB}"""
+_SET_IMAGE_URIS = "UPDATE jobs SET source_image_uri = ?, reference_image_uri = ? WHERE id = ?"
 
 
 def _target_to_json(target: MediaInfo | None) -> str | None:
@@ -195,12 +264,13 @@ def _job_from_row(row: Row) -> JobRecord:
     join_json = row["join_json"]
     return JobRecord(
         id=row["id"],
+        tenant=row["tenant"],
         state=row["state"],
         selector=row["selector"],
         target_uri=row["target_uri"],
         output_uri=row["output_uri"],
-        source_image=bytes(row["source_image"]),
-        reference_image=bytes(row["reference_image"]),
+        source_image_uri=row["source_image_uri"],
+        reference_image_uri=row["reference_image_uri"],
         encode=EncodeOptions(crf=row["encode_crf"], preset=row["encode_preset"]),
         target=_target_from_json(row["target_json"]),
         frames_total=row["frames_total"],
@@ -234,18 +304,23 @@ def _chunk_from_row(row: Row) -> ChunkRecord:
         faces=row["faces"],
         stats=_stats_from_json(row["stats_json"]),
         last_error=_error_from_row(row),
+        not_before=row["not_before"],
+        failing_since=row["failing_since"],
+        failure_streak=row["failure_streak"],
+        progress_at=row["progress_at"],
     )
 
 
 def _job_values(job: JobRecord) -> tuple[Any, ...]:
     return (
         job.id,
+        job.tenant,
         job.state,
         job.selector,
         job.target_uri,
         job.output_uri,
-        job.source_image,
-        job.reference_image,
+        job.source_image_uri,
+        job.reference_image_uri,
         job.encode.crf,
         job.encode.preset,
         _target_to_json(job.target),
@@ -288,6 +363,10 @@ class SqlJobStore(ABC):
     def _change_many(self, sql: str, params: Iterable[Sequence[Any]]) -> None: ...
 
     @abstractmethod
+    def _column_names(self, table: str) -> set[str]:
+        """The columns the table has now (a store made by an earlier version may lack some)."""
+
+    @abstractmethod
     def recover_after_restart(self) -> list[str]:
         """Called once before serving: the ids of JOINING jobs this gateway must join again.
 
@@ -306,6 +385,36 @@ class SqlJobStore(ABC):
     def _job_left_joining(self, job_id: str) -> None:
         """Called after the transaction of any attempt to end a job."""
 
+    def _migrate(self, media_root: Path) -> None:
+        """Brings a store made by an earlier version to this one's schema; runs inside a transaction.
+
+        Missing columns are added (old jobs belong to the local tenant). Images kept in the job table are
+        written to media storage for the jobs that may still lease chunks, and the image columns dropped:
+        an ended job's images are never read again.
+        """
+        values = _dialect_values(self.dialect)
+        for table, column, definition in _ADDED_COLUMNS:
+            if column not in self._column_names(table):
+                self._change(f"ALTER TABLE {table} ADD COLUMN {column} {definition.format(**values)}")
+        legacy = [column for column in _LEGACY_IMAGE_COLUMNS if column in self._column_names("jobs")]
+        if legacy:
+            self._move_images_to_media(media_root)
+            for column in legacy:
+                self._change(f"ALTER TABLE jobs DROP COLUMN {column}")
+        for statement in _INDEXES:
+            self._change(statement)
+
+    def _move_images_to_media(self, media_root: Path) -> None:
+        for row in self._rows(_LEGACY_IMAGES):
+            job_id = row["id"]
+            source_uri = source_image_uri(job_id)
+            write_media_file(media_root, source_uri, bytes(row["source_image"]))
+            reference = bytes(row["reference_image"])
+            reference_uri = reference_image_uri(job_id) if reference else ""
+            if reference:
+                write_media_file(media_root, reference_uri, reference)
+            self._change(_SET_IMAGE_URIS, (source_uri, reference_uri, job_id))
+
     def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk]) -> None:
         with self._transaction():
             self._change(_INSERT_JOB, _job_values(job))
@@ -322,12 +431,19 @@ class SqlJobStore(ABC):
             rows = self._rows(_SELECT_JOB, (job_id,))
         return _job_from_row(rows[0]) if rows else None
 
-    def list_jobs(self, limit: int, state: JobState | None = None) -> list[JobRecord]:
+    def list_jobs(self, limit: int, state: JobState | None = None, tenant: str | None = None) -> list[JobRecord]:
+        """Newest first; only the tenant's jobs when a tenant is given."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            conditions.append("state = ?")
+            params.append(state)
+        if tenant is not None:
+            conditions.append("tenant = ?")
+            params.append(tenant)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._reading():
-            if state is None:
-                rows = self._rows(_LIST_JOBS, (limit,))
-            else:
-                rows = self._rows(_LIST_JOBS_IN_STATE, (state, limit))
+            rows = self._rows(_LIST_JOBS.format(where=where), (*params, limit))
         return [_job_from_row(row) for row in rows]
 
     def list_chunks(self, job_id: str) -> list[ChunkRecord]:
@@ -343,38 +459,101 @@ class SqlJobStore(ABC):
         return _chunk_from_row(rows[0]) if rows else None
 
     def lease_next_chunk(self, worker_id: str, lease_id: str, now: float, expires_at: float) -> ChunkRecord | None:
-        """Leases the first PENDING chunk of the oldest live job; its job becomes RUNNING."""
+        """Leases the first due PENDING chunk of the oldest live job; its job becomes RUNNING."""
         with self._transaction():
-            rows = self._rows(_NEXT_PENDING_CHUNK + self.dialect.lease_lock)
+            rows = self._rows(_NEXT_PENDING_CHUNK + self.dialect.lease_lock, (now,))
             if not rows:
                 return None
             job_id, index = rows[0]["job_id"], rows[0]["idx"]
-            self._change(_LEASE_CHUNK, (lease_id, expires_at, worker_id, job_id, index))
+            self._change(_LEASE_CHUNK, (lease_id, expires_at, worker_id, now, job_id, index))
             self._change(_START_JOB, (now, job_id))
+            self._change(_RUN_STALL_CLOCK, (now, job_id))
         return self.chunk_for_lease(lease_id)
 
-    def record_progress(self, lease_id: str, expires_at: float, frames_done: int, stage: str, faces: int) -> None:
-        with self._transaction():
-            self._change(_RECORD_PROGRESS, (expires_at, frames_done, stage, faces, lease_id))
+    def next_due_at(self, now: float) -> float | None:
+        """When the next PENDING chunk now backing off becomes due; None if none is."""
+        with self._reading():
+            rows = self._rows(_NEXT_DUE, (now,))
+        due = rows[0]["due"] if rows else None
+        return None if due is None else float(due)
 
-    def finish_chunk(self, job_id: str, index: int, segment_uri: str, stats: ChunkStats) -> bool:
-        """Marks the chunk DONE; True when every chunk of the job is DONE."""
+    def record_progress(
+        self, lease_id: str, expires_at: float, frames_done: int, stage: str, faces: int, now: float
+    ) -> None:
+        """Extends the lease; frames rising count as progress for the stall deadline and the retry budget."""
+        with self._transaction():
+            progressed = self._change(_CHUNK_PROGRESSED, (now, lease_id, frames_done)) > 0
+            self._change(_RECORD_PROGRESS, (expires_at, frames_done, stage, faces, lease_id))
+            if progressed:
+                job_id = self._rows(_SELECT_LEASED_CHUNK, (lease_id,))[0]["job_id"]
+                self._change(_RESET_STALL_CLOCK, (now, job_id))
+
+    def finish_chunk(
+        self, job_id: str, index: int, lease_id: str, segment_uri: str, stats: ChunkStats, now: float
+    ) -> int | None:
+        """Marks the chunk DONE if lease_id still holds it: the job's chunks not yet DONE, else None."""
         stats_json = json.dumps(dataclasses.asdict(stats))
         with self._transaction():
-            self._change(_FINISH_CHUNK, (segment_uri, stats_json, stats.frames, stats.faces, job_id, index))
+            finished = self._change(
+                _FINISH_CHUNK, (segment_uri, stats_json, stats.frames, stats.faces, job_id, index, lease_id)
+            )
+            if not finished:
+                return None
+            self._change(_RESET_STALL_CLOCK, (now, job_id))
             remaining = self._rows(_COUNT_UNFINISHED_CHUNKS, (job_id,))[0]["n"]
-        return int(remaining) == 0
+        return int(remaining)
 
-    def release_chunk(self, job_id: str, index: int, error: JobError, retry: bool) -> None:
-        """Ends the chunk's lease: PENDING again when retry, else FAILED."""
-        state: ChunkState = "PENDING" if retry else "FAILED"
+    def requeue_chunk(self, chunk: ChunkRecord, error: JobError, retry: RetrySchedule, now: float) -> bool:
+        """Ends the chunk's lease and queues it again at retry.not_before; False if the lease had ended."""
         with self._transaction():
-            self._change(_RELEASE_CHUNK, (state, error.code, error.message, job_id, index))
+            requeued = self._change(
+                _REQUEUE_CHUNK,
+                (
+                    error.code,
+                    error.message,
+                    retry.not_before,
+                    retry.failing_since,
+                    retry.failure_streak,
+                    chunk.job_id,
+                    chunk.index,
+                    chunk.lease_id,
+                ),
+            )
+            self._change(_PAUSE_STALL_CLOCK, (now, chunk.job_id))
+        return requeued == 1
+
+    def fail_chunk(self, chunk: ChunkRecord, error: JobError, now: float) -> bool:
+        """The chunk (leased or queued, as read) is FAILED; False if it had moved on meanwhile."""
+        with self._transaction():
+            failed = self._change(_FAIL_CHUNK, (error.code, error.message, chunk.job_id, chunk.index, chunk.lease_id))
+            self._change(_PAUSE_STALL_CLOCK, (now, chunk.job_id))
+        return failed == 1
 
     def lapsed_leases(self, now: float) -> list[ChunkRecord]:
         with self._reading():
             rows = self._rows(_LAPSED_LEASES, (now,))
         return [_chunk_from_row(row) for row in rows]
+
+    def budget_spent_chunks(self, failing_since_before: float, due_before: float) -> list[ChunkRecord]:
+        """Queued chunks of live jobs failing since failing_since_before or earlier, due since due_before."""
+        with self._reading():
+            rows = self._rows(_BUDGET_SPENT_CHUNKS, (failing_since_before, due_before))
+        return [_chunk_from_row(row) for row in rows]
+
+    def stalled_jobs(self, now: float, deadline_seconds: float) -> list[StalledJob]:
+        """RUNNING jobs whose stall clock (leased time without progress) has passed the deadline."""
+        stalled: list[StalledJob] = []
+        with self._reading():
+            for row in self._rows(_STALLED_JOBS, (now, now, deadline_seconds)):
+                chunks = self._rows(_LEAST_RECENTLY_PROGRESSED_CHUNK, (row["id"],))
+                stalled.append(
+                    StalledJob(
+                        job_id=row["id"],
+                        stalled_seconds=float(row["stalled"]),
+                        chunk=_chunk_from_row(chunks[0]) if chunks else None,
+                    )
+                )
+        return stalled
 
     def transition_job(
         self,

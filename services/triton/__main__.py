@@ -37,7 +37,8 @@ def main() -> None:
             f" serving {', '.join(triton.models)}",
             flush=True,
         )
-        while not stop_requested.is_set() and triton.is_running():
+        # alive() also ends the stubs and removes the /dev/shm regions of a server that died.
+        while not stop_requested.is_set() and triton.alive():
             stop_requested.wait(timeout=1.0)
     if not stop_requested.is_set():
         raise SystemExit(f"tritonserver exited on its own; see {triton.log_path}")

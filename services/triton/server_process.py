@@ -3,11 +3,18 @@
 The wheel's server needs three things it does not arrange itself: its bundled shared libraries on
 LD_LIBRARY_PATH, a backend folder holding the Python backend plus the stub built for the running
 Python version, and a PYTHONPATH on which the stub finds numpy, onnxruntime and this repository.
+
+The Python backend forks one stub process per model instance and gives each a /dev/shm region. A
+tritonserver killed with SIGKILL leaves both behind (hundreds of MB), so the server runs as the leader
+of its own process group, and its regions carry a prefix of this EmbeddedTriton's own: stopping it,
+or finding it dead, ends the whole group and removes those regions.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import logging
 import os
 import re
 import shutil
@@ -28,6 +35,8 @@ from tritonclient.utils import InferenceServerException
 from services.common.errors import FailedPrecondition, Unavailable
 from services.triton.embedded_repository import write_embedded_repository
 
+log = logging.getLogger(__name__)
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -38,6 +47,11 @@ STOP_TIMEOUT_SECONDS = 30.0
 # The stub exchanges tensors with the server through shared memory; growing it in 16 MiB steps keeps
 # a batch of 64 FP16 256x256 crops to two or three resizes instead of two dozen.
 PYTHON_BACKEND_SHM_GROWTH_BYTES = 16 * 1024 * 1024
+SHARED_MEMORY_DIR = Path("/dev/shm")
+# How long the processes of a killed group get to disappear; a zombie waiting for its reaper counts as gone.
+GROUP_EXIT_TIMEOUT_SECONDS = 10.0
+GROUP_EXIT_POLL_SECONDS = 0.05
+_server_numbers = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -52,9 +66,7 @@ def locate_pytriton() -> PytritonDistribution:
     """The tritonserver pieces inside the installed nvidia-pytriton wheel, for this Python version."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise FailedPrecondition(
-            "nvidia-pytriton is not installed; run `make install` (it ships tritonserver)"
-        )
+        raise FailedPrecondition("nvidia-pytriton is not installed; run `make install` (it ships tritonserver)")
     package = Path(next(iter(spec.submodule_search_locations)))
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     distribution = PytritonDistribution(
@@ -107,6 +119,35 @@ def server_environment(distribution: PytritonDistribution, base: dict[str, str])
     return environment
 
 
+def group_members(group_id: int) -> list[int]:
+    """Pids of the live (not zombie) processes in a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # the process ended while the list was read
+        # The fields after the command name, which is in parentheses and may itself hold spaces.
+        state, _parent, group = stat.rsplit(")", 1)[1].split()[:3]
+        if int(group) == group_id and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def end_process_group(group_id: int, timeout: float = GROUP_EXIT_TIMEOUT_SECONDS) -> list[int]:
+    """SIGKILL to every process left in the group; returns the pids still alive after `timeout` (normally none)."""
+    try:
+        os.killpg(group_id, signal.SIGKILL)
+    except ProcessLookupError:
+        return []
+    deadline = time.monotonic() + timeout
+    while (left := group_members(group_id)) and time.monotonic() < deadline:
+        time.sleep(GROUP_EXIT_POLL_SECONDS)
+    return left
+
+
 def log_summary(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
     """The log's error lines (Triton prefixes them `E<mmdd>`), else its tail.
 
@@ -120,7 +161,11 @@ def log_summary(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
 
 
 class EmbeddedTriton:
-    """tritonserver as a child process; `with EmbeddedTriton(...) as triton:` serves until the block ends."""
+    """tritonserver as a child process; `with EmbeddedTriton(...) as triton:` serves until the block ends.
+
+    A supervisor polls `alive()` and calls `restart()` when it returns False: the server comes back on
+    the same ports, so its clients reconnect to the URL they already have.
+    """
 
     def __init__(
         self,
@@ -146,6 +191,8 @@ class EmbeddedTriton:
         self.models: list[str] = list(models) if models is not None else []
         self._requested_models = models
         self.intra_op_threads = intra_op_threads
+        # What the Python backend's /dev/shm regions are named after; unique to this object.
+        self.shared_memory_prefix = f"swapline-triton-{os.getpid()}-{next(_server_numbers)}-"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -171,6 +218,7 @@ class EmbeddedTriton:
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_BACKEND_SHM_GROWTH_BYTES}",
+            f"--backend-config=python,shm-region-prefix-name={self.shared_memory_prefix}",
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
@@ -198,6 +246,8 @@ class EmbeddedTriton:
                 stdin=subprocess.DEVNULL,
                 env=server_environment(distribution, dict(os.environ)),
                 cwd=self.work_dir,
+                # Its own process group, which its stubs join: the group ends with it (stop, alive).
+                start_new_session=True,
             )
         try:
             self._wait_until_ready()
@@ -231,17 +281,40 @@ class EmbeddedTriton:
 
     def _is_ready(self, client: triton_grpc.InferenceServerClient) -> bool:
         try:
-            return bool(client.is_server_ready()) and all(
-                client.is_model_ready(model) for model in self.models
-            )
+            return bool(client.is_server_ready()) and all(client.is_model_ready(model) for model in self.models)
         except InferenceServerException:
             return False
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def alive(self) -> bool:
+        """Whether tritonserver is running. Finding it dead, this ends its stubs and removes its /dev/shm regions.
+
+        False also before start() and after stop(); the server object is then ready for restart().
+        """
+        if self._process is None:
+            return False
+        if self._process.poll() is None:
+            return True
+        log.warning("tritonserver (pid %d) exited with code %s", self._process.pid, self._process.returncode)
+        self.stop()
+        return False
+
+    def restart(self) -> None:
+        """Stops the server if it runs, removes what it left, and starts it again on the same ports.
+
+        Returns once every model is ready; raises Unavailable, as start() does, if it is not.
+        """
+        self.stop()
+        self.start()
+
     def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (None if never started)."""
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (None if never started).
+
+        Whatever is left of the server's process group (the stubs of a killed server) is then killed,
+        and its /dev/shm regions removed.
+        """
         process, self._process = self._process, None
         if process is None:
             return None
@@ -252,7 +325,20 @@ class EmbeddedTriton:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # The server led the group, so the group's id is its pid.
+        left = end_process_group(process.pid)
+        if left:
+            log.warning("processes %s of tritonserver's group did not end on SIGKILL", left)
+        self._remove_shared_memory()
         return process.returncode
+
+    def shared_memory_regions(self) -> list[Path]:
+        """The /dev/shm regions of this server's Python backend."""
+        return sorted(SHARED_MEMORY_DIR.glob(f"{self.shared_memory_prefix}*"))
+
+    def _remove_shared_memory(self) -> None:
+        for region in self.shared_memory_regions():
+            region.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedTriton:
         self.start()

@@ -9,7 +9,7 @@ import asyncio
 
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
@@ -24,8 +24,9 @@ SERVICE_NAME = "worker"
 
 
 async def run_worker(settings: WorkerSettings) -> None:
+    security = channel_security(settings)
     channels = {
-        name: open_channel(target, settings.max_message_bytes)
+        name: open_channel(target, security, settings.max_message_bytes)
         for name, target in (
             ("gateway", settings.gateway_target),
             ("decoder", settings.decoder_target),

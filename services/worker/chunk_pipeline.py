@@ -60,7 +60,9 @@ def _zero_stage_seconds() -> dict[str, float]:
 class ChunkStats:
     """What a chunk run did; filled while it runs, so a heartbeat can read progress from it."""
 
-    frames: int = 0  # frames written to the sink
+    # Frames written to the sink; at the end, the count the encoder answered it holds (the run fails
+    # if the two differ).
+    frames: int = 0
     faces: int = 0  # faces swapped
     frames_with_faces: int = 0
     stage_seconds: dict[str, float] = field(default_factory=_zero_stage_seconds)
@@ -136,12 +138,8 @@ class _StageClock:
             )
 
 
-def _select_all(
-    frames: Frames, faces: list[list[DetectedFace]], selection: FaceSelection
-) -> list[list[DetectedFace]]:
-    return [
-        select_faces(frame, frame_faces, selection) for frame, frame_faces in zip(frames, faces, strict=True)
-    ]
+def _select_all(frames: Frames, faces: list[list[DetectedFace]], selection: FaceSelection) -> list[list[DetectedFace]]:
+    return [select_faces(frame, frame_faces, selection) for frame, frame_faces in zip(frames, faces, strict=True)]
 
 
 def _align_all(
@@ -227,9 +225,7 @@ async def run_chunk_pipeline(
                     new_crops, masks = await swapper.swap(crops, identity)
                 else:
                     new_crops, masks = crops, np.zeros(crops.shape[:3], np.float32)
-            await swapped.put(
-                _SwappedBatch(batch.frames, batch.indices, placements, new_crops, masks, skipped)
-            )
+            await swapped.put(_SwappedBatch(batch.frames, batch.indices, placements, new_crops, masks, skipped))
         await swapped.put(None)
 
     async def paste() -> None:
@@ -253,8 +249,7 @@ async def run_chunk_pipeline(
             raise Internal(f"the segment holds {written} frames but {live.frames} were sent")
 
     tasks = [
-        asyncio.create_task(stage(), name=f"chunk-{stage.__name__}")
-        for stage in (decode, detect, swap, paste, encode)
+        asyncio.create_task(stage(), name=f"chunk-{stage.__name__}") for stage in (decode, detect, swap, paste, encode)
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

@@ -25,21 +25,19 @@ class StageStubs:
 
 
 class ChunkRunner:
-    def __init__(
-        self, settings: WorkerSettings, stubs: StageStubs, swapper: FaceSwapper, faces: JobFaceCache
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, stubs: StageStubs, swapper: FaceSwapper, faces: JobFaceCache) -> None:
         self._settings = settings
         self._stubs = stubs
         self._swapper = swapper
         self._faces = faces
+        # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
+        self._stage_timeout = settings.triton_timeout_seconds
         self._finder = DetectorFaceFinder(
-            stubs.detector, settings.detect_max_side, settings.min_face_size, settings.triton_timeout_seconds
+            stubs.detector, settings.detect_max_side, settings.min_face_size, self._stage_timeout
         )
 
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
-        identity = await self._faces.source_identity(
-            lease.job_id, lease.source_image, self._finder, self._swapper
-        )
+        identity = await self._faces.source_identity(lease.job_id, lease.source_image, self._finder, self._swapper)
         mode = selector_mode_from_proto(lease.selector)
         reference = (
             await self._faces.reference_descriptor(lease.job_id, lease.reference_image, self._finder)
@@ -53,18 +51,26 @@ class ChunkRunner:
             seek_pts=lease.seek_pts,
             frame_count=lease.frame_count,
             batch_size=self._settings.batch_size,
+            timeout_seconds=self._stage_timeout,
         )
-        header = encoder_pb2.SegmentHeader(
-            output_uri=lease.segment_uri,
-            fps=lease.fps,
-            width=lease.width,
-            height=lease.height,
-            settings=lease.encode,
-        )
-        async with EncoderSegmentSink(self._stubs.encoder, header, first_index=lease.start_frame) as sink:
+        async with EncoderSegmentSink(
+            self._stubs.encoder, segment_header(lease), self._stage_timeout, first_index=lease.start_frame
+        ) as sink:
             return await run_chunk_pipeline(
                 source, self._finder, self._swapper, identity, sink, FaceSelection(mode, reference), stats
             )
+
+
+def segment_header(lease: chunks_pb2.ChunkLease) -> encoder_pb2.SegmentHeader:
+    return encoder_pb2.SegmentHeader(
+        output_uri=lease.segment_uri,
+        fps=lease.fps,
+        width=lease.width,
+        height=lease.height,
+        settings=lease.encode,
+        # The encoder refuses a segment of any other length, so a short decode fails the chunk there.
+        expected_frames=lease.frame_count,
+    )
 
 
 def chunk_stats_to_proto(stats: ChunkStats) -> chunks_pb2.ChunkStats:
@@ -74,8 +80,7 @@ def chunk_stats_to_proto(stats: ChunkStats) -> chunks_pb2.ChunkStats:
         frames_with_faces=stats.frames_with_faces,
         stage_seconds=stats.stage_seconds,
         face_count_changes=[
-            chunks_pb2.FaceCountChange(frame_index=index, faces=faces)
-            for index, faces in stats.face_count_changes
+            chunks_pb2.FaceCountChange(frame_index=index, faces=faces) for index, faces in stats.face_count_changes
         ],
         warnings=stats.warnings,
         started_at_unix=stats.started_at,

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from services.common.errors import Internal, InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 from services.common.face_geometry import CROP_SIZE
 from services.common.model_runner import ModelRunner
 
@@ -57,9 +57,7 @@ def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> di
     _check_crops(target_crops, "target crops")
     _check_crops(source_crop[None], "the source crop")
     if source_crop.shape != target_crops.shape[1:]:
-        raise InvalidArgument(
-            f"source crop {source_crop.shape} does not match target crops {target_crops.shape[1:]}"
-        )
+        raise InvalidArgument(f"source crop {source_crop.shape} does not match target crops {target_crops.shape[1:]}")
     target = (target_crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).astype(np.float16)
     source = (source_crop.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(np.float16)
     repeated = np.broadcast_to(source[None], target.shape)
@@ -69,18 +67,26 @@ def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> di
 def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """`swapped` (n,3,S,S) and `mask` (n,1,S,S) in [0, 1] -> uint8 (n,S,S,3) crops and float32 (n,S,S) masks.
 
-    A NaN or Inf anywhere is an Internal error: no FP32 model is deployed to retry on, and pasting
-    garbage into a video silently is worse than failing the chunk.
+    Outputs of another layout are FailedPrecondition: the deployed model is not the one this code
+    expects. A NaN or Inf anywhere is an Internal error: no FP32 model is deployed to retry on, and
+    pasting garbage into a video silently is worse than failing the chunk.
     """
+    missing = [name for name in SWAPPER_OUTPUTS if outputs.get(name) is None]
+    if missing:
+        raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned no {', '.join(missing)} output")
     swapped = np.asarray(outputs["swapped"], np.float32)
     mask = np.asarray(outputs["mask"], np.float32)
     if swapped.ndim != 4 or swapped.shape[1] != 3 or mask.ndim != 4 or mask.shape[1] != 1:
-        raise Internal(f"face swapper returned swapped {swapped.shape} and mask {mask.shape}; expected NCHW")
+        raise FailedPrecondition(
+            f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} and mask {mask.shape}; "
+            "expected (n, 3, S, S) and (n, 1, S, S)"
+        )
     if swapped.shape[0] != mask.shape[0] or swapped.shape[2:] != mask.shape[2:]:
-        raise Internal(f"face swapper returned swapped {swapped.shape} but mask {mask.shape}")
+        raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} but mask {mask.shape}")
     if not (np.isfinite(swapped).all() and np.isfinite(mask).all()):
         raise Internal(
-            "face swapper returned NaN or Inf values (FP16 overflow in the model); no FP32 model to retry on"
+            f"model {FACE_SWAPPER_MODEL} returned NaN or Inf values (FP16 overflow in the model); "
+            "no FP32 model to retry on"
         )
     crops = np.clip(swapped.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(crops), np.ascontiguousarray(np.clip(mask[:, 0], 0.0, 1.0))
@@ -125,13 +131,14 @@ class CropTransferSwapper:
                 if self.batch_limit == 1:
                     raise
                 self.batch_limit = max(1, min(self.batch_limit, len(part)) // 2)
-                log.warning(
-                    "face swapper out of memory; retrying with %d faces per request", self.batch_limit
-                )
+                log.warning("face swapper out of memory; retrying with %d faces per request", self.batch_limit)
                 continue
             swapped, mask = unpack_swapper_outputs(outputs)
-            if swapped.shape[0] != len(part):
-                raise Internal(f"face swapper returned {swapped.shape[0]} crops for {len(part)} faces")
+            if swapped.shape[:3] != part.shape[:3]:
+                raise FailedPrecondition(
+                    f"model {FACE_SWAPPER_MODEL} returned {swapped.shape[0]} crops of "
+                    f"{swapped.shape[1]}x{swapped.shape[2]} for {len(part)} faces of {part.shape[1]}x{part.shape[2]}"
+                )
             crops.append(swapped)
             masks.append(mask)
             start += len(part)

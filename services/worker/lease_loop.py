@@ -10,6 +10,11 @@ retryable, so another worker takes it at once instead of after the lease lapses.
 A slot leases its next chunk once the current one has sent its last frame to the encoder, so the
 encoder's flush of one segment overlaps the next chunk's decode and detection instead of leaving
 the worker idle; a slot then holds two chunks, one computing and one finishing.
+
+No chunk is leased while the models are not ready (Triton down or restarting): a chunk leased then
+could only fail. The loop polls readiness with backoff up to `ready_poll_max_seconds`, so it leases
+again soon after Triton is back, and logs once when the models stop being ready and once when they
+are ready again, not on every poll.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class LeaseLoopSettings:
     concurrency: int = 1
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
+    # Readiness is a cheap call: polled at most this far apart while the models are away.
+    ready_poll_max_seconds: float = 2.0
 
 
 class Backoff:
@@ -103,6 +110,8 @@ class LeaseLoop:
         self._run_chunk = run_chunk
         self._settings = settings
         self._ready = ready
+        # Shared by the slots, so a change of readiness is logged once per worker, not once per slot.
+        self._models_ready = True
 
     async def run(self) -> None:
         """Runs `concurrency` lease slots until cancelled."""
@@ -132,6 +141,7 @@ class LeaseLoop:
         handled: asyncio.Task[None] | None = None
         try:
             while True:
+                await self._until_models_ready()
                 lease = await self._lease(backoff)
                 if lease is None:
                     continue
@@ -153,12 +163,20 @@ class LeaseLoop:
                 await asyncio.wait(live)
             raise
 
+    async def _until_models_ready(self) -> None:
+        if self._ready is None:
+            return
+        backoff = Backoff(self._settings.backoff_initial_seconds, self._settings.ready_poll_max_seconds)
+        while not await self._ready():
+            if self._models_ready:
+                self._models_ready = False
+                log.warning("models are not ready; no chunk is leased until they are")
+            await asyncio.sleep(backoff.next_delay())
+        if not self._models_ready:
+            self._models_ready = True
+            log.info("models are ready again; leasing chunks")
+
     async def _lease(self, backoff: Backoff) -> chunks_pb2.ChunkLease | None:
-        if self._ready is not None and not await self._ready():
-            delay = backoff.next_delay()
-            log.warning("models are not ready; leasing again in %.1fs", delay)
-            await asyncio.sleep(delay)
-            return None
         request = chunks_pb2.LeaseChunkRequest(
             worker_id=self._settings.worker_id, wait_seconds=self._settings.lease_wait_seconds
         )
@@ -168,9 +186,7 @@ class LeaseLoop:
             )
         except grpc.aio.AioRpcError as error:
             delay = backoff.next_delay()
-            log.warning(
-                "leasing failed (%s: %s); retrying in %.1fs", error.code().name, error.details(), delay
-            )
+            log.warning("leasing failed (%s: %s); retrying in %.1fs", error.code().name, error.details(), delay)
             await asyncio.sleep(delay)
             return None
         backoff.reset()
@@ -200,9 +216,7 @@ class LeaseLoop:
         chunk.cancel()
         await asyncio.gather(chunk, return_exceptions=True)
         record_chunk_outcome("abandoned")
-        log.warning(
-            "chunk %d of job %s given back: the worker is shutting down", lease.chunk_index, lease.job_id
-        )
+        log.warning("chunk %d of job %s given back: the worker is shutting down", lease.chunk_index, lease.job_id)
         error = common_pb2.ErrorStatus(
             code=code_value(grpc.StatusCode.UNAVAILABLE),
             message="the worker shut down before the chunk finished",
@@ -216,9 +230,7 @@ class LeaseLoop:
     ) -> None:
         if chunk.cancelled():
             record_chunk_outcome("stopped")
-            log.info(
-                "chunk %d of job %s stopped: %s", lease.chunk_index, lease.job_id, "; ".join(stop_reasons)
-            )
+            log.info("chunk %d of job %s stopped: %s", lease.chunk_index, lease.job_id, "; ".join(stop_reasons))
             return
         error = chunk.exception()
         if error is None:
@@ -286,9 +298,7 @@ class LeaseLoop:
                 faces=stats.faces,
             )
             try:
-                response = await self._queue.Heartbeat(
-                    request, timeout=max(self._settings.heartbeat_seconds, 1.0)
-                )
+                response = await self._queue.Heartbeat(request, timeout=max(self._settings.heartbeat_seconds, 1.0))
             except grpc.aio.AioRpcError as error:
                 log.warning("heartbeat for lease %s failed: %s", lease.lease_id, error.details())
                 continue

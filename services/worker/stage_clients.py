@@ -1,7 +1,12 @@
 """The pipeline's Protocols over the decoder, detector and encoder services (gRPC clients).
 
-Downstream failures arrive as grpc.aio.AioRpcError and leave as domain errors with the same code,
-so the lease loop can tell retryable failures (UNAVAILABLE, ...) from bad input (INVALID_ARGUMENT).
+Downstream failures arrive as grpc.aio.AioRpcError and leave as domain errors (stage_error), so the
+lease loop can tell retryable failures (UNAVAILABLE, ...) from bad input (INVALID_ARGUMENT).
+
+Every call rides out a restart of its service: it is made with wait_for_ready, so while the service
+is down it waits for the channel to connect again instead of failing at once, and each call has a
+deadline (`timeout_seconds`): for a stream, the longest wait for its next message. A service that
+stays down past it fails the chunk as retryable; so does one that goes away in the middle of a call.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import cv2
 import grpc
 import numpy as np
 
-from services.common.errors import Internal, Unavailable, from_rpc_error
+from services.common.errors import DeadlineExceeded, Internal, SwaplineError, Unavailable, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
 from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
 from services.common.frame_streams import DetectFrames
@@ -27,6 +32,28 @@ from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 SINK_QUEUE_SIZE = 2
 # How grpc-python's debug string names a send that failed because the stream had ended.
 _SEND_FAILED = "SendMessageOperation"
+# How gRPC words a connection lost in the middle of a call, whatever status it gives it: the service
+# went away (a crash, a restart), so the chunk may pass on another try.
+_CONNECTION_LOST = ("stream removed", "socket closed", "connection reset", "rst_stream", "goaway", "broken pipe")
+
+
+def stage_error(service: str, error: grpc.aio.AioRpcError) -> SwaplineError:
+    """The domain error for a failed call to a stage service, named after the service.
+
+    The service's own status passes on (bad input stays INVALID_ARGUMENT, an overloaded service
+    RESOURCE_EXHAUSTED). A call that ended because the connection did (CANCELLED, which this worker
+    sees only when the other end cancelled, or UNKNOWN and INTERNAL statuses that gRPC gives a lost
+    connection) is Unavailable: retryable.
+    """
+    code = error.code()
+    details = error.details() or code.name
+    text = f"{details} ({error.debug_error_string() or ''})".lower()
+    if code == grpc.StatusCode.CANCELLED or (
+        code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(lost in text for lost in _CONNECTION_LOST)
+    ):
+        return Unavailable(f"{service}: the connection was lost during the call: {details}")
+    domain = from_rpc_error(error)
+    return type(domain)(f"{service}: {domain.message}")
 
 
 class DecoderFrameSource:
@@ -40,8 +67,10 @@ class DecoderFrameSource:
         seek_pts: int,
         frame_count: int,
         batch_size: int,
+        timeout_seconds: float,
     ) -> None:
         self._stub = stub
+        self._timeout_seconds = timeout_seconds
         self._request = decoder_pb2.DecodeRequest(
             uri=uri,
             start_frame=start_frame,
@@ -55,13 +84,21 @@ class DecoderFrameSource:
             yield frames, indices
 
     async def _messages(self) -> AsyncIterator[tuple[Frames, list[int]]]:
-        call = self._stub.Decode(self._request)
+        call = self._stub.Decode(self._request, wait_for_ready=True)
         try:
-            async for batch in call:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(call.read(), self._timeout_seconds)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"decoder: no frames for {self._timeout_seconds:.0f} s ({self._request.uri[:40]})"
+                    ) from None
+                if batch is grpc.aio.EOF:
+                    return
                 frames, indices, _ = unpack_frames(batch, copy=False)
                 yield frames, indices
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+            raise stage_error("decoder", error) from error
         finally:
             call.cancel()
 
@@ -118,9 +155,9 @@ class DetectorFaceFinder:
         small_width, small_height = detection_size(width, height, self._max_side)
         request = await asyncio.to_thread(self._request, frames, (small_width, small_height))
         try:
-            response = await self._stub.Detect(request, timeout=self._timeout_seconds)
+            response = await self._stub.Detect(request, timeout=self._timeout_seconds, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+            raise stage_error("detector", error) from error
         found: list[list[DetectedFace]] = [[] for _ in range(count)]
         scale_x, scale_y = width / small_width, height / small_height
         for message, faces in zip(response.frames, frames_faces_from_proto(response.frames), strict=True):
@@ -146,10 +183,10 @@ def encoder_stream_error(output_uri: str, error: grpc.aio.AioRpcError) -> Except
         # may replace the encoder's status with this INTERNAL one from the failed send. The encoder
         # did end the stream early, so the chunk is retried instead of failing its job as a bug.
         return Unavailable(
-            f"{output_uri}: the encoder ended the segment stream while frames were being sent; "
+            f"{output_uri[:40]}: the encoder ended the segment stream while frames were being sent; "
             "gRPC lost its status (grpc/grpc#36066)"
         )
-    return from_rpc_error(error)
+    return stage_error("encoder", error)
 
 
 class EncoderSegmentSink:
@@ -163,10 +200,12 @@ class EncoderSegmentSink:
         self,
         stub: encoder_pb2_grpc.EncoderServiceStub,
         header: encoder_pb2.SegmentHeader,
+        timeout_seconds: float,
         first_index: int = 0,
     ) -> None:
         self._stub = stub
         self._header = header
+        self._timeout_seconds = timeout_seconds
         self._next_index = first_index
         self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | FrameRun | None] = asyncio.Queue(
             SINK_QUEUE_SIZE
@@ -176,7 +215,7 @@ class EncoderSegmentSink:
         self.output_uri = header.output_uri
 
     async def __aenter__(self) -> EncoderSegmentSink:
-        self._call = self._stub.EncodeSegment(self._request_stream())
+        self._call = self._stub.EncodeSegment(self._request_stream(), wait_for_ready=True)
         self._response = asyncio.ensure_future(self._call)
         return self
 
@@ -208,14 +247,21 @@ class EncoderSegmentSink:
         return Internal("the encoder ended the segment stream before the worker closed it")
 
     async def _send(self, request: FrameRun | None) -> None:
-        """Queues a request, unless the stream fails first: a dead encoder must not block the pipeline."""
+        """Queues a request, unless the stream fails first: a dead encoder must not block the pipeline.
+
+        An encoder that takes nothing for `timeout_seconds` (down and not back, or stuck) ends the
+        chunk as DeadlineExceeded.
+        """
         response = self._started()
         put = asyncio.ensure_future(self._requests.put(request))
         racing: set[asyncio.Future[Any]] = {put, response}
-        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        if not put.done():
-            put.cancel()
+        await asyncio.wait(racing, timeout=self._timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return
+        put.cancel()
+        if response.done():
             raise await self._response_error()
+        raise DeadlineExceeded(f"encoder: took no frames for {self._timeout_seconds:.0f} s ({self.output_uri[:40]})")
 
     async def write(self, frames: Frames) -> None:
         indices = list(range(self._next_index, self._next_index + len(frames)))
@@ -226,7 +272,11 @@ class EncoderSegmentSink:
     async def close(self) -> int:
         await self._send(None)
         try:
-            result = await self._started()
+            result = await asyncio.wait_for(self._started(), self._timeout_seconds)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"encoder: did not finish the segment in {self._timeout_seconds:.0f} s ({self.output_uri[:40]})"
+            ) from None
         except grpc.aio.AioRpcError as error:
             raise encoder_stream_error(self.output_uri, error) from error
         self.output_uri = result.output_uri or self.output_uri

@@ -18,7 +18,7 @@ from services.advisor.scaling_loop import refresh_scaling
 from services.advisor.servicer import SERVICE_NAME, AdvisorServicer, profile_to_proto
 from services.advisor.settings import AdvisorSettings
 from services.common.errors import NotFound
-from services.common.grpc_channel import open_channel
+from services.common.grpc_channel import PLAINTEXT, open_channel
 from services.common.grpc_server import ServiceBinding, start_server
 from services.common.server_settings import ServerSettings
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
@@ -79,16 +79,21 @@ def _run(scenario: Scenario) -> None:
             jobs_pb2_grpc.add_JobServiceServicer_to_server,
             "swapline.jobs.v1.JobService",
         )
-        gateway = await start_server(ServerSettings(), [fake])
-        gateway_channel = open_channel(f"127.0.0.1:{gateway.port}")
-        settings = AdvisorSettings(gateway_target=f"127.0.0.1:{gateway.port}", target_chunk_seconds=10.0)
+        gateway = await start_server(ServerSettings(transport_security="plaintext", auth_mode="open"), [fake])
+        gateway_channel = open_channel(f"127.0.0.1:{gateway.port}", PLAINTEXT)
+        settings = AdvisorSettings(
+            gateway_target=f"127.0.0.1:{gateway.port}",
+            target_chunk_seconds=10.0,
+            transport_security="plaintext",
+            auth_mode="open",
+        )
         jobs = GatewayJobs(jobs_pb2_grpc.JobServiceStub(gateway_channel))
         state = AdvisorState(settings, CATALOG, CALIBRATION, jobs)
         binding = ServiceBinding(
             AdvisorServicer(state), advisor_pb2_grpc.add_AdvisorServiceServicer_to_server, SERVICE_NAME
         )
         advisor = await start_server(settings, [binding])
-        channel = open_channel(f"127.0.0.1:{advisor.port}")
+        channel = open_channel(f"127.0.0.1:{advisor.port}", PLAINTEXT)
         try:
             await scenario(advisor_pb2_grpc.AdvisorServiceStub(channel), state, f"127.0.0.1:{advisor.port}")
         finally:

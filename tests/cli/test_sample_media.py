@@ -88,9 +88,7 @@ def test_face_video_moves_changes_light_and_keeps_the_face(
 
 def test_face_video_is_deterministic(tmp_path: Path) -> None:
     photo = sample_media.astronaut_photo()
-    paths = [
-        sample_media.make_face_video(tmp_path / f"{n}.mp4", photo, seconds=0.4, size=(160, 96)) for n in range(4)
-    ]
+    paths = [sample_media.make_face_video(tmp_path / f"{n}.mp4", photo, seconds=0.4, size=(160, 96)) for n in range(4)]
     assert len({path.read_bytes() for path in paths}) == 1
 
 
@@ -103,7 +101,7 @@ def test_chord_audio_changes_every_second() -> None:
         return float(np.fft.rfftfreq(len(window), 1 / sample_media.AUDIO_SAMPLE_RATE)[spectrum.argmax()])
 
     rate = sample_media.AUDIO_SAMPLE_RATE
-    first, second = samples[0, : rate // 4], samples[0, rate: rate + rate // 4]
+    first, second = samples[0, : rate // 4], samples[0, rate : rate + rate // 4]
     assert loudest_hz(first) != pytest.approx(loudest_hz(second), abs=5)
     assert np.abs(samples).max() <= 1.0
 

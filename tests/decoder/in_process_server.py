@@ -22,9 +22,7 @@ def serving(settings: ServerSettings, bindings: Sequence[ServiceBinding]) -> Ite
     try:
         running = asyncio.run_coroutine_threadsafe(start_server(settings, bindings), loop).result(timeout=30)
         try:
-            with grpc.insecure_channel(
-                f"127.0.0.1:{running.port}", options=server_options(settings)
-            ) as channel:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=server_options(settings)) as channel:
                 yield channel
         finally:
             asyncio.run_coroutine_threadsafe(running.server.stop(None), loop).result(timeout=30)

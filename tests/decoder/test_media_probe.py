@@ -7,6 +7,7 @@ import pytest
 
 from services.cli import sample_media
 from services.common.errors import InvalidArgument
+from services.common.input_limits import InputLimits
 from services.decoder.media_probe import probe_media
 from tests.decoder.conftest import SMALL_FPS, SMALL_KEYFRAME_SECONDS, SMALL_SECONDS, SMALL_SIZE
 
@@ -59,20 +60,20 @@ def test_image_probe(tmp_path: Path, name: str, codec: str) -> None:
 
 def test_text_file_is_not_media(tmp_path: Path) -> None:
     path = sample_media.make_not_media_file(tmp_path / "notes.mp4")
-    with pytest.raises(InvalidArgument, match=r"notes\.mp4 is not a video or image"):
+    with pytest.raises(InvalidArgument, match=r"notes\.mp4' is not a video or image"):
         probe_media(path)
 
 
 def test_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.mp4"
     path.touch()
-    with pytest.raises(InvalidArgument, match=r"empty\.mp4 is empty"):
+    with pytest.raises(InvalidArgument, match=r"empty\.mp4' is empty"):
         probe_media(path)
 
 
 def test_truncated_mp4_names_ffmpeg_reason(small_video: Path, tmp_path: Path) -> None:
     path = sample_media.make_truncated_mp4(small_video, tmp_path / "cut.mp4")
-    with pytest.raises(InvalidArgument, match=r"cut\.mp4 is truncated or corrupt: moov atom not found"):
+    with pytest.raises(InvalidArgument, match=r"cut\.mp4' is truncated or corrupt: moov atom not found"):
         probe_media(path)
 
 
@@ -82,17 +83,53 @@ def test_audio_only_file_has_no_video(tmp_path: Path) -> None:
         stream = container.add_stream("aac", rate=48000, layout="stereo")
         samples = sample_media.chord_audio(0.5)
         for start in range(0, samples.shape[1] - 1024, 1024):
-            chunk = samples[:, start:start + 1024].copy()
+            chunk = samples[:, start : start + 1024].copy()
             frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
             frame.sample_rate, frame.pts = 48000, start
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    with pytest.raises(InvalidArgument, match=r"tone\.m4a has no video stream"):
+    with pytest.raises(InvalidArgument, match=r"tone\.m4a' has no video stream"):
         probe_media(path)
 
 
 def test_text_file_read_as_text_art_is_not_media(tmp_path: Path) -> None:
     """FFmpeg's tty demuxer would show a .txt file as an ANSI-art video."""
     path = sample_media.make_not_media_file(tmp_path / "readme.txt")
-    with pytest.raises(InvalidArgument, match=r"readme\.txt is not a video or image"):
+    with pytest.raises(InvalidArgument, match=r"readme\.txt' is not a video or image"):
         probe_media(path)
+
+
+def test_frames_past_the_pixel_limit_are_refused(oversized_video: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"oversized\.mp4' is 6000x6000 \(36\.0 Mpx\); the limit is 35\.7 Mpx"):
+        probe_media(oversized_video)
+
+
+def test_frame_count_past_the_limit_is_refused(small_video: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"small\.mp4' has more than 49 frames, the limit"):
+        probe_media(small_video, InputLimits(max_frames=49))
+
+
+def test_frame_count_on_the_limit_is_allowed(small_video: Path) -> None:
+    assert probe_media(small_video, InputLimits(max_frames=50)).frame_count == 50
+
+
+def test_duration_past_the_limit_is_refused(small_video: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"small\.mp4' lasts 2\.0 s; the limit is 1\.5 s"):
+        probe_media(small_video, InputLimits(max_duration_seconds=1.5))
+
+
+def test_images_are_held_to_the_image_limit_not_the_video_limit(tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    path.write_bytes(sample_media.encode_png(sample_media.astronaut_photo()))
+    assert probe_media(path, InputLimits(max_video_pixels=1)).kind == "image"
+    with pytest.raises(InvalidArgument, match=r"photo\.png' is 512x512 .* the limit is 0\.3 Mpx \(262143 pixels\)"):
+        probe_media(path, InputLimits(max_image_pixels=512 * 512 - 1))
+
+
+def test_long_file_names_are_cut_in_messages(tmp_path: Path) -> None:
+    path = tmp_path / f"{'n' * 200}.png"
+    path.write_bytes(sample_media.encode_png(sample_media.astronaut_photo()))
+    with pytest.raises(InvalidArgument) as raised:
+        probe_media(path, InputLimits(max_image_pixels=1))
+    assert f"the picture of '{'n' * 40}'... (204 characters) is 512x512" in raised.value.message
+    assert "n" * 41 not in raised.value.message

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -9,6 +10,8 @@ import pytest
 
 from services.cli import sample_media
 from services.common.frame_codec import unpack_frames
+from services.common.input_limits import InputLimits
+from services.common.media_paths import existing_media_path
 from services.decoder.__main__ import binding
 from services.decoder.media_probe import probe_media
 from services.decoder.settings import DecoderSettings
@@ -18,18 +21,24 @@ from tests.decoder.in_process_server import serving
 
 @pytest.fixture(scope="module")
 def stub(media_root: Path) -> Iterator[decoder_pb2_grpc.DecoderServiceStub]:
-    settings = DecoderSettings(media_root=media_root, port=0, default_batch_size=4)
+    settings = DecoderSettings(
+        media_root=media_root, port=0, default_batch_size=4, transport_security="plaintext", auth_mode="open"
+    )
     with serving(settings, [binding(settings)]) as channel:
         yield decoder_pb2_grpc.DecoderServiceStub(channel)
+
+
+def call_code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details() or ""
 
 
 def test_probe_answers_media_info(stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path) -> None:
     info = stub.Probe(decoder_pb2.ProbeRequest(uri=small_video.name)).info
     expected = probe_media(small_video)
     assert info.kind == decoder_pb2.MEDIA_KIND_VIDEO
-    assert (info.frame_count, info.width, info.height) == (
-        expected.frame_count, expected.width, expected.height
-    )
+    assert (info.frame_count, info.width, info.height) == (expected.frame_count, expected.width, expected.height)
     assert info.fps == expected.fps and info.has_audio
     assert [(key.frame_index, key.pts) for key in info.keyframes] == [
         (key.frame_index, key.pts) for key in expected.keyframes
@@ -54,12 +63,10 @@ def test_probe_text_file_is_invalid(stub: decoder_pb2_grpc.DecoderServiceStub, m
     with pytest.raises(grpc.RpcError) as caught:
         stub.Probe(decoder_pb2.ProbeRequest(uri="readme.txt"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "readme.txt is not a video or image" in caught.value.details()
+    assert "readme.txt' is not a video or image" in caught.value.details()
 
 
-def test_decode_streams_the_requested_frames(
-    stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path
-) -> None:
+def test_decode_streams_the_requested_frames(stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path) -> None:
     keyframe = probe_media(small_video).keyframes[1]
     request = decoder_pb2.DecodeRequest(
         uri=small_video.name, start_frame=keyframe.frame_index, seek_pts=keyframe.pts, frame_count=14
@@ -80,3 +87,50 @@ def test_decode_past_the_end_is_invalid(stub: decoder_pb2_grpc.DecoderServiceStu
         list(stub.Decode(request))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"at frame {info.frame_count}" in caught.value.details()
+
+
+def test_oversized_video_is_invalid_at_probe_and_decode(
+    stub: decoder_pb2_grpc.DecoderServiceStub, oversized_video: Path
+) -> None:
+    probe = call_code(lambda: stub.Probe(decoder_pb2.ProbeRequest(uri=oversized_video.name)))
+    decode = call_code(lambda: list(stub.Decode(decoder_pb2.DecodeRequest(uri=oversized_video.name, frame_count=2))))
+    assert probe[0] == decode[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "6000x6000" in probe[1] and "6000x6000" in decode[1]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["clip\x00.mp4", "clip\n.mp4", f"{'x' * 300}.mp4", "d/" * 600, "../" * 400 + "etc/passwd"],
+    ids=["nul", "newline", "long name", "long uri", "long traversal"],
+)
+def test_bad_uris_are_invalid_and_hide_the_media_root(
+    stub: decoder_pb2_grpc.DecoderServiceStub, media_root: Path, uri: str
+) -> None:
+    for code, details in (
+        call_code(lambda: stub.Probe(decoder_pb2.ProbeRequest(uri=uri))),
+        call_code(lambda: list(stub.Decode(decoder_pb2.DecodeRequest(uri=uri, frame_count=1)))),
+    ):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert str(media_root) not in details and len(details) < 300
+
+
+def test_paths_are_resolved_off_the_event_loop(
+    stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolved_on_loop: list[bool] = []
+
+    def recording(media_root: Path, uri: str, limits: InputLimits) -> Path:
+        resolved_on_loop.append(_running_loop() is not None)
+        return existing_media_path(media_root, uri, limits)
+
+    monkeypatch.setattr("services.decoder.servicer.existing_media_path", recording)
+    stub.Probe(decoder_pb2.ProbeRequest(uri=small_video.name))
+    list(stub.Decode(decoder_pb2.DecodeRequest(uri=small_video.name, frame_count=1)))
+    assert resolved_on_loop == [False, False]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

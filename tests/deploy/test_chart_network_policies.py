@@ -234,6 +234,12 @@ def test_triton_accepts_only_workers_and_the_detector() -> None:
     assert not [flow for flow in flows if flow[1:] == ("triton", "http")]
 
 
+def test_the_advisor_is_internal_only_the_gateway_calls_it_and_prometheus_scrapes_it() -> None:
+    objects = scenario_objects("monitoring-on")
+    reached = {(source, port) for source, target, port in allowed_flows(objects) if target == "advisor"}
+    assert reached == {("gateway", "grpc"), ("prometheus", "metrics")}
+
+
 def test_the_cert_manager_scenario_admits_only_the_ingress_namespace_and_prometheus_pods() -> None:
     objects = scenario_objects("cert-manager-mtls")
     flows = allowed_flows(objects)

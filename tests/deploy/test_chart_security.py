@@ -151,16 +151,6 @@ def test_the_settings_values_cannot_downgrade_security() -> None:
         render({"gateway": {"settings": {"auth_mode": "open"}}})
 
 
-@pytest.mark.parametrize("scenario", SECURE_SCENARIOS)
-def test_tls_ports_are_probed_over_tcp_because_the_kubelet_speaks_no_tls(scenario: str) -> None:
-    objects = scenario_objects(scenario)
-    for service in present_services(objects):
-        container = pod_and_container(objects, service)[1]
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert set(container[probe]) & {"grpc", "tcpSocket"} == {"tcpSocket"}, service
-            assert container[probe]["tcpSocket"]["port"] == container["ports"][0]["containerPort"]
-
-
 def test_reflection_is_turned_on_only_by_its_key() -> None:
     objects = objects_of(render({"security": {"reflection": True}}))
     for service in present_services(objects):
@@ -405,7 +395,25 @@ def test_without_tenant_tokens_no_tokens_are_invented_and_the_notes_say_so() -> 
     objects = scenario_objects("default")
     assert "TENANT_TOKENS_FILE" not in security_env(objects, "gateway")
     assert [item for item in of_kind(objects, "Secret") if "tenant" in item["metadata"]["name"]] == []
-    assert "the gateway refuses every public call" in scenario_notes("default")
+    notes = " ".join(scenario_notes("default").split())
+    assert (
+        "The gateway starts (its probes pass, workers connect), but refuses every client call with UNAUTHENTICATED"
+        in notes
+    )
+
+
+def test_the_notes_client_steps_reach_the_gateway_through_its_certificate() -> None:
+    objects = scenario_objects("default")
+    notes = scenario_notes("default")
+    gateway = re.search(r"export SWAPLINE_GATEWAY=(?P<host>[^:\s]+):(?P<port>\d+)", notes)
+    assert gateway and int(gateway["port"]) == pod_and_container(objects, "gateway")[1]["ports"][0]["containerPort"]
+    ca = re.search(
+        r"get secret (?P<secret>\S+) -o jsonpath='\{\.data\.ca\\\.crt\}' \| base64 -d > (?P<file>\S+)", notes
+    )
+    assert ca and f"export SWAPLINE_CA_FILE=$PWD/{ca['file']}" in notes
+    assert ca["secret"] == mounted_secret(objects, "gateway", security_env(objects, "gateway")["TLS_CA_FILE"])[0]
+    assert serves_health(tls_material(objects, "gateway"), gateway["host"], None)
+    assert "SWAPLINE_CA_FILE" not in scenario_notes("open-mode")
 
 
 @pytest.mark.parametrize(

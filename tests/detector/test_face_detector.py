@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.face_types import DetectedFace
 from services.detector import face_detector
 from services.detector.box_ops import pyramid_scales
@@ -39,9 +39,7 @@ class RecordingRunner:
         return [shape for name, shape in self.requests if name == model]
 
 
-def detect(
-    runner: LocalModels | RecordingRunner, frames: np.ndarray, **options: float
-) -> list[list[DetectedFace]]:
+def detect(runner: LocalModels | RecordingRunner, frames: np.ndarray, **options: float) -> list[list[DetectedFace]]:
     return asyncio.run(FaceDetector(runner).detect(frames, **options))  # type: ignore[arg-type]
 
 
@@ -222,3 +220,54 @@ def test_pnet_requests_of_large_frames_are_split_by_size(
     found = detect(runner, frames, min_face_size=40)
     assert {shape[0] for shape in runner.shapes(PNET_MODEL)} == {1}
     assert [len(faces) for faces in found] == [2, 2]
+
+
+class MalformingRunner:
+    """LocalModels, except that one model's answer is rewritten by `malform`."""
+
+    def __init__(
+        self, inner: LocalModels, model: str, malform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    ) -> None:
+        self.inner = inner
+        self.model = model
+        self.malform = malform
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        answer = await self.inner.infer(model, inputs, outputs)
+        return self.malform(answer) if model == self.model else answer
+
+
+@pytest.mark.parametrize(
+    ("model", "malform", "problem"),
+    [
+        (
+            RNET_MODEL,
+            lambda answer: {**answer, "probability": answer["probability"][:0]},
+            r"'probability' of shape \(0, 2\)",
+        ),
+        (
+            ONET_MODEL,
+            lambda answer: {**answer, "landmarks": answer["landmarks"][:, :5]},
+            r"'landmarks' of shape \(\d+, 5\)",
+        ),
+        (PNET_MODEL, lambda answer: {**answer, "regression": answer["regression"][:, :, :-1]}, "different grid sizes"),
+        (
+            ONET_MODEL,
+            lambda answer: {name: value for name, value in answer.items() if name != "regression"},
+            "no 'regression' output",
+        ),
+    ],
+    ids=["rnet-empty", "onet-landmarks", "pnet-grids", "onet-missing"],
+)
+def test_a_model_answer_of_the_wrong_shape_fails_naming_the_model(
+    local_models: LocalModels,
+    astronaut: np.ndarray,
+    model: str,
+    malform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    problem: str,
+) -> None:
+    runner = MalformingRunner(local_models, model, malform)
+    with pytest.raises(FailedPrecondition, match=f"model {model} returned .*{problem}"):
+        asyncio.run(FaceDetector(runner).detect(astronaut[None]))

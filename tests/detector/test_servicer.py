@@ -25,7 +25,7 @@ def call_detector(local_models: LocalModels, call: Call) -> detector_pb2.DetectR
     """Serves the detector over real gRPC on a free loopback port, with LocalModels in Triton's place."""
 
     async def run() -> detector_pb2.DetectResponse:
-        settings = DetectorSettings(port=0)
+        settings = DetectorSettings(port=0, transport_security="plaintext", auth_mode="open")
         running = await start_server(settings, [detector_binding(FaceDetector(local_models))])
         try:
             options = server_options(settings)

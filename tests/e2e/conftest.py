@@ -21,8 +21,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
 
 
 @pytest.fixture(scope="session")
+def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """The stack as `swapline up --secure` runs it: TLS everywhere, tokens for tenants alice and bob.
+
+    Started only by the tests that ask for it; `secure_stack.job_client("bob")` is a client for bob.
+    """
+    work_dir = tmp_path_factory.mktemp("secure-stack")
+    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=2, secure=True)
+    with EmbeddedStack(options) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def client(stack: EmbeddedStack) -> Iterator[JobClient]:
-    with JobClient(stack.gateway_address) as job_client:
+    with stack.job_client() as job_client:
         yield job_client
 
 

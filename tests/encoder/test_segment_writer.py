@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -16,7 +19,7 @@ def write_segment(path: Path, frames: np.ndarray, fps: float = FPS, crf: int = 1
     height, width = frames.shape[1:3]
     with SegmentWriter(path, fps, width, height, crf=crf, preset="veryfast") as writer:
         for start in range(0, len(frames), 7):
-            writer.write(frames[start:start + 7])
+            writer.write(frames[start : start + 7])
     return writer.close()
 
 
@@ -54,6 +57,7 @@ def test_image_path_writes_one_image(tmp_path: Path, original_frames: np.ndarray
 def test_invalid_settings_are_refused(tmp_path: Path, crf: int, preset: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         SegmentWriter(tmp_path / "bad.mp4", FPS, *SIZE, crf=crf, preset=preset)
+    assert files_in(tmp_path) == []
 
 
 def test_odd_size_is_refused(tmp_path: Path) -> None:
@@ -63,8 +67,89 @@ def test_odd_size_is_refused(tmp_path: Path) -> None:
 
 def test_wrong_frame_size_is_refused_and_nothing_is_left(tmp_path: Path, original_frames: np.ndarray) -> None:
     path = tmp_path / "wrong.mp4"
-    with pytest.raises(InvalidArgument, match=r"takes \(120, 160, 3\)"), SegmentWriter(
-        path, FPS, 160, 120, crf=20, preset="veryfast"
-    ) as writer:
+    with (
+        pytest.raises(InvalidArgument, match=r"takes \(120, 160, 3\)"),
+        SegmentWriter(path, FPS, 160, 120, crf=20, preset="veryfast") as writer,
+    ):
         writer.write(original_frames[:2])
     assert not path.exists()
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_long_file_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"file name 'xxxxx.*\.\.\. \(304 characters\) is over the limit of 255"):
+        SegmentWriter(tmp_path / ("x" * 300 + ".mp4"), FPS, *SIZE, crf=20, preset="veryfast")
+
+
+@pytest.mark.parametrize(("name", "frames"), [("seg.mp4", 30), ("still.png", 1)])
+def test_nothing_is_at_the_path_until_the_file_is_complete(
+    tmp_path: Path, original_frames: np.ndarray, name: str, frames: int
+) -> None:
+    path = tmp_path / name
+    # One thread: x264 then holds back a fixed number of frames, and 30 are sure to reach the file.
+    writer = SegmentWriter(path, FPS, *SIZE, crf=20, preset="veryfast", threads=1)
+    assert files_in(tmp_path) == []
+    writer.write(original_frames[:frames])
+    (temporary,) = files_in(tmp_path)
+    assert temporary.startswith(f".{name}.") and temporary.endswith(".part")
+    assert writer.close() == frames
+    assert files_in(tmp_path) == [name]
+
+
+def test_discard_waits_for_the_write_in_progress_and_deletes_the_file(tmp_path: Path) -> None:
+    noise = np.random.default_rng(3).integers(0, 256, (24, 360, 480, 3), dtype=np.uint8)
+    writer = SegmentWriter(tmp_path / "seg.mp4", FPS, 480, 360, crf=20, preset="veryfast")
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            writer.write(noise)
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert wait_until(lambda: writer.frames_written > 0)
+    writer.discard()
+    assert writer.frames_written == len(noise)
+    thread.join(timeout=60)
+    assert failures == []
+    assert files_in(tmp_path) == []
+    with pytest.raises(InvalidArgument, match="already closed"):
+        writer.write(noise[:1])
+
+
+def test_two_writers_of_one_path_never_share_a_file_and_the_last_close_wins(
+    tmp_path: Path, original_frames: np.ndarray
+) -> None:
+    path = tmp_path / "seg.mp4"
+    stale = SegmentWriter(path, FPS, *SIZE, crf=20, preset="veryfast", threads=1)
+    newer = SegmentWriter(path, FPS, *SIZE, crf=20, preset="veryfast", threads=1)
+    stale.write(original_frames[:30])
+    newer.write(original_frames[:32])
+    assert len(files_in(tmp_path)) == 2
+    stale.write(original_frames[30:34])
+    assert newer.close() == 32
+    assert probe_media(path).frame_count == 32
+    assert stale.close() == 34
+    assert files_in(tmp_path) == ["seg.mp4"]
+    assert probe_media(path).frame_count == 34
+
+
+def test_closing_without_frames_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path / "seg.mp4", FPS, *SIZE, crf=20, preset="veryfast")
+    with pytest.raises(InvalidArgument, match="no frames were written"):
+        writer.close()
+    assert files_in(tmp_path) == []

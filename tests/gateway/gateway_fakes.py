@@ -9,6 +9,8 @@ import numpy as np
 
 from services.common.errors import SwaplineError
 from services.common.media_info import Keyframe, MediaInfo
+from services.common.tenant_context import LOCAL_TENANT
+from services.gateway.job_images import source_image_uri
 from services.gateway.job_records import (
     EncodeOptions,
     JobRecord,
@@ -43,17 +45,22 @@ def video_target(frame_count: int = 100, fps: float = 25.0, has_audio: bool = Tr
 
 
 def job_record(
-    job_id: str, created_at: float, state: JobState = "QUEUED", target: MediaInfo | None = None
+    job_id: str,
+    created_at: float,
+    state: JobState = "QUEUED",
+    target: MediaInfo | None = None,
+    tenant: str = LOCAL_TENANT,
 ) -> JobRecord:
     target = target or video_target()
     return JobRecord(
         id=job_id,
+        tenant=tenant,
         state=state,
         selector="one",
         target_uri=f"{job_id}.mp4",
         output_uri=f"outputs/{job_id}/output.mp4",
-        source_image=b"source-bytes",
-        reference_image=b"",
+        source_image_uri=source_image_uri(job_id),
+        reference_image_uri="",
         encode=EncodeOptions(crf=20, preset="fast"),
         target=target,
         frames_total=target.frame_count,
@@ -74,8 +81,11 @@ def planned_chunks(job_id: str, sizes: Sequence[int]) -> list[PlannedChunk]:
 class FakeMedia:
     """In-memory MediaServices for the queue tests: records joins, fails them on request."""
 
-    join_error: SwaplineError | None = None
+    # Raised by the next joins, one each, in order.
+    join_errors: list[SwaplineError] = field(default_factory=list)
+    frames_joined: int = 100
     joins: list[tuple[list[str], str, str]] = field(default_factory=list)
+    expected_frames: list[int] = field(default_factory=list)
 
     async def probe(self, uri: str) -> MediaInfo:
         raise AssertionError("the queue never probes")
@@ -83,11 +93,14 @@ class FakeMedia:
     async def count_faces(self, image_rgb: np.ndarray) -> int:
         raise AssertionError("the queue never detects")
 
-    async def join(self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str) -> JoinOutcome:
+    async def join(
+        self, segment_uris: Sequence[str], audio_source_uri: str, output_uri: str, expected_frames: int
+    ) -> JoinOutcome:
         self.joins.append((list(segment_uris), audio_source_uri, output_uri))
-        if self.join_error is not None:
-            raise self.join_error
-        return JoinOutcome(output_uri, 100, bool(audio_source_uri), 0.25)
+        self.expected_frames.append(expected_frames)
+        if self.join_errors:
+            raise self.join_errors.pop(0)
+        return JoinOutcome(output_uri, self.frames_joined, bool(audio_source_uri), 0.25)
 
     async def close(self) -> None:
         return None

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from services.common.media_info import Keyframe, MediaInfo
-from services.gateway.chunk_planner import output_uri, plan_chunks, segment_uri
+from services.gateway.chunk_planner import attempt_segment_uri, output_uri, plan_chunks, segment_uri
 from services.gateway.job_records import PlannedChunk
 
 PTS_PER_FRAME = 512
@@ -73,9 +73,13 @@ def test_image_is_one_chunk_of_one_frame_with_png_segment() -> None:
     assert output_uri("abc", "image") == "outputs/abc/output.png"
 
 
-@pytest.mark.parametrize(
-    ("index", "expected"), [(0, "work/j/chunk-00000.mp4"), (12, "work/j/chunk-00012.mp4")]
-)
+@pytest.mark.parametrize(("index", "expected"), [(0, "work/j/chunk-00000.mp4"), (12, "work/j/chunk-00012.mp4")])
 def test_segment_uris_are_numbered_in_order(index: int, expected: str) -> None:
     assert segment_uri("j", index, "video") == expected
     assert output_uri("j", "video") == "outputs/j/output.mp4"
+
+
+def test_every_lease_of_a_chunk_writes_its_own_segment() -> None:
+    assert attempt_segment_uri("work/j/chunk-00003.mp4", 1) == "work/j/chunk-00003-a1.mp4"
+    assert attempt_segment_uri("work/j/chunk-00003.mp4", 2) == "work/j/chunk-00003-a2.mp4"
+    assert attempt_segment_uri("work/j/chunk-00000.png", 7) == "work/j/chunk-00000-a7.png"

@@ -28,19 +28,19 @@ def postgres_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database(request: pytest.FixtureRequest, postgres_url: str) -> Iterator[str]:
-    PostgresJobStore(postgres_url).close()
+def database(request: pytest.FixtureRequest, postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    PostgresJobStore(postgres_url, tmp_path).close()
     session_postgres(request.config).empty_tables(postgres_url)
     yield postgres_url
 
 
 @pytest.fixture
-def open_gateway_store(database: str) -> Iterator[StoreOpener]:
+def open_gateway_store(database: str, tmp_path: Path) -> Iterator[StoreOpener]:
     """Opens stores on the one database, as separate gateways do; all are closed after the test."""
     opened: list[PostgresJobStore] = []
 
     def open_store() -> PostgresJobStore:
-        opened.append(PostgresJobStore(database))
+        opened.append(PostgresJobStore(database, tmp_path))
         return opened[-1]
 
     yield open_store
@@ -93,9 +93,9 @@ def test_two_gateways_leasing_at_once_never_lease_the_same_chunk(open_gateway_st
     }
 
 
-def test_a_lease_skips_a_chunk_another_gateway_is_leasing(database: str) -> None:
+def test_a_lease_skips_a_chunk_another_gateway_is_leasing(database: str, tmp_path: Path) -> None:
     # A lock wait would fail this test (lock_timeout) instead of hanging it.
-    store = PostgresJobStore(f"{database}?options=-c%20lock_timeout%3D2000")
+    store = PostgresJobStore(f"{database}?options=-c%20lock_timeout%3D2000", tmp_path)
     store.add_job(job_record("a", 1.0), planned_chunks("a", [10, 10]))
     with psycopg.connect(database) as other_gateway:
         other_gateway.execute("SELECT * FROM chunks WHERE job_id = 'a' AND idx = 0 FOR UPDATE")
@@ -110,7 +110,7 @@ def test_a_starting_gateway_leaves_the_leases_of_running_gateways_alone(
     running = open_gateway_store()
     running.add_job(job_record("a", 1.0), planned_chunks("a", [10, 10]))
     running.lease_next_chunk("w", "l0", 1.0, 31.0)
-    running.record_progress("l0", 40.0, 7, "detect", 3)
+    running.record_progress("l0", 40.0, 7, "detect", 3, now=2.0)
 
     starting = open_gateway_store()
     assert starting.recover_after_restart() == []
@@ -125,7 +125,7 @@ def test_a_starting_gateway_leaves_the_leases_of_running_gateways_alone(
 def _move_to_joining(store: PostgresJobStore, job_id: str) -> None:
     store.add_job(job_record(job_id, 1.0), planned_chunks(job_id, [10]))
     store.lease_next_chunk("w", f"{job_id}-lease", 1.0, 31.0)
-    assert store.finish_chunk(job_id, 0, "segment", ChunkStats(10, 10, 10))
+    assert store.finish_chunk(job_id, 0, f"{job_id}-lease", "segment", ChunkStats(10, 10, 10), now=1.5) == 0
     assert store.transition_job(job_id, ("QUEUED", "RUNNING"), "JOINING", at=2.0)
 
 
@@ -175,10 +175,10 @@ def test_open_job_store_picks_postgres_by_scheme(database: str, tmp_path: Path) 
     assert not (tmp_path / "swapline.db").exists()
 
 
-def test_an_unreachable_server_is_unavailable() -> None:
+def test_an_unreachable_server_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(Unavailable, match="cannot connect to the PostgreSQL job store"):
         PostgresJobStore(
-            f"postgresql://postgres@127.0.0.1:{free_ports(1)[0]}/none", connect_timeout_seconds=2
+            f"postgresql://postgres@127.0.0.1:{free_ports(1)[0]}/none", tmp_path, connect_timeout_seconds=2
         )
 
 
@@ -196,8 +196,10 @@ def _wait_for_a_lock_wait(url: str, timeout_seconds: float = 10.0) -> None:
             assert time.monotonic() < deadline, "no session started waiting for a lock"
 
 
-def test_ending_a_job_during_another_gateways_lease_waits_for_it_without_deadlock(database: str) -> None:
-    store = PostgresJobStore(database)
+def test_ending_a_job_during_another_gateways_lease_waits_for_it_without_deadlock(
+    database: str, tmp_path: Path
+) -> None:
+    store = PostgresJobStore(database, tmp_path)
     store.add_job(job_record("a", 1.0), planned_chunks("a", [10, 10]))
     ended: list[bool] = []
     # The lease of another gateway, mid-transaction: chunk locked, its job not yet started.
@@ -210,13 +212,30 @@ def test_ending_a_job_during_another_gateways_lease_waits_for_it_without_deadloc
         _wait_for_a_lock_wait(database)
         # Were the job row already the cancel's, this would wait for it while it waits for the chunk.
         leasing.execute("UPDATE chunks SET state = 'LEASED', lease_id = 'l0' WHERE job_id = 'a' AND idx = 0")
-        leasing.execute(
-            "UPDATE jobs SET state = 'RUNNING', started_at = 1.5 WHERE id = 'a' AND state = 'QUEUED'"
-        )
+        leasing.execute("UPDATE jobs SET state = 'RUNNING', started_at = 1.5 WHERE id = 'a' AND state = 'QUEUED'")
         leasing.commit()
     cancel.join(timeout=10)
     assert ended == [True]
     job = store.get_job("a")
     assert job is not None and job.state == "CANCELLED" and job.started_at == 1.5
     assert [chunk.state for chunk in store.list_chunks("a")] == ["CANCELLED", "CANCELLED"]
+    store.close()
+
+
+def test_a_lost_connection_is_unavailable_without_its_details_and_the_next_call_reconnects(
+    database: str, tmp_path: Path
+) -> None:
+    store = PostgresJobStore(database, tmp_path)
+    store.add_job(job_record("a", 1.0), [])
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(
+            """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+        )
+    with pytest.raises(Unavailable) as lost:
+        store.get_job("a")
+    # Callers of the public API get this message: no host, port or statement of the server.
+    assert lost.value.message == "the job store is unavailable; try again"
+    job = store.get_job("a")
+    assert job is not None and job.id == "a"
     store.close()

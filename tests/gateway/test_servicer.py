@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import grpc
@@ -21,11 +24,15 @@ from skimage import data as skimage_data
 
 from services.common.errors import InvalidArgument, code_value
 from services.common.frame_codec import unpack_frames
+from services.common.grpc_channel import PLAINTEXT, ChannelSecurity, StaticToken, open_channel
 from services.common.grpc_server import ServiceBinding, start_server
+from services.common.image_codec import decode_rgb_image
 from services.common.media_paths import existing_media_path, writable_media_path
 from services.common.server_settings import ServerSettings
+from services.gateway import job_service
 from services.gateway.gateway_parts import GatewayParts, assemble_gateway
 from services.gateway.gpu_trend_source import GpuTrendSource, TrendRow
+from services.gateway.job_records import EncodeOptions
 from services.gateway.job_store import SqliteJobStore
 from services.gateway.media_clients import GrpcMediaServices
 from services.gateway.settings import GatewaySettings
@@ -70,9 +77,7 @@ class FakeDetector(detector_pb2_grpc.DetectorServiceServicer):
 
     sizes: list[tuple[int, int]] = field(default_factory=list)
 
-    async def Detect(
-        self, request: detector_pb2.DetectRequest, context: object
-    ) -> detector_pb2.DetectResponse:
+    async def Detect(self, request: detector_pb2.DetectRequest, context: object) -> detector_pb2.DetectResponse:
         frames, indices, _ = unpack_frames(request.frames)
         response = detector_pb2.DetectResponse()
         for frame, index in zip(frames, indices, strict=True):
@@ -101,6 +106,11 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServiceServicer):
         )
 
 
+# Tokens of the gateway under test: two tenants besides the local one, and the workers' internal token.
+TENANT_TOKENS = {"local": "token-of-local", "acme": "token-of-acme", "globex": "token-of-globex"}
+INTERNAL_TOKEN = "internal-token-of-the-workers"
+
+
 @dataclass
 class Gateway:
     jobs: jobs_pb2_grpc.JobServiceStub
@@ -109,24 +119,35 @@ class Gateway:
     detector: FakeDetector
     encoder: FakeEncoder
     media_root: Path
+    address: str
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def jobs_as(self, tenant: str) -> jobs_pb2_grpc.JobServiceStub:
+        """The JobService as the tenant's client sees it; "internal" for a swapline service."""
+        token = INTERNAL_TOKEN if tenant == "internal" else TENANT_TOKENS[tenant]
+        self.channels.append(open_channel(self.address, ChannelSecurity(token=StaticToken(token))))
+        return jobs_pb2_grpc.JobServiceStub(self.channels[-1])
 
 
 @asynccontextmanager
-async def running_gateway(tmp_path: Path, gpu_source: GpuTrendSource | None = None) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    tmp_path: Path, gpu_source: GpuTrendSource | None = None, **settings_overrides: Any
+) -> AsyncIterator[Gateway]:
     media_root = tmp_path / "media"
     media_root.mkdir()
     detector, encoder = FakeDetector(), FakeEncoder(media_root)
     fakes = await start_server(
-        ServerSettings(port=0, metrics_port=-1),
+        ServerSettings(port=0, metrics_port=-1, transport_security="plaintext", auth_mode="open"),
         [
-            ServiceBinding(
-                FakeDecoder(media_root), decoder_pb2_grpc.add_DecoderServiceServicer_to_server, "d"
-            ),
+            ServiceBinding(FakeDecoder(media_root), decoder_pb2_grpc.add_DecoderServiceServicer_to_server, "d"),
             ServiceBinding(detector, detector_pb2_grpc.add_DetectorServiceServicer_to_server, "f"),
             ServiceBinding(encoder, encoder_pb2_grpc.add_EncoderServiceServicer_to_server, "e"),
         ],
     )
     fakes_target = f"127.0.0.1:{fakes.port}"
+    tokens_file, internal_token_file = tmp_path / "tenant-tokens", tmp_path / "internal-token"
+    tokens_file.write_text("".join(f"{token} {tenant}\n" for tenant, token in TENANT_TOKENS.items()))
+    internal_token_file.write_text(INTERNAL_TOKEN)
     settings = GatewaySettings(
         media_root=media_root,
         decoder_target=fakes_target,
@@ -136,25 +157,39 @@ async def running_gateway(tmp_path: Path, gpu_source: GpuTrendSource | None = No
         max_upload_bytes=MAX_UPLOAD_BYTES,
         port=0,
         metrics_port=-1,
+        transport_security="plaintext",
+        auth_mode="token",
+        tenant_tokens_file=tokens_file,
+        internal_token_file=internal_token_file,
         gpu_trend_source="none" if gpu_source is None else "trend_log",
+        **settings_overrides,
     )
-    store = SqliteJobStore(":memory:")
-    media = GrpcMediaServices(fakes_target, fakes_target, fakes_target, 10.0, 10.0)
+    store = SqliteJobStore(":memory:", media_root)
+    media = GrpcMediaServices(fakes_target, fakes_target, fakes_target, 10.0, 10.0, PLAINTEXT)
     parts = assemble_gateway(settings, store, media, gpu_source=gpu_source)
     server = await start_server(settings, parts.bindings())
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    address = f"127.0.0.1:{server.port}"
+    worker_channel = open_channel(
+        f"127.0.0.1:{server.internal_port}", ChannelSecurity(token=StaticToken(INTERNAL_TOKEN))
+    )
+    gateway = Gateway(
+        jobs_pb2_grpc.JobServiceStub(worker_channel),
+        chunks_pb2_grpc.ChunkQueueServiceStub(worker_channel),
+        parts,
+        detector,
+        encoder,
+        media_root,
+        address,
+        [worker_channel],
+    )
+    # The local tenant's client, as `swapline` with SWAPLINE_TOKEN set.
+    gateway.jobs = gateway.jobs_as("local")
     try:
-        yield Gateway(
-            jobs_pb2_grpc.JobServiceStub(channel),
-            chunks_pb2_grpc.ChunkQueueServiceStub(channel),
-            parts,
-            detector,
-            encoder,
-            media_root,
-        )
+        yield gateway
     finally:
-        await channel.close()
-        await server.server.stop(None)
+        for channel in gateway.channels:
+            await channel.close()
+        await server.stop(None)
         await parts.coordinator.wait_for_joins()
         await fakes.server.stop(None)
         await media.close()
@@ -162,10 +197,13 @@ async def running_gateway(tmp_path: Path, gpu_source: GpuTrendSource | None = No
 
 
 def run(
-    tmp_path: Path, scenario: Callable[[Gateway], Awaitable[None]], gpu_source: GpuTrendSource | None = None
+    tmp_path: Path,
+    scenario: Callable[[Gateway], Awaitable[None]],
+    gpu_source: GpuTrendSource | None = None,
+    **settings_overrides: Any,
 ) -> None:
     async def main() -> None:
-        async with running_gateway(tmp_path, gpu_source) as gateway:
+        async with running_gateway(tmp_path, gpu_source, **settings_overrides) as gateway:
             await asyncio.wait_for(scenario(gateway), timeout=30.0)
 
     asyncio.run(main())
@@ -187,9 +225,7 @@ FLAT_JPEG = encoded(np.full((120, 100, 3), 128, np.uint8))
 
 
 def submit_messages(spec: jobs_pb2.JobSpec, pieces: Sequence[bytes] = ()) -> list[jobs_pb2.SubmitJobRequest]:
-    return [jobs_pb2.SubmitJobRequest(spec=spec)] + [
-        jobs_pb2.SubmitJobRequest(target_chunk=p) for p in pieces
-    ]
+    return [jobs_pb2.SubmitJobRequest(spec=spec)] + [jobs_pb2.SubmitJobRequest(target_chunk=p) for p in pieces]
 
 
 async def submit_expecting(
@@ -212,9 +248,7 @@ async def submit_expecting(
 def test_missing_target_is_not_found(tmp_path: Path, face_jpeg: bytes) -> None:
     async def scenario(gateway: Gateway) -> None:
         spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="missing.mp4")
-        job = await submit_expecting(
-            gateway, submit_messages(spec), grpc.StatusCode.NOT_FOUND, "does not exist"
-        )
+        job = await submit_expecting(gateway, submit_messages(spec), grpc.StatusCode.NOT_FOUND, "does not exist")
         listed = await gateway.jobs.ListJobs(jobs_pb2.ListJobsRequest(state=jobs_pb2.JOB_STATE_FAILED))
         assert [listed_job.id for listed_job in listed.jobs] == [job.id]
 
@@ -233,9 +267,7 @@ def test_undecodable_target_keeps_the_decoders_invalid_argument(tmp_path: Path, 
     async def scenario(gateway: Gateway) -> None:
         (gateway.media_root / "broken.mp4").write_bytes(b"garbage")
         spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="broken.mp4")
-        await submit_expecting(
-            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "no decodable"
-        )
+        await submit_expecting(gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "no decodable")
 
     run(tmp_path, scenario)
 
@@ -284,9 +316,7 @@ def test_reference_selector_needs_a_reference_with_a_face(tmp_path: Path, face_j
         (gateway.media_root / "clip.mp4").write_bytes(b"video")
         reference = jobs_pb2.FACE_SELECTOR_MODE_REFERENCE
         missing = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4", selector=reference)
-        await submit_expecting(
-            gateway, submit_messages(missing), grpc.StatusCode.INVALID_ARGUMENT, "reference_image"
-        )
+        await submit_expecting(gateway, submit_messages(missing), grpc.StatusCode.INVALID_ARGUMENT, "reference_image")
         faceless = jobs_pb2.JobSpec(
             source_image=face_jpeg, target_uri="clip.mp4", selector=reference, reference_image=FLAT_JPEG
         )
@@ -304,9 +334,7 @@ def test_bad_source_and_a_missing_spec_are_invalid(tmp_path: Path) -> None:
     async def scenario(gateway: Gateway) -> None:
         (gateway.media_root / "clip.mp4").write_bytes(b"video")
         spec = jobs_pb2.JobSpec(source_image=b"not an image", target_uri="clip.mp4")
-        await submit_expecting(
-            gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "source image"
-        )
+        await submit_expecting(gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, "source image")
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await gateway.jobs.SubmitJob(iter([jobs_pb2.SubmitJobRequest(target_chunk=b"abc")]))
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -341,9 +369,7 @@ def test_unknown_jobs_are_not_found_everywhere(tmp_path: Path) -> None:
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
         streams = [
             gateway.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id="nope")),
-            gateway.jobs.FetchArtifact(
-                jobs_pb2.FetchArtifactRequest(job_id="nope", artifact=jobs_pb2.ARTIFACT_OUTPUT)
-            ),
+            gateway.jobs.FetchArtifact(jobs_pb2.FetchArtifactRequest(job_id="nope", artifact=jobs_pb2.ARTIFACT_OUTPUT)),
         ]
         for stream in streams:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -380,9 +406,7 @@ def test_cancel_a_queued_job_then_it_is_finished(tmp_path: Path, face_jpeg: byte
 
 async def fetch_all(gateway: Gateway, job_id: str, artifact: jobs_pb2.Artifact) -> tuple[bytes, str, int]:
     pieces, filename, total = [], "", -1
-    async for piece in gateway.jobs.FetchArtifact(
-        jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
-    ):
+    async for piece in gateway.jobs.FetchArtifact(jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)):
         pieces.append(piece.data)
         filename, total = piece.filename, piece.total_size
     return b"".join(pieces), filename, total
@@ -424,9 +448,7 @@ def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -
         collector = asyncio.create_task(collect())
         segments = []
         while True:
-            response = await gateway.queue.LeaseChunk(
-                chunks_pb2.LeaseChunkRequest(worker_id="w", wait_seconds=0)
-            )
+            response = await gateway.queue.LeaseChunk(chunks_pb2.LeaseChunkRequest(worker_id="w", wait_seconds=0))
             if not response.has_lease:
                 break
             lease = response.lease
@@ -439,21 +461,15 @@ def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -
             )
             assert lease.source_image == face_jpeg and lease.selector == jobs_pb2.FACE_SELECTOR_MODE_MANY
             assert (lease.encode.crf, lease.encode.preset, lease.attempt) == (18, "fast", 1)
-            assert lease.segment_uri == f"work/{job.id}/chunk-{lease.chunk_index:05d}.mp4"
+            assert lease.segment_uri == f"work/{job.id}/chunk-{lease.chunk_index:05d}-a1.mp4"
             half = lease.frame_count // 2
             beat = await gateway.queue.Heartbeat(
-                chunks_pb2.HeartbeatRequest(
-                    lease_id=lease.lease_id, frames_done=half, stage="swap", faces=half
-                )
+                chunks_pb2.HeartbeatRequest(lease_id=lease.lease_id, frames_done=half, stage="swap", faces=half)
             )
             assert not beat.stop
             if lease.chunk_index == 0:
                 progress = await first_event("swap", half)
-                assert (
-                    progress.state == jobs_pb2.JOB_STATE_RUNNING
-                    and progress.fps > 0
-                    and progress.eta_seconds > 0
-                )
+                assert progress.state == jobs_pb2.JOB_STATE_RUNNING and progress.fps > 0 and progress.eta_seconds > 0
             segment = f"segment-{lease.chunk_index};".encode()
             segments.append(segment)
             writable_media_path(gateway.media_root, lease.segment_uri).write_bytes(segment)
@@ -467,9 +483,7 @@ def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -
                 finished_at_unix=now,
             )
             await gateway.queue.CompleteChunk(
-                chunks_pb2.CompleteChunkRequest(
-                    lease_id=lease.lease_id, segment_uri=lease.segment_uri, stats=stats
-                )
+                chunks_pb2.CompleteChunkRequest(lease_id=lease.lease_id, segment_uri=lease.segment_uri, stats=stats)
             )
         assert len(segments) == 4
 
@@ -481,12 +495,10 @@ def test_happy_path_from_submit_to_artifacts(tmp_path: Path, face_jpeg: bytes) -
         assert frames_seen == sorted(frames_seen)
 
         done = await gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
-        assert (
-            done.state == jobs_pb2.JOB_STATE_SUCCEEDED and done.output_uri == f"outputs/{job.id}/output.mp4"
-        )
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED and done.output_uri == f"outputs/{job.id}/output.mp4"
         join = gateway.encoder.joins[-1]
-        assert list(join.segment_uris) == [f"work/{job.id}/chunk-{i:05d}.mp4" for i in range(4)]
-        assert join.audio_source_uri == "clip.mp4"
+        assert list(join.segment_uris) == [f"work/{job.id}/chunk-{i:05d}-a1.mp4" for i in range(4)]
+        assert join.audio_source_uri == "clip.mp4" and join.expected_frames == VIDEO_FRAMES
 
         output, filename, total = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_OUTPUT)
         assert output == b"".join(segments) and filename == "output.mp4" and total == len(output)
@@ -619,5 +631,211 @@ def test_a_job_cancelled_before_it_started_has_no_gpu_trend(tmp_path: Path, face
         assert "before it started" in (failure.value.details() or "")
         report, name, _ = await fetch_all(gateway, job.id, jobs_pb2.ARTIFACT_REPORT)
         assert name == "report.json" and "gpu" not in json.loads(report)
+
+    run(tmp_path, scenario)
+
+
+def test_workers_chunk_queue_is_internal_and_the_job_service_public(tmp_path: Path) -> None:
+    """Served on the public port, the queue let anyone lease a victim's chunk and complete it with their own video."""
+
+    async def scenario(gateway: Gateway) -> None:
+        audiences = {binding.full_name.rsplit(".", 1)[-1]: binding.audience for binding in gateway.parts.bindings()}
+        assert audiences == {"JobService": "public", "ChunkQueueService": "internal"}
+
+    run(tmp_path, scenario)
+
+
+async def upload_job(jobs: jobs_pb2_grpc.JobServiceStub, source: bytes, name: str = "clip.mp4") -> jobs_pb2.Job:
+    spec = jobs_pb2.JobSpec(source_image=source, target_filename=name)
+    return await jobs.SubmitJob(iter(submit_messages(spec, [b"tenant video"])))
+
+
+async def status_of(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call
+    return failure.value.code(), failure.value.details() or ""
+
+
+async def stream_status(stream: AsyncIterator[object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for _ in stream:
+            pass
+    return failure.value.code(), failure.value.details() or ""
+
+
+def test_a_tenant_sees_fetches_and_cancels_only_its_own_jobs(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        acme, globex, internal = gateway.jobs_as("acme"), gateway.jobs_as("globex"), gateway.jobs_as("internal")
+        job = await upload_job(acme, face_jpeg)
+        assert job.target_uri == f"uploads/{job.id}/clip.mp4"
+        assert (gateway.media_root / "tenants/acme" / job.target_uri).read_bytes() == b"tenant video"
+        local_job = await upload_job(gateway.jobs, face_jpeg)
+        assert (gateway.media_root / local_job.target_uri).is_file()
+
+        # To globex the job does not exist: the same answer as for an id nobody has.
+        missing = "0123456789abcdef"
+        for job_id in (job.id, missing):
+            expected = (grpc.StatusCode.NOT_FOUND, f"job '{job_id}' does not exist")
+            assert await status_of(globex.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))) == expected
+            assert await status_of(globex.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id))) == expected
+            assert await stream_status(globex.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id))) == expected
+            report = jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=jobs_pb2.ARTIFACT_REPORT)
+            assert await stream_status(globex.FetchArtifact(report)) == expected
+        assert list((await globex.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == []
+        assert [listed.id for listed in (await acme.ListJobs(jobs_pb2.ListJobsRequest())).jobs] == [job.id]
+        local_list = await gateway.jobs.ListJobs(jobs_pb2.ListJobsRequest())
+        assert [listed.id for listed in local_list.jobs] == [local_job.id]
+        # A swapline service (the advisor) sees every tenant's jobs.
+        everything = await internal.ListJobs(jobs_pb2.ListJobsRequest())
+        assert [listed.id for listed in everything.jobs] == [local_job.id, job.id]
+
+        await run_every_chunk(gateway)
+        await gateway.parts.coordinator.wait_for_joins()
+        output = jobs_pb2.FetchArtifactRequest(job_id=job.id, artifact=jobs_pb2.ARTIFACT_OUTPUT)
+        assert (await stream_status(globex.FetchArtifact(output)))[0] == grpc.StatusCode.NOT_FOUND
+        assert b"".join([piece.data async for piece in acme.FetchArtifact(output)]) == b"segment;" * 4
+        assert (await acme.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))).state == jobs_pb2.JOB_STATE_SUCCEEDED
+        assert (await status_of(globex.CancelJob(jobs_pb2.CancelJobRequest(job_id=local_job.id))))[0] == (
+            grpc.StatusCode.NOT_FOUND
+        )
+
+    run(tmp_path, scenario)
+
+
+def test_no_tenant_can_name_another_tenants_upload_or_the_gateways_files(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        acme, globex = gateway.jobs_as("acme"), gateway.jobs_as("globex")
+        victim = await upload_job(acme, face_jpeg)
+        upload = f"uploads/{victim.id}/clip.mp4"
+        (gateway.media_root / "sneaky.mp4").symlink_to(gateway.media_root / "tenants/acme" / upload)
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        attempts = [
+            (globex, f"../acme/{upload}", denied, "outside your media area"),
+            (globex, str(gateway.media_root / "tenants/acme" / upload), denied, "outside your media area"),
+            # Read in globex's own area, where no such file is.
+            (globex, f"tenants/acme/{upload}", grpc.StatusCode.NOT_FOUND, "does not exist"),
+            (gateway.jobs, f"tenants/acme/{upload}", denied, "the gateway's own files"),
+            (gateway.jobs, f"work/{victim.id}/source-image", denied, "the gateway's own files"),
+            (gateway.jobs, f"outputs/{victim.id}/report.json", denied, "the gateway's own files"),
+            (gateway.jobs, "sneaky.mp4", denied, "the gateway's own files"),
+            (gateway.jobs, "swapline.db", denied, "the gateway's own files"),
+        ]
+        for jobs, target_uri, code, words in attempts:
+            spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri=target_uri)
+            failure = await status_of(jobs.SubmitJob(iter(submit_messages(spec))))
+            assert failure[0] == code and words in failure[1], (target_uri, failure)
+            assert str(tmp_path) not in failure[1]
+        # Its own upload, named relative to its area, is acme's to use again.
+        again = await acme.SubmitJob(iter(submit_messages(jobs_pb2.JobSpec(source_image=face_jpeg, target_uri=upload))))
+        assert again.state == jobs_pb2.JOB_STATE_QUEUED and again.target_uri == upload
+        leases = [await lease_and_beat(gateway) for _ in range(8)]
+        assert {lease.target_uri for lease in leases if lease} == {f"tenants/acme/{upload}"}
+
+    run(tmp_path, scenario)
+
+
+def test_source_images_live_in_media_storage_not_in_the_job_table(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        reference = jobs_pb2.FACE_SELECTOR_MODE_REFERENCE
+        spec = jobs_pb2.JobSpec(
+            source_image=face_jpeg, target_uri="clip.mp4", selector=reference, reference_image=face_jpeg
+        )
+        job = await gateway.jobs.SubmitJob(iter(submit_messages(spec)))
+        record = gateway.parts.coordinator.require_job(job.id)
+        assert (record.source_image_uri, record.reference_image_uri) == (
+            f"work/{job.id}/source-image",
+            f"work/{job.id}/reference-image",
+        )
+        assert (gateway.media_root / record.source_image_uri).read_bytes() == face_jpeg
+        assert "source_image" not in {column.name for column in dataclasses.fields(record)}
+        lease = await lease_and_beat(gateway)
+        assert lease is not None and lease.source_image == face_jpeg and lease.reference_image == face_jpeg
+        # A job with another selector stores no reference, whatever the spec carried.
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4", reference_image=face_jpeg)
+        plain = gateway.parts.coordinator.require_job((await gateway.jobs.SubmitJob(iter(submit_messages(spec)))).id)
+        assert plain.reference_image_uri == ""
+
+    run(tmp_path, scenario)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of a PNG claiming this size; nothing after the header."""
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + bytes(9)
+
+
+def test_requests_past_the_limits_are_refused_before_anything_large_is_done(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        long_uri = "a/" * 250 + "clip.mp4"
+        cases = [
+            (jobs_pb2.JobSpec(source_image=png_header(1500, 1000), target_uri="clip.mp4"), "the limit is 1.0 Mpx"),
+            (jobs_pb2.JobSpec(source_image=face_jpeg + bytes(200_000), target_uri="clip.mp4"), "bytes; the limit"),
+            (jobs_pb2.JobSpec(source_image=face_jpeg, target_uri=long_uri), "the limit is 100"),
+            (jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip\x00.mp4"), "control character"),
+            (jobs_pb2.JobSpec(source_image=face_jpeg, target_filename="v" * 300 + ".mp4"), "the limit is 255"),
+            (
+                jobs_pb2.JobSpec(
+                    source_image=face_jpeg, target_uri="clip.mp4", encode=encoder_pb2.EncodeSettings(crf=-1)
+                ),
+                "crf -1",
+            ),
+            (
+                jobs_pb2.JobSpec(
+                    source_image=face_jpeg, target_uri="clip.mp4", encode=encoder_pb2.EncodeSettings(preset="bogus")
+                ),
+                "preset 'bogus'",
+            ),
+        ]
+        for spec, words in cases:
+            job = await submit_expecting(gateway, submit_messages(spec), invalid, words)
+            assert len(job.error.message) < 300 and str(tmp_path) not in job.error.message
+            # A target_uri or encode setting that failed its checks is not stored with the failed job.
+            assert job.target_uri in ("", "clip.mp4")
+            assert gateway.parts.coordinator.require_job(job.id).encode == EncodeOptions()
+        assert gateway.detector.sizes == []
+        long_id = await status_of(gateway.jobs.GetJob(jobs_pb2.GetJobRequest(job_id="x" * 100_000)))
+        assert long_id[0] == grpc.StatusCode.NOT_FOUND and len(long_id[1]) < 100
+
+    run(tmp_path, scenario, max_image_pixels=1_000_000, max_image_bytes=200_000, max_uri_length=100)
+
+
+@pytest.mark.parametrize(
+    ("limit", "words"),
+    [
+        ({"max_frames": 99}, "has 100 frames; the limit is 99"),
+        ({"max_duration_seconds": 3.5}, "the limit is 3.5 s"),
+        ({"max_video_pixels": 64 * 48 - 1}, "(3071 pixels)"),
+    ],
+)
+def test_a_target_past_the_limits_is_refused_before_chunks_are_planned(
+    tmp_path: Path, face_jpeg: bytes, limit: dict[str, Any], words: str
+) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")
+        job = await submit_expecting(gateway, submit_messages(spec), grpc.StatusCode.INVALID_ARGUMENT, words)
+        assert job.chunks_total == 0
+
+    run(tmp_path, scenario, **limit)
+
+
+def test_images_are_decoded_off_the_event_loop(
+    tmp_path: Path, face_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding_threads: list[int] = []
+
+    def recording_decode(data: bytes, what: str, max_pixels: int) -> np.ndarray:
+        decoding_threads.append(threading.get_ident())
+        return decode_rgb_image(data, what, max_pixels)
+
+    monkeypatch.setattr(job_service, "decode_rgb_image", recording_decode)
+
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")
+        await gateway.jobs.SubmitJob(iter(submit_messages(spec)))
+        assert len(decoding_threads) == 1 and decoding_threads[0] != threading.get_ident()
 
     run(tmp_path, scenario)

@@ -3,6 +3,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import tritonclient.grpc as triton_grpc
 from services.common import triton_shared_memory
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.triton_client import TritonClient
+from services.common.triton_shared_memory import PoolLimits
 from services.triton.local_models import LocalModels
 from services.triton.model_config import repository_models
 from services.triton.server_process import EmbeddedTriton, locate_pytriton
@@ -97,9 +100,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
 ) -> None:
     rng = np.random.default_rng(12)
-    requests = [
-        {"image": rng.uniform(0, 255, (1 + index % 3, 3, 48, 48)).astype(np.float32)} for index in range(24)
-    ]
+    requests = [{"image": rng.uniform(0, 255, (1 + index % 3, 3, 48, 48)).astype(np.float32)} for index in range(24)]
     outputs = ["probability", "regression", "landmarks"]
     executions_before, inferences_before = _execution_and_inference_counts(embedded_triton, "mtcnn_onet")
 
@@ -122,9 +123,7 @@ def test_pnet_requests_of_different_sizes_are_answered_at_their_own_size(
 ) -> None:
     rng = np.random.default_rng(13)
     sizes = [(30, 50), (64, 48), (30, 50), (100, 80)]
-    requests = [
-        {"image": rng.uniform(0, 255, (2, 3, height, width)).astype(np.float32)} for height, width in sizes
-    ]
+    requests = [{"image": rng.uniform(0, 255, (2, 3, height, width)).astype(np.float32)} for height, width in sizes]
     outputs = ["probability", "regression"]
 
     answers = asyncio.run(_infer_all(embedded_triton.grpc_url, "mtcnn_pnet", requests, outputs, shared_memory))
@@ -256,17 +255,13 @@ def test_a_model_that_cannot_load_fails_the_start_with_the_log(tmp_path: Path) -
     (repository / "mtcnn_rnet/1/model.onnx").write_bytes(b"this is not an onnx graph")
     triton = EmbeddedTriton(repository, tmp_path / "work", startup_timeout=60)
 
-    with pytest.raises(
-        Unavailable, match=r"(?s)exited with code.*failed to load 'mtcnn_rnet'.*Protobuf parsing"
-    ):
+    with pytest.raises(Unavailable, match=r"(?s)exited with code.*failed to load 'mtcnn_rnet'.*Protobuf parsing"):
         triton.start()
     assert triton.pid is None
 
 
 def test_stop_ends_the_server_cleanly(tmp_path: Path) -> None:
-    triton = EmbeddedTriton(
-        PRODUCTION_REPOSITORY, tmp_path / "work", models=["mtcnn_rnet"], startup_timeout=60
-    )
+    triton = EmbeddedTriton(PRODUCTION_REPOSITORY, tmp_path / "work", models=["mtcnn_rnet"], startup_timeout=60)
     triton.start()
     pid = triton.pid
     assert pid is not None
@@ -287,3 +282,142 @@ def test_a_relative_work_dir_is_resolved_before_the_server_changes_into_it(
     monkeypatch.chdir(tmp_path)
     triton = EmbeddedTriton(Path("models"), Path("work"))
     assert triton.work_dir == tmp_path / "work" and triton.model_repository == tmp_path / "models"
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting for its reaper (a zombie holds no memory)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _existing(names: list[str]) -> list[str]:
+    return [name for name in names if (Path("/dev/shm") / name).exists()]
+
+
+async def _ready_within(client: TritonClient, model: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await client.is_model_ready(model):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def test_a_killed_server_is_cleaned_up_and_restarted_on_the_same_url(tmp_path: Path, local_models: LocalModels) -> None:
+    triton = EmbeddedTriton(PRODUCTION_REPOSITORY, tmp_path / "work", models=["mtcnn_rnet"], startup_timeout=60)
+    image = np.random.default_rng(18).uniform(0, 255, (3, 3, 24, 24)).astype(np.float32)
+    # 80 crops and room for their outputs outgrow the first 1 MiB region.
+    large = np.zeros((80, 3, 24, 24), np.float32)
+    outputs = ["probability", "regression"]
+    expected = asyncio.run(local_models.infer("mtcnn_rnet", {"image": image}, outputs))
+    url = triton.grpc_url
+
+    async def scenario(old_pid: int, old_stubs: list[int], old_regions: list[str]) -> dict[str, np.ndarray]:
+        # One client throughout: its regions were registered with the server that is killed.
+        client = TritonClient(url, TIMEOUT_SECONDS, shared_memory=True)
+        try:
+            await client.infer("mtcnn_rnet", {"image": image}, outputs)
+            os.kill(old_pid, signal.SIGKILL)
+            deadline = time.monotonic() + TIMEOUT_SECONDS
+            while await asyncio.to_thread(triton.alive) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not triton.alive()
+            # Noticing the death ended the stubs and removed the regions, before any restart.
+            assert [pid for pid in old_stubs if _running(pid)] == []
+            assert _existing(old_regions) == []
+            started = time.monotonic()
+            # Larger than the free region: each must register a new one. The free region stays
+            # registered with the dead server only.
+            refused = await asyncio.gather(
+                *(client.infer("mtcnn_rnet", {"image": large}, outputs) for _ in range(2)), return_exceptions=True
+            )
+            assert [type(error) for error in refused] == [Unavailable, Unavailable]
+            # Refused at once, not after the client's timeout, and retryable: shared memory stays on.
+            assert time.monotonic() - started < 5
+            assert client.uses_shared_memory
+
+            await asyncio.to_thread(triton.restart)
+
+            assert triton.grpc_url == url and triton.pid not in (None, old_pid)
+            assert triton.alive()
+            assert await _ready_within(client, "mtcnn_rnet", TIMEOUT_SECONDS)
+            answer = await client.infer("mtcnn_rnet", {"image": image}, outputs)
+            # Still through shared memory: the regions the killed server knew were registered anew
+            # instead of failing the request as an unknown region or turning shared memory off.
+            assert client.uses_shared_memory
+            return answer
+        finally:
+            await client.close()
+
+    triton.start()
+    try:
+        old_pid = triton.pid
+        assert old_pid is not None
+        old_stubs = [pid for pid in _children(old_pid) if "triton_python_backend_stub" in _command(pid)]
+        old_regions = [path.name for path in triton.shared_memory_regions()]
+        assert old_stubs and old_regions
+        answer = asyncio.run(scenario(old_pid, old_stubs, old_regions))
+        new_regions = [path.name for path in triton.shared_memory_regions()]
+        assert new_regions and not set(new_regions) & set(old_regions)
+    finally:
+        triton.stop()
+    np.testing.assert_allclose(answer["probability"], expected["probability"], atol=1e-5)
+    assert _existing(new_regions) == []
+
+
+def test_idle_shared_memory_regions_are_unregistered_and_unlinked_while_the_client_lives(
+    embedded_triton: EmbeddedTriton,
+) -> None:
+    rng = np.random.default_rng(19)
+    requests = [{"image": rng.uniform(0, 255, (count, 3, 24, 24)).astype(np.float32)} for count in (2, 80, 3, 150)]
+
+    def registered_names(client: triton_grpc.InferenceServerClient) -> set[str]:
+        status = client.get_system_shared_memory_status()
+        return {region.name for region in status.regions.values()}
+
+    async def scenario() -> tuple[list[str], set[str], list[str], set[str]]:
+        client = TritonClient(
+            embedded_triton.grpc_url, TIMEOUT_SECONDS, shared_memory=True, pool_limits=PoolLimits(idle_seconds=0.3)
+        )
+        status_client = triton_grpc.InferenceServerClient(embedded_triton.grpc_url)
+        try:
+            await asyncio.gather(*(client.infer("mtcnn_rnet", inputs, ["probability"]) for inputs in requests))
+            in_use = _own_regions()
+            registered = registered_names(status_client)
+            # No further request: the pool's own sweep removes the idle regions.
+            deadline = time.monotonic() + TIMEOUT_SECONDS
+            while _own_regions() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return in_use, registered, _own_regions(), registered_names(status_client)
+        finally:
+            status_client.close()
+            await client.close()
+
+    in_use, registered, left, still_registered = asyncio.run(scenario())
+    assert len(in_use) >= 2 and set(in_use) <= registered
+    assert left == []
+    assert not set(in_use) & still_registered

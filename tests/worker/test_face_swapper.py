@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from services.common.errors import Internal, ResourceExhausted
+from services.common.errors import FailedPrecondition, Internal, ResourceExhausted
+from services.common.model_runner import ModelRunner
 from services.worker.face_swapper import (
     FACE_SWAPPER_MODEL,
     CropTransferSwapper,
@@ -79,7 +80,7 @@ class _InvertingModels:
         }
 
 
-def _swap(models: _InvertingModels, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _swap(models: ModelRunner, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     swapper = CropTransferSwapper(models, size=SIZE)
     identity = asyncio.run(swapper.prepare_source(crops[0]))
     return asyncio.run(swapper.swap(crops, identity))
@@ -124,3 +125,41 @@ def test_no_faces_needs_no_request() -> None:
     swapped, masks = asyncio.run(swapper.swap(np.zeros((0, SIZE, SIZE, 3), np.uint8), identity))
     assert swapped.shape == (0, SIZE, SIZE, 3) and masks.shape == (0, SIZE, SIZE)
     assert models.batches == []
+
+
+class _MalformedModels:
+    """A face_swapper that answers with the given outputs whatever it is asked."""
+
+    def __init__(self, answer: dict[str, np.ndarray]) -> None:
+        self.answer = answer
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (
+            {"swapped": np.zeros((0, 3, SIZE, SIZE), np.float16), "mask": np.zeros((0, 1, SIZE, SIZE), np.float16)},
+            "0 crops of 32x32 for 3 faces",
+        ),
+        (
+            {"swapped": np.zeros((3, 3, 16, 16), np.float16), "mask": np.zeros((3, 1, 16, 16), np.float16)},
+            "crops of 16x16 for 3 faces of 32x32",
+        ),
+        (
+            {"swapped": np.zeros((3, SIZE, SIZE, 3), np.float16), "mask": np.zeros((3, SIZE, SIZE), np.float16)},
+            r"expected \(n, 3, S, S\)",
+        ),
+        ({"swapped": np.zeros((3, 3, SIZE, SIZE), np.float16)}, "no mask output"),
+    ],
+    ids=["empty", "wrong-size", "wrong-layout", "missing-output"],
+)
+def test_a_swapper_answer_of_the_wrong_shape_fails_naming_the_model(
+    answer: dict[str, np.ndarray], problem: str
+) -> None:
+    with pytest.raises(FailedPrecondition, match=f"model face_swapper returned .*{problem}"):
+        _swap(_MalformedModels(answer), _crops(3))

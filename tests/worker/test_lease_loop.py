@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -21,9 +22,7 @@ def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
 class _FakeQueue:
     """ChunkQueueService as the loop sees it: records every request."""
 
-    def __init__(
-        self, leases: list[chunks_pb2.LeaseChunkResponse | grpc.aio.AioRpcError], stop: bool = False
-    ) -> None:
+    def __init__(self, leases: list[chunks_pb2.LeaseChunkResponse | grpc.aio.AioRpcError], stop: bool = False) -> None:
         self._leases = leases
         self._stop = stop
         self.lease_calls = 0
@@ -267,3 +266,48 @@ def test_shutdown_drains_both_the_finishing_and_the_computing_chunk() -> None:
     queue = asyncio.run(scenario())
     assert sorted(request.lease_id for request in queue.failed) == ["lease-1", "lease-2"]
     assert all(request.retryable for request in queue.failed)
+
+
+class _Readiness:
+    """Models that are not ready for the first `not_ready_polls` checks, then ready."""
+
+    def __init__(self, not_ready_polls: int) -> None:
+        self._not_ready_polls = not_ready_polls
+        self.polls = 0
+        self.lease_calls_while_not_ready = 0
+        self.queue: _FakeQueue | None = None
+
+    async def __call__(self) -> bool:
+        self.polls += 1
+        ready = self.polls > self._not_ready_polls
+        if not ready and self.queue is not None:
+            self.lease_calls_while_not_ready = max(self.lease_calls_while_not_ready, self.queue.lease_calls)
+        return ready
+
+
+def test_no_chunk_is_leased_until_the_models_are_ready_and_the_wait_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def run_chunk(lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+        return stats
+
+    queue = _FakeQueue([_leased()])
+    readiness = _Readiness(not_ready_polls=6)
+    readiness.queue = queue
+
+    async def scenario() -> None:
+        task = asyncio.create_task(LeaseLoop(queue, run_chunk, _settings(), ready=readiness).run())
+        await asyncio.wait_for(queue.leases_exhausted.wait(), timeout=10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="services.worker.lease_loop"):
+        asyncio.run(scenario())
+    assert readiness.polls > 6
+    assert readiness.lease_calls_while_not_ready == 0
+    assert len(queue.completed) == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert [message for message in messages if "not ready" in message] == [
+        "models are not ready; no chunk is leased until they are"
+    ]
+    assert [message for message in messages if "ready again" in message] == ["models are ready again; leasing chunks"]

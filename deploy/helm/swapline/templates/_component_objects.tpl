@@ -385,13 +385,27 @@ spec:
 {{- end }}
 
 {{/*
-Scrape settings shared by ServiceMonitor and PodMonitor endpoints. The exporter's job is named
-swapline-exporter, its node label comes from the pod's node, and its own labels win (honorLabels), as
-deploy/monitoring/swapline-alerts.yaml expects.
+Scrape settings shared by ServiceMonitor and PodMonitor endpoints (dict root, component, monitor). The
+swapline gRPC services serve their metrics over HTTPS with their own certificate outside open mode, so
+Prometheus verifies it against ca.crt of the component's TLS Secret by the name the certificate holds
+(metrics need no client certificate, under mtls too); the exporter and Triton serve plain HTTP. The
+exporter's job is named swapline-exporter, its node label comes from the pod's node, and its own labels win
+(honorLabels), as deploy/monitoring/swapline-alerts.yaml expects.
 */}}
 {{- define "swapline.scrapeEndpoint" -}}
 - port: metrics
   path: /metrics
+  {{- if include "swapline.metricsTls" . }}
+  scheme: https
+  tlsConfig:
+    ca:
+      secret:
+        name: {{ include "swapline.tlsSecretName" . }}
+        key: ca.crt
+    serverName: {{ include "swapline.tlsServerName" . }}
+  {{- else }}
+  scheme: http
+  {{- end }}
   {{- if eq .component "exporter" }}
   interval: {{ .monitor.exporterInterval }}
   honorLabels: true
@@ -426,7 +440,7 @@ spec:
     matchNames:
       - {{ .root.Release.Namespace }}
   endpoints:
-    {{- include "swapline.scrapeEndpoint" (dict "component" .component "monitor" $monitor) | nindent 4 }}
+    {{- include "swapline.scrapeEndpoint" (dict "root" .root "component" .component "monitor" $monitor) | nindent 4 }}
 {{- end }}
 {{- end }}
 
@@ -451,6 +465,6 @@ spec:
     matchNames:
       - {{ .root.Release.Namespace }}
   podMetricsEndpoints:
-    {{- include "swapline.scrapeEndpoint" (dict "component" .component "monitor" $monitor) | nindent 4 }}
+    {{- include "swapline.scrapeEndpoint" (dict "root" .root "component" .component "monitor" $monitor) | nindent 4 }}
 {{- end }}
 {{- end }}

@@ -316,13 +316,43 @@ volumeMounts, as YAML. Open mode sets plaintext and open and mounts nothing.
 {{- toYaml (dict "env" $env "volumes" $volumes "volumeMounts" $mounts) }}
 {{- end }}
 
-{{/* A probe handler on a gRPC port: the kubelet's gRPC probe speaks plaintext only, so TLS ports get a TCP check. */}}
+{{/*
+The name a component's certificate is checked against by its health probes and by Prometheus: the full DNS
+name of its Service, which every certificate of the component holds (the generated and cert-manager ones
+list it; given ones must, as the tls values say, since the component's callers dial it).
+*/}}
+{{- define "swapline.tlsServerName" -}}
+{{- include "swapline.serviceHost" . }}
+{{- end }}
+
+{{/* "true" when a component's metrics endpoint speaks HTTPS: a swapline gRPC service outside open mode. */}}
+{{- define "swapline.metricsTls" -}}
+{{- if and (not .root.Values.security.openMode) (has .component (include "swapline.tlsComponents" .root | fromJsonArray)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The probe handler of a Python gRPC service's port (dict root, component). Open mode: the kubelet's native
+gRPC probe. Under TLS the kubelet's gRPC probe cannot connect, so the container runs
+services.common.health_probe: it reads the service's own SWAPLINE_<SERVICE>_ settings from the container's
+env, checks the server on 127.0.0.1 at PORT (the gateway's public port; the only port of the others) against
+ca.crt by the name swapline.tlsServerName, and shows the service's own certificate under mtls. Its health
+call gets probes.timeoutSeconds, so raising that value gives a slow server longer.
+*/}}
 {{- define "swapline.grpcProbeHandler" -}}
+{{- $values := index .root.Values .component }}
 {{- if .root.Values.security.openMode }}
 grpc:
-  port: {{ .port }}
+  port: {{ $values.ports.grpc }}
 {{- else }}
-tcpSocket:
-  port: {{ .port }}
+exec:
+  command:
+    - python
+    - -m
+    - services.common.health_probe
+    - {{ include "swapline.envPrefix" .component }}
+    - --server-name
+    - {{ include "swapline.tlsServerName" . }}
+    - --timeout
+    - {{ include "swapline.envValue" $values.probes.timeoutSeconds | quote }}
 {{- end }}
 {{- end }}

@@ -113,9 +113,9 @@ spec:
             {{- end }}
           env:
             {{- toYaml $env | nindent 12 }}
-          # Native gRPC probes against grpc.health.v1 (the empty service name is the server overall) where the
-          # port speaks plaintext; the kubelet cannot speak TLS, so TLS ports are checked for accepting connections.
-          {{- $probe := include "swapline.grpcProbeHandler" (dict "root" $root "port" $values.ports.grpc) | trim }}
+          # grpc.health.v1 checks (the empty service name is the server overall): the kubelet's own gRPC probe where
+          # the port speaks plaintext, services.common.health_probe over TLS (the kubelet cannot speak TLS).
+          {{- $probe := include "swapline.grpcProbeHandler" . | trim }}
           startupProbe:
             {{- $probe | nindent 12 }}
             periodSeconds: 2
