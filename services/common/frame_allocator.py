@@ -8,6 +8,11 @@ protobuf field, the serialised message, gRPC's copy), so each costs a page fault
 and reused (`make bench` notes in docs/benchmarks.md). The price is resident memory that stays at its
 high-water mark (a few frame batches per stream) instead of shrinking between messages, so only the
 processes that move frames (decoder, detector, encoder, worker) apply them, at start.
+
+The gateway wants the opposite: it holds images and uploads only while a job is submitted, and glibc's
+default raises the mmap threshold each time such a block is freed, so after a burst of submissions the
+same blocks came from the heap and a fragmented heap kept 130-180 MB that no job used any more.
+`return_large_blocks` fixes the threshold low, so large blocks always go back to the kernel on free.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 # Freed heap memory up to this much stays with the process for the next frames.
 TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
+# Blocks from this size up are mapped and unmapped on their own (glibc's initial default, kept fixed).
+RETURNED_BLOCK_BYTES = 128 * 1024
+
 # mallopt parameter numbers from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_frame_buffers() -> bool:
-    """Applies the settings to this process; False where the C library is not glibc (nothing changes)."""
+def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """False where the C library is not glibc or refuses (nothing changes)."""
     library = ctypes.util.find_library("c")
     if library is None:
         return False
@@ -37,9 +45,17 @@ def keep_frame_buffers() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+
+
+def keep_frame_buffers() -> bool:
+    """Applies the frame settings to this process; False where the C library is not glibc (nothing changes)."""
+    applied = _set_malloc_thresholds(MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES)
     if not applied:
         log.warning("the C library refused the frame-buffer malloc settings; frames will use fresh pages")
     return applied
+
+
+def return_large_blocks() -> bool:
+    """Large blocks are unmapped when freed and a free heap top is trimmed: memory goes back after a burst."""
+    return _set_malloc_thresholds(RETURNED_BLOCK_BYTES, RETURNED_BLOCK_BYTES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.frame_allocator import return_large_blocks
 from services.common.grpc_channel import channel_security
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
@@ -41,7 +42,9 @@ async def run(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(GatewaySettings, ENV_PREFIX)))
+    settings = load_settings(GatewaySettings, ENV_PREFIX)
+    return_large_blocks()
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

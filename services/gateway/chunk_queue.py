@@ -266,11 +266,14 @@ class ChunkQueue:
     async def fail_spent_budgets(self) -> int:
         """Fails the jobs of queued chunks whose retry budget ran out while nobody leased them.
 
-        A chunk's last try is due at the budget's end at the latest; it gets one lease period more for a
-        worker to take it.
+        A chunk's last try is due at the budget's end at the latest. Then it waits up to one budget more
+        for a worker to take it: during an outage every worker may be waiting it out on another chunk,
+        and is only free once the outage is over. Workers that cannot lease at all (Triton gone for good)
+        still end the job after twice the budget instead of never.
         """
         now = self._coordinator.now()
-        spent = self._store.budget_spent_chunks(now - self.retry.budget_seconds, now - self.lease_seconds)
+        budget = self.retry.budget_seconds
+        spent = self._store.budget_spent_chunks(now - 2 * budget, now - self.lease_seconds)
         for chunk in spent:
             error = chunk.last_error or JobError(code_value(grpc.StatusCode.UNAVAILABLE), "no worker took the chunk")
             failing_since = chunk.failing_since if chunk.failing_since is not None else now

@@ -99,6 +99,7 @@ def assemble_gateway(
         settings.input_limits(),
         new_id,
         CurrentGpuUsage(source),
+        settings.max_concurrent_image_checks,
     )
     coordinator.publish_counts()
     return GatewayParts(coordinator=coordinator, queue=queue, jobs=jobs)

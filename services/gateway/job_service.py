@@ -39,6 +39,7 @@ from services.gateway.job_records import (
 from services.gateway.media_clients import MediaServices, downscaled
 from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area, resolve_target
 
+DEFAULT_CONCURRENT_IMAGE_CHECKS = 4
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 # Progress events carry GPU usage in these states only: before and after, the GPUs serve other jobs.
@@ -119,8 +120,12 @@ class JobService:
         limits: InputLimits,
         new_id: Callable[[], str] = new_job_id,
         gpu_usage: CurrentGpuUsage | None = None,
+        max_concurrent_image_checks: int = DEFAULT_CONCURRENT_IMAGE_CHECKS,
     ) -> None:
         self._coordinator = coordinator
+        # Decoding images and counting their faces (on the detector and Triton) costs memory per request:
+        # a burst of submissions takes turns here, so it peaks no higher than a few submissions do.
+        self._image_checks = asyncio.Semaphore(max_concurrent_image_checks)
         self._store = coordinator.store
         self._queue = queue
         self._media = media
@@ -223,7 +228,8 @@ class JobService:
     async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
         self._check_strings(request)
         job = replace(job, encode=request.encode)
-        source, reference = await self._decoded_images(request)
+        async with self._image_checks:
+            source, reference = await self._decoded_images(request)
         if request.target_uri:
             if await anext(upload, None) is not None:
                 raise InvalidArgument("the spec names a target_uri and also uploads a target; send one of them")
@@ -239,10 +245,11 @@ class JobService:
         job = replace(job, target=target, output_uri=output_uri(job.id, target.kind))
         check_media(target, "target", self._limits)
         self._check_target(request.target_uri or request.target_filename, target)
-        if await self._media.count_faces(source) == 0:
-            raise FailedPrecondition("no face found in the source image")
-        if reference is not None and await self._media.count_faces(reference) == 0:
-            raise FailedPrecondition("no face found in the reference image")
+        async with self._image_checks:
+            if await self._media.count_faces(source) == 0:
+                raise FailedPrecondition("no face found in the source image")
+            if reference is not None and await self._media.count_faces(reference) == 0:
+                raise FailedPrecondition("no face found in the reference image")
         return job
 
     @staticmethod

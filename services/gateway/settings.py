@@ -47,6 +47,8 @@ class GatewaySettings(ServerSettings):
     # models) is not counted. 0: no deadline.
     stall_deadline_seconds: float = ranged(300.0, ge=0.0, le=86400.0)
     max_upload_bytes: int = ranged(4 * 1024**3, ge=1)
+    # Submissions whose images are decoded and face-counted at once; the rest of a burst waits its turn.
+    max_concurrent_image_checks: int = ranged(4, ge=1, le=256)
     # Checked at submit before anything large is allocated: the source and reference images (bytes, and
     # pixels read from their header), the target's frame size, frames and duration (from the probe), and
     # the lengths of target_uri and target_filename.

@@ -10,7 +10,7 @@ from services.common.frame_allocator import MMAP_THRESHOLD_BYTES
 # Run in a child process: the settings are process-wide and cannot be undone.
 _COUNT_MAPPED_BLOCKS = """
 import ctypes, sys
-from services.common.frame_allocator import keep_frame_buffers
+from services.common.frame_allocator import keep_frame_buffers, return_large_blocks
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -28,6 +28,12 @@ def mapped_blocks_while_holding_a_frame():
 
 if sys.argv[1] == "tuned":
     assert keep_frame_buffers()
+if sys.argv[1] == "returning":
+    assert return_large_blocks()
+if sys.argv[1] in ("after-a-free", "returning"):
+    # Freeing a mapped block raises glibc's default threshold past its size.
+    scratch = bytearray(1280 * 720 * 3)
+    del scratch
 print(mapped_blocks_while_holding_a_frame())
 """
 
@@ -50,3 +56,11 @@ def test_a_frame_comes_from_the_heap_after_keep_frame_buffers() -> None:
 def test_the_threshold_covers_a_4k_rgb_frame() -> None:
     assert MMAP_THRESHOLD_BYTES > 3840 * 2160 * 3
 
+
+
+def test_by_default_a_freed_block_moves_the_next_ones_onto_the_heap() -> None:
+    assert _mapped_blocks("after-a-free") == 0
+
+
+def test_after_return_large_blocks_every_large_block_is_mapped_and_given_back() -> None:
+    assert _mapped_blocks("returning") == 1

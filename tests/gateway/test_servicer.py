@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -76,8 +77,24 @@ class FakeDetector(detector_pb2_grpc.DetectorServiceServicer):
     """A textured picture has a face, a flat one has none: enough to drive the gateway's checks."""
 
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    # Set: each call waits this long for `release`, so calls that the gateway lets overlap do overlap.
+    hold_seconds: float = 0.0
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    active: int = 0
+    most_active: int = 0
 
     async def Detect(self, request: detector_pb2.DetectRequest, context: object) -> detector_pb2.DetectResponse:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            if self.hold_seconds:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), self.hold_seconds)
+            return self._answer(request)
+        finally:
+            self.active -= 1
+
+    def _answer(self, request: detector_pb2.DetectRequest) -> detector_pb2.DetectResponse:
         frames, indices, _ = unpack_frames(request.frames)
         response = detector_pb2.DetectResponse()
         for frame, index in zip(frames, indices, strict=True):
@@ -355,6 +372,19 @@ def test_upload_is_stored_under_a_sanitised_name(tmp_path: Path, face_jpeg: byte
         assert (job.frames_total, job.chunks_total) == (VIDEO_FRAMES, 4)
 
     run(tmp_path, scenario)
+
+
+def test_a_burst_of_submissions_takes_turns_at_the_image_checks(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        gateway.detector.hold_seconds = 0.5
+        spec = jobs_pb2.JobSpec(source_image=face_jpeg, target_filename="clip.mp4")
+        jobs = await asyncio.gather(
+            *(gateway.jobs.SubmitJob(iter(submit_messages(spec, [b"video"]))) for _ in range(6))
+        )
+        assert [job.state for job in jobs] == [jobs_pb2.JOB_STATE_QUEUED] * 6
+        assert gateway.detector.most_active == 2
+
+    run(tmp_path, scenario, max_concurrent_image_checks=2)
 
 
 def test_unknown_jobs_are_not_found_everywhere(tmp_path: Path) -> None:
