@@ -148,12 +148,21 @@ class _StreamStreamBearer(_BearerMetadata, grpc.aio.StreamStreamClientIntercepto
         return await continuation(await self.details(client_call_details), request_iterator)
 
 
+# (first, longest) wait between attempts to reach a server that is down.
+RECONNECT_BACKOFF_MS = (500, 2000)
+
+
 def channel_options(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive: KeepalivePolicy = KEEPALIVE
 ) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC's default reconnect backoff grows to minutes: after a 60 s outage of a stage service its
+        # clients would next try about 70 s in, past their calls' deadlines. Capped, they are back within
+        # a few seconds of the service.
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         *keepalive.client_options(),
     ]
 

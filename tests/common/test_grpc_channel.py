@@ -60,3 +60,8 @@ def test_command_line_clients_read_the_token_and_ca_from_the_environment(pki: Pk
     assert security.token is not None and security.token.value == "alice-token-4f1c9a"
     plain = client_security_from_env({})
     assert (plain.tls, plain.token) == (False, None)
+
+
+def test_a_client_tries_a_server_that_is_down_again_within_two_seconds() -> None:
+    options = dict(channel_options())
+    assert (options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]) == (500, 2000)
