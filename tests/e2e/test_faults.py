@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.e2e
 RETRY_BUDGET_SECONDS = 20.0
 STALL_DEADLINE_SECONDS = 20.0
 CLIP_FRAMES = 100
+# Any job of these tests ends well within this, faults included; one that does not has hung.
+JOB_TIMEOUT_SECONDS = 150.0
 BURST_JOBS = 50
 WARM_UP_JOBS = 4
 # Back to baseline: within 10% or 64 MB of resident memory per process, whichever is larger.
@@ -91,9 +94,19 @@ def poll(condition: Callable[[], bool], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
-def follow_to_end(client: JobClient, job_id: str) -> jobs_pb2.Job:
-    """Follows the job through gateway restarts, as `swapline watch` does."""
-    return follow_job(client, job_id, lambda _event: None, Reconnector(lambda _retry: None, budget_seconds=180))
+def follow_to_end(client: JobClient, job_id: str, timeout: float = JOB_TIMEOUT_SECONDS) -> jobs_pb2.Job:
+    """Follows the job through gateway restarts, as `swapline watch` does; a job that hangs fails the test."""
+    follower = ThreadPoolExecutor(max_workers=1)
+    ending = follower.submit(
+        follow_job, client, job_id, lambda _event: None, Reconnector(lambda _retry: None, budget_seconds=180)
+    )
+    try:
+        return ending.result(timeout=timeout)
+    except FutureTimeout:
+        raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s") from None
+    finally:
+        # Not waited for: a follower of a hung job ends once the stack stops and its watch fails.
+        follower.shutdown(wait=False)
 
 
 def video_frames(path: Path) -> int:
@@ -215,7 +228,7 @@ def kill_midway(
         # The gateway case needs a WatchJob open on it; the others follow the job the same way.
         ended = watcher.submit(follow_to_end, client, job.id)
         poll(kill_when_held, 120, f"job {job.id} midway with its holder busy", interval=0.02)
-        return ended.result(timeout=300), kills[0]
+        return ended.result(), kills[0]
 
 
 def test_burst_of_50_jobs_all_succeed_and_resources_return_to_baseline(
