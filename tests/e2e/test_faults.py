@@ -32,8 +32,9 @@ from swapline.jobs.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
 
-RETRY_BUDGET_SECONDS = 20.0
-STALL_DEADLINE_SECONDS = 20.0
+RETRY_BUDGET_SECONDS = 15.0
+# Longer than the outage test's outage plus a restart: a chunk waiting out the outage is not a stall.
+STALL_DEADLINE_SECONDS = 25.0
 CLIP_FRAMES = 100
 # Any job of these tests ends well within this, faults included; one that does not has hung.
 JOB_TIMEOUT_SECONDS = 150.0
@@ -81,7 +82,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     photo = sample_media.astronaut_photo()
     clip = sample_media.make_face_video(folder / "clip.mp4", photo, seconds=4.0, size=(480, 272), fps=25)
     short = sample_media.make_face_video(
-        folder / "short.mp4", photo, seconds=0.8, size=(320, 180), fps=10, keyframe_seconds=0.8
+        folder / "short.mp4", photo, seconds=0.4, size=(320, 180), fps=10, keyframe_seconds=0.4
     )
     return Inputs(sample_media.encode_png(sample_media.grace_hopper_photo()), clip, short)
 
