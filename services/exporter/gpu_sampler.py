@@ -20,8 +20,8 @@ from services.common.gpu_telemetry import (
     GpuSample,
     GpuUnavailable,
 )
+from services.common.gpu_trend_log import TrendLog
 from services.exporter.pod_attribution import NO_POD, PodAttributor, PodRef
-from services.exporter.trend_log import TrendLog
 
 log = logging.getLogger(__name__)
 

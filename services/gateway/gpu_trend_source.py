@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from services.common.errors import Unavailable
-from services.exporter.trend_log import TrendRow, read_trend_rows
+from services.common.gpu_trend_log import TrendRow, read_trend_rows
 
 GpuTrendSourceKind = Literal["none", "trend_log", "prometheus"]
 GPU_TREND_SOURCE_KINDS: tuple[GpuTrendSourceKind, ...] = typing.get_args(GpuTrendSourceKind)

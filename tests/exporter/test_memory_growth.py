@@ -10,10 +10,10 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from services.common.gpu_telemetry import RecordedReader
+from services.common.gpu_trend_log import TrendLog
 from services.exporter.gpu_metrics import exporter_registry
 from services.exporter.gpu_sampler import GpuSampler
 from services.exporter.pod_attribution import PodAttributor, PodInfo
-from services.exporter.trend_log import TrendLog
 from tests.exporter.telemetry_fixtures import FakeClock, gpu_process, gpu_sample, outage, record, sweep
 
 WARM_UP_SWEEPS = 1_000

@@ -32,9 +32,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.gpu_telemetry import NvmlReader
+from services.common.gpu_trend_log import TrendRow, read_trend_rows
 from services.exporter.exporter_runtime import RunningExporter
 from services.exporter.settings import ExporterSettings
-from services.exporter.trend_log import TrendRow, read_trend_rows
 
 SCRAPE_SECONDS = 15
 CPU_SECONDS = 20

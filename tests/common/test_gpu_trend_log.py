@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from services.exporter.trend_log import (
+from services.common.gpu_trend_log import (
     TREND_HEADER,
     TrendLog,
     delete_expired,

@@ -3,6 +3,9 @@
 Writers only ever append whole lines and flush each one, so a reader tailing the file sees complete
 rows plus at most one partial last line, which `read_trend_rows` ignores. Files whose whole day
 ended more than `retention_days` ago are deleted.
+
+In services/common because two services share the format: the exporter writes the log, and the
+gateway on the same node reads each job's window from it.
 """
 
 from __future__ import annotations
