@@ -16,7 +16,6 @@ service certificate and tokens, and runs every service with TLS and token authen
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -159,18 +158,7 @@ class EmbeddedStack:
 
     def job_client(self, tenant: str = "", timeout_seconds: float = 60.0) -> JobClient:
         """A client of this stack's gateway; when secure it trusts the stack's CA and carries `tenant`'s token."""
-        if self.credentials is None:
-            return JobClient(self.gateway_address, timeout_seconds)
-        return JobClient(
-            self.gateway_address,
-            timeout_seconds,
-            token=self.credentials.token(tenant or self.credentials.first_tenant),
-            ca_file=self.credentials.ca_file,
-        )
-
-    def process(self, name: str) -> subprocess.Popen[str]:
-        """The current process of a service: gateway, decoder, detector, encoder, worker-N, advisor, exporter."""
-        return self.supervisor.service(name).process
+        return JobClient.from_env(self.gateway_address, timeout_seconds, self.client_env(tenant))
 
     def pid(self, name: str) -> int:
         """The current process id of a service or of tritonserver (TRITON_NAME)."""

@@ -9,7 +9,6 @@ Everything lives in one directory that only the current user can enter (0700, fi
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.tenant_context import TENANT_NAME
 
 CREDENTIALS_DIRNAME = "credentials"
 DEFAULT_TENANTS = ("alice", "bob")
@@ -26,7 +26,6 @@ CA_DAYS = 3650
 # Browsers and most TLS stacks refuse leaf certificates valid for longer than 825 days.
 SERVICE_CERT_DAYS = 825
 TOKEN_BYTES = 32
-_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _OPENSSL_CONFIG = """\
 [req]
 distinguished_name = subject
@@ -75,7 +74,7 @@ def check_tenant_names(tenants: Sequence[str]) -> list[str]:
     if not names:
         raise InvalidArgument("--secure needs at least one tenant")
     for name in names:
-        if not _TENANT_NAME.fullmatch(name):
+        if not TENANT_NAME.fullmatch(name):
             raise InvalidArgument(
                 f"tenant name {name[:40]!r} must be 1-64 letters, digits, '.', '_' or '-',"
                 " starting with a letter or digit"

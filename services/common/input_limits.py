@@ -7,6 +7,7 @@ allocate gigabytes or spin on a pathological path.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import unicodedata
@@ -285,3 +286,14 @@ def _reader_for(data: bytes) -> Callable[[bytes], tuple[int, int] | None] | None
         if data.startswith(signature):
             return reader
     return None
+
+
+def limits_from(settings: object) -> InputLimits:
+    """The limits a settings object names (fields of the same names); the defaults for the rest."""
+    return InputLimits(
+        **{
+            field.name: getattr(settings, field.name)
+            for field in dataclasses.fields(InputLimits)
+            if hasattr(settings, field.name)
+        }
+    )

@@ -8,6 +8,8 @@ characters only and never show where the media root lies on the server.
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
@@ -65,3 +67,14 @@ def writable_media_path(media_root: Path, uri: str, limits: InputLimits = DEFAUL
 
 def relative_uri(media_root: Path, path: Path) -> str:
     return str(path.resolve().relative_to(media_root.resolve()))
+
+
+# Linux allows 255 bytes a name; the temporary name adds a dot, 16 hex digits and ".part" to this much.
+TEMPORARY_STEM_BYTES = 200
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden name beside `path`, unique to one writer, that nobody takes for the finished file."""
+    # Cut in bytes, as file systems count them, so a long multi-byte name still leaves room for the suffix.
+    stem = os.fsencode(path.name)[:TEMPORARY_STEM_BYTES].decode("utf-8", "ignore")
+    return path.with_name(f".{stem}.{secrets.token_hex(8)}.part")

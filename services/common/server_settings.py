@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,11 +15,9 @@ MAX_PORT = 65535
 # tls: server certificate; mtls: server certificate and, on the internal port, a client certificate
 # signed by tls_client_ca_file; plaintext: no TLS (loopback and tests only, and said so at start).
 TransportSecurity = Literal["tls", "mtls", "plaintext"]
-TRANSPORT_SECURITIES: tuple[TransportSecurity, ...] = typing.get_args(TransportSecurity)
 # token: public calls carry a tenant's bearer token, internal calls the service token (or a client
 # certificate under mtls); open: nobody is asked, every job belongs to the tenant "local".
 AuthMode = Literal["token", "open"]
-AUTH_MODES: tuple[AuthMode, ...] = typing.get_args(AuthMode)
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextvars
+import re
 from dataclasses import dataclass
 
 # Open mode, and stores migrated from before tenants existed, put every job here.
 LOCAL_TENANT = "local"
+# A tenant's name: a short word that is safe as a folder name and as the second field of a tokens line.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)

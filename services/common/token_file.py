@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from services.common.settings_loader import SettingsError
+from services.common.tenant_context import TENANT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ DEFAULT_RECHECK_SECONDS = 1.0
 # Tokens travel as HTTP/2 header values: printable ASCII without spaces.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 # Tenants name jobs' owners in the store and in logs; a conservative alphabet keeps them safe in both.
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class TokenFileError(ValueError):
@@ -66,7 +66,7 @@ def parse_tenant_tokens(text: str) -> TenantTokens:
         token, tenant = fields
         if not _TOKEN.fullmatch(token):
             raise TokenFileError(f"line {number}: a token must be printable ASCII")
-        if not _TENANT.fullmatch(tenant):
+        if not TENANT_NAME.fullmatch(tenant):
             raise TokenFileError(f"line {number}: a tenant is 1-64 letters, digits, '.', '_' or '-'")
         if token in first_line:
             raise TokenFileError(f"line {number}: the token of line {first_line[token]} again")

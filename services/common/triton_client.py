@@ -25,6 +25,7 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.grpc_channel import RECONNECT_BACKOFF_MS
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.triton_shared_memory import (
     Placement,
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_SECONDS = 5.0
 # The channel retries a lost connection at most this far apart, so a restarted Triton is found within
 # about this long instead of gRPC's default of up to two minutes.
-MAX_RECONNECT_BACKOFF_MS = 2000
 # How Triton names a shared-memory region it does not know: one registered with a predecessor.
 _UNKNOWN_REGION = "unable to find"
 
@@ -106,7 +106,7 @@ class TritonClient:
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             # With a headless Service name (dns:///...) calls spread over every Triton pod.
             ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ]
         self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
         self._shared_memory = SharedMemoryPool(self._client, timeout_seconds, pool_limits) if shared_memory else None

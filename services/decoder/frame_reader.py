@@ -12,12 +12,11 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
-from services.common.media_opener import open_media
+from services.common.media_opener import open_media, shown_name
 from services.decoder.media_probe import (
     check_picture_size,
     opening_options,
     picture_pixel_limit,
-    shown_name,
     video_stream,
 )
 

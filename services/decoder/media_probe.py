@@ -20,7 +20,6 @@ from services.common.media_opener import open_media, shown_name
 # Demuxers that read a single still picture.
 IMAGE_FORMAT_SUFFIX = "_pipe"
 IMAGE_FORMATS = frozenset({"image2", "webp", "apng"})
-# File names come from callers; messages show this many characters of them.
 
 
 def is_image_format(format_name: str) -> bool:

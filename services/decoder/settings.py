@@ -12,6 +12,7 @@ from services.common.input_limits import (
     DEFAULT_MAX_URI_LENGTH,
     DEFAULT_MAX_VIDEO_PIXELS,
     InputLimits,
+    limits_from,
 )
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
@@ -44,10 +45,4 @@ class DecoderSettings(ServerSettings):
 
     @property
     def input_limits(self) -> InputLimits:
-        return InputLimits(
-            max_video_pixels=self.max_video_pixels,
-            max_image_pixels=self.max_image_pixels,
-            max_frames=self.max_frames,
-            max_duration_seconds=self.max_duration_seconds,
-            max_uri_length=self.max_uri_length,
-        )
+        return limits_from(self)

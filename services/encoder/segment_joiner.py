@@ -21,7 +21,8 @@ import av.error
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from services.common.media_opener import open_media, shown_name
-from services.encoder.segment_writer import count_video_frames, is_image_path, temporary_path
+from services.common.media_paths import temporary_path
+from services.encoder.segment_writer import count_video_frames, is_image_path
 
 
 @dataclass(frozen=True)

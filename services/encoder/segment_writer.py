@@ -8,7 +8,6 @@ path (a stale lease and its successor) never share a file; the last complete ren
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -29,19 +28,13 @@ from services.common.errors import Internal, InvalidArgument
 from services.common.frame_codec import Frames
 from services.common.input_limits import DEFAULT_MAX_FILENAME_LENGTH
 from services.common.media_opener import open_media, shown_name
+from services.common.media_paths import temporary_path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# Linux allows 255 bytes a name; the temporary name adds a dot, 16 hex digits and ".part" to this much.
-_TEMPORARY_STEM_CHARACTERS = 200
 
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def temporary_path(path: Path) -> Path:
-    """A hidden name beside `path`, unique to one writer, that nobody takes for the finished file."""
-    return path.with_name(f".{path.name[:_TEMPORARY_STEM_CHARACTERS]}.{secrets.token_hex(8)}.part")
 
 
 def count_video_frames(path: Path) -> int:

@@ -177,7 +177,7 @@ class ChunkQueue:
         if chunk.lease_expires_at < now:
             await self._lapse(chunk)
             return HeartbeatAnswer(True, f"lease {excerpt(lease_id)} lapsed before this heartbeat")
-        self._store.record_progress(lease_id, now + self.lease_seconds, frames_done, stage, faces, now)
+        self._store.record_progress(chunk.job_id, lease_id, now + self.lease_seconds, frames_done, stage, faces, now)
         await self._coordinator.feed.notify(chunk.job_id)
         return HeartbeatAnswer(False)
 

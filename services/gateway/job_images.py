@@ -7,10 +7,9 @@ holds only their URIs, so reading a job never loads image bytes.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
-from services.common.media_paths import existing_media_path, writable_media_path
+from services.common.media_paths import existing_media_path, temporary_path, writable_media_path
 
 
 def work_area(job_id: str) -> str:
@@ -28,7 +27,7 @@ def reference_image_uri(job_id: str) -> str:
 def write_media_file(media_root: Path, uri: str, data: bytes) -> None:
     """Written to a temporary name beside the file, then renamed: readers never see a partial file."""
     path = writable_media_path(media_root, uri)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    temporary = temporary_path(path)
     try:
         temporary.write_bytes(data)
         os.replace(temporary, path)

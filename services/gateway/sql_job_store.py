@@ -478,14 +478,13 @@ class SqlJobStore(ABC):
         return None if due is None else float(due)
 
     def record_progress(
-        self, lease_id: str, expires_at: float, frames_done: int, stage: str, faces: int, now: float
+        self, job_id: str, lease_id: str, expires_at: float, frames_done: int, stage: str, faces: int, now: float
     ) -> None:
         """Extends the lease; frames rising count as progress for the stall deadline and the retry budget."""
         with self._transaction():
             progressed = self._change(_CHUNK_PROGRESSED, (now, lease_id, frames_done)) > 0
             self._change(_RECORD_PROGRESS, (expires_at, frames_done, stage, faces, lease_id))
             if progressed:
-                job_id = self._rows(_SELECT_LEASED_CHUNK, (lease_id,))[0]["job_id"]
                 self._change(_RESET_STALL_CLOCK, (now, job_id))
 
     def finish_chunk(

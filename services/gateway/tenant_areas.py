@@ -8,13 +8,12 @@ and the other tenants' folders.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.input_limits import excerpt
 from services.common.media_paths import FILE_SCHEME
-from services.common.tenant_context import LOCAL_TENANT
+from services.common.tenant_context import LOCAL_TENANT, TENANT_NAME
 
 TENANTS_FOLDER = "tenants"
 UPLOADS_FOLDER = "uploads"
@@ -23,7 +22,6 @@ UPLOADS_FOLDER = "uploads"
 GATEWAY_FOLDERS = frozenset({"work", "outputs", TENANTS_FOLDER})
 GATEWAY_FILE_PREFIX = "swapline.db"
 # The token file's alphabet; never "." or "..", which would name a folder above.
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def checked_tenant(tenant: str) -> str:

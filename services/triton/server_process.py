@@ -285,9 +285,6 @@ class EmbeddedTriton:
         except InferenceServerException:
             return False
 
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def alive(self) -> bool:
         """Whether tritonserver is running. Finding it dead, this ends its stubs and removes its /dev/shm regions.
 

@@ -25,6 +25,7 @@ from services.common.face_types import DetectedFace, frames_faces_from_proto
 from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
 from services.common.frame_streams import DetectFrames
 from services.common.frame_wire import FrameRun
+from services.common.input_limits import excerpt
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -91,7 +92,7 @@ class DecoderFrameSource:
                     batch = await asyncio.wait_for(call.read(), self._timeout_seconds)
                 except TimeoutError:
                     raise DeadlineExceeded(
-                        f"decoder: no frames for {self._timeout_seconds:.0f} s ({self._request.uri[:40]})"
+                        f"decoder: no frames for {self._timeout_seconds:.0f} s ({excerpt(self._request.uri)})"
                     ) from None
                 if batch is grpc.aio.EOF:
                     return
@@ -183,7 +184,7 @@ def encoder_stream_error(output_uri: str, error: grpc.aio.AioRpcError) -> Except
         # may replace the encoder's status with this INTERNAL one from the failed send. The encoder
         # did end the stream early, so the chunk is retried instead of failing its job as a bug.
         return Unavailable(
-            f"{output_uri[:40]}: the encoder ended the segment stream while frames were being sent; "
+            f"{excerpt(output_uri)}: the encoder ended the segment stream while frames were being sent; "
             "gRPC lost its status (grpc/grpc#36066)"
         )
     return stage_error("encoder", error)
@@ -261,7 +262,9 @@ class EncoderSegmentSink:
         put.cancel()
         if response.done():
             raise await self._response_error()
-        raise DeadlineExceeded(f"encoder: took no frames for {self._timeout_seconds:.0f} s ({self.output_uri[:40]})")
+        raise DeadlineExceeded(
+            f"encoder: took no frames for {self._timeout_seconds:.0f} s ({excerpt(self.output_uri)})"
+        )
 
     async def write(self, frames: Frames) -> None:
         indices = list(range(self._next_index, self._next_index + len(frames)))
@@ -275,7 +278,7 @@ class EncoderSegmentSink:
             result = await asyncio.wait_for(self._started(), self._timeout_seconds)
         except TimeoutError:
             raise DeadlineExceeded(
-                f"encoder: did not finish the segment in {self._timeout_seconds:.0f} s ({self.output_uri[:40]})"
+                f"encoder: did not finish the segment in {self._timeout_seconds:.0f} s ({excerpt(self.output_uri)})"
             ) from None
         except grpc.aio.AioRpcError as error:
             raise encoder_stream_error(self.output_uri, error) from error

@@ -18,6 +18,7 @@ from services.gateway.job_records import (
     JoinOutcome,
     PlannedChunk,
 )
+from services.gateway.job_store import JobStore
 
 
 class ManualClock:
@@ -104,3 +105,10 @@ class FakeMedia:
 
     async def close(self) -> None:
         return None
+
+
+def job_of(store: JobStore, lease_id: str) -> str:
+    """The job whose chunk `lease_id` holds, as the chunk queue knows it when a heartbeat comes."""
+    chunk = store.chunk_for_lease(lease_id)
+    assert chunk is not None
+    return chunk.job_id

@@ -14,7 +14,7 @@ from services.common.errors import InvalidArgument
 from services.gateway.job_records import ChunkRecord, ChunkStats, JobError, JoinOutcome, RetrySchedule
 from services.gateway.job_store import JobStore, SqliteJobStore, open_job_store, sqlite_path
 from services.gateway.postgres_job_store import PostgresJobStore
-from tests.gateway.gateway_fakes import job_record, planned_chunks
+from tests.gateway.gateway_fakes import job_of, job_record, planned_chunks
 from tests.support.postgres_server import session_postgres
 
 # The schema of the stores written before tenants, backoff and stall deadlines (images in the job table).
@@ -130,7 +130,7 @@ def test_progress_counts_leased_frames_and_finishing_reports_all_done(store: Job
     store.add_job(job_record("a", 1.0), planned_chunks("a", [60, 40]))
     store.lease_next_chunk("w", "l0", 1.0, 31.0)
     store.lease_next_chunk("w", "l1", 1.0, 31.0)
-    store.record_progress("l1", 40.0, frames_done=15, stage="swap", faces=15, now=2.0)
+    store.record_progress(job_of(store, "l1"), "l1", 40.0, frames_done=15, stage="swap", faces=15, now=2.0)
     job = store.get_job("a")
     assert job is not None and job.frames_done == 15 and job.chunks_done == 0
     chunk = store.chunk_for_lease("l1")
@@ -180,7 +180,7 @@ def test_sqlite_restart_requeues_leased_chunks_and_names_joining_jobs(tmp_path: 
     before.add_job(job_record("running", 1.0), planned_chunks("running", [10, 10]))
     before.add_job(replace(job_record("joining", 2.0), state="JOINING"), [])
     before.lease_next_chunk("w", "l0", 1.0, 31.0)
-    before.record_progress("l0", 31.0, 7, "detect", 3, now=2.0)
+    before.record_progress(job_of(before, "l0"), "l0", 31.0, 7, "detect", 3, now=2.0)
     before.close()
 
     after = SqliteJobStore(path, tmp_path)
@@ -336,10 +336,10 @@ def test_progress_ends_a_run_of_failures(store: JobStore) -> None:
     first = _leased(store, "l0", now=10.0)
     store.requeue_chunk(first, JobError(14, "down"), RetrySchedule(11.0, 10.0, 1), 10.0)
     _leased(store, "l1", now=11.0)
-    store.record_progress("l1", 50.0, frames_done=0, stage="decode", faces=0, now=12.0)
+    store.record_progress(job_of(store, "l1"), "l1", 50.0, frames_done=0, stage="decode", faces=0, now=12.0)
     held = store.chunk_for_lease("l1")
     assert held is not None and (held.failing_since, held.failure_streak) == (10.0, 1)
-    store.record_progress("l1", 50.0, frames_done=3, stage="swap", faces=3, now=13.0)
+    store.record_progress(job_of(store, "l1"), "l1", 50.0, frames_done=3, stage="swap", faces=3, now=13.0)
     held = store.chunk_for_lease("l1")
     assert held is not None and (held.failing_since, held.failure_streak, held.progress_at) == (None, 0, 13.0)
 
@@ -359,7 +359,7 @@ def test_queued_chunks_past_their_budget_are_found(store: JobStore) -> None:
 def test_the_stall_clock_counts_only_leased_time_without_progress(store: JobStore) -> None:
     store.add_job(job_record("a", 1.0), planned_chunks("a", [10, 10]))
     first = _leased(store, "l0", now=0.0)
-    store.record_progress("l0", 40.0, frames_done=5, stage="swap", faces=5, now=10.0)
+    store.record_progress(job_of(store, "l0"), "l0", 40.0, frames_done=5, stage="swap", faces=5, now=10.0)
     stalled = store.stalled_jobs(now=40.0, deadline_seconds=20.0)
     assert [(job.job_id, job.stalled_seconds) for job in stalled] == [("a", 30.0)]
     assert stalled[0].chunk is not None and stalled[0].chunk.index == 0 and stalled[0].chunk.frames_done == 5
@@ -371,7 +371,7 @@ def test_the_stall_clock_counts_only_leased_time_without_progress(store: JobStor
     assert [job.stalled_seconds for job in store.stalled_jobs(now=1005.0, deadline_seconds=34.0)] == [35.0]
     assert store.stalled_jobs(now=1005.0, deadline_seconds=35.0) == []
     # Progress sets it back to zero; so does a chunk completing while another is leased.
-    store.record_progress("l1", 1040.0, frames_done=1, stage="decode", faces=0, now=1006.0)
+    store.record_progress(job_of(store, "l1"), "l1", 1040.0, frames_done=1, stage="decode", faces=0, now=1006.0)
     assert [job.stalled_seconds for job in store.stalled_jobs(now=1010.0, deadline_seconds=3.0)] == [4.0]
     _leased(store, "l2", now=1010.0)
     assert store.finish_chunk("a", 0, "l1", "s0", ChunkStats(10, 0, 0), now=1020.0) == 1

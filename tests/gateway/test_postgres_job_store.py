@@ -16,7 +16,7 @@ from services.gateway.job_records import ChunkRecord, ChunkStats
 from services.gateway.job_store import open_job_store
 from services.gateway.postgres_job_store import PostgresJobStore
 from services.triton.server_process import free_ports
-from tests.gateway.gateway_fakes import job_record, planned_chunks
+from tests.gateway.gateway_fakes import job_of, job_record, planned_chunks
 from tests.support.postgres_server import session_postgres
 
 StoreOpener = Callable[[], PostgresJobStore]
@@ -110,7 +110,7 @@ def test_a_starting_gateway_leaves_the_leases_of_running_gateways_alone(
     running = open_gateway_store()
     running.add_job(job_record("a", 1.0), planned_chunks("a", [10, 10]))
     running.lease_next_chunk("w", "l0", 1.0, 31.0)
-    running.record_progress("l0", 40.0, 7, "detect", 3, now=2.0)
+    running.record_progress(job_of(running, "l0"), "l0", 40.0, 7, "detect", 3, now=2.0)
 
     starting = open_gateway_store()
     assert starting.recover_after_restart() == []

@@ -265,12 +265,12 @@ def test_stop_ends_the_server_cleanly(tmp_path: Path) -> None:
     triton.start()
     pid = triton.pid
     assert pid is not None
-    assert triton.is_running()
+    assert triton.alive()
     assert triton.models == ["mtcnn_rnet"]
 
     assert triton.stop() == 0
 
-    assert not triton.is_running()
+    assert not triton.alive()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert "successfully unloaded 'mtcnn_rnet'" in triton.log_path.read_text()
