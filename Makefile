@@ -9,7 +9,7 @@ PROTO_STAMP := $(PROTO_OUT)/.generated
 MODELS_STAMP := build/models/.built
 FACENET_VERSION := 2.6.0
 
-.PHONY: all install protos models demo test test-fast lint bench clean
+.PHONY: all install protos models demo test test-fast lint bench bench-gpu clean
 
 all: install protos models
 
@@ -69,8 +69,13 @@ lint: $(PROTO_STAMP)
 bench: $(MODELS_STAMP)
 	$(PY) -m services.bench --workdir build/bench
 
+# The GPU benchmark cannot reach the GPU machine from here: this packs what must travel there into
+# ignored .gpu-*/ folders and prints the device tool's calls (services/bench/gpu_carry.py).
+bench-gpu: $(MODELS_STAMP)
+	$(PY) -m services.bench.gpu_carry
+
 clean:
-	rm -rf build $(PROTO_OUT) demo-output triton_models/*/1/model.onnx
+	rm -rf build $(PROTO_OUT) demo-output triton_models/*/1/model.onnx triton_models/*/1/*.pt
 
 # The service image (deploy/docker/Dockerfile) with the first engine that answers: docker, then podman.
 # Models are not baked in: Triton reads them from its model repository.

@@ -8,18 +8,43 @@ from pathlib import Path
 
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
-from services.decoder.frame_reader import iter_frame_batches
-from services.detector.face_detector import FaceDetector
+from services.common.input_limits import DEFAULT_INPUT_LIMITS
+from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
+from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES
+from services.detector.face_detector import Detector
 from services.encoder.segment_writer import SegmentWriter
 from services.worker.stage_clients import detection_size, downscale_frames, scale_face
 
+PYAV = BackendChoice(requested="cpu", active="cpu", reason="the in-process bench decodes with PyAV")
+
 
 class LocalFrameSource:
-    def __init__(self, path: Path, frame_count: int, batch_size: int) -> None:
+    """A frame range decoded in this process with the decoder's own code, from frame 0 unless start_frame
+    and its seek_pts are given, on the backend the decoder service would choose (PyAV unless told)."""
+
+    def __init__(
+        self,
+        path: Path,
+        frame_count: int,
+        batch_size: int,
+        start_frame: int = 0,
+        seek_pts: int = 0,
+        backend: BackendChoice = PYAV,
+    ) -> None:
         self._path, self._frame_count, self._batch_size = path, frame_count, batch_size
+        self._start_frame, self._seek_pts, self._backend = start_frame, seek_pts, backend
 
     async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
-        batches = iter_frame_batches(self._path, 0, 0, self._frame_count, self._batch_size)
+        batches = iter_decoded_batches(
+            self._backend,
+            self._path,
+            self._start_frame,
+            self._seek_pts,
+            self._frame_count,
+            self._batch_size,
+            DEFAULT_INPUT_LIMITS,
+            DEFAULT_MAX_BATCH_BYTES,
+        )
         while True:
             batch = await asyncio.to_thread(next, batches, None)
             if batch is None:
@@ -31,7 +56,7 @@ class LocalFrameSource:
 class LocalFaceFinder:
     """The detector's own code on the worker's downscaled copy, as DetectorFaceFinder sends it."""
 
-    def __init__(self, detector: FaceDetector, max_side: int) -> None:
+    def __init__(self, detector: Detector, max_side: int) -> None:
         self._detector, self._max_side = detector, max_side
 
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:

@@ -35,6 +35,7 @@ from services.cli.process_supervisor import (
 from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, generate_credentials
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
+from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
 
 FrameTransport = Literal["unix", "tcp"]
@@ -58,13 +59,21 @@ __all__ = [
 ]
 
 
-def frame_service_sockets(socket_dir: Path | None) -> dict[str, tuple[dict[str, str], str]]:
-    """Per frame service: the environment that makes it listen on a Unix socket in socket_dir, and the
-    target its clients use ("": its TCP address). No socket_dir: TCP only."""
+def replica_name(service: str, replica: int) -> str:
+    """`decoder` for the first replica, then `decoder-2`, `decoder-3`...: the supervisor's names for them."""
+    return service if replica == 0 else f"{service}-{replica + 1}"
+
+
+def frame_service_sockets(socket_dir: Path | None, replicas: int = 1) -> dict[str, tuple[dict[str, str], str]]:
+    """Per frame service replica: the environment that makes it listen on a Unix socket in socket_dir, and
+    the target its clients use ("": its TCP address). No socket_dir: TCP only."""
+    names = [replica_name(service, replica) for service in FRAME_SERVICES for replica in range(replicas)]
     if socket_dir is None:
-        return {name: ({}, "") for name in FRAME_SERVICES}
-    paths = {name: socket_dir / f"{name}.sock" for name in FRAME_SERVICES}
-    return {name: ({f"SWAPLINE_{name.upper()}_UNIX_SOCKET": str(path)}, f"unix:{path}") for name, path in paths.items()}
+        return {name: ({}, "") for name in names}
+    paths = {name: socket_dir / f"{name}.sock" for name in names}
+    return {
+        name: ({f"{service_env_prefix(name)}UNIX_SOCKET": str(path)}, f"unix:{path}") for name, path in paths.items()
+    }
 
 
 def security_env(prefix: str, credentials: StackCredentials | None, mutual_tls: bool = False) -> dict[str, str]:
@@ -105,8 +114,14 @@ class StackOptions:
     # One onnxruntime thread per model instance: the CPU models serve small requests, and four
     # model processes beside the services would otherwise contend for the same cores.
     triton_intra_op_threads: int = 1
+    # "auto": the models on CUDA (torch, FP16) when torch sees a GPU, else on the CPU (onnxruntime).
+    triton_device: TritonDeviceChoice = "auto"
     # How workers and the gateway reach the frame services: "tcp" is how a cluster's pods do.
     frame_transport: FrameTransport = "unix"
+    # Processes of each frame service (decoder, detector, encoder); worker i uses replica i mod this.
+    # A frame service's per-frame copies hold its GIL: on the 16-core GPU machine one decoder process
+    # topped out near 72 fps of 1080p however many workers fed on it (docs/benchmarks.md).
+    frame_service_replicas: int = 1
     startup_timeout: float = 120.0
     # TLS on every listener and bearer tokens (credentials generated in work_dir/credentials).
     secure: bool = False
@@ -199,11 +214,13 @@ class EmbeddedStack:
             options.work_dir / "triton",
             log_path=self.log_dir / "triton.log",
             intra_op_threads=options.triton_intra_op_threads,
+            device=options.triton_device,
         )
         try:
             triton_ready = self._starter.submit(self.triton.start)
             triton_url = self.triton.grpc_url
-            sockets = self._frame_sockets()
+            replicas = options.frame_service_replicas
+            sockets = self._frame_sockets(replicas)
             frame_service_env = {
                 "decoder": {"SWAPLINE_DECODER_MEDIA_ROOT": media_root},
                 "encoder": {"SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
@@ -216,8 +233,13 @@ class EmbeddedStack:
             first_tier = self._start_tier(
                 {
                     **{
-                        name: {**_server_env(f"SWAPLINE_{name.upper()}_"), **sockets[name][0], **env}
-                        for name, env in frame_service_env.items()
+                        replica_name(service, replica): {
+                            **_server_env(f"SWAPLINE_{service.upper()}_"),
+                            **sockets[replica_name(service, replica)][0],
+                            **env,
+                        }
+                        for service, env in frame_service_env.items()
+                        for replica in range(replicas)
                     },
                     "exporter": {
                         **_server_env("SWAPLINE_EXPORTER_"),
@@ -232,9 +254,15 @@ class EmbeddedStack:
             # gateway's internal port (the workers' chunk queue), which the workers are given.
             advisor_port, queue_port = free_ports(2)
             advisor_address = f"127.0.0.1:{advisor_port}"
-            targets = {
-                f"{name.upper()}_TARGET": sockets[name][1] or first_tier[name].address for name in FRAME_SERVICES
-            }
+
+            def targets_of(replica: int) -> dict[str, str]:
+                names = {service: replica_name(service, replica) for service in FRAME_SERVICES}
+                return {
+                    f"{service.upper()}_TARGET": sockets[name][1] or first_tier[name].address
+                    for service, name in names.items()
+                }
+
+            targets = targets_of(0)
             self._start_tier(
                 {
                     "gateway": {
@@ -268,7 +296,7 @@ class EmbeddedStack:
                         "SWAPLINE_WORKER_TRITON_SHARED_MEMORY": "true",
                         "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
                         "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
-                        **{f"SWAPLINE_WORKER_{key}": value for key, value in targets.items()},
+                        **{f"SWAPLINE_WORKER_{key}": value for key, value in targets_of(index % replicas).items()},
                     }
                     for index in range(options.workers)
                 }
@@ -278,11 +306,11 @@ class EmbeddedStack:
             raise
         return self
 
-    def _frame_sockets(self) -> dict[str, tuple[dict[str, str], str]]:
+    def _frame_sockets(self, replicas: int) -> dict[str, tuple[dict[str, str], str]]:
         if self.options.frame_transport == "unix":
             # mkdtemp makes it 0700: only this user can reach the sockets in it.
             self._socket_dir = Path(tempfile.mkdtemp(prefix="swapline-"))
-        return frame_service_sockets(self._socket_dir)
+        return frame_service_sockets(self._socket_dir, replicas)
 
     def stop(self, timeout: float = 20.0) -> None:
         # Supervision ends before anything is stopped: no child is restarted during the stop.

@@ -199,9 +199,11 @@ def make_face_video(
     return path
 
 
-def _portrait(photo: Image, crop: tuple[int, int, int, int], face_width: int) -> Image:
+def _portrait(
+    photo: Image, crop: tuple[int, int, int, int], face_width: int, drawn_face_width: int = TWO_PERSON_FACE_WIDTH
+) -> Image:
     x0, y0, x1, y1 = crop
-    scale = TWO_PERSON_FACE_WIDTH / face_width
+    scale = drawn_face_width / face_width
     region = photo[y0:y1, x0:x1]
     return cv2.resize(region, (round(region.shape[1] * scale), round(region.shape[0] * scale)),
                       interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
@@ -224,6 +226,40 @@ def make_two_person_image(path: Path | None = None, size: tuple[int, int] = (128
         canvas[top:top + person.shape[0], left:left + person.shape[1]] = person
     if path is not None:
         Path(path).write_bytes(encode_png(canvas))
+    return canvas
+
+
+# The part of a frame-sized photo that make_face_video's camera keeps in view all along (its zoom, pan and
+# roll about PORTRAIT_FOCUS), as fractions (x0, y0, x1, y1): a group drawn inside it stays whole.
+GROUP_VIEW = (0.13, 0.04, 0.87, 0.72)
+
+
+def make_group_image(size: tuple[int, int] = (1920, 1080), columns: int = 3, rows: int = 2) -> Image:
+    """columns x rows people on neutral grey, inside the camera's view when used as make_face_video's photo.
+
+    The packages ship two portraits, so the group alternates them, every other pair mirrored: six
+    faces a frame for a detector and a swapper to work through, not six identities.
+    """
+    width, height = size
+    extents = (width, height, width, height)
+    x0, y0, x1, y1 = (round(fraction * extent) for fraction, extent in zip(GROUP_VIEW, extents, strict=True))
+    cell_width, cell_height = (x1 - x0) // columns, (y1 - y0) // rows
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = NEUTRAL_GREY
+    face_width = cell_width * 2 // 5
+    portraits = (
+        _portrait(astronaut_photo(), ASTRONAUT_PORTRAIT, ASTRONAUT_FACE_WIDTH, face_width),
+        _portrait(grace_hopper_photo(), GRACE_HOPPER_PORTRAIT, GRACE_HOPPER_FACE_WIDTH, face_width),
+    )
+    for slot in range(columns * rows):
+        person = portraits[slot % 2]
+        if (slot // 2) % 2:
+            person = person[:, ::-1]
+        person = person[:cell_height, :cell_width]
+        row, column = divmod(slot, columns)
+        top = y0 + row * cell_height
+        left = x0 + column * cell_width + (cell_width - person.shape[1]) // 2
+        canvas[top : top + person.shape[0], left : left + person.shape[1]] = person
     return canvas
 
 

@@ -37,8 +37,9 @@ class GpuSample:
     sm_clock_mhz: int
     memory_clock_mhz: int
     clock_event_reasons: int
-    encoder_utilization_percent: float
-    decoder_utilization_percent: float
+    # NVENC and NVDEC busy share over NVML's last sampling period; None where the GPU cannot report it.
+    encoder_utilization_percent: float | None
+    decoder_utilization_percent: float | None
     pcie_tx_bytes_per_second: float
     pcie_rx_bytes_per_second: float
     ecc_uncorrected_errors: int | None
@@ -297,8 +298,8 @@ class NvmlReader:
         memory = _optional(nvml.nvmlDeviceGetMemoryInfo, None, handle, nvml.nvmlMemory_v2)
         if memory is None:
             memory = _optional(nvml.nvmlDeviceGetMemoryInfo, None, handle)
-        encoder = _optional(nvml.nvmlDeviceGetEncoderUtilization, (0, 0), handle)
-        decoder = _optional(nvml.nvmlDeviceGetDecoderUtilization, (0, 0), handle)
+        encoder = _optional(nvml.nvmlDeviceGetEncoderUtilization, None, handle)
+        decoder = _optional(nvml.nvmlDeviceGetDecoderUtilization, None, handle)
         ecc = _optional(
             nvml.nvmlDeviceGetTotalEccErrors,
             None,
@@ -324,8 +325,8 @@ class NvmlReader:
             sm_clock_mhz=int(_optional(nvml.nvmlDeviceGetClockInfo, 0, handle, nvml.NVML_CLOCK_SM)),
             memory_clock_mhz=int(_optional(nvml.nvmlDeviceGetClockInfo, 0, handle, nvml.NVML_CLOCK_MEM)),
             clock_event_reasons=int(_optional(nvml.nvmlDeviceGetCurrentClocksEventReasons, 0, handle)),
-            encoder_utilization_percent=float(encoder[0]),
-            decoder_utilization_percent=float(decoder[0]),
+            encoder_utilization_percent=float(encoder[0]) if encoder is not None else None,
+            decoder_utilization_percent=float(decoder[0]) if decoder is not None else None,
             pcie_tx_bytes_per_second=tx_rate,
             pcie_rx_bytes_per_second=rx_rate,
             ecc_uncorrected_errors=int(ecc) if ecc is not None else None,

@@ -37,7 +37,11 @@ TREND_COLUMNS = (
     "memory_total_bytes",
     "temperature_celsius",
     "power_watts",
+    "decoder_utilization_percent",
+    "encoder_utilization_percent",
 )
+# Rows an exporter wrote before NVDEC and NVENC were logged end at power_watts; a day file may hold both.
+EARLIER_COLUMN_COUNT = TREND_COLUMNS.index("power_watts") + 1
 TREND_HEADER = ",".join(TREND_COLUMNS)
 _FILE_NAME = re.compile(r"^gpu-trend-(\d{4}-\d{2}-\d{2})\.csv$")
 
@@ -57,6 +61,9 @@ class TrendRow:
     memory_total_bytes: float
     temperature_celsius: float
     power_watts: float
+    # NaN where the GPU cannot report the engine, and in rows logged before the engines were.
+    decoder_utilization_percent: float = math.nan
+    encoder_utilization_percent: float = math.nan
 
 
 def utc_day(timestamp: float) -> dt.date:
@@ -107,9 +114,20 @@ def format_row(node: str, sample: GpuSample) -> str:
             sample.memory_total_bytes,
             f"{sample.temperature_celsius:g}",
             f"{sample.power_watts:.3f}",
+            _optional_cell(sample.decoder_utilization_percent),
+            _optional_cell(sample.encoder_utilization_percent),
         )
     )
     return buffer.getvalue()
+
+
+def _optional_cell(value: float | None) -> str:
+    """An empty cell where the GPU gave no reading."""
+    return "" if value is None else f"{value:g}"
+
+
+def _optional_reading(cell: str) -> float:
+    return float(cell) if cell else math.nan
 
 
 class TrendLog:
@@ -163,8 +181,9 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def _parse_row(fields: list[str]) -> TrendRow | None:
-    if len(fields) != len(TREND_COLUMNS):
+    if len(fields) not in (EARLIER_COLUMN_COUNT, len(TREND_COLUMNS)):
         return None
+    engines = fields[EARLIER_COLUMN_COUNT:] or ["", ""]
     try:
         return TrendRow(
             timestamp=float(fields[0]),
@@ -177,6 +196,8 @@ def _parse_row(fields: list[str]) -> TrendRow | None:
             memory_total_bytes=float(int(fields[7])),
             temperature_celsius=float(fields[8]),
             power_watts=float(fields[9]),
+            decoder_utilization_percent=_optional_reading(engines[0]),
+            encoder_utilization_percent=_optional_reading(engines[1]),
         )
     except ValueError:
         return None

@@ -1,4 +1,4 @@
-"""`python -m services.decoder`: the DecoderService (PyAV) on SWAPLINE_DECODER_* settings."""
+"""`python -m services.decoder`: the DecoderService (NVDEC or PyAV) on SWAPLINE_DECODER_* settings."""
 
 from __future__ import annotations
 
@@ -6,20 +6,24 @@ import asyncio
 
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import register_decoder
-from services.common.grpc_server import ServiceBinding, serve
+from services.common.grpc_server import ServiceBinding, configure_logging, serve
 from services.common.settings_loader import load_settings
+from services.decoder.decode_backend import BackendChoice, select_backend
 from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import ENV_PREFIX, DecoderSettings
 
 
-def binding(settings: DecoderSettings) -> ServiceBinding:
-    return ServiceBinding(DecoderServicer(settings), register_decoder, SERVICE_NAME)
+def binding(settings: DecoderSettings, backend: BackendChoice) -> ServiceBinding:
+    return ServiceBinding(DecoderServicer(settings, backend), register_decoder, SERVICE_NAME)
 
 
 def main() -> None:
     settings = load_settings(DecoderSettings, ENV_PREFIX)
+    # Before the backend is chosen, so the choice and its reason reach the log.
+    configure_logging(settings.log_level)
+    backend = select_backend(settings.backend, settings.gpu_id)
     keep_frame_buffers()
-    asyncio.run(serve(settings, [binding(settings)], "decoder"))
+    asyncio.run(serve(settings, [binding(settings, backend)], "decoder"))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,25 @@ def _decoded_frames(
         yield from packet.decode()
 
 
+def check_frame_range(start_frame: int, frame_count: int, batch_size: int) -> None:
+    if start_frame < 0 or frame_count <= 0 or batch_size <= 0:
+        raise InvalidArgument(
+            f"frame range needs start_frame >= 0, frame_count > 0 and batch_size > 0; "
+            f"got {start_frame}, {frame_count}, {batch_size}"
+        )
+
+
+def seek_mismatch_message(name: str, seek_pts: int, pts: int) -> str:
+    return f"{name}: seek_pts {seek_pts} is not the timestamp of a frame (the next frame has pts {pts})"
+
+
+def ends_short_message(name: str, next_index: int, end_index: int, frame_count: int) -> str:
+    return (
+        f"{name} is truncated or corrupt at frame {next_index}: the video ends "
+        f"{end_index - next_index} of the {frame_count} requested frames short"
+    )
+
+
 def batch_frames(batch_size: int, frame_count: int, frame_bytes: int, max_batch_bytes: int) -> int:
     """Frames per batch: as asked, but never past the range, nor past max_batch_bytes (at least one)."""
     return max(1, min(batch_size, frame_count, max_batch_bytes // max(1, frame_bytes)))
@@ -56,11 +75,7 @@ def iter_frame_batches(
     The picture size is checked against the limits before the batch buffer exists, and FFmpeg is
     told the same cap, so a frame whose bitstream claims more pixels than its headers is not decoded.
     """
-    if start_frame < 0 or frame_count <= 0 or batch_size <= 0:
-        raise InvalidArgument(
-            f"frame range needs start_frame >= 0, frame_count > 0 and batch_size > 0; "
-            f"got {start_frame}, {frame_count}, {batch_size}"
-        )
+    check_frame_range(start_frame, frame_count, batch_size)
     name = shown_name(path)
     with open_media(path, opening_options(limits)) as container:
         stream = video_stream(container, path)
@@ -82,9 +97,7 @@ def iter_frame_batches(
                 if pts < seek_pts:
                     continue
                 if next_index == start_frame and pts != seek_pts:
-                    raise InvalidArgument(
-                        f"{name}: seek_pts {seek_pts} is not the timestamp of a frame (the next frame has pts {pts})"
-                    )
+                    raise InvalidArgument(seek_mismatch_message(name, seek_pts, pts))
                 if (frame.width, frame.height) != (width, height):
                     raise InvalidArgument(
                         f"{name} changes size at frame {next_index} ({width}x{height} -> {frame.width}x{frame.height})"
@@ -101,7 +114,4 @@ def iter_frame_batches(
                     return
         except av.error.FFmpegError as error:
             raise InvalidArgument(f"{name} is truncated or corrupt at frame {next_index}: {error.strerror}") from None
-        raise InvalidArgument(
-            f"{name} is truncated or corrupt at frame {next_index}: the video ends "
-            f"{end_index - next_index} of the {frame_count} requested frames short"
-        )
+        raise InvalidArgument(ends_short_message(name, next_index, end_index, frame_count))

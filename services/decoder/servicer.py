@@ -1,4 +1,4 @@
-"""DecoderService: Probe and Decode over media under the decoder's media root."""
+"""DecoderService: Probe and Decode over media under the decoder's media root; Decode on NVDEC or PyAV."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from services.common.frame_codec import frame_runs
 from services.common.frame_wire import FrameRun
 from services.common.media_info import MediaInfo, media_info_to_proto
 from services.common.media_paths import existing_media_path
-from services.decoder.frame_reader import iter_frame_batches
+from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
 from services.decoder.media_probe import probe_media
+from services.decoder.nvdec_reader import NvdecOpener, open_simple_decoder
 from services.decoder.settings import DecoderSettings
 from services.decoder.thread_stream import stream_in_thread
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
@@ -24,9 +25,13 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_na
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     """Path resolution, probing and decoding touch the disk: all of it runs in worker threads."""
 
-    def __init__(self, settings: DecoderSettings) -> None:
+    def __init__(
+        self, settings: DecoderSettings, backend: BackendChoice, open_decoder: NvdecOpener = open_simple_decoder
+    ) -> None:
         self._settings = settings
         self._limits = settings.input_limits
+        self._backend = backend
+        self._open_decoder = open_decoder
 
     def _media_path(self, uri: str) -> Path:
         return existing_media_path(self._settings.media_root, uri, self._limits)
@@ -45,7 +50,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     ) -> AsyncIterator[FrameRun]:
         """FrameRuns, which frame_streams.register_decoder writes as FrameBatch messages."""
         path = await asyncio.to_thread(self._media_path, request.uri)
-        batches = iter_frame_batches(
+        batches = iter_decoded_batches(
+            self._backend,
             path,
             start_frame=request.start_frame,
             seek_pts=request.seek_pts,
@@ -53,6 +59,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             batch_size=request.batch_size or self._settings.default_batch_size,
             limits=self._limits,
             max_batch_bytes=self._settings.max_batch_bytes,
+            gpu_id=self._settings.gpu_id,
+            open_decoder=self._open_decoder,
         )
         async for frames, indices, stamps in stream_in_thread(batches):
             for run in frame_runs(frames, indices, stamps):

@@ -16,6 +16,7 @@ from services.common.input_limits import (
 )
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
+from services.decoder.decode_backend import DecodeBackend
 from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES
 
 ENV_PREFIX = "SWAPLINE_DECODER_"
@@ -42,6 +43,11 @@ class DecoderSettings(ServerSettings):
     max_frames: int = ranged(DEFAULT_MAX_FRAMES, ge=1, le=100_000_000)
     max_duration_seconds: float = ranged(DEFAULT_MAX_DURATION_SECONDS, gt=0.0, le=7 * 24 * 3600.0)
     max_uri_length: int = ranged(DEFAULT_MAX_URI_LENGTH, ge=1, le=_URI_CEILING)
+    # auto: NVDEC where PyNvVideoCodec, a GPU and the driver's video library are present, PyAV otherwise
+    # (and for any file NVDEC cannot take); nvdec: refuse to start without NVDEC; cpu: PyAV only.
+    backend: DecodeBackend = "auto"
+    # The GPU NVDEC decodes on, as CUDA numbers the GPUs this process sees.
+    gpu_id: int = ranged(0, ge=0, le=63)
 
     @property
     def input_limits(self) -> InputLimits:

@@ -1,4 +1,5 @@
-"""`python -m services.detector`: the DetectorService (MTCNN on Triton) on SWAPLINE_DETECTOR_* settings."""
+"""`python -m services.detector`: the DetectorService (MTCNN on Triton, as one model where it is served) on
+SWAPLINE_DETECTOR_* settings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from services.common.frame_allocator import keep_frame_buffers
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
-from services.detector.face_detector import FaceDetector
+from services.detector.detector_choice import ChosenDetector
 from services.detector.servicer import detector_binding
 from services.detector.settings import ENV_PREFIX, DetectorSettings
 
@@ -17,7 +18,8 @@ async def run(settings: DetectorSettings) -> None:
     # Created inside the running loop: the aio channel belongs to the loop that opens it.
     client = TritonClient(settings.triton_url, settings.triton_timeout_seconds, settings.triton_shared_memory)
     try:
-        detector = FaceDetector(client, settings.detection_defaults())
+        detector = ChosenDetector(client, client, settings.cascade, settings.detection_defaults())
+        await detector.choose()
         await serve(settings, [detector_binding(detector)], "detector")
     finally:
         await client.close()

@@ -1,12 +1,20 @@
-"""MTCNN face detection over a batch of frames, with the three networks served by a ModelRunner.
+"""MTCNN face detection over a batch of frames: per stage (FaceDetector) or as one model (CascadeFaceDetector).
 
 The cascade follows the original MTCNN (Zhang et al. 2016): P-Net proposes boxes on an image
 pyramid, R-Net rescores and refines 24x24 crops of them, O-Net rescores 48x48 crops and adds five
-landmarks. GPU work is batched across the whole frame batch: one P-Net request per pyramid level
-holding every frame (all levels in flight at once so the server's batcher and this process's CPU
-overlap), then one R-Net and one O-Net request holding every candidate of every frame, split only
-at the models' max_batch_size. Everything between the requests is vectorised numpy over all frames,
-with the frame index carried beside each candidate.
+landmarks.
+
+FaceDetector sends the three networks to a ModelRunner and does the rest on the CPU. GPU work is
+batched across the whole frame batch: one P-Net request per pyramid level holding every frame (all
+levels in flight at once so the server's batcher and this process's CPU overlap), then one R-Net and
+one O-Net request holding every candidate of every frame, split only at the models' max_batch_size.
+Everything between the requests is vectorised numpy over all frames, with the frame index carried
+beside each candidate.
+
+CascadeFaceDetector sends the frames to one model, mtcnn_cascade (services/model_build/mtcnn_cascade.py),
+that runs the same steps as tensor work on the GPU: the CPU's pyramid, NMS and crops (35 ms a frame
+on the GPU machine) leave the hot loop. The model answers padded per-frame arrays (CASCADE_OUTPUTS),
+which become the same DetectedFace lists.
 
 Decisions where the original leaves room:
 - Boxes are continuous pixel coordinates (width = x2 - x1), not MATLAB's inclusive indices.
@@ -16,16 +24,18 @@ Decisions where the original leaves room:
 - Regression and landmarks are applied to the box a crop really covered after snapping to pixels.
 
 Every answer is checked against the layout this code reads before it is used: a model that answers
-with too few rows or other channels fails the request as FailedPrecondition naming the model, rather
-than as "no face found" or an indexing error further on.
+with too few rows, other channels or non-finite values fails the request as FailedPrecondition naming
+the model, rather than as "no face found" or an indexing error further on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -52,17 +62,30 @@ from services.detector.box_ops import (
 PNET_MODEL = "mtcnn_pnet"
 RNET_MODEL = "mtcnn_rnet"
 ONET_MODEL = "mtcnn_onet"
+CASCADE_MODEL = "mtcnn_cascade"
 INPUT_NAME = "image"
 PROBABILITY = "probability"
 REGRESSION = "regression"
 LANDMARKS = "landmarks"
 
+# mtcnn_cascade's tensors (triton_models/mtcnn_cascade/config.pbtxt): frames (n, H, W, 3) uint8 and
+# options (n, len(CASCADE_OPTIONS)) float32 in; per frame, the MAX_FACES best faces out, zero-padded:
+# boxes (n, K, 4), scores (n, K), landmarks (n, K, 5, 2) and counts (n, 1), the rows that are faces.
+FRAMES = "frames"
+OPTIONS = "options"
+BOXES = "boxes"
+SCORES = "scores"
+COUNTS = "counts"
+CASCADE_OUTPUTS = (BOXES, SCORES, LANDMARKS, COUNTS)
+MAX_FACES = 32
+
 # max_batch_size of triton_models/mtcnn_*/config.pbtxt; a request above it is refused by Triton.
 PNET_MAX_BATCH = 32
-# A P-Net request of many large frames is split further to stay well inside gRPC's message limit.
-PNET_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 RNET_MAX_BATCH = 1024
 ONET_MAX_BATCH = 512
+CASCADE_MAX_BATCH = 64
+# A request of many large frames is split further to stay well inside gRPC's message limit.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 RNET_SIDE = 24
 ONET_SIDE = 48
@@ -105,6 +128,10 @@ class DetectionDefaults:
                 raise InvalidArgument(f"{name} {value} is outside 0..1")
         if not 0.0 < self.scale_factor < 1.0:
             raise InvalidArgument(f"scale_factor {self.scale_factor} is outside (0, 1)")
+
+
+# The columns of mtcnn_cascade's options input: every threshold of the cascade, per frame.
+CASCADE_OPTIONS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(DetectionDefaults))
 
 
 @dataclass(frozen=True)
@@ -188,6 +215,33 @@ def validate_frames(frames: np.ndarray) -> None:
         raise InvalidArgument(f"frames must be uint8, got {frames.dtype}")
 
 
+def request_thresholds(
+    defaults: DetectionDefaults, min_face_size: int | None, min_score: float | None
+) -> DetectionDefaults:
+    """The defaults with a request's overrides, checked; min_face_size below 12 (P-Net's window) becomes 12."""
+    face_size = defaults.min_face_size if min_face_size is None else min_face_size
+    score = defaults.min_score if min_score is None else min_score
+    if face_size <= 0:
+        raise InvalidArgument(f"min_face_size {face_size} is not positive")
+    if not 0.0 <= score <= 1.0:
+        raise InvalidArgument(f"min_score {score} is outside 0..1")
+    # Faces smaller than P-Net's window would need the frames upscaled, at quadratic cost, for
+    # faces too small to swap well; callers that scale a full-frame minimum down may ask for them.
+    return dataclasses.replace(defaults, min_face_size=max(face_size, PNET_CELL_SIZE), min_score=score)
+
+
+def has_pyramid(frames: Frames, thresholds: DetectionDefaults) -> bool:
+    """Whether the frames are at least one P-Net window across at the smallest face size asked for."""
+    height, width = frames.shape[1:3]
+    return bool(pyramid_scales(min(height, width), thresholds.min_face_size, thresholds.scale_factor))
+
+
+class Detector(Protocol):
+    async def detect(
+        self, frames: Frames, min_face_size: int | None = None, min_score: float | None = None
+    ) -> list[list[DetectedFace]]: ...
+
+
 class FaceDetector:
     def __init__(self, runner: ModelRunner, defaults: DetectionDefaults | None = None) -> None:
         self.runner = runner
@@ -203,21 +257,13 @@ class FaceDetector:
         """
         validate_frames(frames)
         frames = np.ascontiguousarray(frames)
-        face_size = self.defaults.min_face_size if min_face_size is None else min_face_size
-        score = self.defaults.min_score if min_score is None else min_score
-        if face_size <= 0:
-            raise InvalidArgument(f"min_face_size {face_size} is not positive")
-        if not 0.0 <= score <= 1.0:
-            raise InvalidArgument(f"min_score {score} is outside 0..1")
-        # Faces smaller than P-Net's window would need the frames upscaled, at quadratic cost, for
-        # faces too small to swap well; callers that scale a full-frame minimum down may ask for them.
-        face_size = max(face_size, PNET_CELL_SIZE)
+        thresholds = request_thresholds(self.defaults, min_face_size, min_score)
         count, height, width = frames.shape[:3]
         if count == 0:
             return []
-        levels, candidates = await self._propose(frames, face_size)
+        levels, candidates = await self._propose(frames, thresholds.min_face_size)
         candidates = await self._refine(levels, candidates)
-        candidates, landmarks = await self._output(levels, candidates, score)
+        candidates, landmarks = await self._output(levels, candidates, thresholds.min_score)
         return self._per_frame(count, width, height, candidates, landmarks)
 
     async def _propose(self, frames: Frames, min_face_size: int) -> tuple[list[Frames], Candidates]:
@@ -247,7 +293,7 @@ class FaceDetector:
         else:
             level = resize_frames(first, level_width, level_height)
         images = to_network_input(level)
-        frames_per_request = max(1, min(PNET_MAX_BATCH, PNET_MAX_REQUEST_BYTES // images[0].nbytes))
+        frames_per_request = max(1, min(PNET_MAX_BATCH, MAX_REQUEST_BYTES // images[0].nbytes))
         outputs = await self._infer_chunked(PNET_MODEL, images, (PROBABILITY, REGRESSION), frames_per_request)
         frame_index, boxes, scores, offsets = grid_boxes(
             outputs[PROBABILITY][:, 1], outputs[REGRESSION], scale, self.defaults.pnet_score
@@ -318,4 +364,96 @@ class FaceDetector:
             faces[int(index)].append(
                 DetectedFace(box=(x1, y1, x2, y2), score=float(score), landmarks=points.astype(np.float32))
             )
+        return faces
+
+
+def check_cascade_outputs(model: str, outputs: Mapping[str, np.ndarray | None], count: int) -> dict[str, np.ndarray]:
+    """The cascade's four outputs for `count` frames, laid out as CASCADE_OUTPUTS says, with finite faces.
+
+    Anything else (an output missing or empty, shapes that disagree, counts outside 0..K, NaN or
+    infinite values in a counted row) fails as FailedPrecondition naming the model.
+    """
+    arrays = {}
+    for name in CASCADE_OUTPUTS:
+        array = outputs.get(name)
+        if array is None:
+            raise FailedPrecondition(f"model {model} returned no {name!r} output")
+        arrays[name] = array
+    boxes = arrays[BOXES]
+    if boxes.ndim != 3 or boxes.shape[0] != count or boxes.shape[1] == 0 or boxes.shape[2] != 4:
+        raise FailedPrecondition(
+            f"model {model} returned {BOXES!r} of shape {boxes.shape} for {count} frames; expected ({count}, K, 4)"
+        )
+    limit = boxes.shape[1]
+    expected = {SCORES: (count, limit), LANDMARKS: (count, limit, 5, 2), COUNTS: (count, 1)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise FailedPrecondition(
+                f"model {model} returned {name!r} of shape {arrays[name].shape} for {count} frames; expected {shape}"
+            )
+    counts = arrays[COUNTS]
+    if not np.issubdtype(counts.dtype, np.integer):
+        raise FailedPrecondition(f"model {model} returned {COUNTS!r} of type {counts.dtype}; expected integers")
+    if counts.size and (counts.min() < 0 or counts.max() > limit):
+        raise FailedPrecondition(f"model {model} returned face counts outside 0..{limit}: {counts.ravel().tolist()}")
+    present = np.arange(limit)[None, :] < counts
+    for name in (BOXES, SCORES, LANDMARKS):
+        if not np.isfinite(arrays[name][present]).all():
+            raise FailedPrecondition(f"model {model} returned NaN or infinite {name!r} for a counted face")
+    return arrays
+
+
+def faces_from_cascade(outputs: Mapping[str, np.ndarray]) -> list[list[DetectedFace]]:
+    """Checked cascade outputs -> each frame's faces, in the model's order (best score first)."""
+    faces: list[list[DetectedFace]] = []
+    for boxes, scores, landmarks, (count,) in zip(
+        outputs[BOXES], outputs[SCORES], outputs[LANDMARKS], outputs[COUNTS], strict=True
+    ):
+        faces.append(
+            [
+                DetectedFace(
+                    box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                    score=float(score),
+                    landmarks=np.array(points, np.float32),
+                )
+                for box, score, points in zip(boxes[:count], scores[:count], landmarks[:count], strict=True)
+            ]
+        )
+    return faces
+
+
+class CascadeFaceDetector:
+    """FaceDetector's answers from one mtcnn_cascade request per batch (split at CASCADE_MAX_BATCH)."""
+
+    def __init__(
+        self, runner: ModelRunner, defaults: DetectionDefaults | None = None, model: str = CASCADE_MODEL
+    ) -> None:
+        self.runner = runner
+        self.defaults = defaults or DetectionDefaults()
+        self.model = model
+
+    async def detect(
+        self, frames: Frames, min_face_size: int | None = None, min_score: float | None = None
+    ) -> list[list[DetectedFace]]:
+        """As FaceDetector.detect; a frame with more than the model's K faces (32) keeps its K best."""
+        validate_frames(frames)
+        frames = np.ascontiguousarray(frames)
+        thresholds = request_thresholds(self.defaults, min_face_size, min_score)
+        count = len(frames)
+        if count == 0:
+            return []
+        if not has_pyramid(frames, thresholds):
+            return [[] for _ in range(count)]
+        options = np.tile(np.array(dataclasses.astuple(thresholds), np.float32), (count, 1))
+        per_request = max(1, min(CASCADE_MAX_BATCH, MAX_REQUEST_BYTES // frames[0].nbytes))
+        chunks = [slice(start, start + per_request) for start in range(0, count, per_request)]
+        answers = await asyncio.gather(
+            *(
+                self.runner.infer(self.model, {FRAMES: frames[chunk], OPTIONS: options[chunk]}, CASCADE_OUTPUTS)
+                for chunk in chunks
+            )
+        )
+        faces: list[list[DetectedFace]] = []
+        for chunk, answer in zip(chunks, answers, strict=True):
+            faces.extend(faces_from_cascade(check_cascade_outputs(self.model, answer, len(frames[chunk]))))
         return faces

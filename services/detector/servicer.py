@@ -10,14 +10,14 @@ from services.common.frame_codec import unpack_frames
 from services.common.frame_streams import DetectFrames, register_detector
 from services.common.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
-from services.detector.face_detector import FaceDetector
+from services.detector.face_detector import Detector
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 
 SERVICE_NAME = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
 
 
 class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
-    def __init__(self, detector: FaceDetector) -> None:
+    def __init__(self, detector: Detector) -> None:
         self.detector = detector
 
     async def Detect(
@@ -35,7 +35,7 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
         return detector_pb2.DetectResponse(frames=frames_faces_to_proto(indices, faces))
 
 
-def detector_binding(detector: FaceDetector) -> ServiceBinding:
+def detector_binding(detector: Detector) -> ServiceBinding:
     return ServiceBinding(
         DetectorServicer(detector), register_detector, SERVICE_NAME
     )

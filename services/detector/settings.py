@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
+from services.detector.detector_choice import CascadeMode
 from services.detector.face_detector import DetectionDefaults
 
 ENV_PREFIX = "SWAPLINE_DETECTOR_"
@@ -18,6 +19,9 @@ class DetectorSettings(ServerSettings):
     # Tensors to and from Triton through shared memory instead of the gRPC payload: only where
     # tritonserver shares this process's /dev/shm (the embedded stack); otherwise it turns itself off.
     triton_shared_memory: bool = False
+    # The whole cascade in one model (mtcnn_cascade) where Triton serves it: "auto" takes it when it is
+    # ready, "on" requires it, "off" always sends the three stages apart (detector_choice).
+    cascade: CascadeMode = "auto"
     # In pixels of the frames the detector is given (the worker sends a downscaled copy).
     min_face_size: int = ranged(DetectionDefaults.min_face_size, ge=1, le=8192)
     # Cascade thresholds of the original MTCNN; min_score is the final (O-Net) one.

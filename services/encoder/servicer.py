@@ -1,4 +1,9 @@
-"""EncoderService: EncodeSegment (a header, then frame batches) and Join, under the media root."""
+"""EncoderService: EncodeSegment (a header, then frame batches) and Join, under the media root.
+
+Every encoder call runs in a worker thread, never on the event loop, and PyAV's encode and cv2's colour
+conversion release the GIL: segments streamed at the same time encode in parallel, each on its share of
+the cores (encode_threads).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from services.common.frame_streams import EncodeSegmentMessage
 from services.common.frame_wire import FrameBatchView
 from services.common.input_limits import excerpt
 from services.common.media_paths import existing_media_path, relative_uri, resolve_media_path, writable_media_path
+from services.encoder.encode_backend import BackendChoice
+from services.encoder.encode_threads import OpenSegments, available_cores
+from services.encoder.nvenc_writer import NvencSegmentWriter
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
 from services.encoder.settings import EncoderSettings
@@ -53,10 +61,10 @@ class _EncodeClock:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    async def run(self, work: Callable[..., ResultT], *arguments: Any) -> ResultT:
+    async def run(self, work: Callable[..., ResultT], *arguments: Any, stop: threading.Event | None = None) -> ResultT:
         started = time.perf_counter()
         try:
-            return await in_thread_to_the_end(functools.partial(work, *arguments))
+            return await in_thread_to_the_end(functools.partial(work, *arguments), stop)
         finally:
             self.seconds += time.perf_counter() - started
 
@@ -79,22 +87,28 @@ def _check_expected_frames(expected: int) -> None:
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
-    def __init__(self, settings: EncoderSettings) -> None:
+    def __init__(self, settings: EncoderSettings, backend: BackendChoice, cores: int | None = None) -> None:
+        """`cores`: what x264 threads are shared out of; by default the cores this process may use."""
         self._settings = settings
+        self._backend = backend
+        self._segments = OpenSegments(available_cores() if cores is None else cores)
 
-    def _writer_for(self, header: encoder_pb2.SegmentHeader) -> SegmentWriter:
+    @property
+    def cores(self) -> int:
+        return self._segments.cores
+
+    def _writer_for(self, header: encoder_pb2.SegmentHeader, threads: int) -> SegmentWriter:
         """Checks the header whole before anything is made: the file and the encoder come at the first write."""
         _check_expected_frames(header.expected_frames)
-        return SegmentWriter(
-            resolve_media_path(self._settings.media_root, header.output_uri),
-            fps=header.fps,
-            width=header.width,
-            height=header.height,
-            crf=header.settings.crf or self._settings.default_crf,
-            preset=header.settings.preset or self._settings.default_preset,
-            threads=self._settings.threads,
-            max_pixels=self._settings.max_frame_pixels,
-        )
+        path = resolve_media_path(self._settings.media_root, header.output_uri)
+        crf = header.settings.crf or self._settings.default_crf
+        preset = header.settings.preset or self._settings.default_preset
+        max_pixels = self._settings.max_frame_pixels
+        if self._backend.nvenc is not None:
+            return NvencSegmentWriter(
+                path, header.fps, header.width, header.height, crf, preset, self._backend.nvenc, max_pixels
+            )
+        return SegmentWriter(path, header.fps, header.width, header.height, crf, preset, threads, max_pixels)
 
     async def EncodeSegment(
         self,
@@ -110,26 +124,30 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidArgument("EncodeSegment's first message must be a SegmentHeader")
         header = first.header
         clock = _EncodeClock()
-        writer = await clock.run(self._writer_for, header)
-        expected = header.expected_frames
-        try:
-            async for message in request_iterator:
-                frames = _batch_frames(header, message)
-                if expected and writer.frames_written + len(frames) > expected:
+        with self._segments.opened() as fair_share:
+            writer = await clock.run(self._writer_for, header, self._settings.threads or fair_share)
+            expected = header.expected_frames
+            try:
+                async for message in request_iterator:
+                    frames = _batch_frames(header, message)
+                    if expected and writer.frames_written + len(frames) > expected:
+                        raise InvalidArgument(
+                            f"{excerpt(header.output_uri)}: expected {expected} frames, "
+                            f"got more ({writer.frames_written + len(frames)} so far)"
+                        )
+                    if len(frames):
+                        await clock.run(writer.write, frames)
+                if expected and writer.frames_written != expected:
                     raise InvalidArgument(
-                        f"{excerpt(header.output_uri)}: expected {expected} frames, "
-                        f"got more ({writer.frames_written + len(frames)} so far)"
+                        f"{excerpt(header.output_uri)}: expected {expected} frames, got {writer.frames_written}"
                     )
-                if len(frames):
-                    await clock.run(writer.write, frames)
-            if expected and writer.frames_written != expected:
-                raise InvalidArgument(
-                    f"{excerpt(header.output_uri)}: expected {expected} frames, got {writer.frames_written}"
-                )
-            written = await clock.run(writer.close)
-        except BaseException:
-            await asyncio.to_thread(writer.discard)
-            raise
+                # A cancelled call can reach here: gRPC may end the request stream before it cancels the
+                # handler. The cancellation then stops the close before the rename, and nothing is left.
+                stop = threading.Event()
+                written = await clock.run(writer.close, stop, stop=stop)
+            except BaseException:
+                await asyncio.to_thread(writer.discard)
+                raise
         return encoder_pb2.EncodeSegmentResponse(
             output_uri=relative_uri(self._settings.media_root, writer.path),
             frames=written,

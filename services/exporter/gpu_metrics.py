@@ -65,8 +65,16 @@ GPU_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("swapline_gpu_power_limit_watts", "Enforced power limit.", "power_limit_watts"),
     ("swapline_gpu_sm_clock_mhz", "SM clock.", "sm_clock_mhz"),
     ("swapline_gpu_memory_clock_mhz", "Memory clock.", "memory_clock_mhz"),
-    ("swapline_gpu_encoder_utilization_percent", "NVENC utilisation.", "encoder_utilization_percent"),
-    ("swapline_gpu_decoder_utilization_percent", "NVDEC utilisation.", "decoder_utilization_percent"),
+    (
+        "swapline_gpu_encoder_utilization_percent",
+        "NVENC utilisation over NVML's sampling period; absent where the GPU cannot report it.",
+        "encoder_utilization_percent",
+    ),
+    (
+        "swapline_gpu_decoder_utilization_percent",
+        "NVDEC utilisation over NVML's sampling period; absent where the GPU cannot report it.",
+        "decoder_utilization_percent",
+    ),
     (
         "swapline_gpu_pcie_tx_bytes_per_second",
         "PCIe bytes sent by the GPU per second.",
@@ -126,7 +134,10 @@ class GpuMetricsCollector(Collector):
             labels = gpu_label_values(sample, node)
             info.add_metric([*labels, snapshot.driver_version], 1.0)
             for gauge, (_, _, attribute) in zip(gauges, GPU_GAUGES, strict=True):
-                gauge.add_metric(labels, float(getattr(sample, attribute)))
+                # A reading the GPU cannot give (None) is left out, not exported as a false 0.
+                value = getattr(sample, attribute)
+                if value is not None:
+                    gauge.add_metric(labels, float(value))
             for reason in CLOCK_EVENT_REASONS:
                 active = sample.clock_event_reasons & CLOCK_EVENT_BITS[reason]
                 clock_events.add_metric([*labels, reason], 1.0 if active else 0.0)

@@ -188,6 +188,8 @@ def gpu_statistics(rows: Sequence[TrendRow]) -> list[dict[str, Any]]:
     summaries = []
     for (node, index, uuid), series in grouped.items():
         utilization = [row.utilization_percent for row in series]
+        decoder = [row.decoder_utilization_percent for row in series]
+        encoder = [row.encoder_utilization_percent for row in series]
         memory_used = [row.memory_used_bytes for row in series]
         memory_total = _statistic([row.memory_total_bytes for row in series], "peak")
         summaries.append(
@@ -200,6 +202,11 @@ def gpu_statistics(rows: Sequence[TrendRow]) -> list[dict[str, Any]]:
                 "utilization_mean_percent": _statistic(utilization, "mean"),
                 "utilization_peak_percent": _statistic(utilization, "peak"),
                 "utilization_p95_percent": _statistic(utilization, "p95"),
+                # NVDEC and NVENC; null where the GPU has no such engine or cannot report it.
+                "decoder_utilization_mean_percent": _statistic(decoder, "mean"),
+                "decoder_utilization_peak_percent": _statistic(decoder, "peak"),
+                "encoder_utilization_mean_percent": _statistic(encoder, "mean"),
+                "encoder_utilization_peak_percent": _statistic(encoder, "peak"),
                 "memory_used_peak_bytes": _whole_bytes(_statistic(memory_used, "peak")),
                 "memory_used_p95_bytes": _whole_bytes(_statistic(memory_used, "p95")),
                 "memory_total_bytes": _whole_bytes(memory_total),

@@ -38,7 +38,17 @@ TREND_CSV_COLUMNS = (
     "memory_total_bytes",
     "temperature_celsius",
     "power_watts",
+    "decoder_utilization_percent",
+    "encoder_utilization_percent",
 )
+# The video engines drawn in the utilisation panel, in each GPU's colour: (name, TrendRow field, marker).
+# Markers, not dashes, tell them from the GPU's own line: dashes and dots already mark the events.
+ENGINE_LINES = (
+    ("NVDEC", "decoder_utilization_percent", "v"),
+    ("NVENC", "encoder_utilization_percent", "^"),
+)
+# About this many markers along an engine's line, however long the job.
+_ENGINE_MARKERS = 24
 _EVENT_STYLES: dict[str, dict[str, Any]] = {
     # Greys and black, so no event line reads as one of the GPUs' coloured lines.
     "chunk_start": {"color": "dimgray", "linestyle": "--", "linewidth": 0.8},
@@ -54,6 +64,8 @@ class ChartSummary:
     title: str
     panels: tuple[str, ...]
     gpu_labels: tuple[str, ...]
+    # The video engines with a line for at least one GPU (those whose GPUs reported them).
+    engines: tuple[str, ...]
     samples: int
     event_markers: int
     event_labels: tuple[str, ...]
@@ -89,7 +101,10 @@ def draw_trend_chart(
     heading: str,
     no_samples_reason: str = "CPU mode",
 ) -> ChartSummary:
-    """Four stacked panels over the job's window, a line per GPU; events (t from origin) as vertical lines."""
+    """Four stacked panels over the job's window, a line per GPU; events (t from origin) as vertical lines.
+
+    The utilisation panel also draws each GPU's NVDEC and NVENC utilisation where the GPU reported them.
+    """
     grouped = rows_by_gpu(rows)
     several_nodes = len({node for node, _, _ in grouped}) > 1
     title = heading if rows else f"{heading}: no GPU samples: {no_samples_reason}"
@@ -100,6 +115,7 @@ def draw_trend_chart(
 
     labels: list[str] = []
     gpu_lines: list[Line2D] = []
+    engines: set[str] = set()
     for series in grouped.values():
         label = gpu_label(series[0], several_nodes)
         labels.append(label)
@@ -107,6 +123,13 @@ def draw_trend_chart(
         (line,) = axes[0].plot(seconds, [row.utilization_percent for row in series], label=label)
         gpu_lines.append(line)
         color = line.get_color()
+        for engine, field, marker in ENGINE_LINES:
+            readings = [getattr(row, field) for row in series]
+            if all(math.isnan(reading) for reading in readings):
+                continue
+            engines.add(engine)
+            every = max(1, len(series) // _ENGINE_MARKERS)
+            axes[0].plot(seconds, readings, color=color, linewidth=0.8, marker=marker, markersize=4, markevery=every)
         axes[1].plot(seconds, [row.memory_used_bytes / GIB for row in series], color=color)
         axes[1].plot(seconds, [row.memory_total_bytes / GIB for row in series], color=color, linestyle="--")
         axes[2].plot(seconds, [row.temperature_celsius for row in series], color=color)
@@ -148,7 +171,13 @@ def draw_trend_chart(
     for axis, panel in zip(axes, PANEL_TITLES, strict=True):
         axis.set_ylabel(panel)
         axis.grid(True, alpha=0.3)
+    drawn_engines = tuple(engine for engine, _, _ in ENGINE_LINES if engine in engines)
     handles = [*gpu_lines]
+    handles += [
+        Line2D([], [], color="black", linewidth=0.8, marker=marker, markersize=4, label=f"{engine} %")
+        for engine, _, marker in ENGINE_LINES
+        if engine in engines
+    ]
     handles += [
         Line2D([], [], label=kind.replace("_", " "), **style) for kind, style in _EVENT_STYLES.items()
     ]
@@ -168,6 +197,7 @@ def draw_trend_chart(
         title=title,
         panels=PANEL_TITLES,
         gpu_labels=tuple(labels),
+        engines=drawn_engines,
         samples=len(rows),
         event_markers=len(shown),
         event_labels=tuple(drawn_labels),
@@ -201,5 +231,7 @@ def write_trend_csv(path: Path, rows: Sequence[TrendRow], origin: float) -> None
                     _cell(row.memory_total_bytes, integral=True),
                     _cell(row.temperature_celsius),
                     _cell(row.power_watts),
+                    _cell(row.decoder_utilization_percent),
+                    _cell(row.encoder_utilization_percent),
                 ]
             )

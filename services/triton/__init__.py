@@ -1,1 +1,2 @@
-"""Serving the ONNX models: the embedded tritonserver (Python backend over ORT) and in-process sessions."""
+"""Serving the face models: the embedded tritonserver (Python backend over onnxruntime on a CPU, over the
+models' torch definitions in FP16 on a GPU) and in-process sessions."""

@@ -30,11 +30,12 @@ def main() -> None:
         startup_timeout=settings.startup_timeout,
         models=settings.models or None,
         intra_op_threads=settings.intra_op_threads,
+        device=settings.device,
     )
     with triton:
         print(
             f"triton listening on grpc {triton.grpc_url} http {triton.http_url} metrics {triton.metrics_url}"
-            f" serving {', '.join(triton.models)}",
+            f" serving {', '.join(triton.models)} on {triton.device} ({triton.device_reason})",
             flush=True,
         )
         # alive() also ends the stubs and removes the /dev/shm regions of a server that died.

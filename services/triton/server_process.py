@@ -2,7 +2,7 @@
 
 The wheel's server needs three things it does not arrange itself: its bundled shared libraries on
 LD_LIBRARY_PATH, a backend folder holding the Python backend plus the stub built for the running
-Python version, and a PYTHONPATH on which the stub finds numpy, onnxruntime and this repository.
+Python version, and a PYTHONPATH on which the stub finds numpy, onnxruntime, torch and this repository.
 
 The Python backend forks one stub process per model instance and gives each a /dev/shm region. A
 tritonserver killed with SIGKILL leaves both behind (hundreds of MB), so the server runs as the leader
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +33,8 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.triton.embedded_repository import write_embedded_repository
+from services.triton.device_choice import TritonDeviceChoice, resolve_device
+from services.triton.embedded_repository import TritonDevice, write_embedded_repository
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,14 @@ SHARED_MEMORY_DIR = Path("/dev/shm")
 # How long the processes of a killed group get to disappear; a zombie waiting for its reaper counts as gone.
 GROUP_EXIT_TIMEOUT_SECONDS = 10.0
 GROUP_EXIT_POLL_SECONDS = 0.05
+# What the stubs import from the environment, wherever it is installed (a user site, a distribution's
+# dist-packages): the models import numpy and onnxruntime, or torch.
+STUB_PACKAGES = ("numpy", "onnxruntime", "torch")
 _server_numbers = itertools.count()
+
+# Writes the repository tritonserver serves into the (empty) folder it is given, for the resolved
+# device, and returns the models to wait for: how a caller serves models of its own (write_torch_model).
+RepositoryWriter = Callable[[Path, TritonDevice], list[str]]
 
 
 @dataclass(frozen=True)
@@ -108,12 +116,21 @@ def _prepend_path(value: str, existing: str | None) -> str:
     return value if not existing else f"{value}{os.pathsep}{existing}"
 
 
+def package_parent(name: str) -> str | None:
+    """The folder a top-level package is imported from, found without importing it; None when absent."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+
+
 def server_environment(distribution: PytritonDistribution, base: dict[str, str]) -> dict[str, str]:
     environment = dict(base)
     environment["LD_LIBRARY_PATH"] = _prepend_path(str(distribution.library_dir), base.get("LD_LIBRARY_PATH"))
     # The stub's embedded interpreter finds its environment through the `python` first on PATH.
     environment["PATH"] = _prepend_path(str(Path(sys.exec_prefix) / "bin"), base.get("PATH"))
-    site_packages = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    packages = [parent for parent in map(package_parent, STUB_PACKAGES) if parent is not None]
+    site_packages = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *packages])
     python_path = os.pathsep.join([str(REPOSITORY_ROOT), *site_packages])
     environment["PYTHONPATH"] = _prepend_path(python_path, base.get("PYTHONPATH"))
     return environment
@@ -178,6 +195,8 @@ class EmbeddedTriton:
         startup_timeout: float = 120,
         models: Sequence[str] | None = None,
         intra_op_threads: int = 0,
+        device: TritonDeviceChoice = "auto",
+        repository_writer: RepositoryWriter | None = None,
     ) -> None:
         # The server runs with work_dir as its cwd, so relative paths would resolve twice.
         self.model_repository = model_repository.resolve()
@@ -191,6 +210,11 @@ class EmbeddedTriton:
         self.models: list[str] = list(models) if models is not None else []
         self._requested_models = models
         self.intra_op_threads = intra_op_threads
+        self.device_choice = device
+        # Resolved by the first start() and kept across restarts: "auto" asks a child process once.
+        self.device: TritonDevice | None = None
+        self.device_reason = ""
+        self.repository_writer = repository_writer or self._write_embedded_twins
         # What the Python backend's /dev/shm regions are named after; unique to this object.
         self.shared_memory_prefix = f"swapline-triton-{os.getpid()}-{next(_server_numbers)}-"
         self._process: subprocess.Popen[bytes] | None = None
@@ -227,6 +251,11 @@ class EmbeddedTriton:
             "--exit-on-error=true",
         ]
 
+    def _write_embedded_twins(self, out: Path, device: TritonDevice) -> list[str]:
+        return write_embedded_repository(
+            self.model_repository, out, self._requested_models, self.intra_op_threads, device
+        )
+
     def start(self) -> None:
         if self._process is not None:
             raise FailedPrecondition("this EmbeddedTriton is already started")
@@ -234,9 +263,12 @@ class EmbeddedTriton:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backend_directory(distribution, self.work_dir)
         repository = self.work_dir / "model_repository"
-        self.models = write_embedded_repository(
-            self.model_repository, repository, self._requested_models, self.intra_op_threads
-        )
+        if self.device is None:
+            decision = resolve_device(self.device_choice)
+            self.device, self.device_reason = decision.device, decision.reason
+        shutil.rmtree(repository, ignore_errors=True)
+        repository.mkdir(parents=True)
+        self.models = self.repository_writer(repository, self.device)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.settings_loader import ValidatedSettings, ranged
+from services.triton.device_choice import TritonDeviceChoice
 
 ENV_PREFIX = "SWAPLINE_TRITON_"
 
@@ -26,3 +27,5 @@ class TritonSettings(ValidatedSettings):
     startup_timeout: float = ranged(120.0, gt=0.0)
     intra_op_threads: int = ranged(0, ge=0, le=256)
     log_path: Path | None = None
+    # "auto": CUDA (the built-in models in torch, FP16) when torch sees a GPU, else the CPU (onnxruntime).
+    device: TritonDeviceChoice = "auto"

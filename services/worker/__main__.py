@@ -6,24 +6,30 @@ The worker serves no API of its own: only health, reflection and metrics, beside
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import channel_security, open_channel
-from services.common.grpc_server import serve
+from services.common.grpc_server import configure_logging, serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
-from services.worker.chunk_runner import ChunkRunner, StageStubs
+from services.worker.chunk_runner import ChunkRunner, StageStubs, face_warper_for
 from services.worker.face_swapper import FACE_SWAPPER_MODEL, CropTransferSwapper
 from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
-from services.worker.settings import SETTINGS_PREFIX, WorkerSettings
+from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_warp_device
 from services.worker.source_face import JobFaceCache
 from swapline.chunks.v1 import chunks_pb2_grpc
 
 SERVICE_NAME = "worker"
 
+log = logging.getLogger(__name__)
+
 
 async def run_worker(settings: WorkerSettings) -> None:
+    configure_logging(settings.log_level)
+    warp_device = resolve_warp_device(settings.device)
+    log.info("faces are aligned and pasted back on %s (device setting %s)", warp_device, settings.device)
     security = channel_security(settings)
     channels = {
         name: open_channel(target, security, settings.max_message_bytes)
@@ -40,7 +46,7 @@ async def run_worker(settings: WorkerSettings) -> None:
         detector=detector_stub(channels["detector"]),
         encoder=encoder_stub(channels["encoder"]),
     )
-    runner = ChunkRunner(settings, stubs, CropTransferSwapper(triton), JobFaceCache())
+    runner = ChunkRunner(settings, stubs, CropTransferSwapper(triton), JobFaceCache(), face_warper_for(warp_device))
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

@@ -2,10 +2,14 @@
 
 Each stage is an asyncio task; bounded queues (STAGE_QUEUE_SIZE batches) join them, so while
 batch k is detected, batch k+1 is decoded, batch k-1 is swapped and earlier batches are pasted and
-encoded, and memory stays bounded by a few batches. CPU-heavy numpy and OpenCV work (alignment,
-paste back, descriptors) runs in threads: OpenCV releases the GIL, so it overlaps the gRPC and
-Triton waits of the other stages. The pipeline is written against small Protocols so the same code
-runs with gRPC stage clients in the worker and with in-process models in the benchmark.
+encoded, and memory stays bounded by a few batches. CPU-heavy numpy, OpenCV and torch work
+(alignment, paste back, descriptors) runs in threads: all three release the GIL, so it overlaps the
+gRPC and Triton waits of the other stages. The pipeline is written against small Protocols so the
+same code runs with gRPC stage clients in the worker and with in-process models in the benchmark.
+
+Where faces are cut out and pasted back is a FaceWarper's business: OpenCV on the host by default,
+or torch on a GPU (batch_warp.TorchFaceWarper), where a batch's frames go up at alignment and stay
+there until its faces are pasted.
 
 Frames yielded by the source belong to the pipeline: faces are pasted into them in place.
 """
@@ -25,11 +29,13 @@ from services.common.errors import Internal
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.job_vocabulary import STAGE_NAMES, StageName
-from services.worker.face_aligner import align_face, paste_back
+from services.worker.face_aligner import Cv2FaceWarper, alignment_matrix
 from services.worker.face_selector import FaceSelection, select_faces
 from services.worker.face_swapper import FaceSwapper, SourceIdentity
 
 STAGE_QUEUE_SIZE = 2
+# The default warper: stateless, so every pipeline shares it.
+HOST_WARPER = Cv2FaceWarper()
 
 
 class FrameSource(Protocol):
@@ -41,6 +47,26 @@ class FrameSource(Protocol):
 class FaceFinder(Protocol):
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
         """Every face of every frame, in the frames' own pixels."""
+        ...
+
+
+class AlignedFaces(Protocol):
+    """A batch's faces cut out by a FaceWarper, waiting for their swapped crops."""
+
+    @property
+    def crops(self) -> np.ndarray:
+        """(m, S, S, 3) uint8 RGB on the host, for the swapper."""
+        ...
+
+    def paste(self, swapped: np.ndarray, masks: np.ndarray) -> Frames:
+        """The batch's frames on the host with the swapped crops ((m, S, S, 3) uint8, masks (m, S, S) float32)
+        blended in, faces of one frame in order. May reuse the frames given to `align`."""
+        ...
+
+
+class FaceWarper(Protocol):
+    def align(self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int) -> AlignedFaces:
+        """Face i cut from frames[slots[i]] by matrices[i] ((m, 2, 3) frame -> crop) into a size x size crop."""
         ...
 
 
@@ -107,10 +133,9 @@ class _SelectedBatch:
 
 @dataclass(frozen=True)
 class _SwappedBatch:
-    frames: Frames
     indices: list[int]
-    # One entry per swapped face: (slot of its frame in the batch, frame -> crop matrix).
-    placements: list[tuple[int, np.ndarray]]
+    slots: list[int]  # per swapped face, the slot of its frame in the batch
+    aligned: AlignedFaces
     crops: np.ndarray
     masks: np.ndarray
     skipped: int
@@ -143,29 +168,28 @@ def _select_all(frames: Frames, faces: list[list[DetectedFace]], selection: Face
 
 
 def _align_all(
-    frames: Frames, faces: list[list[DetectedFace]], size: int
-) -> tuple[list[tuple[int, np.ndarray]], np.ndarray, int]:
-    placements: list[tuple[int, np.ndarray]] = []
-    crops: list[np.ndarray] = []
+    warper: FaceWarper, frames: Frames, faces: list[list[DetectedFace]], size: int
+) -> tuple[list[int], AlignedFaces, int]:
+    """(slot of each aligned face, the faces cut out, faces skipped because no alignment fits them)."""
+    slots: list[int] = []
+    matrices: list[np.ndarray] = []
     skipped = 0
     for slot, frame_faces in enumerate(faces):
         for face in frame_faces:
             try:
-                aligned = align_face(frames[slot], face.landmarks, size)
+                matrices.append(alignment_matrix(face.landmarks, size))
             except ValueError:
                 skipped += 1
                 continue
-            placements.append((slot, aligned.matrix))
-            crops.append(aligned.crop)
-    stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-    return placements, stacked, skipped
+            slots.append(slot)
+    stacked = np.stack(matrices) if matrices else np.zeros((0, 2, 3), np.float32)
+    return slots, warper.align(frames, slots, stacked, size), skipped
 
 
 def _paste_all(batch: _SwappedBatch) -> tuple[Frames, list[int]]:
-    frames = batch.frames if batch.frames.flags.writeable else batch.frames.copy()
+    frames = batch.aligned.paste(batch.crops, batch.masks)
     faces_per_frame = [0] * len(batch.indices)
-    for (slot, matrix), crop, mask in zip(batch.placements, batch.crops, batch.masks, strict=True):
-        paste_back(frames[slot], crop, mask, matrix)
+    for slot in batch.slots:
         faces_per_frame[slot] += 1
     return frames, faces_per_frame
 
@@ -178,6 +202,7 @@ async def run_chunk_pipeline(
     sink: SegmentSink,
     selection: FaceSelection,
     stats: ChunkStats | None = None,
+    warper: FaceWarper = HOST_WARPER,
 ) -> ChunkStats:
     """Runs every stage to the end; the first stage error cancels the others and is raised as is.
 
@@ -218,14 +243,15 @@ async def run_chunk_pipeline(
     async def swap() -> None:
         while (batch := await selected.get()) is not None:
             with clock.timing("swap"):
-                placements, crops, skipped = await asyncio.to_thread(
-                    _align_all, batch.frames, batch.faces, swapper.crop_size
+                slots, aligned, skipped = await asyncio.to_thread(
+                    _align_all, warper, batch.frames, batch.faces, swapper.crop_size
                 )
+                crops = aligned.crops
                 if len(crops):
                     new_crops, masks = await swapper.swap(crops, identity)
                 else:
                     new_crops, masks = crops, np.zeros(crops.shape[:3], np.float32)
-            await swapped.put(_SwappedBatch(batch.frames, batch.indices, placements, new_crops, masks, skipped))
+            await swapped.put(_SwappedBatch(batch.indices, slots, aligned, new_crops, masks, skipped))
         await swapped.put(None)
 
     async def paste() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.job_vocabulary import selector_mode_from_proto
-from services.worker.chunk_pipeline import ChunkStats, run_chunk_pipeline
+from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
 from services.worker.face_swapper import FaceSwapper
-from services.worker.settings import WorkerSettings
+from services.worker.settings import WarpDevice, WorkerSettings
 from services.worker.source_face import JobFaceCache
 from services.worker.stage_clients import DecoderFrameSource, DetectorFaceFinder, EncoderSegmentSink
 from swapline.chunks.v1 import chunks_pb2
@@ -24,12 +24,29 @@ class StageStubs:
     encoder: encoder_pb2_grpc.EncoderServiceStub
 
 
+def face_warper_for(device: WarpDevice) -> FaceWarper:
+    """OpenCV on the host, or torch on the GPU; torch is imported only for the latter."""
+    if device == "cpu":
+        return HOST_WARPER
+    from services.worker.batch_warp import TorchFaceWarper
+
+    return TorchFaceWarper(device)
+
+
 class ChunkRunner:
-    def __init__(self, settings: WorkerSettings, stubs: StageStubs, swapper: FaceSwapper, faces: JobFaceCache) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        stubs: StageStubs,
+        swapper: FaceSwapper,
+        faces: JobFaceCache,
+        warper: FaceWarper,
+    ) -> None:
         self._settings = settings
         self._stubs = stubs
         self._swapper = swapper
         self._faces = faces
+        self._warper = warper
         # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
         self._stage_timeout = settings.triton_timeout_seconds
         self._finder = DetectorFaceFinder(
@@ -57,7 +74,14 @@ class ChunkRunner:
             self._stubs.encoder, segment_header(lease), self._stage_timeout, first_index=lease.start_frame
         ) as sink:
             return await run_chunk_pipeline(
-                source, self._finder, self._swapper, identity, sink, FaceSelection(mode, reference), stats
+                source,
+                self._finder,
+                self._swapper,
+                identity,
+                sink,
+                FaceSelection(mode, reference),
+                stats,
+                self._warper,
             )
 
 

@@ -1,13 +1,20 @@
-"""Warps faces onto the canonical crop by their landmarks, and the swapped crop back into the frame."""
+"""Warps faces onto the canonical crop by their landmarks, and the swapped crop back into the frame.
+
+`Cv2FaceWarper` does it for the chunk pipeline on the CPU, one face at a time with OpenCV; its twin
+on torch tensors (`batch_warp.TorchFaceWarper`) does a whole batch at once where the frames can sit in
+GPU memory. Both paste into the same region of the frame (`paste_region`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from services.common.face_geometry import CROP_SIZE, template_points
+from services.common.frame_codec import Frames
 
 
 @dataclass(frozen=True)
@@ -26,10 +33,32 @@ def alignment_matrix(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray
     return matrix.astype(np.float32)
 
 
+def warp_to_crop(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The (size, size, 3) crop that `matrix` (frame -> crop) cuts out of `frame`, mirrored past its edges."""
+    return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
 def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -> AlignedFace:
     matrix = alignment_matrix(landmarks, size)
-    crop = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    return AlignedFace(crop=crop, matrix=matrix)
+    return AlignedFace(crop=warp_to_crop(frame, matrix, size), matrix=matrix)
+
+
+def paste_region(matrix: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), end exclusive: the frame pixels a crop of `size` pasted by `matrix` can touch.
+
+    The crop's footprint grown to whole pixels plus one (bilinear reach), clipped to the frame; None
+    when it lies wholly outside.
+    """
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32)
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    x0 = max(int(np.floor(mapped[:, 0].min())), 0)
+    y0 = max(int(np.floor(mapped[:, 1].min())), 0)
+    x1 = min(int(np.ceil(mapped[:, 0].max())) + 1, width)
+    y1 = min(int(np.ceil(mapped[:, 1].max())) + 1, height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
 
 
 def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> None:
@@ -37,18 +66,11 @@ def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix:
 
     swapped: (size, size, 3) uint8 RGB; mask: (size, size) float32 in [0, 1].
     """
-    size = swapped.shape[0]
-    inverse = cv2.invertAffineTransform(matrix)
-    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32)
-    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
-    height, width = frame.shape[:2]
-    x0 = max(int(np.floor(mapped[:, 0].min())), 0)
-    y0 = max(int(np.floor(mapped[:, 1].min())), 0)
-    x1 = min(int(np.ceil(mapped[:, 0].max())) + 1, width)
-    y1 = min(int(np.ceil(mapped[:, 1].max())) + 1, height)
-    if x1 <= x0 or y1 <= y0:
+    region_box = paste_region(matrix, swapped.shape[0], frame.shape[0], frame.shape[1])
+    if region_box is None:
         return
-    region_inverse = inverse.astype(np.float32)
+    x0, y0, x1, y1 = region_box
+    region_inverse = cv2.invertAffineTransform(matrix).astype(np.float32)
     region_inverse[:, 2] = region_inverse[:, 2] - np.array([x0, y0], np.float32)
     region_size = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(swapped, region_inverse, region_size, flags=cv2.INTER_LINEAR)
@@ -56,3 +78,28 @@ def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix:
     region = frame[y0:y1, x0:x1]
     # blendLinear normalises by the weight sum; the floor keeps it defined where both are zero.
     frame[y0:y1, x0:x1] = cv2.blendLinear(warped, region, alpha, np.maximum(1.0 - alpha, 1e-6))
+
+
+class HostAlignedFaces:
+    """A batch's face crops cut on the host; pastes back into the batch's own frames, in place."""
+
+    def __init__(self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, crops: np.ndarray) -> None:
+        self._frames = frames
+        self._slots = list(slots)
+        self._matrices = matrices
+        self.crops = crops
+
+    def paste(self, swapped: np.ndarray, masks: np.ndarray) -> Frames:
+        frames = self._frames if self._frames.flags.writeable else self._frames.copy()
+        for slot, matrix, crop, mask in zip(self._slots, self._matrices, swapped, masks, strict=True):
+            paste_back(frames[slot], crop, mask, matrix)
+        return frames
+
+
+class Cv2FaceWarper:
+    """OpenCV, one face at a time on the host: the faster choice where there is no GPU."""
+
+    def align(self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int) -> HostAlignedFaces:
+        crops = [warp_to_crop(frames[slot], matrix, size) for slot, matrix in zip(slots, matrices, strict=True)]
+        stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        return HostAlignedFaces(frames, slots, matrices, stacked)

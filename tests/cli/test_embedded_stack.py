@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from services.cli.embedded_stack import FRAME_SERVICES, frame_service_sockets, security_env
+from services.cli.embedded_stack import FRAME_SERVICES, frame_service_sockets, replica_name, security_env
 from services.cli.stack_credentials import generate_credentials
 from services.common.server_settings import ServerSettings
 
@@ -18,6 +18,20 @@ def test_each_frame_service_listens_on_its_own_socket_and_is_reached_there() -> 
     assert sockets["decoder"][1] == "unix:/tmp/swapline-x/decoder.sock"
     assert sockets["encoder"][1] == "unix:/tmp/swapline-x/encoder.sock"
     assert len({target for _, target in sockets.values()}) == len(FRAME_SERVICES)
+
+
+def test_replicas_get_their_own_sockets_under_the_names_the_supervisor_runs() -> None:
+    sockets = frame_service_sockets(Path("/tmp/swapline-x"), replicas=3)
+    assert set(sockets) == {f"{service}{suffix}" for service in FRAME_SERVICES for suffix in ("", "-2", "-3")}
+    assert sockets["decoder-3"] == (
+        {"SWAPLINE_DECODER_UNIX_SOCKET": "/tmp/swapline-x/decoder-3.sock"},
+        "unix:/tmp/swapline-x/decoder-3.sock",
+    )
+    assert frame_service_sockets(None, replicas=2)["encoder-2"] == ({}, "")
+
+
+def test_replica_names() -> None:
+    assert [replica_name("decoder", replica) for replica in range(3)] == ["decoder", "decoder-2", "decoder-3"]
 
 
 def test_without_credentials_every_service_runs_open_and_says_plaintext() -> None:

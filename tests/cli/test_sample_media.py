@@ -129,3 +129,14 @@ def test_bad_inputs_cannot_be_probed(default_video: Path, tmp_path: Path) -> Non
     assert 0 < truncated.stat().st_size < default_video.stat().st_size
     with pytest.raises(InvalidArgument, match="truncated or corrupt"):
         probe_media(truncated)
+
+
+def test_group_image_shows_six_faces_in_every_frame_of_the_camera_move(face_boxes: dlib.fhog_object_detector) -> None:
+    size = (1920, 1080)
+    group = sample_media.make_group_image(size)
+    assert group.shape == (1080, 1920, 3)
+    backdrop = sample_media._blurred_backdrop(group, size)
+    for progress in (0.0, 0.25, 0.5, 0.75):
+        frame = sample_media.render_face_frame(group, backdrop, size, progress)
+        small = cv2.resize(frame, (960, 540), interpolation=cv2.INTER_AREA)
+        assert len(detect(face_boxes, small)) == 6, progress

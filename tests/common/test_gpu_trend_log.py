@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_header_and_one_row_per_gpu(tmp_path: Path) -> None:
 
     assert lines[0] == (
         "timestamp,node,gpu_index,gpu_uuid,gpu_model,utilization_percent,memory_used_bytes,"
-        "memory_total_bytes,temperature_celsius,power_watts"
+        "memory_total_bytes,temperature_celsius,power_watts,decoder_utilization_percent,encoder_utilization_percent"
     )
     assert lines[1].split(",") == [
         "1710028798.000",
@@ -39,6 +40,8 @@ def test_header_and_one_row_per_gpu(tmp_path: Path) -> None:
         str(80 * GIB),
         "61",
         "412.500",
+        "7",
+        "12",
     ]
     assert lines[2].split(",")[2] == "1"
     assert len(lines) == 3
@@ -164,3 +167,34 @@ def test_a_window_at_the_end_of_a_long_day_reads_back_only_from_its_start(
     ]
     assert {row.gpu_index for row in recent} == {0, 1} and len(everything) == 20_000
     assert sum(read_bytes) < path.stat().st_size / 10
+
+
+def test_nvdec_and_nvenc_utilisation_are_read_back_and_a_missing_reading_is_nan(tmp_path: Path) -> None:
+    log = TrendLog(tmp_path, node="n")
+    log.append(
+        [
+            gpu_sample(0, timestamp=BEFORE_MIDNIGHT - 2, decoder_utilization_percent=41.5),
+            # A GPU without NVENC, such as the H100: NVML gives no encoder reading.
+            gpu_sample(1, timestamp=BEFORE_MIDNIGHT - 2, encoder_utilization_percent=None),
+        ]
+    )
+
+    first, second = read_trend_rows(tmp_path, BEFORE_MIDNIGHT - 10, BEFORE_MIDNIGHT)
+
+    assert (first.decoder_utilization_percent, first.encoder_utilization_percent) == (41.5, 12.0)
+    assert second.decoder_utilization_percent == 7.0 and math.isnan(second.encoder_utilization_percent)
+    assert (tmp_path / "gpu-trend-2024-03-09.csv").read_text().splitlines()[2].endswith(",7,")
+
+
+def test_rows_from_before_the_engines_were_logged_still_read_in_the_same_day_file(tmp_path: Path) -> None:
+    earlier_header = "timestamp,node,gpu_index,gpu_uuid,gpu_model,utilization_percent,memory_used_bytes,"
+    earlier_header += "memory_total_bytes,temperature_celsius,power_watts"
+    earlier_row = f"{BEFORE_MIDNIGHT - 5:.3f},n,0,GPU-0,NVIDIA L4,55,1000,24000,50,70.000"
+    (tmp_path / "gpu-trend-2024-03-09.csv").write_text(f"{earlier_header}\n{earlier_row}\n")
+    TrendLog(tmp_path, node="n").append([gpu_sample(0, timestamp=BEFORE_MIDNIGHT - 1)])
+
+    earlier, current = read_trend_rows(tmp_path, BEFORE_MIDNIGHT - 10, BEFORE_MIDNIGHT)
+
+    assert (earlier.utilization_percent, earlier.power_watts) == (55.0, 70.0)
+    assert math.isnan(earlier.decoder_utilization_percent) and math.isnan(earlier.encoder_utilization_percent)
+    assert (current.decoder_utilization_percent, current.encoder_utilization_percent) == (7.0, 12.0)

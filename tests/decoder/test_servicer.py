@@ -10,21 +10,33 @@ import pytest
 
 from services.cli import sample_media
 from services.common.frame_codec import unpack_frames
+from services.common.frame_streams import register_decoder
+from services.common.grpc_server import ServiceBinding
 from services.common.input_limits import InputLimits
 from services.common.media_paths import existing_media_path
 from services.decoder.__main__ import binding
+from services.decoder.decode_backend import BackendChoice
+from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
+from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import DecoderSettings
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+from tests.decoder.fake_nvdec import FakeOpenerFailure
 from tests.decoder.in_process_server import serving
+
+PYAV = BackendChoice("cpu", "cpu", "test")
+
+
+def plaintext_settings(media_root: Path) -> DecoderSettings:
+    return DecoderSettings(
+        media_root=media_root, port=0, default_batch_size=4, transport_security="plaintext", auth_mode="open"
+    )
 
 
 @pytest.fixture(scope="module")
 def stub(media_root: Path) -> Iterator[decoder_pb2_grpc.DecoderServiceStub]:
-    settings = DecoderSettings(
-        media_root=media_root, port=0, default_batch_size=4, transport_security="plaintext", auth_mode="open"
-    )
-    with serving(settings, [binding(settings)]) as channel:
+    settings = plaintext_settings(media_root)
+    with serving(settings, [binding(settings, PYAV)]) as channel:
         yield decoder_pb2_grpc.DecoderServiceStub(channel)
 
 
@@ -134,3 +146,19 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def test_an_auto_decoder_without_nvdec_streams_pyavs_frames(media_root: Path, small_video: Path) -> None:
+    settings = plaintext_settings(media_root)
+    opener = FakeOpenerFailure(ImportError("No module named 'PyNvVideoCodec'"))
+    servicer = DecoderServicer(settings, BackendChoice("auto", "nvdec", "test"), open_decoder=opener)
+    keyframe = probe_media(small_video).keyframes[1]
+    request = decoder_pb2.DecodeRequest(
+        uri=small_video.name, start_frame=keyframe.frame_index, seek_pts=keyframe.pts, frame_count=10
+    )
+    with serving(settings, [ServiceBinding(servicer, register_decoder, SERVICE_NAME)]) as channel:
+        batches = [unpack_frames(batch) for batch in decoder_pb2_grpc.DecoderServiceStub(channel).Decode(request)]
+    expected = list(iter_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 10, 4))
+    assert opener.attempts == 1
+    assert [indices for _, indices, _ in batches] == [indices for _, indices, _ in expected]
+    assert np.array_equal(np.concatenate([f for f, _, _ in batches]), np.concatenate([f for f, _, _ in expected]))

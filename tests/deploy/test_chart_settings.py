@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import typing
 from typing import Any
 
 import pytest
 
 from services.common.settings_loader import all_env_names, load_settings, required_env_names
 from tests.deploy.chart_render import (
+    CHART_DIR,
     DOCKERFILE,
     PYTHON_SERVICES,
     containers_of,
@@ -165,3 +167,16 @@ def test_whole_numbers_are_rendered_without_an_exponent() -> None:
         for service in rendered_services(scenario):
             for value in env_values(service_container(scenario, service)).values():
                 assert not re.fullmatch(r"[0-9.]+e[+-][0-9]+", value), value
+
+
+# Values keys the chart turns into a settings field of a Literal type: (service, values key, settings field).
+CHOICE_VALUES = [("decoder", "backend", "backend"), ("encoder", "backend", "backend"), ("worker", "device", "device")]
+
+
+@pytest.mark.parametrize(("service", "key", "field"), CHOICE_VALUES)
+def test_the_schema_offers_exactly_the_settings_choices(service: str, key: str, field: str) -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    offered = schema["properties"][service]["properties"][key]["enum"]
+    hints = typing.get_type_hints(settings_class(service))
+    assert field in hints, f"{SETTINGS_CLASSES[service]} has no field {field} for {prefix_of(service)}{field.upper()}"
+    assert offered == list(typing.get_args(hints[field]))

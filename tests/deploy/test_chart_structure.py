@@ -73,18 +73,21 @@ def test_pods_run_as_non_root_except_the_exporter(scenario: str) -> None:
             assert container["securityContext"].get("runAsNonRoot", True) is True
 
 
+# Components with a `gpu` block and its default count; no other component ever asks for a GPU.
+GPU_COUNT_DEFAULTS = {"triton": 1, "decoder": 0, "encoder": 0, "worker": 0}
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_only_triton_requests_gpus(scenario: str) -> None:
+def test_gpus_are_requested_only_by_their_gpu_blocks(scenario: str) -> None:
     objects = scenario_objects(scenario)
     for workload, container in all_containers(objects):
+        name = component(workload)
+        gpu_count = 0
+        if name in GPU_COUNT_DEFAULTS:
+            gpu_count = scenario_setting(scenario, f"{name}.gpu.count", GPU_COUNT_DEFAULTS[name])
         resources = container["resources"]
-        asks = GPU_RESOURCE in resources["requests"] or GPU_RESOURCE in resources["limits"]
-        if component(workload) != "triton":
-            assert not asks, f"{workload['metadata']['name']} requests GPUs"
-    gpu_count = scenario_setting(scenario, "triton.gpu.count", 1)
-    triton = containers_of(workload_of(objects, "triton"))[0]
-    assert triton["resources"]["limits"].get(GPU_RESOURCE, 0) == gpu_count
-    assert triton["resources"]["requests"].get(GPU_RESOURCE, 0) == gpu_count
+        assert resources["limits"].get(GPU_RESOURCE, 0) == gpu_count, workload["metadata"]["name"]
+        assert resources["requests"].get(GPU_RESOURCE, 0) == gpu_count, workload["metadata"]["name"]
 
 
 def test_cpu_minimal_requests_no_gpu_and_runs_no_exporter() -> None:
@@ -156,7 +159,7 @@ def test_triton_has_models_an_engine_cache_and_a_model_load_sized_startup(scenar
     assert startup["httpGet"]["path"] == "/v2/health/ready"
 
 
-@pytest.mark.parametrize("scenario", ["default", "gpu-keda", "gpu-hpa"])
+@pytest.mark.parametrize("scenario", ["default", "gpu-keda", "gpu-hpa", "gpu-video"])
 def test_triton_needs_a_gpu_node_of_the_chosen_products(scenario: str) -> None:
     pod = pod_spec(scenario_objects(scenario), "triton")
     required = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]

@@ -50,7 +50,7 @@ def test_zero_replicas_are_allowed() -> None:
     assert "replicas: 0" in rendered["swapline/templates/decoder-deployment.yaml"]
 
 
-def test_gpus_are_requested_only_through_triton_gpu_count() -> None:
+def test_gpus_are_requested_only_through_gpu_blocks() -> None:
     message = render_error({"worker": {"resources": {"limits": {"nvidia.com/gpu": 1}}}})
     assert "additional properties 'nvidia.com/gpu' not allowed" in message
 

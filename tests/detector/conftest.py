@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -7,12 +8,16 @@ import dlib
 import matplotlib.cbook
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
+from services.detector.face_detector import CASCADE_OUTPUTS, FRAMES, OPTIONS
+from services.model_build.mtcnn_cascade import MtcnnCascade, load_mtcnn_cascade
 from services.triton.local_models import LocalModels
 from tests.support.identity_judge import SHAPE_PREDICTOR_FILE, models_dir
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
+WEIGHTS_WHEEL = Path(__file__).resolve().parents[2] / "build/weights/facenet_pytorch-2.6.0-py3-none-any.whl"
 BACKGROUND = 128
 # The width the worker downscales frames to before it asks the detector.
 DETECTOR_WIDTH = 640
@@ -21,6 +26,36 @@ DETECTOR_WIDTH = 640
 @pytest.fixture(scope="session")
 def local_models() -> LocalModels:
     return LocalModels(REPOSITORY)
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """torch's threads contend with the other tests' processes on a small CI machine (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cascade_module(one_torch_thread: None) -> MtcnnCascade:
+    return load_mtcnn_cascade(WEIGHTS_WHEEL)
+
+
+class CascadeRunner:
+    """The cascade module on CPU tensors in Triton's place, noting every request's model and inputs."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.requests: list[tuple[str, dict[str, np.ndarray]]] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        self.requests.append((model, dict(inputs)))
+        with torch.inference_mode():
+            answer = self.module(torch.from_numpy(inputs[FRAMES]), torch.from_numpy(inputs[OPTIONS]))
+        return {name: tensor.numpy() for name, tensor in zip(CASCADE_OUTPUTS, answer, strict=True)}
 
 
 @pytest.fixture(scope="session")

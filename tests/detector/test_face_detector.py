@@ -215,7 +215,7 @@ def test_pnet_requests_of_large_frames_are_split_by_size(
     local_models: LocalModels, side_by_side: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     frames = np.stack([side_by_side] * 2)
-    monkeypatch.setattr(face_detector, "PNET_MAX_REQUEST_BYTES", 1)
+    monkeypatch.setattr(face_detector, "MAX_REQUEST_BYTES", 1)
     runner = RecordingRunner(local_models)
     found = detect(runner, frames, min_face_size=40)
     assert {shape[0] for shape in runner.shapes(PNET_MODEL)} == {1}

@@ -10,23 +10,27 @@ import pytest
 from services.common.face_types import frames_faces_from_proto
 from services.common.frame_codec import pack_frames
 from services.common.grpc_server import server_options, start_server
-from services.detector.face_detector import FaceDetector
+from services.detector.face_detector import CASCADE_OPTIONS, CascadeFaceDetector, Detector, FaceDetector
 from services.detector.servicer import detector_binding
 from services.detector.settings import DetectorSettings
+from services.model_build.mtcnn_cascade import MtcnnCascade
 from services.triton.local_models import LocalModels
 from swapline.common.v1 import common_pb2
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
-from tests.detector.conftest import BACKGROUND
+from tests.detector.conftest import BACKGROUND, CascadeRunner
 
 Call = Callable[[detector_pb2_grpc.DetectorServiceStub], Awaitable[detector_pb2.DetectResponse]]
 
 
-def call_detector(local_models: LocalModels, call: Call) -> detector_pb2.DetectResponse:
-    """Serves the detector over real gRPC on a free loopback port, with LocalModels in Triton's place."""
+def call_detector(
+    local_models: LocalModels, call: Call, detector: Detector | None = None
+) -> detector_pb2.DetectResponse:
+    """Serves the detector (default: per stage) over real gRPC on a free loopback port, with LocalModels
+    in Triton's place."""
 
     async def run() -> detector_pb2.DetectResponse:
         settings = DetectorSettings(port=0, transport_security="plaintext", auth_mode="open")
-        running = await start_server(settings, [detector_binding(FaceDetector(local_models))])
+        running = await start_server(settings, [detector_binding(detector or FaceDetector(local_models))])
         try:
             options = server_options(settings)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel:
@@ -51,6 +55,18 @@ def test_detect_returns_faces_per_frame_index(local_models: LocalModels, side_by
     faces = frames_faces_from_proto(response.frames)
     assert [len(frame_faces) for frame_faces in faces] == [2, 0]
     assert all(face.score >= 0.7 and face.landmarks.shape == (5, 2) for face in faces[0])
+
+
+def test_the_cascade_detector_answers_through_the_service(
+    local_models: LocalModels, cascade_module: MtcnnCascade, side_by_side: np.ndarray
+) -> None:
+    frames = np.stack([side_by_side, np.full_like(side_by_side, BACKGROUND)])
+    request = detector_pb2.DetectRequest(frames=pack_frames(frames, [3, 4]), min_score=0.9)
+    runner = CascadeRunner(cascade_module)
+    response = call_detector(local_models, lambda stub: stub.Detect(request), CascadeFaceDetector(runner))
+    assert [len(message.faces) for message in response.frames] == [2, 0]
+    ((_, inputs),) = runner.requests
+    assert inputs["options"][:, CASCADE_OPTIONS.index("min_score")].tolist() == [np.float32(0.9)] * 2
 
 
 def test_request_thresholds_reach_the_detector(local_models: LocalModels, side_by_side: np.ndarray) -> None:

@@ -32,3 +32,14 @@ def test_environment_overrides_reach_the_detector() -> None:
 def test_out_of_range_threshold_is_refused_at_start() -> None:
     with pytest.raises(InvalidArgument, match=r"SWAPLINE_DETECTOR_SCALE_FACTOR=1\.5 must be at most"):
         load_settings(DetectorSettings, ENV_PREFIX, environ={"SWAPLINE_DETECTOR_SCALE_FACTOR": "1.5"})
+
+
+def test_the_cascade_is_chosen_automatically_unless_set() -> None:
+    assert load_settings(DetectorSettings, ENV_PREFIX, environ={}).cascade == "auto"
+    environ = {"SWAPLINE_DETECTOR_CASCADE": "off"}
+    assert load_settings(DetectorSettings, ENV_PREFIX, environ=environ).cascade == "off"
+
+
+def test_an_unknown_cascade_mode_is_refused_at_start() -> None:
+    with pytest.raises(InvalidArgument, match=r"SWAPLINE_DETECTOR_CASCADE='always' is not one of auto, on, off"):
+        load_settings(DetectorSettings, ENV_PREFIX, environ={"SWAPLINE_DETECTOR_CASCADE": "always"})

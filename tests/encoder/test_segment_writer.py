@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.common.errors import Cancelled, InvalidArgument
 from services.decoder.media_probe import probe_media
 from services.encoder.segment_writer import SegmentWriter
 from tests.encoder.conftest import FPS, SIZE, decoded_frames
@@ -152,4 +154,38 @@ def test_closing_without_frames_fails_and_leaves_nothing(tmp_path: Path) -> None
     writer = SegmentWriter(tmp_path / "seg.mp4", FPS, *SIZE, crf=20, preset="veryfast")
     with pytest.raises(InvalidArgument, match="no frames were written"):
         writer.close()
+    assert files_in(tmp_path) == []
+
+
+def test_x264_runs_the_threads_asked_for_as_frame_threads(tmp_path: Path, original_frames: np.ndarray) -> None:
+    path = tmp_path / "threads.mp4"
+    with SegmentWriter(path, FPS, *SIZE, crf=20, preset="veryfast", threads=3) as writer:
+        writer.write(original_frames[:5])
+    # x264 writes its settings into the stream; slice threads would read sliced_threads=1.
+    settings = re.search(rb"x264 - core .*? threads=(\d+) .*? sliced_threads=(\d) ", path.read_bytes(), re.DOTALL)
+    assert settings is not None and settings.groups() == (b"3", b"0")
+
+
+def test_frames_are_converted_to_yuv420p_before_the_encoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    formats: list[str] = []
+    encode = av.video.stream.VideoStream.encode
+
+    def recording_encode(stream: av.video.stream.VideoStream, frame: av.VideoFrame | None = None) -> list[av.Packet]:
+        if frame is not None:
+            formats.append(frame.format.name)
+        return encode(stream, frame)
+
+    monkeypatch.setattr(av.video.stream.VideoStream, "encode", recording_encode)
+    with SegmentWriter(tmp_path / "s.mp4", FPS, *SIZE, crf=20, preset="veryfast", threads=1) as writer:
+        writer.write(np.zeros((2, SIZE[1], SIZE[0], 3), np.uint8))
+    assert formats == ["yuv420p", "yuv420p"]
+
+
+def test_a_close_cancelled_before_the_rename_leaves_nothing(tmp_path: Path, original_frames: np.ndarray) -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    writer = SegmentWriter(tmp_path / "seg.mp4", FPS, *SIZE, crf=20, preset="veryfast", threads=1)
+    writer.write(original_frames[:5])
+    with pytest.raises(Cancelled, match=r"'seg\.mp4' was cancelled before it was complete"):
+        writer.close(cancelled)
     assert files_in(tmp_path) == []

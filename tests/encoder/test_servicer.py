@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +18,14 @@ from services.cli import sample_media
 from services.common.frame_codec import pack_frames
 from services.decoder.media_probe import probe_media
 from services.encoder.__main__ import binding
+from services.encoder.encode_backend import BackendChoice, choose_backend
+from services.encoder.segment_writer import SegmentWriter
 from services.encoder.servicer import in_thread_to_the_end
 from services.encoder.settings import EncoderSettings
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.decoder.in_process_server import serving
-from tests.encoder.conftest import FPS, SIZE, encoder_process
+from tests.encoder.conftest import FPS, SIZE, decoded_frames, encoder_process
+from tests.encoder.fake_nvenc import FakeNvenc
 
 # Enough that the unfixed encoder (writes racing discard) crashed every run tried; it died within 10.
 CANCELLED_STREAMS = 24
@@ -29,13 +33,20 @@ CANCELLED_STREAMS = 24
 NOISE_FRAMES = np.random.default_rng(7).integers(0, 256, (4, 360, 480, 3), dtype=np.uint8)
 
 
+def encoder_settings(media_root: Path, threads: int = 0) -> EncoderSettings:
+    return EncoderSettings(
+        media_root=media_root, port=0, transport_security="plaintext", auth_mode="open", threads=threads
+    )
+
+
 @pytest.fixture(scope="module")
 def stub(media_root: Path) -> Iterator[encoder_pb2_grpc.EncoderServiceStub]:
     # One x264 thread: it then holds back a fixed number of frames, so a file appears after the first dozen.
-    settings = EncoderSettings(
-        media_root=media_root, port=0, transport_security="plaintext", auth_mode="open", threads=1
-    )
-    with serving(settings, [binding(settings)]) as channel:
+    settings = encoder_settings(media_root, threads=1)
+    # Backend auto, as the encoder starts: on this machine (no PyNvVideoCodec, no GPU) it is libx264.
+    backend = choose_backend(settings.backend)
+    assert backend.active == "libx264"
+    with serving(settings, [binding(settings, backend)]) as channel:
         yield encoder_pb2_grpc.EncoderServiceStub(channel)
 
 
@@ -354,3 +365,87 @@ def test_a_cancelled_call_stops_and_waits_for_its_thread_before_going_on() -> No
         assert finished == ["work"]
 
     asyncio.run(scenario())
+
+
+def test_segments_streamed_at_once_are_encoded_at_once_off_the_event_loop(
+    stub: encoder_pb2_grpc.EncoderServiceStub, original_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each segment's one write waits for the other's to start: serialised writes, or writes on the event
+    # loop, would leave the first waiting alone until the barrier breaks.
+    meeting = threading.Barrier(2, timeout=30)
+    write = SegmentWriter.write
+    writers: set[int] = set()
+
+    def write_when_both_are_writing(writer: SegmentWriter, frames: np.ndarray) -> None:
+        meeting.wait()
+        writers.add(threading.get_ident())
+        write(writer, frames)
+
+    monkeypatch.setattr(SegmentWriter, "write", write_when_both_are_writing)
+    calls = [
+        stub.EncodeSegment.future(iter([header(f"parallel/seg-{n}.mp4"), *batches(original_frames[:10], 0, 10)]))
+        for n in range(2)
+    ]
+    assert [call.result(timeout=60).frames for call in calls] == [10, 10]
+    assert len(writers) == 2
+
+
+def x264_threads(path: Path) -> int:
+    """The thread count x264 wrote into the stream's settings message."""
+    match = re.search(rb"x264 - core .*? threads=(\d+) ", path.read_bytes(), re.DOTALL)
+    assert match, f"{path} holds no x264 settings message"
+    return int(match.group(1))
+
+
+def test_each_segment_gets_the_cores_shared_by_the_segments_open_when_it_starts(
+    tmp_path: Path, original_frames: np.ndarray
+) -> None:
+    settings = encoder_settings(tmp_path)
+    with serving(settings, [binding(settings, choose_backend("libx264"), cores=4)]) as channel:
+        stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+        first_feed: queue.Queue[encoder_pb2.EncodeSegmentRequest | None] = queue.Queue()
+        first = stub.EncodeSegment.future(fed_stream(first_feed))
+        for request in [header("shared/first.mp4"), *batches(original_frames[:30], 0, 10)]:
+            first_feed.put(request)
+        # The first segment's file appears once x264 has output a frame: it is open, and counted.
+        assert wait_until(functools.partial(holds_files, tmp_path / "shared"))
+        second = stub.EncodeSegment(iter([header("shared/second.mp4"), *batches(original_frames[:10], 0, 10)]))
+        first_feed.put(None)
+        assert (first.result(timeout=60).frames, second.frames) == (30, 10)
+        alone = stub.EncodeSegment(iter([header("shared/alone.mp4"), *batches(original_frames[:10], 0, 10)]))
+        assert alone.frames == 10
+    threads = {name: x264_threads(tmp_path / "shared" / f"{name}.mp4") for name in ("first", "second", "alone")}
+    assert threads == {"first": 4, "second": 2, "alone": 4}
+
+
+def test_an_explicit_thread_count_wins_over_the_share(tmp_path: Path, original_frames: np.ndarray) -> None:
+    settings = encoder_settings(tmp_path, threads=3)
+    with serving(settings, [binding(settings, choose_backend("libx264"), cores=16)]) as channel:
+        stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+        stub.EncodeSegment(iter([header("fixed.mp4"), *batches(original_frames[:10], 0, 10)]))
+    assert x264_threads(tmp_path / "fixed.mp4") == 3
+
+
+def test_on_nvenc_the_servicer_writes_segments_that_join(
+    tmp_path: Path, original_video: Path, original_frames: np.ndarray
+) -> None:
+    nvenc = FakeNvenc()
+    settings = encoder_settings(tmp_path)
+    (tmp_path / "original.mp4").write_bytes(original_video.read_bytes())
+    with serving(settings, [binding(settings, BackendChoice("auto", "nvenc", "a session encoded", nvenc))]) as channel:
+        stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+        uris = [
+            stub.EncodeSegment(
+                iter([header(f"gpu/seg-{n}.mp4", expected_frames=20), *batches(original_frames[n * 20 :][:20], 0, 8)])
+            ).output_uri
+            for n in range(2)
+        ]
+        joined = stub.Join(
+            encoder_pb2.JoinRequest(
+                segment_uris=uris, audio_source_uri="original.mp4", output_uri="gpu/out.mp4", expected_frames=40
+            )
+        )
+    assert (joined.frames, joined.audio_copied) == (40, True)
+    assert len(nvenc.sessions) == 2 and files_under(tmp_path / "gpu") == ["out.mp4", "seg-0.mp4", "seg-1.mp4"]
+    error = np.abs(decoded_frames(tmp_path / "gpu/out.mp4").astype(np.int16) - original_frames[:40]).mean()
+    assert error < 4.0

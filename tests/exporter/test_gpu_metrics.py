@@ -108,6 +108,30 @@ def test_ecc_is_absent_where_unsupported(tmp_path: Path) -> None:
     assert ecc == [gpu_labels(1)]
 
 
+def test_nvdec_and_nvenc_series_are_absent_for_a_gpu_that_cannot_report_them(tmp_path: Path) -> None:
+    # GPU 0 as an H100 reports NVDEC but has no NVENC; GPU 1 reports neither.
+    sampler = sampler_over(
+        tmp_path,
+        [
+            sweep(
+                [
+                    gpu_sample(0, decoder_utilization_percent=63.0, encoder_utilization_percent=None),
+                    gpu_sample(1, decoder_utilization_percent=None, encoder_utilization_percent=None),
+                ]
+            )
+        ],
+    )
+    sampler.sweep()
+
+    series = scrape(sampler)
+
+    decoder = "swapline_gpu_decoder_utilization_percent"
+    encoder = "swapline_gpu_encoder_utilization_percent"
+    assert {key[1]: value for key, value in series.items() if key[0] == decoder} == {gpu_labels(0): 63.0}
+    assert [labels for name, labels in series if name == encoder] == []
+    assert series[("swapline_gpu_utilization_percent", gpu_labels(1))] == 88.0
+
+
 def test_process_series_with_pod_labels_and_no_series_for_gone_processes(tmp_path: Path) -> None:
     uid = "1a2b3c4d-0000-4000-8000-00000000abcd"
     proc = tmp_path / "proc"

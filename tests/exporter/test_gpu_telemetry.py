@@ -144,12 +144,24 @@ def test_unsupported_reads_leave_neutral_values_and_keep_the_sweep(fake_nvml: Fa
 
     first, second = NvmlReader().sample_all()
 
-    assert second.encoder_utilization_percent == 0.0
+    # No reading, rather than a 0 % that would read as an idle NVENC.
+    assert second.encoder_utilization_percent is None
+    assert first.encoder_utilization_percent == 10.0
     assert second.ecc_uncorrected_errors is None
     assert second.memory_used_bytes == 30 * 1024**3
     assert second.memory_reserved_bytes == 0
     assert second.decoder_utilization_percent == 5.0
     assert first.ecc_uncorrected_errors == 2
+
+
+def test_nvdec_unreadable_without_permission_is_none_for_that_gpu_only(fake_nvml: FakeNvml) -> None:
+    fake_nvml.gpus[0].failures["nvmlDeviceGetDecoderUtilization"] = pynvml.NVML_ERROR_NO_PERMISSION
+    fake_nvml.gpus[1].decoder = 64
+
+    first, second = NvmlReader().sample_all()
+
+    assert (first.decoder_utilization_percent, first.encoder_utilization_percent) == (None, 10.0)
+    assert second.decoder_utilization_percent == 64.0
 
 
 def test_missing_driver_is_unavailable_with_the_reason(fake_nvml: FakeNvml) -> None:

@@ -42,6 +42,11 @@ def test_recorded_trend_writes_chart_and_csv_and_summarises_each_gpu(tmp_path: P
     # Seconds 4..21 inclusive of two GPUs.
     assert section["samples"] == 36 and section["source"] == "trend_log"
     assert [(gpu["index"], gpu["samples"]) for gpu in section["gpus"]] == [(0, 18), (1, 18)]
+    # GPU 0's NVDEC ran at 30 % + 1 a second, so 34..51 over the window; GPU 1 reported no engines.
+    engines = [
+        (gpu["decoder_utilization_mean_percent"], gpu["decoder_utilization_peak_percent"]) for gpu in section["gpus"]
+    ]
+    assert engines == [(42.5, 51.0), (None, None)]
     assert png_size(tmp_path / "outputs/j1/gpu_trend.png") == (1200, 900)
     assert len((tmp_path / "outputs/j1/gpu_trend.csv").read_text().splitlines()) == 37
     assert json.loads(json.dumps(section)) == section

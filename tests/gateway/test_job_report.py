@@ -171,6 +171,21 @@ def test_gpu_statistics_per_gpu_mean_peak_and_p95() -> None:
     assert second["temperature_peak_celsius"] == 43.0 and second["memory_used_peak_bytes"] == 2_000_000_000
 
 
+def test_gpu_statistics_give_nvdec_and_nvenc_beside_the_gpu_s_utilisation() -> None:
+    # GPU 0 decodes on NVDEC at 10..40 % and encodes on NVENC at 50 %; GPU 1, like an H100, has no NVENC.
+    rows = [
+        gpu_row(s, 0, 70.0, 1e9, decoder_utilization_percent=10.0 * s, encoder_utilization_percent=50.0)
+        for s in range(1, 5)
+    ]
+    rows += [gpu_row(s, 1, 20.0, 1e9, decoder_utilization_percent=5.0) for s in range(1, 3)]
+    first, second = gpu_statistics(rows)
+    assert (first["decoder_utilization_mean_percent"], first["decoder_utilization_peak_percent"]) == (25.0, 40.0)
+    assert (first["encoder_utilization_mean_percent"], first["encoder_utilization_peak_percent"]) == (50.0, 50.0)
+    assert (second["decoder_utilization_mean_percent"], second["decoder_utilization_peak_percent"]) == (5.0, 5.0)
+    assert second["encoder_utilization_mean_percent"] is None and second["encoder_utilization_peak_percent"] is None
+    assert first["utilization_mean_percent"] == 70.0
+
+
 def test_gpu_statistics_of_a_gpu_without_readings_are_null() -> None:
     (only,) = gpu_statistics([gpu_row(1, 0, math.nan, math.nan, power_watts=math.nan)])
     assert only["utilization_mean_percent"] is None and only["memory_used_p95_bytes"] is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import math
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def synthetic_rows(seconds: int, gpus: int = 2) -> list[TrendRow]:
+    """GPU 0 reports NVDEC and NVENC; the others report neither, as a GPU whose NVML cannot."""
     return [
         TrendRow(
             timestamp=ORIGIN + second,
@@ -33,6 +35,8 @@ def synthetic_rows(seconds: int, gpus: int = 2) -> list[TrendRow]:
             memory_total_bytes=24 * 1024**3,
             temperature_celsius=45 + second / 4,
             power_watts=40 + second,
+            decoder_utilization_percent=30.0 + second if gpu == 0 else math.nan,
+            encoder_utilization_percent=60.0 - second if gpu == 0 else math.nan,
         )
         for second in range(seconds)
         for gpu in range(gpus)
@@ -59,6 +63,7 @@ def test_chart_has_four_panels_a_line_per_gpu_and_every_event(tmp_path: Path) ->
     assert summary.title == "GPU trend of job j1"
     assert summary.panels == ("utilisation %", "memory GiB", "temperature C", "power W")
     assert summary.gpu_labels == ("GPU 0 NVIDIA L4", "GPU 1 NVIDIA L4")
+    assert summary.engines == ("NVDEC", "NVENC")
     assert summary.samples == 40 and summary.event_markers == len(EVENTS)
     assert summary.event_labels == ("chunk 0 start", "2 faces", "chunk 0 end", "chunk 1 start", "chunk 1 end")
 
@@ -77,6 +82,14 @@ def test_chart_without_samples_still_renders_and_says_cpu_mode(tmp_path: Path) -
     assert png_size(path) == (1200, 900)
     assert summary.title == "GPU trend of job j1: no GPU samples: CPU mode"
     assert summary.gpu_labels == () and summary.samples == 0 and summary.event_markers == len(EVENTS)
+    assert summary.engines == ()
+
+
+def test_only_the_video_engines_some_gpu_reported_are_drawn(tmp_path: Path) -> None:
+    without_nvenc = [replace(row, encoder_utilization_percent=math.nan) for row in synthetic_rows(10)]
+    neither = [replace(row, decoder_utilization_percent=math.nan) for row in without_nvenc]
+    assert draw_trend_chart(tmp_path / "a.png", without_nvenc, EVENTS, ORIGIN, 19.0, "job").engines == ("NVDEC",)
+    assert draw_trend_chart(tmp_path / "b.png", neither, EVENTS, ORIGIN, 19.0, "job").engines == ()
 
 
 def test_same_input_draws_the_same_bytes(tmp_path: Path) -> None:
@@ -116,6 +129,8 @@ def test_csv_has_one_row_per_gpu_sample_with_seconds_from_the_job_start(tmp_path
     assert first["memory_used_bytes"] == str(4 * 1024**3) and first["memory_total_bytes"] == str(24 * 1024**3)
     assert float(first["utilization_percent"]) == rows[0].utilization_percent
     assert (first["temperature_celsius"], first["power_watts"]) == ("45", "40")
+    assert (first["decoder_utilization_percent"], first["encoder_utilization_percent"]) == ("30", "60")
+    assert (body[1][TREND_CSV_COLUMNS.index("decoder_utilization_percent")], body[1][-1]) == ("", "")
     missing = dict(zip(TREND_CSV_COLUMNS, body[-1], strict=True))
     assert (missing["memory_used_bytes"], missing["temperature_celsius"], missing["memory_total_bytes"]) == (
         "",

@@ -5,13 +5,14 @@ Not a pytest module. From the repository root, on each GPU machine:
     python -m tests.gpu.measure_advisor_profiles --media build/advisor-media
 
 It runs the in-process chunk pipeline (services/bench/local_stages.py + run_chunk_pipeline) with
-the detector's and worker's own code, the models behind a ModelRunner that runs the torch modules
-of services/model_build (MTCNN from the facenet-pytorch wheel's weights, the FP16 swapper) on CUDA
-in FP16 (on a CPU in FP32, so the same code can be tried without a GPU), samples NVML every 0.1 s
-during each run, and prints and writes `$OUT/measurements-<gpu>.json` (or --out): a JSON list of
-{"job", "gpu_model", "device", "measured_seconds", "torch_peak_allocated_bytes", "report"} whose
-reports carry the gateway's keys and `gpu` section, so profile_from_report reads them. Feed the
-files of two GPU kinds to `python -m services.advisor.calibration_fitter`.
+the detector's and worker's own code, the models behind services/model_build/torch_models'
+TorchModelRunner: the built-in models' torch definitions with the model.pt state dicts `make models`
+writes into triton_models/ (carry them), on CUDA in FP16 (on a CPU in FP32, so the same code can be
+tried without a GPU). It samples NVML every 0.1 s during each run, and prints and writes
+`$OUT/measurements-<gpu>.json` (or --out): a JSON list of {"job", "gpu_model", "device",
+"measured_seconds", "torch_peak_allocated_bytes", "report"} whose reports carry the gateway's keys
+and `gpu` section, so profile_from_report reads them. Feed the files of two GPU kinds to
+`python -m services.advisor.calibration_fitter`.
 
 Media: the jobs' videos and the source face are made with services/cli/sample_media (needs PyAV,
 scikit-image and matplotlib). Make them once where those are installed with `--prepare-only`, and
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import io
 import json
 import os
 import re
@@ -32,16 +32,20 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-REQUIRED_MODULES = ("torch", "av", "cv2", "numpy", "grpc", "google.protobuf")
-DEFAULT_WEIGHTS = Path("build/weights/facenet_pytorch-2.6.0-py3-none-any.whl")
+if TYPE_CHECKING:
+    import torch
+
+    from services.model_build.torch_models import TorchModelRunner
+
+REQUIRED_MODULES = ("torch", "av", "cv2", "numpy", "grpc", "google.protobuf", "tritonclient")
+DEFAULT_REPOSITORY = Path("triton_models")
 DETECT_MAX_SIDE = 640
 BATCH_SIZE = 8
 SAMPLE_INTERVAL_SECONDS = 0.1
@@ -89,62 +93,6 @@ def prepare_media(media: Path, jobs: Sequence[JobSpec], seconds: float) -> None:
         )
         sample_media.make_face_video(video, photo, seconds=seconds, size=job.size, audio=False)
         print(f"made {video}", file=sys.stderr, flush=True)
-
-
-class TorchModels:
-    """The ModelRunner the detector and swapper call: the build's torch modules, FP16 on CUDA, FP32 on a CPU.
-
-    Tensors come back with the dtypes Triton's configs declare (MTCNN FP32, swapper FP16).
-    """
-
-    def __init__(self, weights_wheel: Path) -> None:
-        import torch
-
-        from services.model_build.mtcnn_nets import MTCNN_STAGES, STAGE_OUTPUTS, new_stage
-        from services.model_build.swapper_model import INPUT_NAMES, OUTPUT_NAMES, new_swapper
-
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self._nets: dict[str, Any] = {}
-        self._inputs: dict[str, tuple[str, ...]] = {}
-        self._outputs: dict[str, tuple[str, ...]] = {}
-        self._output_dtypes: dict[str, np.dtype] = {}
-        with zipfile.ZipFile(weights_wheel) as wheel:
-            for stage in MTCNN_STAGES:
-                module = new_stage(stage)
-                payload = wheel.read(f"facenet_pytorch/data/{stage}.pt")
-                module.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
-                name = f"mtcnn_{stage}"
-                self._nets[name] = module.eval().to(self.device, self.dtype)
-                self._inputs[name] = ("image",)
-                self._outputs[name] = STAGE_OUTPUTS[stage]
-                self._output_dtypes[name] = np.dtype(np.float32)
-        swapper = new_swapper("fp16" if self.device.type == "cuda" else "fp32")
-        self._nets["face_swapper"] = swapper.to(self.device)
-        self._inputs["face_swapper"] = INPUT_NAMES
-        self._outputs["face_swapper"] = OUTPUT_NAMES
-        self._output_dtypes["face_swapper"] = np.dtype(np.float16)
-
-    def _run(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.inference_mode():
-            tensors = [
-                torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device, self.dtype)
-                for name in self._inputs[model]
-            ]
-            results = dict(zip(self._outputs[model], self._nets[model](*tensors), strict=True))
-            return {
-                name: results[name].float().cpu().numpy().astype(self._output_dtypes[model], copy=False)
-                for name in outputs
-            }
-
-    async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
-        return await asyncio.to_thread(self._run, model, inputs, outputs)
 
 
 class GpuSampler:
@@ -261,7 +209,11 @@ class GpuSampler:
         return {"source": "nvml", "samples": len(self.samples), "gpus": gpus}
 
 
-async def run_job(job: JobSpec, media: Path, models: TorchModels, work: Path) -> dict[str, Any]:
+async def run_job(
+    job: JobSpec, media: Path, models: TorchModelRunner, device: torch.device, work: Path
+) -> dict[str, Any]:
+    import torch
+
     from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
     from services.common.job_vocabulary import STAGE_NAMES
     from services.decoder.media_probe import probe_media
@@ -277,8 +229,7 @@ async def run_job(job: JobSpec, media: Path, models: TorchModels, work: Path) ->
     finder = LocalFaceFinder(FaceDetector(models), DETECT_MAX_SIDE)
     swapper = CropTransferSwapper(models)
     identity = await prepare_source_identity((media / SOURCE_FACE).read_bytes(), finder, swapper)
-    torch = models.torch
-    if models.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with GpuSampler() as sampler:
@@ -336,22 +287,27 @@ async def run_job(job: JobSpec, media: Path, models: TorchModels, work: Path) ->
     gpus = gpu_section["gpus"]
     return {
         "job": job.job_id,
-        "gpu_model": gpus[0]["model"] if gpus and models.device.type == "cuda" else "",
-        "device": str(models.device),
+        "gpu_model": gpus[0]["model"] if gpus and device.type == "cuda" else "",
+        "device": str(device),
         "measured_seconds": round(wall, 4),
         "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated())
-        if models.device.type == "cuda"
+        if device.type == "cuda"
         else 0,
         "report": report,
     }
 
 
-async def measure(jobs: Sequence[JobSpec], media: Path, weights: Path, work: Path) -> list[dict[str, Any]]:
-    models = TorchModels(weights)
+async def measure(jobs: Sequence[JobSpec], media: Path, repository: Path, work: Path) -> list[dict[str, Any]]:
+    import torch
+
+    from services.model_build.torch_models import TorchModelRunner
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = TorchModelRunner.built_in(repository, device, "fp16" if device.type == "cuda" else "fp32")
     measurements = []
     for job in jobs:
-        await run_job(job, media, models, work)
-        measured = await run_job(job, media, models, work)
+        await run_job(job, media, models, device, work)
+        measured = await run_job(job, media, models, device, work)
         print(
             f"{job.job_id}: {measured['measured_seconds']:.2f} s on {measured['gpu_model'] or 'CPU'}",
             file=sys.stderr,
@@ -370,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--media", type=Path, default=Path("build/advisor-media"))
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument(
+        "--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository with model.pt files"
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/advisor-measurements")))
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each generated video")
     parser.add_argument(
@@ -379,9 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="make the media and stop")
     args = parser.parse_args(argv)
     jobs = [job for job in JOBS if job.job_id in args.jobs]
-    missing = [
-        name for name in missing_modules() if not (args.prepare_only and name in ("torch", "cv2", "grpc"))
-    ]
+    run_only = ("torch", "cv2", "grpc", "tritonclient")
+    missing = [name for name in missing_modules() if not (args.prepare_only and name in run_only)]
     if missing:
         print(
             f"missing Python modules: {', '.join(missing)} (carry their wheels and pip install them)",
@@ -398,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # Output segments are thrown away: only the timings matter, and $OUT brings back few files.
     with tempfile.TemporaryDirectory() as work:
-        measurements = asyncio.run(measure(jobs, args.media, args.weights, Path(work)))
+        measurements = asyncio.run(measure(jobs, args.media, args.repository, Path(work)))
     gpu = measurements[0]["gpu_model"] if measurements else ""
     path = args.out / f"measurements-{_slug(gpu) if gpu else 'cpu'}.json"
     path.write_text(json.dumps(measurements, indent=2))

@@ -8,7 +8,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import FailedPrecondition
-from services.triton.embedded_repository import embedded_config, write_embedded_repository
+from services.triton.embedded_repository import embedded_config, servable_models, write_embedded_repository
 from services.triton.model_config import read_model_config, repository_models
 
 PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
@@ -26,8 +26,11 @@ def _production_copy(tmp_path: Path, models: list[str], with_onnx: bool) -> Path
     return repository
 
 
-def test_production_repository_configures_the_four_models() -> None:
-    assert repository_models(PRODUCTION_REPOSITORY) == ALL_MODELS
+def test_production_repository_configures_the_onnx_models_and_the_torchscript_cascade() -> None:
+    assert repository_models(PRODUCTION_REPOSITORY) == sorted([*ALL_MODELS, "mtcnn_cascade"])
+    cascade = read_model_config(PRODUCTION_REPOSITORY, "mtcnn_cascade")
+    assert cascade.platform == "pytorch_libtorch"
+    assert cascade.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     for model in ALL_MODELS:
         config = read_model_config(PRODUCTION_REPOSITORY, model)
         assert config.backend == "onnxruntime"
@@ -35,6 +38,11 @@ def test_production_repository_configures_the_four_models() -> None:
         assert [accelerator.name for accelerator in accelerators] == ["tensorrt"]
         assert accelerators[0].parameters["precision_mode"] == "FP16"
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_on_the_cpu_the_stack_serves_the_onnx_models_and_leaves_the_cascade_out() -> None:
+    assert servable_models(PRODUCTION_REPOSITORY, "cpu") == ALL_MODELS
+    assert servable_models(PRODUCTION_REPOSITORY, "cuda") == sorted([*ALL_MODELS, "mtcnn_cascade"])
 
 
 @pytest.mark.parametrize("model", ALL_MODELS)

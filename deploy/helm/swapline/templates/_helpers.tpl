@@ -124,6 +124,25 @@ preStop:
     command: ["sleep", "{{ .root.Values.grpc.preStopSleepSeconds }}"]
 {{- end }}
 
+{{/*
+A node affinity requiring a GPU node: GPU feature discovery labels each with nvidia.com/gpu.product. The
+argument is the list of accepted products; empty accepts any GPU node.
+*/}}
+{{- define "swapline.gpuNodeAffinity" -}}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      - matchExpressions:
+          - key: nvidia.com/gpu.product
+            {{- if . }}
+            operator: In
+            values:
+              {{- toYaml . | nindent 14 }}
+            {{- else }}
+            operator: Exists
+            {{- end }}
+{{- end }}
+
 {{- define "swapline.mediaClaimName" -}}
 {{- default (printf "%s-media" (include "swapline.fullname" .)) .Values.media.persistence.existingClaim }}
 {{- end }}

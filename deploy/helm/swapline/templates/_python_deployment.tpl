@@ -1,8 +1,14 @@
 {{/*
 The Deployment of one Python gRPC service (`python -m services.<component>` on the swapline image).
-Arguments (dict): root, component, env (list of EnvVar dicts the component adds), volumes, volumeMounts
-(lists), strategy (dict, optional), podAnnotations (dict, optional), tenantTokens (bool: mount the public
-API's tenant tokens).
+Arguments (dict): root, component, env (list of EnvVar dicts the component adds), gpuEnv (list of EnvVar
+dicts added only when the component's gpu.count is above 0), volumes, volumeMounts (lists), strategy (dict,
+optional), podAnnotations (dict, optional), tenantTokens (bool: mount the public API's tenant tokens).
+
+A component with a `gpu` block and gpu.count above 0 runs on GPU nodes as Triton does: it asks for that many
+nvidia.com/gpu, requires a node with GPU feature discovery's nvidia.com/gpu.product label (one of
+gpu.products when given, unless affinity is set), tolerates the nvidia.com/gpu taint, and gets
+NVIDIA_DRIVER_CAPABILITIES=compute,utility,video: NVDEC and NVENC need the driver's video libraries
+(libnvcuvid, libnvidia-encode), which the container runtime mounts only with the `video` capability.
 
 The server env (HOST, PORT, METRICS_PORT, DRAIN_SECONDS, MAX_MESSAGE_BYTES, MAX_CONNECTION_AGE_SECONDS,
 LOG_LEVEL, and the security fields of swapline.securityParts) comes from ServerSettings, which every
@@ -25,6 +31,18 @@ and may not repeat one the chart sets. Every port in the component's `ports` is 
 }}
 {{- $security := include "swapline.securityParts" (dict "root" $root "component" $component "tenantTokens" .tenantTokens) | fromYaml }}
 {{- $env = concat $env $security.env (default (list) .env) }}
+{{- $gpuCount := dig "gpu" "count" 0 $values | int }}
+{{- $resources := deepCopy $values.resources }}
+{{- $tolerations := $values.tolerations }}
+{{- if gt $gpuCount 0 }}
+{{- $_ := set $resources.limits "nvidia.com/gpu" $gpuCount }}
+{{- $_ := set $resources.requests "nvidia.com/gpu" $gpuCount }}
+{{- $env = concat $env (list (dict "name" "NVIDIA_DRIVER_CAPABILITIES" "value" "compute,utility,video")) (default (list) .gpuEnv) }}
+{{- $gpuTaint := dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule" }}
+{{- if not (has $gpuTaint $tolerations) }}
+{{- $tolerations = append $tolerations $gpuTaint }}
+{{- end }}
+{{- end }}
 {{- $chartSet := list }}
 {{- range $env }}
 {{- $chartSet = append $chartSet .name }}
@@ -87,13 +105,16 @@ spec:
       nodeSelector:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $values.tolerations }}
+      {{- with $tolerations }}
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $values.affinity }}
+      {{- if $values.affinity }}
       affinity:
-        {{- toYaml . | nindent 8 }}
+        {{- toYaml $values.affinity | nindent 8 }}
+      {{- else if gt $gpuCount 0 }}
+      affinity:
+        {{- include "swapline.gpuNodeAffinity" $values.gpu.products | nindent 8 }}
       {{- end }}
       {{- with $values.topologySpreadConstraints }}
       topologySpreadConstraints:
@@ -134,7 +155,7 @@ spec:
           lifecycle:
             {{- include "swapline.preStop" . | nindent 12 }}
           resources:
-            {{- toYaml $values.resources | nindent 12 }}
+            {{- toYaml $resources | nindent 12 }}
           securityContext:
             {{- toYaml $values.securityContext | nindent 12 }}
           volumeMounts:

@@ -1,0 +1,481 @@
+"""The GPU benchmark through the services: 1080p clips swapped by the embedded stack on a GPU machine.
+
+Runs where the GPU is (the device tool's `nvidia-h200`, started by services/bench/gpu_device.sh; it
+also runs on a CPU machine, slowly, with the same code). For each number of workers it starts the
+embedded stack (tritonserver with the models on the GPU, every service its own process, as in
+`swapline up`), times its start apart, warms it up with one job, then swaps each clip:
+
+- end-to-end fps: frames over the wall time from SubmitJob (upload included) to the joined output
+  (the job's finished_at: the report is rendered after it, and the final event follows that); the
+  report's pipeline window (first chunk lease to the joined output) and the time to the final event
+  beside it;
+- GPU utilisation (mean and max), NVDEC and NVENC utilisation and GPU memory from NVML sampled every
+  0.1 s inside the job's window; CPU cores busy over the same window from /proc/stat;
+- the report's per-stage ms per frame (stages overlap, so they add up to more than the wall time),
+  and each process's CPU ms per frame (every service, tritonserver and its model stubs) from /proc;
+- the output checked: its frame count against the clip's, and a few frames kept for the identity
+  judge, which runs where dlib is (`--judge`, on the CPU machine).
+
+Then the same jobs in one process on the same GPU (in_process_gpu.py: the same chunk plan, GPU code
+and parallel encode), so the cost of the services is a ratio. Everything goes to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.bench.gpu_samplers import (
+    CoreCounter,
+    GpuWindow,
+    NvmlSampler,
+    cpu_ms_per_frame,
+    descendant_cpu_seconds,
+    summarise_window,
+)
+from services.cli import sample_media
+from services.cli.embedded_stack import EmbeddedStack, StackOptions
+from services.cli.job_client import JobClient
+from services.common.job_vocabulary import STAGE_NAMES
+from services.common.media_paths import temporary_path
+from services.decoder.media_probe import probe_media
+from services.encoder.segment_writer import count_video_frames
+from swapline.jobs.v1 import jobs_pb2
+
+CLIP_SIZE = (1920, 1080)
+CLIP_FPS = 25
+KEYFRAME_SECONDS = 1.0
+# One chunk a keyframe interval: a 20 s clip makes 20 chunks, enough to keep 8 workers and the
+# encoder's parallel segments busy to the end.
+CHUNK_SECONDS = 1.0
+WORKER_BATCH_SIZE = 8
+SOURCE_FACE = "source-grace-hopper.png"
+SAMPLE_FRAMES = 3
+SAMPLE_WIDTH = 960
+FINAL_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    selector: str
+    faces: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}-1080p.mp4"
+
+
+CLIPS = (Clip("one-face", "one", 1), Clip("six-people", "many", 6))
+CLIP_NAMES = tuple(clip.name for clip in CLIPS)
+
+
+def prepare_media(media: Path, seconds: float, clips: Sequence[Clip]) -> dict[str, Path]:
+    """The clips (1080p, 25 fps, keyframes every second, with audio) and the source face; made once."""
+    media.mkdir(parents=True, exist_ok=True)
+    source = media / SOURCE_FACE
+    if not source.exists():
+        source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
+    paths = {}
+    for clip in clips:
+        path = media / f"{seconds:g}s-{clip.file_name}"
+        if not path.exists():
+            photo = sample_media.make_group_image(CLIP_SIZE) if clip.faces > 1 else sample_media.astronaut_photo()
+            partial = temporary_path(path)
+            sample_media.make_face_video(
+                partial, photo, seconds=seconds, size=CLIP_SIZE, fps=CLIP_FPS, keyframe_seconds=KEYFRAME_SECONDS
+            )
+            os.replace(partial, path)
+        paths[clip.name] = path
+    return paths
+
+
+def machine_description() -> dict[str, Any]:
+    description: dict[str, Any] = {"cpu_cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import torch
+
+        description["torch"] = torch.__version__
+        description["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            description["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        description["torch"] = None
+    return description
+
+
+def stage_ms(report: dict[str, Any]) -> dict[str, float]:
+    return {stage: float(report["stages"][stage]["ms_per_frame"]) for stage in STAGE_NAMES}
+
+
+def sample_output_frames(path: Path, count: int = SAMPLE_FRAMES, width: int = SAMPLE_WIDTH) -> np.ndarray:
+    """`count` frames spread over the output, shrunk to `width`: what the identity judge looks at."""
+    import av
+    import cv2
+
+    total = count_video_frames(path)
+    wanted = {round(index * (total - 1) / max(count - 1, 1)) for index in range(count)}
+    frames = []
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                picture = frame.to_ndarray(format="rgb24")
+                height = round(picture.shape[0] * width / picture.shape[1])
+                frames.append(cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA))
+    return np.stack(frames)
+
+
+class JobTimer:
+    """Runs one job through a JobClient and measures it with the samplers."""
+
+    def __init__(self, client: JobClient, sampler: NvmlSampler | None, source_png: bytes) -> None:
+        self._client, self._sampler, self._source_png = client, sampler, source_png
+        self._cores = CoreCounter()
+
+    def run(self, video: Path, clip: Clip, download: Path | None = None) -> dict[str, Any]:
+        self._cores.begin()
+        cpu_before = descendant_cpu_seconds()
+        started = time.monotonic()
+        submitted_at = time.time()
+        job = self._client.submit(self._source_png, target_path=video, selector=clip.selector)  # type: ignore[arg-type]
+        for event in self._client.watch(job.id):
+            if event.state in FINAL_STATES:
+                break
+        finished_at = time.monotonic()
+        busy = self._cores.end()
+        cpu_after = descendant_cpu_seconds()
+        finished = self._client.get(job.id)
+        if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            raise SystemExit(
+                f"{clip.name}: the job ended {jobs_pb2.JobState.Name(finished.state)}: {finished.error.message}"
+            )
+        report = json.loads(finished.report_json)
+        wall = finished.finished_at.ToMicroseconds() / 1e6 - submitted_at
+        window: GpuWindow | None = None
+        if self._sampler is not None:
+            window = summarise_window(self._sampler.samples, started, finished_at)
+        result: dict[str, Any] = {
+            "clip": clip.name,
+            "frames": report["frames"],
+            "wall_seconds": wall,
+            "fps": report["frames"] / wall,
+            "final_event_seconds": finished_at - started,
+            "pipeline_seconds": report["wall_seconds"],
+            "pipeline_fps": report["frames"] / report["wall_seconds"],
+            "chunks": report["chunks"],
+            "faces": report.get("faces"),
+            "ms_per_frame": stage_ms(report),
+            "cpu_cores_busy": busy,
+            "cpu_ms_per_frame_by_process": cpu_ms_per_frame(cpu_before, cpu_after, report["frames"]),
+            "gpu": dataclasses.asdict(window) if window is not None else None,
+            "report": {key: value for key, value in report.items() if key != "events"},
+        }
+        if download is not None:
+            output = self._client.fetch(job.id, jobs_pb2.ARTIFACT_OUTPUT, download)
+            result["output_frames"] = count_video_frames(output)
+        return result
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """How the embedded stack is laid out for one column: workers, frame-service processes, extra settings."""
+
+    workers: int
+    replicas: int = 1
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        settings = "".join(f", {key.removeprefix('SWAPLINE_')}={value}" for key, value in self.env)
+        return f"services, {self.workers} worker(s), {self.replicas} of each frame service{settings}"
+
+
+def parse_env(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE arguments as pairs; a pair without '=' is refused."""
+    parsed = []
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {pair!r}")
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
+def concurrent_throughput(timer: JobTimer, client: JobClient, video: Path, clip: Clip, jobs: int) -> dict[str, Any]:
+    """`jobs` copies of one clip submitted at once: frames of all of them over first submit to last output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.time()
+    cores = CoreCounter()
+    cores.begin()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda _: timer.run(video, clip), range(jobs)))
+    ends = [started + result["wall_seconds"] for result in results]
+    frames = sum(result["frames"] for result in results)
+    wall = max(ends) - started
+    return {
+        "clip": clip.name,
+        "jobs": jobs,
+        "frames": frames,
+        "wall_seconds": wall,
+        "fps": frames / wall,
+        "cpu_cores_busy": cores.end(),
+    }
+
+
+PROFILED_PROCESSES = ("worker-0", "encoder", "decoder")
+
+
+@contextmanager
+def sampling_profiles(stack: EmbeddedStack, profile_dir: Path | None, name: str) -> Iterator[None]:
+    """With a profile_dir and py-spy on PATH: samples the stack's first worker, encoder and decoder while the
+    block runs, as collapsed stacks (`py-spy record --format raw`, one file each), to show where their CPU goes."""
+    spy = shutil.which("py-spy")
+    if profile_dir is None or spy is None:
+        yield
+        return
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    recorders = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(stack.pid(process)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(profile_dir / f"{name}-{process}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for process in PROFILED_PROCESSES
+    ]
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)
+        for recorder in recorders:
+            recorder.wait(timeout=30)
+
+
+def run_services(
+    media: dict[str, Path],
+    clips: Sequence[Clip],
+    shape: StackShape,
+    work_dir: Path,
+    sampler: NvmlSampler | None,
+    source_png: bytes,
+    samples: dict[str, np.ndarray],
+    concurrent_jobs: int = 0,
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    options = StackOptions(
+        work_dir=work_dir,
+        media_root=work_dir / "media",
+        workers=shape.workers,
+        frame_service_replicas=shape.replicas,
+        worker_batch_size=WORKER_BATCH_SIZE,
+        startup_timeout=600.0,
+        extra_env={"SWAPLINE_GATEWAY_CHUNK_SECONDS": str(CHUNK_SECONDS), **dict(shape.env)},
+    )
+    started = time.monotonic()
+    with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
+        startup = time.monotonic() - started
+        timer = JobTimer(client, sampler, source_png)
+        warm_up_started = time.monotonic()
+        timer.run(media[clips[0].name], clips[0])
+        warm_up = time.monotonic() - warm_up_started
+        jobs = []
+        for clip in clips:
+            output = work_dir / f"output-{clip.name}.mp4"
+            profiled = profile_dir if clip is clips[0] else None
+            with sampling_profiles(stack, profiled, f"{shape.workers}x{shape.replicas}-{clip.name}"):
+                result = timer.run(media[clip.name], clip, download=output)
+            expected = probe_media(media[clip.name]).frame_count
+            result["frames_ok"] = result["output_frames"] == expected == result["frames"]
+            if clip.name not in samples:
+                samples[clip.name] = sample_output_frames(output)
+            jobs.append(result)
+            print_job(shape.label, result)
+        throughput = None
+        if concurrent_jobs:
+            throughput = concurrent_throughput(timer, client, media[clips[0].name], clips[0], concurrent_jobs)
+            print(
+                f"{shape.label}: {concurrent_jobs} {clips[0].name} jobs at once, {throughput['fps']:.1f} fps",
+                flush=True,
+            )
+    return {
+        "workers": shape.workers,
+        "replicas": shape.replicas,
+        "env": dict(shape.env),
+        "label": shape.label,
+        "startup_seconds": startup,
+        "warm_up_seconds": warm_up,
+        "jobs": jobs,
+        "concurrent": throughput,
+    }
+
+
+def print_job(name: str, result: dict[str, Any]) -> None:
+    gpu = result.get("gpu") or {}
+    stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["ms_per_frame"].items())
+    print(
+        f"{name}, {result['clip']}: {result['fps']:.1f} fps end to end ({result['frames']} frames in"
+        f" {result['wall_seconds']:.2f} s; pipeline {result['pipeline_fps']:.1f} fps), GPU"
+        f" {gpu.get('utilisation_mean', float('nan')):.0f}% mean / {gpu.get('utilisation_max', float('nan')):.0f}% max,"
+        f" NVDEC {gpu.get('decoder_utilisation_mean') or 0:.0f}%, {result['cpu_cores_busy']:.1f} cores busy;"
+        f" ms/frame: {stages}",
+        flush=True,
+    )
+
+
+def judge_samples(path: Path) -> dict[str, Any]:
+    """The identity judge (dlib, where it is installed) on the kept frames: how many show the source face."""
+    from tests.support.identity_judge import SAME_PERSON_DISTANCE, IdentityJudge
+
+    judge = IdentityJudge()
+    source = judge.descriptor(sample_media.grace_hopper_photo())
+    if source is None:
+        raise SystemExit("the identity judge finds no face in the source photo")
+    verdicts: dict[str, Any] = {}
+    with np.load(path) as kept:
+        for clip in kept.files:
+            distances = []
+            for frame in kept[clip]:
+                found = judge.descriptor(frame)
+                distances.append(None if found is None else float(judge.distance(found, source)))
+            verdicts[clip] = {
+                "distances": distances,
+                "source_identity_frames": sum(1 for d in distances if d is not None and d < SAME_PERSON_DISTANCE),
+            }
+    return verdicts
+
+
+def _figure(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    """The runs of one gpu_bench JSON as a Markdown table: a row per job, services then in-process."""
+    rows = [
+        "| run | clip | fps, submit to joined output | pipeline fps | GPU util. mean / max % | NVDEC % | GPU memory GiB"
+        " | cores busy | decode | detect | swap | paste | encode (ms/frame) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    runs = [
+        (entry.get("label", f"services, {entry['workers']} worker(s)"), job)
+        for entry in record["services"]
+        for job in entry["jobs"]
+    ]
+    in_process = record.get("in_process")
+    if in_process:
+        runs += [(f"one process, {in_process['concurrency']} chunks at once", job) for job in in_process["jobs"]]
+    for name, job in runs:
+        gpu = job.get("gpu") or {}
+        memory = gpu.get("memory_used_max_bytes")
+        stages = " | ".join(f"{job['ms_per_frame'][stage]:.1f}" for stage in STAGE_NAMES)
+        rows.append(
+            f"| {name} | {job['clip']} | {job['fps']:.1f} | {_figure(job.get('pipeline_fps'), 1)}"
+            f" | {_figure(gpu.get('utilisation_mean'))} / {_figure(gpu.get('utilisation_max'))}"
+            f" | {_figure(gpu.get('decoder_utilisation_mean'))}"
+            f" | {_figure(memory / 2**30 if memory is not None else None, 1)}"
+            f" | {job['cpu_cores_busy']:.1f} | {stages} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.bench.gpu_bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("build/gpu-bench/gpu-bench.json"))
+    parser.add_argument("--workdir", type=Path, default=Path("build/gpu-bench"))
+    parser.add_argument("--media", type=Path, default=Path("build/gpu-media"))
+    parser.add_argument("--seconds", type=float, default=20.0, help="clip length")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--clips", nargs="+", choices=CLIP_NAMES, default=list(CLIP_NAMES))
+    parser.add_argument("--replicas", type=int, default=1, help="processes of each frame service")
+    parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for every service of the stack")
+    parser.add_argument("--concurrent-jobs", type=int, default=0, help="also time this many jobs at once")
+    parser.add_argument("--profile-dir", type=Path, help="py-spy profiles of a worker, the encoder and the decoder")
+    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--judge", type=Path, help="only judge the frames kept by an earlier run (needs dlib)")
+    parser.add_argument("--summarise", type=Path, help="only print an earlier run's JSON as a Markdown table")
+    args = parser.parse_args(argv)
+    if args.judge is not None:
+        print(json.dumps(judge_samples(args.judge), indent=2))
+        return 0
+    if args.summarise is not None:
+        print(summary_table(json.loads(args.summarise.read_text())))
+        return 0
+    clips = [clip for clip in CLIPS if clip.name in args.clips]
+    made = time.monotonic()
+    media = prepare_media(args.media.resolve(), args.seconds, clips)
+    print(
+        f"media ready in {time.monotonic() - made:.1f} s: {', '.join(path.name for path in media.values())}", flush=True
+    )
+    source_png = (args.media / SOURCE_FACE).read_bytes()
+    try:
+        sampler: NvmlSampler | None = NvmlSampler().start()
+    except Exception as error:  # no NVML: a CPU machine
+        print(f"no GPU sampling: {error}", flush=True)
+        sampler = None
+    record: dict[str, Any] = {"machine": machine_description(), "clip_seconds": args.seconds, "services": []}
+    samples: dict[str, np.ndarray] = {}
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        env = parse_env(args.env)
+        for workers in args.workers:
+            shape = StackShape(workers, args.replicas, env)
+            work_dir = args.workdir.resolve() / f"stack-{workers}x{args.replicas}"
+            record["services"].append(
+                run_services(
+                    media, clips, shape, work_dir, sampler, source_png, samples, args.concurrent_jobs, args.profile_dir
+                )
+            )
+            write_json(out, record)
+        if not args.skip_in_process:
+            from services.bench.in_process_gpu import run_in_process
+
+            record["in_process"] = run_in_process(media, clips, source_png, max(args.workers), sampler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        write_json(out, record)
+        if samples:
+            kept = out.with_name("judge-samples.npz")
+            partial = temporary_path(kept)
+            with partial.open("wb") as stream:
+                np.savez_compressed(stream, **samples)
+            os.replace(partial, kept)
+    return 0
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    partial = temporary_path(path)
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Decodes one keyframe-aligned frame range on NVDEC (PyNvVideoCodec) into batches of RGB frames in host memory.
+
+The contract is frame_reader.iter_frame_batches's: the same arguments, the same checks, the same
+(frames (n, H, W, 3) RGB, indices, pts) batches and the same messages. The headers are read with PyAV
+first, so the input limits hold before NVDEC allocates anything, and a stream NVDEC does not take is
+refused (NvdecUnsupported) without opening a decoder session.
+
+Written against PyNvVideoCodec 2.2's SimpleDecoder, as documented in the API reference
+(https://docs.nvidia.com/video-technologies/pynvvideocodec/pynvc-api-reference/index.html, "SimpleDecoder"):
+- output_color_type=OutputColorType.RGB gives interleaved RGB (H, W, 3) frames, converted on the GPU;
+- use_device_memory=False copies each converted frame to host memory, which is read through
+  DecodedFrame.GetPtrToPlane(0) and framesize(), as the library's SimpleDecoder samples read host frames;
+- seek_to_index(i) then get_batch_frames(n) returns frames i .. i + n - 1 (fewer at the end of the stream),
+  each with its presentation timestamp in DecodedFrame.timestamp. Those timestamps ignore an MP4 edit
+  list, which PyAV (and so Probe's seek_pts) applies: x264's B-frame delay puts frame 0 at -1024 in
+  NVDEC's units where PyAV says 0 (seen on the H200 machine, 2026-12-01). The reader therefore maps
+  NVDEC's timestamps onto PyAV's by the stream's own shift: the stream's start time in the headers
+  less NVDEC's timestamp of frame 0;
+- a frame's memory belongs to the decoder and is reused by its next call, so it is copied out at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, Protocol, TypeVar
+
+import numpy as np
+
+from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError
+from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
+from services.common.media_opener import open_media, shown_name
+from services.decoder.frame_reader import (
+    DEFAULT_MAX_BATCH_BYTES,
+    FrameBatch,
+    batch_frames,
+    check_frame_range,
+    ends_short_message,
+    seek_mismatch_message,
+)
+from services.decoder.media_probe import check_picture_size, opening_options, video_stream
+
+NVDEC_MODULE = "PyNvVideoCodec"
+# The codecs PyNvVideoCodec's documentation lists for decoding (FFmpeg's names); VP9 and the rest go to PyAV.
+NVDEC_CODECS = frozenset({"h264", "hevc", "av1"})
+# 8-bit 4:2:0 decodes to NV12 surfaces, whose RGB conversion gives uint8 frames like PyAV's rgb24; 10-bit,
+# 4:2:2 and 4:4:4 streams stay on PyAV rather than depend on how each GPU generation converts them.
+NVDEC_PIXEL_FORMATS = frozenset({"yuv420p", "yuvj420p"})
+
+ResultT = TypeVar("ResultT")
+ArgumentsP = ParamSpec("ArgumentsP")
+
+
+class NvdecUnsupported(FailedPrecondition):
+    """The stream is not one NVDEC decodes here (its codec or pixel format); nothing was opened."""
+
+
+class NvdecOpenError(FailedPrecondition):
+    """PyNvVideoCodec could not open a decoder session for the file, or not seek in it; nothing was decoded."""
+
+
+class NvdecDecodeError(InvalidArgument):
+    """Decoding on NVDEC failed part way, or gave frames that do not fit the request."""
+
+
+class NvdecFrame(Protocol):
+    """The part of PyNvVideoCodec's DecodedFrame this reader uses (host memory, RGB)."""
+
+    @property
+    def timestamp(self) -> int: ...
+
+    def framesize(self) -> int: ...
+
+    def GetPtrToPlane(self, plane_index: int) -> int: ...
+
+
+class NvdecSource(Protocol):
+    """The part of PyNvVideoCodec's SimpleDecoder this reader uses."""
+
+    def __len__(self) -> int: ...
+
+    def seek_to_index(self, index: int) -> None: ...
+
+    def get_batch_frames(self, batch_size: int) -> Sequence[NvdecFrame]: ...
+
+
+# (path, gpu_id) -> an open decoder; tests hand in one that serves PyAV's frames.
+NvdecOpener = Callable[[Path, int], NvdecSource]
+
+
+def open_simple_decoder(path: Path, gpu_id: int) -> NvdecSource:
+    nvc = importlib.import_module(NVDEC_MODULE)
+    source: NvdecSource = nvc.SimpleDecoder(
+        str(path), gpu_id=gpu_id, use_device_memory=False, output_color_type=nvc.OutputColorType.RGB
+    )
+    return source
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    width: int
+    height: int
+    codec: str
+    pixel_format: str | None
+    # The first frame's presentation timestamp as PyAV gives it (edit list applied); None when unknown.
+    start_pts: int | None = None
+
+
+def read_stream_header(path: Path, limits: InputLimits) -> StreamHeader:
+    """The picture size, codec and pixel format the headers give, checked against the limits."""
+    with open_media(path, opening_options(limits)) as container:
+        stream = video_stream(container, path)
+        check_picture_size(container, stream, path, limits)
+        context = stream.codec_context
+        pixel_format = context.format.name if context.format is not None else None
+        start = stream.start_time
+        return StreamHeader(context.width, context.height, context.name, pixel_format, start)
+
+
+def nvdec_refusal(codec: str, pixel_format: str | None) -> str | None:
+    """Why NVDEC does not take a stream of this codec and pixel format, or None when it does."""
+    if codec not in NVDEC_CODECS:
+        return f"its codec is {codec}; NVDEC here decodes {', '.join(sorted(NVDEC_CODECS))}"
+    if pixel_format not in NVDEC_PIXEL_FORMATS:
+        return f"its pixel format is {pixel_format}; NVDEC here decodes 8-bit 4:2:0 only"
+    return None
+
+
+def _calling_nvdec(
+    error: type[SwaplineError],
+    message: str,
+    call: Callable[ArgumentsP, ResultT],
+    *arguments: ArgumentsP.args,
+    **keywords: ArgumentsP.kwargs,
+) -> ResultT:
+    """Runs one call into PyNvVideoCodec, turning whatever it raises into `error`.
+
+    The library's exception classes live in the module itself (PyNvVCException...), which is not there to
+    import where NVDEC is absent; whatever escapes a call is the library's or its binding's.
+    """
+    try:
+        return call(*arguments, **keywords)
+    except Exception as failure:
+        raise error(f"{message} ({type(failure).__name__}: {failure})") from None
+
+
+def _host_frame(frame: NvdecFrame, frame_bytes: int) -> np.ndarray:
+    """A view of a host-memory frame: valid only until the decoder's next call."""
+    address = frame.GetPtrToPlane(0)
+    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), shape=(frame_bytes,))
+
+
+def _timestamp_shift(source: NvdecSource, header: StreamHeader, name: str) -> int:
+    """What turns NVDEC's timestamps into PyAV's: the headers' start time less NVDEC's stamp of frame 0."""
+    if header.start_pts is None:
+        return 0
+    _calling_nvdec(NvdecOpenError, f"{name}: NVDEC could not seek to frame 0", source.seek_to_index, 0)
+    first = _calling_nvdec(NvdecDecodeError, f"{name}: NVDEC could not decode frame 0", source.get_batch_frames, 1)
+    if not first:
+        raise NvdecDecodeError(f"{name} is truncated or corrupt at frame 0: NVDEC gave no frame")
+    return header.start_pts - first[0].timestamp
+
+
+def iter_nvdec_frame_batches(
+    path: Path,
+    start_frame: int,
+    seek_pts: int,
+    frame_count: int,
+    batch_size: int,
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    *,
+    gpu_id: int = 0,
+    open_decoder: NvdecOpener = open_simple_decoder,
+) -> Generator[FrameBatch, None, None]:
+    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, from NVDEC.
+
+    Raises NvdecUnsupported or NvdecOpenError before the first frame when NVDEC cannot take the file,
+    NvdecDecodeError (an InvalidArgument) when decoding fails or ends short, and InvalidArgument for a bad
+    range or media past the limits, as iter_frame_batches does.
+    """
+    check_frame_range(start_frame, frame_count, batch_size)
+    name = shown_name(path)
+    header = read_stream_header(path, limits)
+    refusal = nvdec_refusal(header.codec, header.pixel_format)
+    if refusal is not None:
+        raise NvdecUnsupported(f"{name} cannot be decoded on NVDEC: {refusal}")
+    width, height = header.width, header.height
+    frame_bytes = width * height * 3
+    frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes, max_batch_bytes)
+    end_index = start_frame + frame_count
+    source = _calling_nvdec(
+        NvdecOpenError, f"{name}: NVDEC on GPU {gpu_id} could not open it", open_decoder, path, gpu_id
+    )
+    available = _calling_nvdec(NvdecOpenError, f"{name}: NVDEC could not count its frames", len, source)
+    if start_frame >= available:
+        raise NvdecDecodeError(ends_short_message(name, start_frame, end_index, frame_count))
+    shift = _timestamp_shift(source, header, name)
+    _calling_nvdec(
+        NvdecOpenError, f"{name}: NVDEC could not seek to frame {start_frame}", source.seek_to_index, start_frame
+    )
+    next_index = start_frame
+    previous_pts: int | None = None
+    while next_index < end_index:
+        wanted = min(frames_per_batch, end_index - next_index)
+        decoded = _calling_nvdec(
+            NvdecDecodeError,
+            f"{name} is truncated or corrupt at frame {next_index}: NVDEC failed",
+            source.get_batch_frames,
+            wanted,
+        )
+        if len(decoded) < wanted:
+            raise NvdecDecodeError(ends_short_message(name, next_index + len(decoded), end_index, frame_count))
+        buffer = np.empty((wanted, height, width, 3), np.uint8)
+        indices: list[int] = []
+        stamps: list[int] = []
+        for frame in decoded[:wanted]:
+            pts = frame.timestamp + shift
+            if next_index == start_frame and pts != seek_pts:
+                raise NvdecDecodeError(seek_mismatch_message(name, seek_pts, pts))
+            if previous_pts is not None and pts <= previous_pts:
+                raise NvdecDecodeError(
+                    f"{name} is truncated or corrupt at frame {next_index}: NVDEC gave pts {pts} after {previous_pts}"
+                )
+            if frame.framesize() != frame_bytes:
+                raise NvdecDecodeError(
+                    f"{name} changes size at frame {next_index} ({width}x{height} RGB is {frame_bytes} bytes, "
+                    f"NVDEC gave {frame.framesize()})"
+                )
+            buffer[len(indices)] = _host_frame(frame, frame_bytes).reshape(height, width, 3)
+            indices.append(next_index)
+            stamps.append(pts)
+            previous_pts = pts
+            next_index += 1
+        yield buffer, indices, stamps

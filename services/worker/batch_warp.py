@@ -1,0 +1,232 @@
+"""Face alignment and paste-back for a whole batch of frames held as torch tensors, on a GPU or the CPU.
+
+The batch twin of face_aligner's OpenCV path, for frames that sit in GPU memory: one grid_sample cuts
+every face of a batch out of its frame, one more warps every swapped crop and mask back, and the blend
+is a gather and a scatter per round of faces. The regions faces are pasted into come from the small
+(2, 3) matrices on the host (face_aligner.paste_region, the same as the OpenCV path), so the hot path
+has no per-face wait on the device.
+
+Sampling grids are built elementwise from the matrices rather than by affine_grid: affine_grid is a
+matrix product, which TF32 (once anything in the process turns it on) rounds to 10 bits of mantissa,
+enough to put samples pixels away from where they belong in a 1080p frame.
+
+This module imports torch; the worker imports it only when it warps on CUDA (chunk_runner.face_warper_for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from services.common.errors import InvalidArgument
+from services.common.frame_codec import Frames
+from services.worker.face_aligner import HostAlignedFaces, paste_region
+
+# cv2.blendLinear adds this to the weight sum; face_aligner.paste_back floors 1 - alpha at ALPHA_FLOOR.
+BLEND_EPSILON = 1e-5
+ALPHA_FLOOR = 1e-6
+
+
+def _check_frames(frames: torch.Tensor) -> None:
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != torch.uint8 or not frames.is_contiguous():
+        raise InvalidArgument(f"frames must be contiguous (n, H, W, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
+
+
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    return values.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _grid_coefficients(matrices: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(m, 2, 3) maps into a (width, height) image -> the same maps into grid_sample's units.
+
+    With align_corners=False grid_sample puts pixel i's centre at (2i + 1) / width - 1.
+    """
+    scale = np.array([2.0 / width, 2.0 / height])
+    coefficients = np.asarray(matrices, np.float64) * scale[:, None]
+    coefficients[..., 2] += scale / 2.0 - 1.0
+    return coefficients.astype(np.float32)
+
+
+def _crop_to_frame(matrices: np.ndarray) -> np.ndarray:
+    """(m, 2, 3) frame -> crop similarity maps inverted."""
+    forward = np.asarray(matrices, np.float64)
+    linear = np.linalg.inv(forward[:, :, :2])
+    shift = -(linear @ forward[:, :, 2:])
+    return np.concatenate([linear, shift], axis=2)
+
+
+def _sampling_grid(coefficients: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Grid points coefficients @ (x, y, 1) for every x of xs (..., W) and y of ys (..., H): (..., H, W, 2)."""
+    along_x = xs[..., None, :, None] * coefficients[..., None, None, :, 0]
+    along_y = ys[..., :, None, None] * coefficients[..., None, None, :, 1]
+    return along_x + along_y + coefficients[..., None, None, :, 2]
+
+
+def _ranks_in_frame(slots: np.ndarray) -> np.ndarray:
+    """For each face, how many faces of the same frame come before it."""
+    ranks = np.zeros(len(slots), np.int64)
+    seen: dict[int, int] = {}
+    for face, slot in enumerate(slots.tolist()):
+        ranks[face] = seen.get(slot, 0)
+        seen[slot] = ranks[face] + 1
+    return ranks
+
+
+def align_batch(frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, size: int) -> torch.Tensor:
+    """(n, H, W, 3) uint8 frames -> (m, size, size, 3) uint8 crops: face i cut from frames[slots[i]].
+
+    matrices: (m, 2, 3) frame -> crop, as face_aligner.alignment_matrix gives them. Bilinear, and
+    mirrored past the frame's edges like cv2.BORDER_REFLECT: grid_sample's reflection with
+    align_corners=False mirrors about the outer edges of the border pixels, as BORDER_REFLECT does.
+    """
+    _check_frames(frames)
+    if len(slots) == 0:
+        return frames.new_zeros((0, size, size, 3))
+    height, width = frames.shape[1:3]
+    used, positions = np.unique(np.asarray(slots, np.int64), return_inverse=True)
+    ranks = _ranks_in_frame(np.asarray(slots, np.int64))
+    depth = int(ranks.max()) + 1
+    # grid_sample pairs each input image with one grid, so a frame's faces are stacked down its grid,
+    # `depth` crops tall; a frame with fewer faces samples its spare rows at the frame's centre.
+    coefficients = np.zeros((len(used), depth, 2, 3), np.float32)
+    coefficients[positions, ranks] = _grid_coefficients(_crop_to_frame(matrices), width, height)
+    device = frames.device
+    pixel_centres = torch.arange(size, device=device, dtype=torch.float32)
+    grid = _sampling_grid(torch.from_numpy(coefficients).to(device), pixel_centres, pixel_centres)
+    source = frames if len(used) == len(frames) else frames.index_select(0, torch.from_numpy(used).to(device))
+    sampled = F.grid_sample(
+        source.permute(0, 3, 1, 2).float(),
+        grid.view(len(used), depth * size, size, 2),
+        mode="bilinear",
+        padding_mode="reflection",
+        align_corners=False,
+    )
+    stacked = sampled.view(len(used), 3, depth, size, size).permute(0, 2, 3, 4, 1).reshape(-1, size, size, 3)
+    chosen = torch.from_numpy(positions * depth + ranks).to(device)
+    return _to_uint8(stacked.index_select(0, chosen))
+
+
+def paste_batch(
+    frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, crops: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Blends each swapped crop into its frame in place, as face_aligner.paste_back does; returns `frames`.
+
+    crops: (m, S, S, 3) uint8 and masks: (m, S, S) float in [0, 1], on the frames' device. Each face
+    touches only its paste_region; crop and mask are warped back bilinearly with zeros past the crop's
+    edge. Faces of one frame are blended in order, so where two overlap the later one lies on top.
+    """
+    _check_frames(frames)
+    height, width = frames.shape[1:3]
+    size = crops.shape[1]
+    boxes = [paste_region(matrix, size, height, width) for matrix in matrices]
+    kept = np.array([face for face, box in enumerate(boxes) if box is not None], np.int64)
+    if len(kept) == 0:
+        return frames
+    kept_slots = np.asarray(slots, np.int64)[kept]
+    ranks = _ranks_in_frame(kept_slots)
+    # Round r blends every frame's r-th face: no two faces of one round share a frame, so a round's
+    # scatter never writes a pixel twice with different values.
+    order = kept[np.argsort(ranks, kind="stable")]
+    round_ends = np.cumsum(np.bincount(ranks)).tolist()
+    corners = np.array([boxes[face] for face in order], np.int64)
+    x0, y0, x1, y1 = corners.T
+    tall, wide = int((y1 - y0).max()), int((x1 - x0).max())
+    device = frames.device
+    layout = torch.from_numpy(np.stack([np.asarray(slots, np.int64)[order], x0, y0, x1 - x0, y1 - y0, order])).to(
+        device
+    )
+    slot, left, top, box_width, box_height, faces = layout.unbind(0)
+    # Boxes are padded to the largest by repeating their last column and row: a padded position computes
+    # and writes exactly what the position it repeats does.
+    xs = left[:, None] + torch.minimum(torch.arange(wide, device=device)[None], box_width[:, None] - 1)
+    ys = top[:, None] + torch.minimum(torch.arange(tall, device=device)[None], box_height[:, None] - 1)
+    pixels = slot[:, None, None] * (height * width) + ys[:, :, None] * width + xs[:, None, :]
+    coefficients = torch.from_numpy(_grid_coefficients(matrices[order], size, size)).to(device)
+    grid = _sampling_grid(coefficients, xs.float(), ys.float())
+    source = torch.cat(
+        [crops.index_select(0, faces).permute(0, 3, 1, 2).float(), masks.index_select(0, faces)[:, None].float()], 1
+    )
+    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    colour = warped[:, :3].permute(0, 2, 3, 1)
+    alpha = warped[:, 3:].permute(0, 2, 3, 1)
+    keep = (1.0 - alpha).clamp_min_(ALPHA_FLOOR)
+    blended_colour = colour * alpha
+    weight = alpha + keep + BLEND_EPSILON
+    flat = frames.view(-1, 3)
+    start = 0
+    for end in round_ends:
+        index = pixels[start:end]
+        under = flat[index].float()
+        flat[index] = _to_uint8((blended_colour[start:end] + under * keep[start:end]) / weight[start:end])
+        start = end
+    return frames
+
+
+def _download_boxes(frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, size: int, host: Frames) -> None:
+    """Copies each face's paste region of `frames` into `host` in one transfer: nothing else of a frame changed."""
+    height, width = frames.shape[1:3]
+    placed = [(slot, paste_region(matrix, size, height, width)) for slot, matrix in zip(slots, matrices, strict=True)]
+    boxes = [(slot, box) for slot, box in placed if box is not None]
+    if not boxes:
+        return
+    pieces = [frames[slot, y0:y1, x0:x1].reshape(-1) for slot, (x0, y0, x1, y1) in boxes]
+    values = torch.cat(pieces).cpu().numpy()
+    start = 0
+    for slot, (x0, y0, x1, y1) in boxes:
+        end = start + (y1 - y0) * (x1 - x0) * 3
+        host[slot, y0:y1, x0:x1] = values[start:end].reshape(y1 - y0, x1 - x0, 3)
+        start = end
+
+
+class DeviceAlignedFaces:
+    """A batch's face crops cut on the device; the frames stay there until their faces are pasted."""
+
+    def __init__(
+        self, host: Frames, frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, crops: np.ndarray
+    ) -> None:
+        self._host = host
+        self._frames = frames
+        self._slots = list(slots)
+        self._matrices = matrices
+        self.crops = crops
+
+    def paste(self, swapped: np.ndarray, masks: np.ndarray) -> Frames:
+        device = self._frames.device
+        paste_batch(
+            self._frames,
+            self._slots,
+            self._matrices,
+            torch.from_numpy(np.ascontiguousarray(swapped)).to(device),
+            torch.from_numpy(np.ascontiguousarray(masks, np.float32)).to(device),
+        )
+        _download_boxes(self._frames, self._slots, self._matrices, self.crops.shape[1], self._host)
+        return self._host
+
+
+class TorchFaceWarper:
+    """align_batch and paste_batch on one device: a batch's frames go up once, its crops come down for
+    the swapper, and after the paste only the faces' regions come back into the host frames."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+
+    def align(
+        self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int
+    ) -> HostAlignedFaces | DeviceAlignedFaces:
+        if len(slots) == 0:
+            return HostAlignedFaces(frames, slots, matrices, np.zeros((0, size, size, 3), np.uint8))
+        host = frames if frames.flags.writeable else frames.copy()
+        on_device = self._upload(np.ascontiguousarray(host))
+        crops = align_batch(on_device, slots, matrices, size).cpu().numpy()
+        return DeviceAlignedFaces(host, on_device, slots, matrices, crops)
+
+    def _upload(self, frames: Frames) -> torch.Tensor:
+        tensor = torch.from_numpy(frames)
+        if self.device.type == "cuda":
+            # From page-locked memory the copy runs at the link's full speed, beside the thread's next work.
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        # A copy even on the CPU, so the host frames change only where faces are copied back, as on a GPU.
+        return tensor.to(self.device, copy=True)

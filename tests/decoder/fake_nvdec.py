@@ -1,0 +1,87 @@
+"""A stand-in for PyNvVideoCodec's SimpleDecoder on the CPU: PyAV's RGB frames behind the same calls.
+
+It serves frames the way the documented API does (host memory read through GetPtrToPlane(0) and
+framesize(), timestamps in DecodedFrame.timestamp, seek_to_index then get_batch_frames), so the NVDEC
+reader's own logic runs here; only the GPU's decoding is replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+@dataclass
+class FakeDecodedFrame:
+    pixels: np.ndarray
+    timestamp: int
+
+    def framesize(self) -> int:
+        return int(self.pixels.nbytes)
+
+    def GetPtrToPlane(self, plane_index: int) -> int:  # the library's name
+        assert plane_index == 0
+        return int(self.pixels.ctypes.data)
+
+
+@dataclass
+class FakeSimpleDecoder:
+    frames: list[FakeDecodedFrame]
+    # Raise from get_batch_frames once this many frames have been handed out.
+    fail_after: int | None = None
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    _position: int = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def seek_to_index(self, index: int) -> None:
+        self.calls.append(("seek_to_index", index))
+        if not 0 <= index < len(self.frames):
+            raise IndexError(f"Index {index} is out of range [0, {len(self.frames) - 1}]")
+        self._position = index
+
+    def get_batch_frames(self, batch_size: int) -> list[FakeDecodedFrame]:
+        self.calls.append(("get_batch_frames", batch_size))
+        if self.fail_after is not None and self._position + batch_size > self.fail_after:
+            raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED")
+        batch = self.frames[self._position : self._position + batch_size]
+        self._position += len(batch)
+        return batch
+
+
+def pyav_frames(path: Path) -> list[FakeDecodedFrame]:
+    with av.open(str(path)) as container:
+        return [
+            FakeDecodedFrame(np.ascontiguousarray(frame.to_ndarray(format="rgb24")), frame.pts or 0)
+            for frame in container.decode(video=0)
+        ]
+
+
+@dataclass
+class FakeOpener:
+    """Opens FakeSimpleDecoders over the same frames and keeps them, to look at their calls."""
+
+    frames: list[FakeDecodedFrame]
+    fail_after: int | None = None
+    opened: list[FakeSimpleDecoder] = field(default_factory=list)
+
+    def __call__(self, path: Path, gpu_id: int) -> FakeSimpleDecoder:
+        decoder = FakeSimpleDecoder(self.frames, self.fail_after)
+        self.opened.append(decoder)
+        return decoder
+
+
+@dataclass
+class FakeOpenerFailure:
+    """An opener that fails as PyNvVideoCodec does where NVDEC cannot open the file (or is absent)."""
+
+    error: Exception
+    attempts: int = 0
+
+    def __call__(self, path: Path, gpu_id: int) -> FakeSimpleDecoder:
+        self.attempts += 1
+        raise self.error

@@ -1,0 +1,186 @@
+"""The NVDEC reader's contract, run on the CPU against a SimpleDecoder stand-in serving PyAV's frames."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cli import sample_media
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.decoder.frame_reader import iter_frame_batches
+from services.decoder.media_probe import probe_media
+from services.decoder.nvdec_reader import (
+    NvdecDecodeError,
+    NvdecOpenError,
+    NvdecUnsupported,
+    iter_nvdec_frame_batches,
+    nvdec_refusal,
+)
+from tests.decoder.fake_nvdec import FakeDecodedFrame, FakeOpener, FakeOpenerFailure, pyav_frames
+
+Batches = list[tuple[np.ndarray, list[int], list[int]]]
+
+
+@pytest.fixture(scope="module")
+def small_frames(small_video: Path) -> list[FakeDecodedFrame]:
+    return pyav_frames(small_video)
+
+
+def joined(batches: Batches) -> tuple[np.ndarray, list[int], list[int]]:
+    return (
+        np.concatenate([frames for frames, _, _ in batches]),
+        [index for _, indices, _ in batches for index in indices],
+        [stamp for _, _, stamps in batches for stamp in stamps],
+    )
+
+
+def test_a_range_from_a_later_keyframe_matches_pyav(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    keyframe = probe_media(small_video).keyframes[2]
+    opener = FakeOpener(small_frames)
+    batches = list(
+        iter_nvdec_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 15, 4, open_decoder=opener)
+    )
+    expected = list(iter_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 15, 4))
+    assert [len(indices) for _, indices, _ in batches] == [4, 4, 4, 3]
+    frames, indices, stamps = joined(batches)
+    expected_frames, expected_indices, expected_stamps = joined(expected)
+    assert indices == expected_indices == list(range(keyframe.frame_index, keyframe.frame_index + 15))
+    assert stamps == expected_stamps
+    assert np.array_equal(frames, expected_frames)
+    (decoder,) = opener.opened
+    assert decoder.calls == [
+        ("seek_to_index", 0),
+        ("get_batch_frames", 1),
+        ("seek_to_index", keyframe.frame_index),
+        *[("get_batch_frames", n) for n in (4, 4, 4, 3)],
+    ]
+
+
+def test_stamps_that_ignore_the_edit_list_are_mapped_onto_pyavs(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    # NVDEC on the H200 stamped x264's frames two frame durations early: the MP4 edit list that PyAV
+    # applies (and Probe's seek_pts reflects) is not applied to DecodedFrame.timestamp.
+    early = [FakeDecodedFrame(frame.pixels, frame.timestamp - 1024) for frame in small_frames]
+    keyframe = probe_media(small_video).keyframes[1]
+    batches = list(
+        iter_nvdec_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 6, 4, open_decoder=FakeOpener(early))
+    )
+    expected = list(iter_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 6, 4))
+    assert joined(batches)[2] == joined(expected)[2]
+    assert np.array_equal(joined(batches)[0], joined(expected)[0])
+
+
+def test_batches_stay_within_max_batch_bytes(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    frame_bytes = 320 * 240 * 3
+    batches = iter_nvdec_frame_batches(
+        small_video, 0, 0, 10, 8, max_batch_bytes=3 * frame_bytes + 1, open_decoder=FakeOpener(small_frames)
+    )
+    assert [len(frames) for frames, _, _ in batches] == [3, 3, 3, 1]
+
+
+def test_a_range_past_the_end_is_refused_like_pyav(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    last = probe_media(small_video).keyframes[-1]
+    count = len(small_frames)
+    with pytest.raises(NvdecDecodeError, match=rf"small\.mp4' is truncated or corrupt at frame {count}: the video"):
+        list(
+            iter_nvdec_frame_batches(
+                small_video, last.frame_index, last.pts, count, 8, open_decoder=FakeOpener(small_frames)
+            )
+        )
+
+
+def test_a_start_past_the_last_frame_is_refused_before_seeking(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    opener = FakeOpener(small_frames)
+    with pytest.raises(NvdecDecodeError, match="ends 3 of the 3 requested frames short"):
+        list(iter_nvdec_frame_batches(small_video, len(small_frames), 0, 3, 8, open_decoder=opener))
+    assert opener.opened[0].calls == []
+
+
+def test_seek_pts_that_is_no_frame_is_refused(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    keyframe = probe_media(small_video).keyframes[1]
+    with pytest.raises(InvalidArgument, match=f"seek_pts {keyframe.pts + 1} is not the timestamp of a frame"):
+        list(
+            iter_nvdec_frame_batches(
+                small_video, keyframe.frame_index, keyframe.pts + 1, 5, 8, open_decoder=FakeOpener(small_frames)
+            )
+        )
+
+
+def test_timestamps_that_do_not_rise_are_refused(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    repeated = [small_frames[0], small_frames[0], *small_frames[2:]]
+    with pytest.raises(NvdecDecodeError, match=r"at frame 1: NVDEC gave pts 0 after 0"):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 4, 8, open_decoder=FakeOpener(repeated)))
+
+
+def test_a_frame_of_another_size_is_refused(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    shrunk = FakeDecodedFrame(np.zeros((120, 160, 3), np.uint8), small_frames[1].timestamp)
+    frames = [small_frames[0], shrunk, *small_frames[2:]]
+    with pytest.raises(NvdecDecodeError, match=r"changes size at frame 1 \(320x240 RGB is 230400 bytes"):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 4, 8, open_decoder=FakeOpener(frames)))
+
+
+def test_a_failure_while_decoding_names_the_frame(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    batches = iter_nvdec_frame_batches(small_video, 0, 0, 12, 4, open_decoder=FakeOpener(small_frames, fail_after=6))
+    assert len(next(batches)[0]) == 4
+    with pytest.raises(NvdecDecodeError, match=r"corrupt at frame 4: NVDEC failed \(RuntimeError: CUDA_ERROR"):
+        next(batches)
+
+
+def test_a_session_that_does_not_open_is_an_open_error(small_video: Path) -> None:
+    opener = FakeOpenerFailure(RuntimeError("CreateSimpleDecoder failed: no NVDEC"))
+    with pytest.raises(NvdecOpenError, match=r"NVDEC on GPU 0 could not open it \(RuntimeError: CreateSimple"):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 4, 8, open_decoder=opener))
+    assert issubclass(NvdecOpenError, FailedPrecondition)
+
+
+def test_an_image_is_not_opened_on_nvdec(tmp_path: Path) -> None:
+    sample_media.make_two_person_image(tmp_path / "two.png", size=(320, 180))
+    opener = FakeOpenerFailure(AssertionError("the decoder must not be opened"))
+    with pytest.raises(NvdecUnsupported, match=r"two\.png' cannot be decoded on NVDEC: its codec is png"):
+        list(iter_nvdec_frame_batches(tmp_path / "two.png", 0, 0, 1, 8, open_decoder=opener))
+    assert opener.attempts == 0
+
+
+def test_oversized_frames_are_refused_before_nvdec_or_a_buffer(oversized_video: Path) -> None:
+    opener = FakeOpenerFailure(AssertionError("the decoder must not be opened"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument, match=r"oversized\.mp4' is 6000x6000 .* the limit is 35\.7 Mpx"):
+            list(iter_nvdec_frame_batches(oversized_video, 0, 0, 2, 8, open_decoder=opener))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert opener.attempts == 0
+    assert peak < 16 * 1024 * 1024
+
+
+def test_an_invalid_range_is_refused(small_video: Path) -> None:
+    with pytest.raises(InvalidArgument, match="frame_count > 0"):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 0, 8, open_decoder=FakeOpenerFailure(AssertionError())))
+
+
+@pytest.mark.parametrize(
+    ("codec", "pixel_format", "refusal"),
+    [
+        ("h264", "yuv420p", None),
+        ("hevc", "yuvj420p", None),
+        ("av1", "yuv420p", None),
+        ("vp9", "yuv420p", "its codec is vp9"),
+        ("png", "rgb24", "its codec is png"),
+        ("h264", "yuv420p10le", "its pixel format is yuv420p10le"),
+        ("hevc", "yuv444p", "its pixel format is yuv444p"),
+        ("h264", None, "its pixel format is None"),
+    ],
+)
+def test_nvdec_takes_8_bit_420_h264_hevc_and_av1(codec: str, pixel_format: str | None, refusal: str | None) -> None:
+    found = nvdec_refusal(codec, pixel_format)
+    if refusal is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(refusal), found

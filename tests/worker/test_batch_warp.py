@@ -1,0 +1,320 @@
+"""The torch batch warp against the OpenCV one it stands in for, on CPU tensors and real photos."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import InvalidArgument
+from services.common.face_types import DetectedFace
+from services.common.frame_codec import Frames
+from services.worker.batch_warp import TorchFaceWarper, align_batch, paste_batch
+from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
+from services.worker.face_aligner import alignment_matrix, paste_back, paste_region, warp_to_crop
+from services.worker.face_selector import FaceSelection
+from services.worker.face_swapper import SourceIdentity
+from tests.worker.face_photos import face_from_landmarks, side_by_side
+
+SIZE = 128
+# (degrees, scale, shift x, shift y) of the astronaut-and-Grace-Hopper frame, about its centre. The
+# last pushes the astronaut's face over the left edge, so her crop is partly mirrored from inside.
+POSES = (
+    (0.0, 1.0, 0.0, 0.0),
+    (35.0, 0.9, 20.0, 10.0),
+    (-70.0, 1.1, -10.0, 30.0),
+    (180.0, 0.8, 0.0, 0.0),
+    (10.0, 1.3, -100.0, 40.0),
+)
+BORDER_FRAME = len(POSES) - 1
+
+
+def psnr(first: np.ndarray, second: np.ndarray) -> float:
+    error = np.mean((first.astype(np.float64) - second.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+@lru_cache(maxsize=1)
+def _scenes() -> tuple[np.ndarray, list[int], np.ndarray]:
+    """(frames (5, 600, 1024, 3), the slot of each face, each face's frame -> crop matrix): two faces a frame."""
+    photo, *faces = side_by_side()
+    height, width = photo.shape[:2]
+    frames: list[np.ndarray] = []
+    slots: list[int] = []
+    matrices: list[np.ndarray] = []
+    for slot, (degrees, scale, dx, dy) in enumerate(POSES):
+        pose = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, scale) + np.array([[0, 0, dx], [0, 0, dy]])
+        frames.append(cv2.warpAffine(photo, pose, (width, height), borderMode=cv2.BORDER_REFLECT))
+        for landmarks in faces:
+            slots.append(slot)
+            matrices.append(alignment_matrix(landmarks @ pose[:, :2].T + pose[:, 2], SIZE))
+    return np.stack(frames), slots, np.stack(matrices)
+
+
+def _crop_footprint(matrix: np.ndarray) -> np.ndarray:
+    """The frame positions of the crop's corner pixels."""
+    corners = np.array([[0, 0], [SIZE - 1, 0], [0, SIZE - 1], [SIZE - 1, SIZE - 1]], np.float64)
+    inverse = cv2.invertAffineTransform(matrix)
+    mapped: np.ndarray = corners @ inverse[:, :2].T + inverse[:, 2]
+    return mapped
+
+
+def _swapped_crops(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Textured crops of a different hue each, and a feathered disc for a mask, so overlaps show their order."""
+    rng = np.random.default_rng(7)
+    hues = rng.integers(0, 256, (count, 1, 1, 3))
+    texture = rng.integers(-40, 40, (count, SIZE, SIZE, 1))
+    crops = np.clip(hues + texture, 0, 255).astype(np.uint8)
+    ys, xs = np.mgrid[:SIZE, :SIZE]
+    disc = np.clip((0.45 * SIZE - np.hypot(xs - SIZE / 2, ys - SIZE / 2)) / (0.1 * SIZE), 0.0, 1.0)
+    return crops, np.repeat(disc[None].astype(np.float32), count, axis=0)
+
+
+def _pasted_by_cv2(
+    frames: np.ndarray, slots: list[int], matrices: np.ndarray, crops: np.ndarray, masks: np.ndarray
+) -> np.ndarray:
+    pasted = frames.copy()
+    for slot, matrix, crop, mask in zip(slots, matrices, crops, masks, strict=True):
+        paste_back(pasted[slot], crop, mask, matrix)
+    return pasted
+
+
+def _region_mask(frames: np.ndarray, slots: list[int], matrices: np.ndarray) -> np.ndarray:
+    """(n, H, W) True inside any face's paste region."""
+    inside = np.zeros(frames.shape[:3], bool)
+    for slot, matrix in zip(slots, matrices, strict=True):
+        box = paste_region(matrix, SIZE, frames.shape[1], frames.shape[2])
+        if box is not None:
+            x0, y0, x1, y1 = box
+            inside[slot, y0:y1, x0:x1] = True
+    return inside
+
+
+def _overlapping_faces() -> tuple[list[int], np.ndarray]:
+    """Every face of the scenes, plus a third face in frame 0 overlapping the astronaut's by half."""
+    _, slots, matrices = _scenes()
+    shifted = matrices[0].copy()
+    shifted[:, 2] += matrices[0][:, :2] @ np.array([45.0, 25.0], np.float32)
+    return [0, *slots], np.concatenate([shifted[None], matrices])
+
+
+def test_aligned_crops_match_opencv_across_rotations_and_the_frame_edge() -> None:
+    frames, slots, matrices = _scenes()
+
+    crops = align_batch(torch.from_numpy(frames), slots, matrices, SIZE).numpy()
+
+    assert crops.shape == (len(slots), SIZE, SIZE, 3) and crops.dtype == np.uint8
+    for face, (slot, matrix) in enumerate(zip(slots, matrices, strict=True)):
+        expected = warp_to_crop(frames[slot], matrix, SIZE)
+        assert psnr(crops[face], expected) > 35.0, f"face {face}"
+    # The border face's crop straddles the frame's left edge, so the mirroring was exercised.
+    footprint_x = _crop_footprint(matrices[slots.index(BORDER_FRAME)])[:, 0]
+    assert footprint_x.min() < -SIZE / 2 and footprint_x.max() > SIZE / 2
+
+
+def test_faces_are_cut_from_their_own_frames_when_frames_hold_none_or_several() -> None:
+    frames, slots, matrices = _scenes()
+    # Frames 1 and 3 hold no face; frame 4 holds three, one of them twice.
+    chosen = [0, 4, 5, 8, 9, 8]
+    picked_slots = [slots[face] for face in chosen]
+
+    crops = align_batch(torch.from_numpy(frames), picked_slots, matrices[chosen], SIZE).numpy()
+
+    for crop, slot, matrix in zip(crops, picked_slots, matrices[chosen], strict=True):
+        assert psnr(crop, warp_to_crop(frames[slot], matrix, SIZE)) > 35.0
+    np.testing.assert_array_equal(crops[3], crops[5])
+
+
+def test_pasted_frames_match_opencv_and_change_nothing_outside_the_faces_regions() -> None:
+    frames, _, _ = _scenes()
+    slots, matrices = _overlapping_faces()
+    crops, masks = _swapped_crops(len(slots))
+    expected = _pasted_by_cv2(frames, slots, matrices, crops, masks)
+
+    pasted = paste_batch(
+        torch.from_numpy(frames.copy()), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks)
+    ).numpy()
+
+    inside = _region_mask(frames, slots, matrices)
+    np.testing.assert_array_equal(pasted[~inside], frames[~inside])
+    assert psnr(pasted[inside], expected[inside]) > 40.0
+    assert psnr(pasted, expected) > 40.0
+    # The comparison means something: the paste changed the regions far beyond the difference allowed.
+    assert psnr(expected[inside], frames[inside]) < 25.0
+
+
+def test_overlapping_faces_of_one_frame_are_blended_in_order() -> None:
+    frames, _, _ = _scenes()
+    slots, matrices = _overlapping_faces()
+    crops, masks = _swapped_crops(len(slots))
+    in_order = _pasted_by_cv2(frames, slots, matrices, crops, masks)
+    swapped_first_two = [1, 0, *range(2, len(slots))]
+    reversed_order = _pasted_by_cv2(
+        frames,
+        [slots[face] for face in swapped_first_two],
+        matrices[swapped_first_two],
+        crops[swapped_first_two],
+        masks[swapped_first_two],
+    )
+    overlap = np.any(in_order[0] != reversed_order[0], axis=-1)
+    assert overlap.sum() > 500
+
+    pasted = paste_batch(
+        torch.from_numpy(frames.copy()), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks)
+    ).numpy()
+
+    assert psnr(pasted[0][overlap], in_order[0][overlap]) > 40.0
+    assert psnr(pasted[0][overlap], reversed_order[0][overlap]) < 25.0
+
+
+def test_a_face_at_the_edge_is_clipped_and_one_wholly_outside_changes_nothing() -> None:
+    frames, slots, matrices = _scenes()
+    border_face = slots.index(BORDER_FRAME)
+    outside = matrices[border_face].copy()
+    outside[:, 2] += outside[:, :2] @ np.array([-2000.0, 0.0], np.float32)
+    chosen_slots, chosen = [BORDER_FRAME, BORDER_FRAME], np.stack([matrices[border_face], outside])
+    assert paste_region(outside, SIZE, frames.shape[1], frames.shape[2]) is None
+    box = paste_region(chosen[0], SIZE, frames.shape[1], frames.shape[2])
+    assert box is not None and box[0] == 0
+    crops, masks = _swapped_crops(2)
+    expected = _pasted_by_cv2(frames, chosen_slots, chosen, crops, masks)
+
+    pasted = paste_batch(
+        torch.from_numpy(frames.copy()), chosen_slots, chosen, torch.from_numpy(crops), torch.from_numpy(masks)
+    ).numpy()
+
+    assert psnr(pasted[BORDER_FRAME], expected[BORDER_FRAME]) > 40.0
+    assert not np.array_equal(pasted[BORDER_FRAME], frames[BORDER_FRAME])
+    np.testing.assert_array_equal(pasted[:BORDER_FRAME], frames[:BORDER_FRAME])
+
+
+def test_the_torch_warper_writes_back_only_the_faces_regions_of_the_host_frames() -> None:
+    frames, _, _ = _scenes()
+    slots, matrices = _overlapping_faces()
+    crops, _ = _swapped_crops(len(slots))
+    # Whole crops, so the paste reaches the last row and column of every region.
+    masks = np.ones((len(slots), SIZE, SIZE), np.float32)
+    expected = _pasted_by_cv2(frames, slots, matrices, crops, masks)
+    host = frames.copy()
+
+    aligned = TorchFaceWarper("cpu").align(host, slots, matrices, SIZE)
+    # Alignment leaves the host frames as they were; the paste lands in them.
+    np.testing.assert_array_equal(host, frames)
+    pasted = aligned.paste(crops, masks)
+
+    assert pasted is host
+    assert aligned.crops.shape == (len(slots), SIZE, SIZE, 3)
+    assert psnr(aligned.crops[1], warp_to_crop(frames[slots[1]], matrices[1], SIZE)) > 35.0
+    on_device = paste_batch(
+        torch.from_numpy(frames.copy()), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks)
+    ).numpy()
+    np.testing.assert_array_equal(pasted, on_device)
+    inside = _region_mask(frames, slots, matrices)
+    np.testing.assert_array_equal(pasted[~inside], frames[~inside])
+    assert psnr(pasted[inside], expected[inside]) > 40.0
+
+
+def test_the_torch_warper_copies_read_only_frames_and_passes_faceless_batches_through() -> None:
+    frames, slots, matrices = _scenes()
+    read_only = frames.copy()
+    read_only.flags.writeable = False
+    crops, masks = _swapped_crops(2)
+
+    pasted = TorchFaceWarper("cpu").align(read_only, slots[:2], matrices[:2], SIZE).paste(crops, masks)
+    untouched = TorchFaceWarper("cpu").align(frames, [], matrices[:0], SIZE)
+
+    assert pasted is not read_only and not np.array_equal(pasted[0], frames[0])
+    np.testing.assert_array_equal(read_only, frames)
+    assert untouched.crops.shape == (0, SIZE, SIZE, 3)
+    assert untouched.paste(crops[:0], masks[:0]) is frames
+
+
+def test_frames_must_be_contiguous_rgb_bytes() -> None:
+    frames = torch.zeros((2, 8, 8, 3), dtype=torch.uint8)
+    matrices = np.array([[[1, 0, 0], [0, 1, 0]]], np.float32)
+    with pytest.raises(InvalidArgument, match="contiguous"):
+        align_batch(frames.transpose(1, 2), [0], matrices, 4)
+    with pytest.raises(InvalidArgument, match="uint8"):
+        align_batch(frames.float(), [0], matrices, 4)
+
+
+PIPELINE_FRAMES = 7
+PIPELINE_BATCH = 3
+FACELESS_FRAME = 4
+
+
+def _pipeline_scene(index: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Frame `index` of a clip panning over the two photos at half size; its index in the top-left pixel."""
+    photo, *faces = side_by_side()
+    pose = np.array([[0.5, 0.0, 3.0 * index], [0.0, 0.5, -2.0 * index]], np.float32)
+    frame = cv2.warpAffine(photo, pose, (512, 300), borderMode=cv2.BORDER_REFLECT)
+    frame[0, 0] = index
+    return frame, [landmarks @ pose[:, :2].T + pose[:, 2] for landmarks in faces]
+
+
+class _PanningClip:
+    async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
+        for start in range(0, PIPELINE_FRAMES, PIPELINE_BATCH):
+            indices = list(range(start, min(start + PIPELINE_BATCH, PIPELINE_FRAMES)))
+            yield np.stack([_pipeline_scene(index)[0] for index in indices]), indices
+
+
+class _BothFaces:
+    async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
+        indices = [int(frame[0, 0, 0]) for frame in frames]
+        return [
+            [] if index == FACELESS_FRAME else [face_from_landmarks(points) for points in _pipeline_scene(index)[1]]
+            for index in indices
+        ]
+
+
+class _InvertingSwapper:
+    crop_size = SIZE
+
+    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
+        return SourceIdentity(crop=source_crop)
+
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+        _, masks = _swapped_crops(len(target_crops))
+        return 255 - target_crops, masks
+
+
+class _Collected:
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    async def write(self, frames: Frames) -> None:
+        self.frames.extend(frame.copy() for frame in frames)
+
+    async def close(self) -> int:
+        return len(self.frames)
+
+
+def _run_pipeline(warper: FaceWarper) -> tuple[ChunkStats, list[np.ndarray]]:
+    sink = _Collected()
+    identity = SourceIdentity(crop=np.zeros((SIZE, SIZE, 3), np.uint8))
+    pipeline = run_chunk_pipeline(
+        _PanningClip(), _BothFaces(), _InvertingSwapper(), identity, sink, FaceSelection("many"), warper=warper
+    )
+    return asyncio.run(asyncio.wait_for(pipeline, timeout=30)), sink.frames
+
+
+def test_the_chunk_pipeline_gives_the_same_video_with_the_torch_warper_as_with_opencv() -> None:
+    host_stats, host_frames = _run_pipeline(HOST_WARPER)
+    torch_stats, torch_frames = _run_pipeline(TorchFaceWarper("cpu"))
+
+    assert len(torch_frames) == len(host_frames) == PIPELINE_FRAMES
+    assert (torch_stats.frames, torch_stats.faces) == (host_stats.frames, host_stats.faces) == (7, 12)
+    assert torch_stats.face_count_changes == host_stats.face_count_changes
+    for index, (on_torch, on_host) in enumerate(zip(torch_frames, host_frames, strict=True)):
+        original = _pipeline_scene(index)[0]
+        if index == FACELESS_FRAME:
+            np.testing.assert_array_equal(on_torch, original)
+            continue
+        assert psnr(on_torch, on_host) > 40.0, f"frame {index}"
+        assert psnr(on_torch, original) < 25.0, f"frame {index} was not swapped"
