@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from services.cli import sample_media
+from services.decoder.nvdec_reader import forget_timestamp_shifts
 
 SMALL_SIZE = (320, 240)
 SMALL_FPS = 25
@@ -50,3 +52,11 @@ def oversized_video(media_root: Path) -> Path:
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_timestamp_shifts() -> Iterator[None]:
+    """Each test's NVDEC stand-in measures its own timestamp shift: the reader keeps them per file."""
+    forget_timestamp_shifts()
+    yield
+    forget_timestamp_shifts()

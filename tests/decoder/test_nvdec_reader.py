@@ -59,6 +59,16 @@ def test_a_range_from_a_later_keyframe_matches_pyav(small_video: Path, small_fra
     ]
 
 
+def test_the_shift_is_measured_once_per_file(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    keyframe = probe_media(small_video).keyframes[1]
+    opener = FakeOpener(small_frames)
+    for _ in range(2):
+        list(iter_nvdec_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 4, 4, open_decoder=opener))
+    first, second = opener.opened
+    assert first.calls[0] == ("seek_to_index", 0)
+    assert second.calls == [("seek_to_index", keyframe.frame_index), ("get_batch_frames", 4)]
+
+
 def test_stamps_that_ignore_the_edit_list_are_mapped_onto_pyavs(
     small_video: Path, small_frames: list[FakeDecodedFrame]
 ) -> None:
