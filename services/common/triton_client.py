@@ -16,12 +16,9 @@ naming the model, instead of surfacing later as "no face found" or a reshape err
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
-import grpc
 import numpy as np
 import tritonclient.grpc as triton_types
 import tritonclient.grpc.aio as triton_grpc
@@ -124,7 +121,6 @@ class TritonClient:
     ) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
         batch = _batch_size(arrays)
-        await self._connected()
         if self._shared_memory is not None:
             try:
                 answered = await self._infer_in_a_region(self._shared_memory, model, arrays, outputs)
@@ -137,18 +133,6 @@ class TritonClient:
         request_outputs = [triton_grpc.InferRequestedOutput(name) for name in outputs]
         result = await self._call(model, request_inputs, request_outputs)
         return check_outputs(model, {name: result.as_numpy(name) for name in outputs}, outputs, batch)
-
-    async def _connected(self) -> None:
-        """Waits, up to the call's timeout, for the channel to Triton to connect, as the stage calls' wait_for_ready
-        does. After Triton was unreachable (still starting, or restarting) the channel backs off for up to
-        RECONNECT_BACKOFF_MS before it tries again, and a call made meanwhile would fail at once although Triton
-        already serves: the first job after `swapline up` did, when the detector had asked Triton for its models
-        while it started. A call that times out here is made anyway and fails as Unavailable, naming Triton."""
-        channel: grpc.aio.Channel = self._client._channel  # tritonclient keeps its channel private
-        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(channel.channel_ready(), self.timeout_seconds)
 
     async def _call(
         self,

@@ -9,16 +9,22 @@ from services.common.frame_allocator import keep_frame_buffers
 from services.common.grpc_server import serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
-from services.detector.detector_choice import ChosenDetector
+from services.detector.detector_choice import ChosenDetector, TritonReadinessProbe
 from services.detector.servicer import detector_binding
 from services.detector.settings import ENV_PREFIX, DetectorSettings
+
+
+def chosen_detector(settings: DetectorSettings, client: TritonClient) -> ChosenDetector:
+    """The detector over `client`, choosing its models by asking Triton on channels of the probe's own."""
+    probe = TritonReadinessProbe(settings.triton_url, settings.triton_timeout_seconds)
+    return ChosenDetector(client, probe, settings.cascade, settings.detection_defaults())
 
 
 async def run(settings: DetectorSettings) -> None:
     # Created inside the running loop: the aio channel belongs to the loop that opens it.
     client = TritonClient(settings.triton_url, settings.triton_timeout_seconds, settings.triton_shared_memory)
     try:
-        detector = ChosenDetector(client, client, settings.cascade, settings.detection_defaults())
+        detector = chosen_detector(settings, client)
         await detector.choose()
         await serve(settings, [detector_binding(detector)], "detector")
     finally:

@@ -22,6 +22,7 @@ from typing import Literal, Protocol
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.face_types import DetectedFace
 from services.common.model_runner import ModelRunner
+from services.common.triton_client import TritonClient
 from services.detector.face_detector import (
     CASCADE_MODEL,
     PNET_MODEL,
@@ -40,6 +41,27 @@ CASCADE_MODES: tuple[CascadeMode, ...] = typing.get_args(CascadeMode)
 
 class ReadinessProbe(Protocol):
     async def is_model_ready(self, model: str) -> bool: ...
+
+
+class TritonReadinessProbe:
+    """Asks Triton on a channel of its own, opened for each question and closed after it.
+
+    While Triton is still starting, each question is refused, and a channel refused backs off before it
+    tries again (up to RECONNECT_BACKOFF_MS). Asked on the detector's own channel, that backoff outlived
+    Triton's start, and the first job after `swapline up` failed as Unavailable; a channel per question
+    leaves the detector's channel untried until its first request.
+    """
+
+    def __init__(self, url: str, timeout_seconds: float) -> None:
+        self.url = url
+        self.timeout_seconds = timeout_seconds
+
+    async def is_model_ready(self, model: str) -> bool:
+        client = TritonClient(self.url, self.timeout_seconds)
+        try:
+            return await client.is_model_ready(model)
+        finally:
+            await client.close()
 
 
 class ChosenDetector:

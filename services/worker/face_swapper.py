@@ -52,16 +52,28 @@ def _check_crops(crops: np.ndarray, what: str) -> None:
         raise InvalidArgument(f"{what} must be (n, S, S, 3) uint8, got {crops.shape} {crops.dtype}")
 
 
+# Packing and unpacking crops were a fifth of a worker's CPU on the H200 machine (six faces a frame: 29 ms on
+# the CPU machine). Both go through lookup tables instead of arithmetic over every pixel: a uint8 pixel has
+# 256 FP16 values in [0, 1], and an FP16 output has 65,536 bit patterns, each with its uint8 pixel, its mask
+# weight and whether it is finite. The tables give exactly what the arithmetic gave.
+_UNIT_FP16 = (np.arange(256, dtype=np.float32) / 255.0).astype(np.float16)
+_FP16_VALUES = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_FP16_FINITE = np.isfinite(_FP16_VALUES)
+with np.errstate(invalid="ignore", over="ignore"):
+    _FP16_TO_PIXEL = np.clip(np.nan_to_num(_FP16_VALUES) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    _FP16_TO_WEIGHT = np.clip(np.nan_to_num(_FP16_VALUES), 0.0, 1.0).astype(np.float32)
+
+
 def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
     """RGB uint8 crops -> the model's `target` and `source`: FP16 NCHW in [0, 1], source repeated per face."""
     _check_crops(target_crops, "target crops")
     _check_crops(source_crop[None], "the source crop")
     if source_crop.shape != target_crops.shape[1:]:
         raise InvalidArgument(f"source crop {source_crop.shape} does not match target crops {target_crops.shape[1:]}")
-    target = (target_crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).astype(np.float16)
-    source = (source_crop.transpose(2, 0, 1).astype(np.float32) / 255.0).astype(np.float16)
-    repeated = np.broadcast_to(source[None], target.shape)
-    return {"target": np.ascontiguousarray(target), "source": np.ascontiguousarray(repeated)}
+    # A lookup keeps its index's memory order: the results are made contiguous, as Triton sends them.
+    target = np.ascontiguousarray(_UNIT_FP16[target_crops.transpose(0, 3, 1, 2)])
+    source = _UNIT_FP16[source_crop.transpose(2, 0, 1)]
+    return {"target": target, "source": np.ascontiguousarray(np.broadcast_to(source[None], target.shape))}
 
 
 def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +86,10 @@ def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarra
     missing = [name for name in SWAPPER_OUTPUTS if outputs.get(name) is None]
     if missing:
         raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned no {', '.join(missing)} output")
-    swapped = np.asarray(outputs["swapped"], np.float32)
-    mask = np.asarray(outputs["mask"], np.float32)
+    # The deployed model answers FP16 (its config); another dtype takes the arithmetic path.
+    half = outputs["swapped"].dtype == np.float16 and outputs["mask"].dtype == np.float16
+    swapped = np.ascontiguousarray(outputs["swapped"]) if half else np.asarray(outputs["swapped"], np.float32)
+    mask = np.ascontiguousarray(outputs["mask"]) if half else np.asarray(outputs["mask"], np.float32)
     if swapped.ndim != 4 or swapped.shape[1] != 3 or mask.ndim != 4 or mask.shape[1] != 1:
         raise FailedPrecondition(
             f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} and mask {mask.shape}; "
@@ -83,11 +97,19 @@ def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarra
         )
     if swapped.shape[0] != mask.shape[0] or swapped.shape[2:] != mask.shape[2:]:
         raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} but mask {mask.shape}")
-    if not (np.isfinite(swapped).all() and np.isfinite(mask).all()):
+    if half:
+        swapped_bits, mask_bits = swapped.view(np.uint16), mask.view(np.uint16)
+        finite = bool(_FP16_FINITE[swapped_bits].all() and _FP16_FINITE[mask_bits].all())
+    else:
+        finite = bool(np.isfinite(swapped).all() and np.isfinite(mask).all())
+    if not finite:
         raise Internal(
             f"model {FACE_SWAPPER_MODEL} returned NaN or Inf values (FP16 overflow in the model); "
             "no FP32 model to retry on"
         )
+    if half:
+        crops = _FP16_TO_PIXEL[swapped_bits.transpose(0, 2, 3, 1)]
+        return np.ascontiguousarray(crops), _FP16_TO_WEIGHT[mask_bits[:, 0]]
     crops = np.clip(swapped.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(crops), np.ascontiguousarray(np.clip(mask[:, 0], 0.0, 1.0))
 

@@ -102,30 +102,3 @@ def test_triton_refusals_are_retryable_only_while_the_model_may_come_back(
         _infer(_CannedTriton(status=status))
     assert type(caught.value) is expected
 
-
-def test_a_call_waits_out_the_reconnect_backoff_of_a_triton_that_came_up_late() -> None:
-    # The detector asks Triton for its models while the stack starts; a request right after Triton came up
-    # then met a channel still backing off from those refused connections, and the first job failed.
-    from services.triton.server_process import free_ports
-
-    async def scenario() -> dict[str, np.ndarray]:
-        (port,) = free_ports(1)
-        client = TritonClient(f"127.0.0.1:{port}", 10.0)
-        channel: grpc.aio.Channel = client._client._channel
-        state = channel.get_state(try_to_connect=True)
-        while state != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            await channel.wait_for_state_change(state)
-            state = channel.get_state()
-        server = grpc.aio.server()
-        answer = _response({"probability": np.ones((3, 2)), "regression": np.ones((3, 4))})
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_CannedTriton(answer), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        try:
-            return await client.infer("mtcnn_rnet", {"image": IMAGES}, ["probability", "regression"])
-        finally:
-            await client.close()
-            await server.stop(None)
-
-    answer = asyncio.run(scenario())
-    assert answer["regression"].shape == (3, 4)

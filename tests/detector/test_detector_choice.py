@@ -94,3 +94,28 @@ def test_on_fails_requests_as_unavailable_until_the_cascade_is_ready() -> None:
     assert triton.inferred == []
     triton.ready.add(CASCADE_MODEL)
     assert detect_reaching(detector, triton) == CASCADE_MODEL
+
+
+def test_asking_triton_while_it_starts_leaves_the_detectors_own_channel_untried() -> None:
+    # Asked on the detector's channel, the refused questions left it backing off past Triton's start, and
+    # the first job after `swapline up` failed as Unavailable.
+    import grpc
+
+    from services.common.triton_client import TritonClient
+    from services.detector.__main__ import chosen_detector
+    from services.detector.settings import DetectorSettings
+    from services.triton.server_process import free_ports
+
+    async def scenario() -> tuple[bool, grpc.ChannelConnectivity]:
+        (port,) = free_ports(1)
+        settings = DetectorSettings(triton_url=f"127.0.0.1:{port}", triton_timeout_seconds=5.0)
+        client = TritonClient(settings.triton_url, settings.triton_timeout_seconds)
+        try:
+            decided = await chosen_detector(settings, client).choose() is not None
+            return decided, client._client._channel.get_state()
+        finally:
+            await client.close()
+
+    decided, state = asyncio.run(scenario())
+    assert not decided
+    assert state == grpc.ChannelConnectivity.IDLE

@@ -50,6 +50,10 @@ FAULT_ENV = {
     "SWAPLINE_GATEWAY_RETRY_BUDGET_SECONDS": str(RETRY_BUDGET_SECONDS),
     "SWAPLINE_GATEWAY_RETRY_MAX_BACKOFF_SECONDS": "2",
     "SWAPLINE_GATEWAY_STALL_DEADLINE_SECONDS": str(STALL_DEADLINE_SECONDS),
+    # Progress reaches the gateway twice a second, so "midway" (some frames done) is seen while the first
+    # chunks' Decode calls are still open: with the default 5 s, the decoder case sometimes found its job
+    # past its last Decode call before any frame was reported done.
+    "SWAPLINE_WORKER_HEARTBEAT_SECONDS": "0.5",
 }
 
 

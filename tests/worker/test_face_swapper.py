@@ -163,3 +163,29 @@ def test_a_swapper_answer_of_the_wrong_shape_fails_naming_the_model(
 ) -> None:
     with pytest.raises(FailedPrecondition, match=f"model face_swapper returned .*{problem}"):
         _swap(_MalformedModels(answer), _crops(3))
+
+
+def test_the_lookup_tables_give_what_the_arithmetic_gives_for_every_fp16_value() -> None:
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(16, 1, 64, 62)  # all 63,488 finite values
+    swapped = np.concatenate([finite] * 3, axis=1)
+    crops, masks = unpack_swapper_outputs({"swapped": swapped, "mask": finite})
+    as_float = swapped.astype(np.float32)
+    assert np.array_equal(crops, np.clip(as_float.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    assert np.array_equal(masks, np.clip(finite.astype(np.float32)[:, 0], 0.0, 1.0))
+    assert crops.flags.c_contiguous and masks.dtype == np.float32
+
+
+def test_packing_gives_what_the_arithmetic_gives_for_every_pixel_value() -> None:
+    crops = np.arange(256, dtype=np.uint8)[None, :, None, None] * np.ones((2, 256, 256, 3), np.uint8)
+    packed = pack_swapper_inputs(crops, crops[1])
+    expected = (crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0).astype(np.float16)
+    assert np.array_equal(packed["target"], expected) and packed["target"].flags.c_contiguous
+    assert np.array_equal(packed["source"], np.broadcast_to(expected[1], expected.shape))
+
+
+def test_one_nan_among_fp16_outputs_is_still_found() -> None:
+    swapped = np.zeros((1, 3, SIZE, SIZE), np.float16)
+    swapped[0, 2, 5, 7] = np.nan
+    with pytest.raises(Internal, match="NaN or Inf"):
+        unpack_swapper_outputs({"swapped": swapped, "mask": np.ones((1, 1, SIZE, SIZE), np.float16)})
