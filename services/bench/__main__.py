@@ -41,6 +41,7 @@ from services.cli.embedded_stack import (
 from services.cli.job_client import JobClient
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
+from services.common.media_paths import write_file
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "frame_hop": {hop: dataclasses.asdict(figures) for hop, figures in hops.items()},
         "triton_hop": {transport: dataclasses.asdict(figures) for transport, figures in triton_hops.items()},
     }
-    (work_dir / "bench.json").write_text(json.dumps(record, indent=2))
+    write_file(work_dir / "bench.json", json.dumps(record, indent=2))
     return 0
 
 

@@ -52,7 +52,7 @@ from services.cli import sample_media
 from services.cli.embedded_stack import EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
 from services.common.job_vocabulary import STAGE_NAMES
-from services.common.media_paths import temporary_path
+from services.common.media_paths import temporary_path, write_file
 from services.decoder.media_probe import probe_media
 from services.encoder.segment_writer import count_video_frames
 from swapline.jobs.v1 import jobs_pb2
@@ -90,7 +90,7 @@ def prepare_media(media: Path, seconds: float, clips: Sequence[Clip]) -> dict[st
     media.mkdir(parents=True, exist_ok=True)
     source = media / SOURCE_FACE
     if not source.exists():
-        source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
+        write_file(source, sample_media.encode_png(sample_media.grace_hopper_photo()))
     paths = {}
     for clip in clips:
         path = media / f"{seconds:g}s-{clip.file_name}"
@@ -472,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    partial = temporary_path(path)
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, path)
+    write_file(path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.media_paths import temporary_path
+from services.common.media_paths import temporary_path, write_file
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 CARRY_LIMIT_BYTES = 58 * 1024 * 1024  # 64 MiB a call, less the project and the protos
@@ -176,7 +176,7 @@ def prepare_group(group: CarryGroup, build: Path) -> Path:
     wanted = "\n".join(group.requirements)
     if not (archive.exists() and stamp.exists() and stamp.read_text() == wanted):
         pack_group(group, build, archive)
-        stamp.write_text(wanted)
+        write_file(stamp, wanted)
     install_programs(group, build, folder / "bin")
     return archive
 
@@ -212,9 +212,7 @@ def install_programs(group: CarryGroup, build: Path, bin_dir: Path) -> None:
             for member in archive.infolist():
                 parts = Path(member.filename).parts
                 if len(parts) == 3 and parts[0].endswith(".data") and parts[1] == "scripts":
-                    target = bin_dir / parts[2]
-                    target.write_bytes(archive.read(member))
-                    target.chmod(0o755)
+                    write_file(bin_dir / parts[2], archive.read(member), mode=0o755)
 
 
 # (stage of gpu_device.sh, the group its call carries). The first call unpacks the Triton group; the
@@ -230,10 +228,7 @@ CARRIED_BUILD = ("swapline", "build/weights", "triton_models")
 def device_calls(groups: Sequence[CarryGroup]) -> list[tuple[str, list[str]]]:
     """(command, carry) for each call, in order."""
     folders = {group.name: group.folder for group in groups}
-    return [
-        (f"bash services/bench/gpu_device.sh {stage}", [folders[group], *CARRIED_BUILD])
-        for stage, group in STAGES
-    ]
+    return [(f"bash services/bench/gpu_device.sh {stage}", [folders[group], *CARRIED_BUILD]) for stage, group in STAGES]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     for group in GROUPS:
         archive = prepare_group(group, build)
         print(f"{group.folder}/{group.archive}: {archive.stat().st_size / 2**20:.1f} MiB", flush=True)
-    print(
-        "\nOn the GPU machine (device tool, kind nvidia-h200), these calls in order, each at once after the last:"
-    )
+    print("\nOn the GPU machine (device tool, kind nvidia-h200), these calls in order, each at once after the last:")
     for number, (command, carry) in enumerate(device_calls(GROUPS), start=1):
         print(f"  {number}. run(command={command!r}, carry={carry}, timeout_s=600)")
     print(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.media_paths import write_file
 from services.common.model_runner import ModelRunner
 from services.common.triton_client import TritonClient
 from services.triton.local_models import LocalModels
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         and (result["swap_psnr_db"] or 0.0) >= MIN_SWAP_PSNR_DB
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_file(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if not result["ok"]:
         print(log_tail, file=sys.stderr)

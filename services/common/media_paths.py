@@ -78,3 +78,20 @@ def temporary_path(path: Path) -> Path:
     # Cut in bytes, as file systems count them, so a long multi-byte name still leaves room for the suffix.
     stem = os.fsencode(path.name)[:TEMPORARY_STEM_BYTES].decode("utf-8", "ignore")
     return path.with_name(f".{stem}.{secrets.token_hex(8)}.part")
+
+
+def write_file(path: Path, data: bytes | str, mode: int | None = None) -> Path:
+    """Writes `data` under a temporary name beside `path` and renames it to `path`: readers see the old
+    file or the whole new one. `mode` sets the permissions before the rename."""
+    partial = temporary_path(path)
+    try:
+        if isinstance(data, str):
+            partial.write_text(data)
+        else:
+            partial.write_bytes(data)
+        if mode is not None:
+            partial.chmod(mode)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

@@ -8,7 +8,7 @@ import pytest
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, SwaplineError
 from services.common.input_limits import InputLimits
-from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path
+from services.common.media_paths import existing_media_path, resolve_media_path, writable_media_path, write_file
 
 
 @pytest.fixture
@@ -107,3 +107,11 @@ def test_messages_never_show_the_server_path_or_a_long_uri_whole(
         existing_media_path(media_root, uri)
     assert str(media_root.parent) not in raised.value.message
     assert len(raised.value.message) < 200
+
+
+def test_write_file_replaces_the_whole_file_and_leaves_no_temporary_name(tmp_path: Path) -> None:
+    target = tmp_path / "figures.json"
+    target.write_text("old")
+    assert write_file(target, "new") == target and target.read_text() == "new"
+    assert write_file(tmp_path / "tool", b"\x7fELF", mode=0o755).stat().st_mode & 0o777 == 0o755
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["figures.json", "tool"]
