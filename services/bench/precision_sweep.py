@@ -59,19 +59,15 @@ from services.bench.sweep_figures import (
 )
 from services.common.errors import InvalidArgument
 from services.common.media_paths import temporary_path
+from services.common.torch_catalog import BUILT_IN_FACTORIES, TORCH_PRECISIONS, TorchPrecision
+from services.common.torch_runtime import load_torch_model, run_module, use_precision
 from services.common.triton_client import TritonClient
 from services.common.triton_shared_memory import PoolLimits
 from services.model_build import inswapper_standin
 from services.model_build.mtcnn_nets import STAGE_INPUT_SIDE, MtcnnStage
-from services.model_build.torch_catalog import (
-    BUILT_IN_FACTORIES,
-    TORCH_PRECISIONS,
-    TorchPrecision,
-    require_torch_weights,
-)
-from services.model_build.torch_models import load_torch_model, run_module, torch_model_from_config, use_precision
+from services.model_build.torch_models import torch_model_from_config
 from services.triton.embedded_repository import TRITON_DEVICES, TritonDevice, write_torch_model
-from services.triton.model_config import read_model_config
+from services.triton.model_config import read_model_config, require_torch_weights
 from services.triton.server_process import EmbeddedTriton
 
 SweepModelName = Literal["inswapper_standin", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"]

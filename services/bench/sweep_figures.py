@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.model_build.torch_catalog import TORCH_PRECISIONS, TorchPrecision
+from services.common.torch_catalog import TORCH_PRECISIONS, TorchPrecision
 
 # "triton": requests from a gRPC client to the embedded tritonserver; "torch": the module alone in this
 # process on the same device, inputs already there: the ceiling the served figure is read against.

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from services.common.torch_runtime import save_state_dict
 from services.model_build.mtcnn_cascade import write_mtcnn_cascade
 from services.model_build.mtcnn_export import export_mtcnn, load_stage, triton_model_name
 from services.model_build.mtcnn_nets import MTCNN_STAGES
 from services.model_build.swapper_model import export_swapper
-from services.model_build.torch_catalog import torch_weights_path
-from services.model_build.torch_models import new_face_swapper, save_state_dict
-from services.triton.model_config import onnx_path
+from services.model_build.torch_models import new_face_swapper
+from services.triton.model_config import onnx_path, torch_weights_path
 
 FACE_SWAPPER_MODEL = "face_swapper"
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from services.common.media_paths import temporary_path
+from services.common.torch_runtime import save_state_dict
 from services.detector.box_ops import PNET_CELL_SIZE, PNET_STRIDE
 from services.detector.face_detector import (
     CASCADE_MODEL,
@@ -58,9 +59,7 @@ from services.detector.face_detector import (
 )
 from services.model_build.mtcnn_export import example_input, read_state_dict
 from services.model_build.mtcnn_nets import MTCNN_STAGES, MtcnnStage, OutputNet, ProposalNet, RefineNet
-from services.model_build.torch_catalog import torch_weights_path
-from services.model_build.torch_models import save_state_dict
-from services.triton.model_config import MODEL_VERSION
+from services.triton.model_config import MODEL_VERSION, torch_weights_path
 
 # The production config (triton_models/mtcnn_cascade/config.pbtxt) names this file as its
 # default_model_filename: model.pt beside it is the plain state dict the Python-backend twin loads.

@@ -23,14 +23,13 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import InvalidArgument
 from services.common.media_paths import temporary_path
-from services.model_build.torch_catalog import (
+from services.common.torch_catalog import (
     BUILT_IN_FACTORIES,
     FACTORY_PARAMETER,
     PRECISION_PARAMETER,
     TORCH_PRECISIONS,
     TORCH_WEIGHTS_FILE,
     TorchPrecision,
-    require_torch_weights,
 )
 from services.triton.model_config import (
     CONFIG_FILE,
@@ -39,6 +38,7 @@ from services.triton.model_config import (
     read_model_config,
     repository_models,
     require_onnx,
+    require_torch_weights,
 )
 from services.triton.onnx_session import INTRA_OP_THREADS_PARAMETER
 

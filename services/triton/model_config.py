@@ -10,6 +10,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.torch_catalog import TORCH_WEIGHTS_FILE
 
 CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"
@@ -72,3 +73,15 @@ def numpy_dtype(data_type: int) -> np.dtype:
 
 def output_dtypes(config: model_config_pb2.ModelConfig) -> dict[str, np.dtype]:
     return {output.name: numpy_dtype(output.data_type) for output in config.output}
+
+
+def torch_weights_path(repository: Path, model: str) -> Path:
+    """`<repository>/<model>/1/model.pt`: the state dict `make models` writes beside model.onnx."""
+    return repository / model / MODEL_VERSION / TORCH_WEIGHTS_FILE
+
+
+def require_torch_weights(repository: Path, model: str) -> Path:
+    path = torch_weights_path(repository, model)
+    if not path.is_file():
+        raise FailedPrecondition(f"model {model} has no {path}; run `make models` to build it")
+    return path

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from services.model_build.torch_catalog import (
+from services.common.torch_catalog import (
     FACTORY_PARAMETER,
     PRECISION_PARAMETER,
     TORCH_WEIGHTS_FILE,
     parse_torch_precision,
 )
-from services.model_build.torch_models import load_torch_model, prepare_torch_model, run_requests
+from services.common.torch_runtime import load_torch_model, prepare_torch_model, run_requests
 from services.triton.onnx_session import group_by_shape
 
 GPU_INSTANCE_KIND = "GPU"

@@ -26,10 +26,10 @@ from services.bench.precision_sweep import (
 )
 from services.bench.sweep_figures import RepeatPolicy
 from services.common.errors import InvalidArgument
+from services.common.torch_runtime import save_state_dict
 from services.model_build.inswapper_standin import TINY_WIDTH, standin_multiply_adds
-from services.model_build.torch_catalog import torch_weights_path
-from services.model_build.torch_models import new_mtcnn_rnet, save_state_dict
-from services.triton.model_config import read_model_config
+from services.model_build.torch_models import new_mtcnn_rnet
+from services.triton.model_config import read_model_config, torch_weights_path
 
 PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
 QUICK = ["--cell-seconds", "0.02", "--min-repeats", "1", "--device", "cpu", "--batches", "1,2"]

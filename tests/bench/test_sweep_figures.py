@@ -23,7 +23,7 @@ from services.bench.sweep_figures import (
     timed_repeats,
 )
 from services.common.errors import InvalidArgument
-from services.model_build.torch_catalog import TORCH_PRECISIONS, TorchPrecision
+from services.common.torch_catalog import TORCH_PRECISIONS, TorchPrecision
 
 
 class FakeClock:

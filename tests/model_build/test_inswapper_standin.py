@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
+from services.common.torch_runtime import load_torch_model
 from services.model_build.inswapper_standin import (
     CROP_SIDE,
     ENCODER_WIDTHS,
@@ -27,7 +28,6 @@ from services.model_build.inswapper_standin import (
     standin_multiply_adds,
     standin_parameter_count,
 )
-from services.model_build.torch_models import load_torch_model
 
 FULL_FACTORY = "services.model_build.inswapper_standin:new_inswapper_standin"
 TINY_FACTORY = "services.model_build.inswapper_standin:new_tiny_inswapper_standin"

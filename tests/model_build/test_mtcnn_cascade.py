@@ -11,6 +11,7 @@ import pytest
 import torch
 from skimage import data
 
+from services.common.torch_runtime import run_requests
 from services.detector.box_ops import crop_with_padding, greedy_nms, grid_boxes
 from services.detector.box_ops import nms as reference_nms
 from services.detector.face_detector import (
@@ -34,9 +35,8 @@ from services.model_build.mtcnn_cascade import (
 )
 from services.model_build.mtcnn_export import read_state_dict
 from services.model_build.mtcnn_nets import MTCNN_STAGES
-from services.model_build.torch_catalog import torch_weights_path
-from services.model_build.torch_models import run_requests, torch_model_from_config
-from services.triton.model_config import read_model_config
+from services.model_build.torch_models import torch_model_from_config
+from services.triton.model_config import read_model_config, torch_weights_path
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
 WEIGHTS_WHEEL = Path(__file__).resolve().parents[2] / "build/weights/facenet_pytorch-2.6.0-py3-none-any.whl"

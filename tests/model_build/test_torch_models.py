@@ -9,22 +9,18 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.model_build.__main__ import write_torch_weights
-from services.model_build.mtcnn_export import load_stage
-from services.model_build.torch_catalog import TORCH_WEIGHTS_FILE, parse_torch_precision, torch_weights_path
-from services.model_build.torch_models import (
+from services.common.torch_catalog import (
     BUILT_IN_FACTORIES,
     TORCH_PRECISIONS,
-    TorchModel,
-    TorchModelRunner,
+    TORCH_WEIGHTS_FILE,
     TorchPrecision,
-    load_torch_model,
-    run_requests,
-    save_state_dict,
-    torch_model_from_config,
-    use_precision,
+    parse_torch_precision,
 )
-from services.triton.model_config import onnx_path, parse_model_config, repository_models
+from services.common.torch_runtime import TorchModel, load_torch_model, run_requests, save_state_dict, use_precision
+from services.model_build.__main__ import write_torch_weights
+from services.model_build.mtcnn_export import load_stage
+from services.model_build.torch_models import TorchModelRunner, torch_model_from_config
+from services.triton.model_config import onnx_path, parse_model_config, repository_models, torch_weights_path
 from tests.triton import torch_stand_ins
 from tests.triton.torch_stand_ins import STAND_IN_CONFIG
 

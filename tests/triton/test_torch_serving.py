@@ -13,8 +13,8 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings_loader import SettingsError, load_settings
+from services.common.torch_catalog import BUILT_IN_FACTORIES
 from services.common.triton_client import TritonClient
-from services.model_build.torch_catalog import BUILT_IN_FACTORIES, torch_weights_path
 from services.triton import device_choice
 from services.triton.device_choice import CudaProbe, DeviceDecision, probe_cuda, resolve_device
 from services.triton.embedded_repository import (
@@ -26,7 +26,7 @@ from services.triton.embedded_repository import (
     write_torch_model,
 )
 from services.triton.local_models import LocalModels
-from services.triton.model_config import parse_model_config, read_model_config, repository_models
+from services.triton.model_config import parse_model_config, read_model_config, repository_models, torch_weights_path
 from services.triton.server_process import EmbeddedTriton, locate_pytriton, package_parent, server_environment
 from services.triton.settings import ENV_PREFIX, TritonSettings
 from tests.triton.torch_stand_ins import STAND_IN_CONFIG

@@ -7,11 +7,9 @@ built inside Triton's stubs, or by torch_models in-process.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, get_args
 
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.triton.model_config import MODEL_VERSION
+from services.common.errors import InvalidArgument
 
 # fp32 runs with TF32 off, the honest FP32 baseline; tf32 lets cuBLAS and cuDNN use TF32 Tensor
 # Cores for FP32 tensors; fp16 runs the module and its inputs in half precision.
@@ -33,18 +31,6 @@ BUILT_IN_FACTORIES: dict[str, str] = {
     # Production serves the cascade as TorchScript with Triton's PyTorch backend; it has no ONNX form.
     "mtcnn_cascade": "services.model_build.mtcnn_cascade:new_mtcnn_cascade",
 }
-
-
-def torch_weights_path(repository: Path, model: str) -> Path:
-    """`<repository>/<model>/1/model.pt`: the state dict `make models` writes beside model.onnx."""
-    return repository / model / MODEL_VERSION / TORCH_WEIGHTS_FILE
-
-
-def require_torch_weights(repository: Path, model: str) -> Path:
-    path = torch_weights_path(repository, model)
-    if not path.is_file():
-        raise FailedPrecondition(f"model {model} has no {path}; run `make models` to build it")
-    return path
 
 
 def parse_torch_precision(text: str) -> TorchPrecision:
