@@ -13,6 +13,8 @@ embedded stack (tritonserver with the models on the GPU, every service its own p
   0.1 s inside the job's window; CPU cores busy over the same window from /proc/stat;
 - the report's per-stage ms per frame (stages overlap, so they add up to more than the wall time),
   and each process's CPU ms per frame (every service, tritonserver and its model stubs) from /proc;
+- Triton's own statistics per model over the job: executions, mean batch, and the time requests
+  queue and executions compute (triton_deltas);
 - the output checked: its frame count against the clip's, and a few frames kept for the identity
   judge, which runs where dlib is (`--judge`, on the CPU machine).
 
@@ -32,13 +34,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tritonclient.grpc as triton_grpc
 
 from services.bench.gpu_samplers import (
     CoreCounter,
@@ -55,6 +59,7 @@ from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import temporary_path, write_file
 from services.decoder.media_probe import probe_media
 from services.encoder.segment_writer import count_video_frames
+from services.triton.settings import gpu_instances_from_env
 from swapline.jobs.v1 import jobs_pb2
 
 CLIP_SIZE = (1920, 1080)
@@ -68,6 +73,10 @@ SOURCE_FACE = "source-grace-hopper.png"
 SAMPLE_FRAMES = 3
 SAMPLE_WIDTH = 960
 FINAL_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+# The phases Triton times (its InferStatistics). Requests wait in the queue; the compute phases are also
+# timed once per execution (batch_stats), where a batch's time is not counted again for each request in it.
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+EXECUTION_PHASES = TRITON_PHASES[1:]
 
 
 @dataclass(frozen=True)
@@ -140,14 +149,94 @@ def sample_output_frames(path: Path, count: int = SAMPLE_FRAMES, width: int = SA
     return np.stack(frames)
 
 
-class JobTimer:
-    """Runs one job through a JobClient and measures it with the samplers."""
+def triton_statistics(url: str) -> dict[str, Any]:
+    """Every model's statistics since tritonserver started, as Triton's JSON (ModelStatisticsResponse)."""
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        statistics: dict[str, Any] = client.get_inference_statistics(as_json=True)
+        return statistics
+    finally:
+        client.close()
 
-    def __init__(self, client: JobClient, sampler: NvmlSampler | None, source_png: bytes) -> None:
+
+def _number(value: Any) -> int:
+    """A uint64 of Triton's JSON: protobuf writes them as strings and leaves the zeros out."""
+    return int(value or 0)
+
+
+def _model_totals(statistics: Mapping[str, Any]) -> dict[str, Counter[str]]:
+    """Per model (its versions added up): the counts, and each phase's count and ns for requests and executions."""
+    totals: dict[str, Counter[str]] = {}
+    for model in statistics.get("model_stats", []):
+        total = totals.setdefault(model["name"], Counter())
+        total["inference_count"] += _number(model.get("inference_count"))
+        total["execution_count"] += _number(model.get("execution_count"))
+        requests = model.get("inference_stats", {})
+        total["requests"] += _number(requests.get("success", {}).get("count"))
+        for phase in TRITON_PHASES:
+            total[f"request_{phase}_count"] += _number(requests.get(phase, {}).get("count"))
+            total[f"request_{phase}_ns"] += _number(requests.get(phase, {}).get("ns"))
+        for batch in model.get("batch_stats", []):
+            for phase in EXECUTION_PHASES:
+                total[f"execution_{phase}_count"] += _number(batch.get(phase, {}).get("count"))
+                total[f"execution_{phase}_ns"] += _number(batch.get(phase, {}).get("ns"))
+    return totals
+
+
+def _ms(ns: int, count: int) -> float | None:
+    return ns / count / 1e6 if count > 0 else None
+
+
+def triton_deltas(before: Mapping[str, Any], after: Mapping[str, Any], frames: int) -> dict[str, dict[str, Any]]:
+    """Per model that executed between two readings of Triton's statistics (JSON, as triton_statistics gives):
+    its inferences (batch items), executions and requests; mean batch (inferences per execution); each phase's
+    ms per request (a batched request counts its batch's whole compute), the compute phases' ms per execution,
+    and per frame of the job: the requests' queueing and the executions' compute, added up over the window.
+    A phase Triton timed nothing for in the window is None."""
+    at_start = _model_totals(before)
+    deltas: dict[str, dict[str, Any]] = {}
+    for name, total in sorted(_model_totals(after).items()):
+        # Counter subtraction keeps positive counts only: a tritonserver restarted in the window, whose counts
+        # started again, shows at most what it ran since.
+        delta = total - at_start.get(name, Counter())
+        executions = delta["execution_count"]
+        if executions == 0:
+            continue
+        deltas[name] = {
+            "inference_count": delta["inference_count"],
+            "execution_count": executions,
+            "requests": delta["requests"],
+            "mean_batch": delta["inference_count"] / executions,
+            "ms_per_request": {
+                phase: _ms(delta[f"request_{phase}_ns"], delta[f"request_{phase}_count"]) for phase in TRITON_PHASES
+            },
+            "ms_per_execution": {
+                phase: _ms(delta[f"execution_{phase}_ns"], delta[f"execution_{phase}_count"])
+                for phase in EXECUTION_PHASES
+            },
+            "ms_per_frame": {
+                "queue": _ms(delta["request_queue_ns"], frames) if delta["request_queue_count"] else None,
+                **{
+                    phase: _ms(delta[f"execution_{phase}_ns"], frames) if delta[f"execution_{phase}_count"] else None
+                    for phase in EXECUTION_PHASES
+                },
+            },
+        }
+    return deltas
+
+
+class JobTimer:
+    """Runs one job through a JobClient and measures it with the samplers (and Triton's statistics, given its URL)."""
+
+    def __init__(
+        self, client: JobClient, sampler: NvmlSampler | None, source_png: bytes, triton_url: str | None = None
+    ) -> None:
         self._client, self._sampler, self._source_png = client, sampler, source_png
+        self._triton_url = triton_url
         self._cores = CoreCounter()
 
     def run(self, video: Path, clip: Clip, download: Path | None = None) -> dict[str, Any]:
+        triton_before = triton_statistics(self._triton_url) if self._triton_url else None
         self._cores.begin()
         cpu_before = descendant_cpu_seconds()
         started = time.monotonic()
@@ -159,6 +248,7 @@ class JobTimer:
         finished_at = time.monotonic()
         busy = self._cores.end()
         cpu_after = descendant_cpu_seconds()
+        triton_after = triton_statistics(self._triton_url) if self._triton_url else None
         finished = self._client.get(job.id)
         if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             raise SystemExit(
@@ -183,6 +273,11 @@ class JobTimer:
             "cpu_cores_busy": busy,
             "cpu_ms_per_frame_by_process": cpu_ms_per_frame(cpu_before, cpu_after, report["frames"]),
             "gpu": dataclasses.asdict(window) if window is not None else None,
+            "triton": (
+                triton_deltas(triton_before, triton_after, report["frames"])
+                if triton_before is not None and triton_after is not None
+                else None
+            ),
             "report": {key: value for key, value in report.items() if key != "events"},
         }
         if download is not None:
@@ -298,11 +393,14 @@ def run_services(
         worker_batch_size=WORKER_BATCH_SIZE,
         startup_timeout=600.0,
         extra_env={"SWAPLINE_GATEWAY_CHUNK_SECONDS": str(CHUNK_SECONDS), **dict(shape.env)},
+        # Triton runs in this process, not as a service of the stack: --env reaches it through here.
+        triton_gpu_instances=gpu_instances_from_env({**os.environ, **dict(shape.env)}),
     )
     started = time.monotonic()
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         startup = time.monotonic() - started
-        timer = JobTimer(client, sampler, source_png)
+        triton_url = stack.triton.grpc_url if stack.triton is not None else None
+        timer = JobTimer(client, sampler, source_png, triton_url)
         warm_up_started = time.monotonic()
         timer.run(media[clips[0].name], clips[0])
         warm_up = time.monotonic() - warm_up_started
@@ -329,6 +427,7 @@ def run_services(
         "workers": shape.workers,
         "replicas": shape.replicas,
         "env": dict(shape.env),
+        "triton_gpu_instances": options.triton_gpu_instances,
         "label": shape.label,
         "startup_seconds": startup,
         "warm_up_seconds": warm_up,
@@ -376,6 +475,11 @@ def _figure(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _services_label(entry: dict[str, Any]) -> str:
+    """A services column's label; runs recorded before labels existed only give their workers."""
+    return str(entry.get("label", f"services, {entry['workers']} worker(s)"))
+
+
 def summary_table(record: dict[str, Any]) -> str:
     """The runs of one gpu_bench JSON as a Markdown table: a row per job, services then in-process."""
     rows = [
@@ -383,11 +487,7 @@ def summary_table(record: dict[str, Any]) -> str:
         " | cores busy | decode | detect | swap | paste | encode (ms/frame) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    runs = [
-        (entry.get("label", f"services, {entry['workers']} worker(s)"), job)
-        for entry in record["services"]
-        for job in entry["jobs"]
-    ]
+    runs = [(_services_label(entry), job) for entry in record["services"] for job in entry["jobs"]]
     in_process = record.get("in_process")
     if in_process:
         runs += [(f"one process, {in_process['concurrency']} chunks at once", job) for job in in_process["jobs"]]
@@ -403,6 +503,26 @@ def summary_table(record: dict[str, Any]) -> str:
             f" | {job['cpu_cores_busy']:.1f} | {stages} |"
         )
     return "\n".join(rows)
+
+
+def triton_summary(record: dict[str, Any]) -> list[str]:
+    """Per services job that recorded Triton's statistics: a heading, then one line per model."""
+    lines = []
+    for entry in record["services"]:
+        for job in entry["jobs"]:
+            models = job.get("triton")
+            if not models:
+                continue
+            lines.append(f"Triton, {_services_label(entry)}, {job['clip']}:")
+            for name, model in models.items():
+                lines.append(
+                    f"  {name}: {model['execution_count']} executions, mean batch {model['mean_batch']:.1f}"
+                    f" ({model['requests'] / model['execution_count']:.1f} requests),"
+                    f" queue {_figure(model['ms_per_request']['queue'], 2)} ms/request,"
+                    f" infer {_figure(model['ms_per_execution']['compute_infer'], 2)} ms/execution"
+                    f" ({_figure(model['ms_per_frame']['compute_infer'], 2)} ms/frame)"
+                )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(judge_samples(args.judge), indent=2))
         return 0
     if args.summarise is not None:
-        print(summary_table(json.loads(args.summarise.read_text())))
+        earlier = json.loads(args.summarise.read_text())
+        print("\n".join([summary_table(earlier), *triton_summary(earlier)]))
         return 0
     clips = [clip for clip in CLIPS if clip.name in args.clips]
     made = time.monotonic()

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, as the device tool's command (see gpu_carry.py):
-#   bash services/bench/gpu_device.sh unpack|check|services|precision [extra arguments for that stage]
+#   bash services/bench/gpu_device.sh unpack|check|services|bench|precision [extra arguments for that stage]
+# (`services` checks the models first, then runs gpu_bench; `bench` runs only gpu_bench, for further stack
+# settings in the same call: pass each its own --out.)
 # Unpacks the carried package groups (.gpu-*/, kept between calls while the machine is warm), puts
 # them ahead of the machine's own packages (numpy 1.26 before its numpy 2, which Triton's Python
 # backend does not take), builds the models from the carried MTCNN weights, and runs one stage,
 # writing its JSON under $OUT.
 set -euo pipefail
-stage=${1:?usage: gpu_device.sh unpack|check|services|precision [arguments]}
+stage=${1:?usage: gpu_device.sh unpack|check|services|bench|precision [arguments]}
 shift
 site=/tmp/swapline-site
 out=${OUT:-build/gpu-out}
@@ -48,5 +50,6 @@ case "$stage" in
                --out "$out/precision.json" "$@" ;;
   services) python3 -m services.bench.gpu_check --out "$out/check.json" || echo "gpu_check failed: see above" >&2
             python3 -m services.bench.gpu_bench --out "$out/gpu-bench.json" "$@" ;;
+  bench) python3 -m services.bench.gpu_bench --out "$out/gpu-bench.json" "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -67,8 +67,9 @@ async def run_job(
 
     info = probe_media(video)
     chunks = plan_chunks("in-process", info, 1.0)
-    finder = LocalFaceFinder(CascadeFaceDetector(models) if cascade else FaceDetector(models), DETECT_MAX_SIDE)
-    swapper = CropTransferSwapper(models)
+    detector = CascadeFaceDetector(models) if cascade else FaceDetector(models)
+    finder = LocalFaceFinder(detector, DETECT_MAX_SIDE, warper.shrink)
+    swapper = CropTransferSwapper(models, crops=warper.crop_codec)
     selection = FaceSelection(mode=clip.selector)  # type: ignore[arg-type]
     started = time.monotonic()
     identity = await prepare_source_identity(source_png, finder, swapper)

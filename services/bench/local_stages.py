@@ -13,7 +13,8 @@ from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
 from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES
 from services.detector.face_detector import Detector
 from services.encoder.segment_writer import SegmentWriter
-from services.worker.stage_clients import detection_size, downscale_frames, scale_face
+from services.worker.face_aligner import FrameShrinker, downscale_frames
+from services.worker.stage_clients import detection_size, scale_face
 
 PYAV = BackendChoice(requested="cpu", active="cpu", reason="the in-process bench decodes with PyAV")
 
@@ -56,13 +57,13 @@ class LocalFrameSource:
 class LocalFaceFinder:
     """The detector's own code on the worker's downscaled copy, as DetectorFaceFinder sends it."""
 
-    def __init__(self, detector: Detector, max_side: int) -> None:
-        self._detector, self._max_side = detector, max_side
+    def __init__(self, detector: Detector, max_side: int, shrink: FrameShrinker = downscale_frames) -> None:
+        self._detector, self._max_side, self._shrink = detector, max_side, shrink
 
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
         height, width = frames.shape[1:3]
         size = detection_size(width, height, self._max_side)
-        small = await asyncio.to_thread(downscale_frames, frames, size)
+        small = await asyncio.to_thread(self._shrink, frames, size)
         found = await self._detector.detect(small)
         scale_x, scale_y = width / size[0], height / size[1]
         return [[scale_face(face, scale_x, scale_y) for face in faces] for faces in found]

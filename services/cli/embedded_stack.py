@@ -37,6 +37,7 @@ from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
+from services.triton.settings import gpu_instances_from_env
 
 FrameTransport = Literal["unix", "tcp"]
 FRAME_TRANSPORTS: tuple[FrameTransport, ...] = get_args(FrameTransport)
@@ -116,6 +117,9 @@ class StackOptions:
     triton_intra_op_threads: int = 1
     # "auto": the models on CUDA (torch, FP16) when torch sees a GPU, else on the CPU (onnxruntime).
     triton_device: TritonDeviceChoice = "auto"
+    # Stubs per built-in model on each GPU when the models run on CUDA: SWAPLINE_TRITON_GPU_INSTANCES in
+    # this process's environment (1 when unset), as `python -m services.triton` reads it for its own server.
+    triton_gpu_instances: int = field(default_factory=gpu_instances_from_env)
     # How workers and the gateway reach the frame services: "tcp" is how a cluster's pods do.
     frame_transport: FrameTransport = "unix"
     # Processes of each frame service (decoder, detector, encoder); worker i uses replica i mod this.
@@ -215,6 +219,7 @@ class EmbeddedStack:
             log_path=self.log_dir / "triton.log",
             intra_op_threads=options.triton_intra_op_threads,
             device=options.triton_device,
+            gpu_instances=options.triton_gpu_instances,
         )
         try:
             triton_ready = self._starter.submit(self.triton.start)

@@ -31,6 +31,7 @@ def main() -> None:
         models=settings.models or None,
         intra_op_threads=settings.intra_op_threads,
         device=settings.device,
+        gpu_instances=settings.gpu_instances,
     )
     with triton:
         print(

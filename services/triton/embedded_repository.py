@@ -89,23 +89,29 @@ def embedded_config(
 
 
 def torch_config(
-    production: model_config_pb2.ModelConfig, factory: str, precision: TorchPrecision, device: TritonDevice
+    production: model_config_pb2.ModelConfig,
+    factory: str,
+    precision: TorchPrecision,
+    device: TritonDevice,
+    gpu_instances: int = 1,
 ) -> model_config_pb2.ModelConfig:
     """The Python-backend twin that runs the module `factory` builds at `precision` on `device`.
 
-    On "cuda" one GPU instance (Triton places one on each visible GPU) and production's queue delay,
-    which lets the batcher gather a batch while the GPU works; on "cpu" one CPU instance, batching
-    without waiting as embedded_config does.
+    On "cuda" `gpu_instances` GPU instances (Triton places that many on each visible GPU) and
+    production's queue delay, which lets the batcher gather a batch while the GPU works; on "cpu" one
+    CPU instance, batching without waiting as embedded_config does.
     """
     if device not in TRITON_DEVICES:
         raise InvalidArgument(f"triton device {device!r} is not one of {', '.join(TRITON_DEVICES)}")
     if precision not in TORCH_PRECISIONS:
         raise InvalidArgument(f"torch precision {precision!r} is not one of {', '.join(TORCH_PRECISIONS)}")
+    if gpu_instances < 1:
+        raise InvalidArgument(f"gpu_instances is {gpu_instances}; a model needs at least one instance")
     if production.max_batch_size <= 0:
         raise InvalidArgument(f"model {production.name} has no batch dimension; torch serving batches requests")
     config = _python_backend_twin(production)
     if device == "cuda":
-        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1)
+        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=gpu_instances)
     else:
         config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU, count=1)
         _batch_without_waiting(config)
@@ -164,11 +170,13 @@ def write_torch_model(
     weights: Path | None,
     precision: TorchPrecision,
     device: TritonDevice,
+    gpu_instances: int = 1,
 ) -> Path:
     """Writes `<out>/<name>/` serving the module `factory` builds, with the contract of `config` (a
     production-style config: tensors, max_batch_size, dynamic batching), the state dict in `weights`
-    (None: the factory's own initialisation), at `precision` on `device`; returns that folder."""
-    derived = torch_config(config, factory, precision, device)
+    (None: the factory's own initialisation), at `precision` on `device` (with `gpu_instances` stubs
+    per GPU on "cuda"); returns that folder."""
+    derived = torch_config(config, factory, precision, device, gpu_instances)
     files = {TORCH_WEIGHTS_FILE: weights} if weights is not None else {}
     model_dir = _write_python_model(out, name, derived, TORCH_MODEL_SOURCE, files)
     if weights is None:
@@ -185,8 +193,9 @@ def write_embedded_model(
     out: Path,
     intra_op_threads: int = 0,
     device: TritonDevice = "cpu",
+    gpu_instances: int = 1,
 ) -> Path:
-    """Writes `<out>/<model>/` for `device`; returns that folder.
+    """Writes `<out>/<model>/` for `device`, a torch model on "cuda" with `gpu_instances` per GPU; returns that folder.
 
     On "cuda", a model without a torch definition (one brought as ONNX only) keeps its onnxruntime
     twin on a CPU instance, with a warning: served slower rather than not at all.
@@ -195,7 +204,9 @@ def write_embedded_model(
     factory = BUILT_IN_FACTORIES.get(model)
     if device == "cuda" and factory is not None:
         weights = require_torch_weights(production_repository, model)
-        return write_torch_model(out, model, production, factory, weights, EMBEDDED_TORCH_PRECISION, device)
+        return write_torch_model(
+            out, model, production, factory, weights, EMBEDDED_TORCH_PRECISION, device, gpu_instances
+        )
     if device == "cuda":
         log.warning("model %s has no torch definition: it runs through onnxruntime on the CPU", model)
     onnx_file = require_onnx(production_repository, model)
@@ -209,6 +220,7 @@ def write_embedded_repository(
     models: Sequence[str] | None = None,
     intra_op_threads: int = 0,
     device: TritonDevice = "cpu",
+    gpu_instances: int = 1,
 ) -> list[str]:
     """Writes the embedded twin of every model in `models` (default: all configured); returns their names.
 
@@ -220,7 +232,7 @@ def write_embedded_repository(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for model in chosen:
-        write_embedded_model(production_repository, model, out, intra_op_threads, device)
+        write_embedded_model(production_repository, model, out, intra_op_threads, device, gpu_instances)
     return chosen
 
 
@@ -234,7 +246,5 @@ def servable_models(production_repository: Path, device: TritonDevice) -> list[s
     if device == "cuda":
         return models
     return [
-        model
-        for model in models
-        if read_model_config(production_repository, model).platform != TORCHSCRIPT_PLATFORM
+        model for model in models if read_model_config(production_repository, model).platform != TORCHSCRIPT_PLATFORM
     ]

@@ -197,6 +197,7 @@ class EmbeddedTriton:
         intra_op_threads: int = 0,
         device: TritonDeviceChoice = "auto",
         repository_writer: RepositoryWriter | None = None,
+        gpu_instances: int = 1,
     ) -> None:
         # The server runs with work_dir as its cwd, so relative paths would resolve twice.
         self.model_repository = model_repository.resolve()
@@ -211,6 +212,8 @@ class EmbeddedTriton:
         self._requested_models = models
         self.intra_op_threads = intra_op_threads
         self.device_choice = device
+        # Stubs per built-in model on each GPU when the embedded twins are served on "cuda".
+        self.gpu_instances = gpu_instances
         # Resolved by the first start() and kept across restarts: "auto" asks a child process once.
         self.device: TritonDevice | None = None
         self.device_reason = ""
@@ -253,7 +256,7 @@ class EmbeddedTriton:
 
     def _write_embedded_twins(self, out: Path, device: TritonDevice) -> list[str]:
         return write_embedded_repository(
-            self.model_repository, out, self._requested_models, self.intra_op_threads, device
+            self.model_repository, out, self._requested_models, self.intra_op_threads, device, self.gpu_instances
         )
 
     def start(self) -> None:

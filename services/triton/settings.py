@@ -6,10 +6,12 @@ with Triton's conventional ports, rather than a swapline gRPC service.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.settings_loader import ValidatedSettings, ranged
+from services.common.settings_loader import ValidatedSettings, env_name, load_settings, ranged
 from services.triton.device_choice import TritonDeviceChoice
 
 ENV_PREFIX = "SWAPLINE_TRITON_"
@@ -29,3 +31,17 @@ class TritonSettings(ValidatedSettings):
     log_path: Path | None = None
     # "auto": CUDA (the built-in models in torch, FP16) when torch sees a GPU, else the CPU (onnxruntime).
     device: TritonDeviceChoice = "auto"
+    # Stub processes per built-in model on each GPU when serving on CUDA. A Python-backend stub runs its
+    # batches one at a time, so with one the swapper's and the cascade's CPU-side work (tensor copies,
+    # pre- and post-processing) serialises every worker's requests; more let batches overlap on the GPU.
+    gpu_instances: int = ranged(1, ge=1, le=16)
+
+
+def gpu_instances_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """SWAPLINE_TRITON_GPU_INSTANCES from `environ` (default: this process's), checked as TritonSettings checks
+    it; 1 when unset. How a process that runs the embedded tritonserver itself (`swapline up`, the benchmarks)
+    takes the setting: it reads none of the other SWAPLINE_TRITON_* variables, so only this one is checked."""
+    source = os.environ if environ is None else environ
+    name = env_name(ENV_PREFIX, "gpu_instances")
+    chosen = {name: source[name]} if name in source else {}
+    return load_settings(TritonSettings, ENV_PREFIX, chosen).gpu_instances

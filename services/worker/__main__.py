@@ -46,7 +46,9 @@ async def run_worker(settings: WorkerSettings) -> None:
         detector=detector_stub(channels["detector"]),
         encoder=encoder_stub(channels["encoder"]),
     )
-    runner = ChunkRunner(settings, stubs, CropTransferSwapper(triton), JobFaceCache(), face_warper_for(warp_device))
+    warper = face_warper_for(warp_device)
+    swapper = CropTransferSwapper(triton, crops=warper.crop_codec)
+    runner = ChunkRunner(settings, stubs, swapper, JobFaceCache(), warper)
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

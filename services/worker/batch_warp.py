@@ -10,12 +10,19 @@ Sampling grids are built elementwise from the matrices rather than by affine_gri
 matrix product, which TF32 (once anything in the process turns it on) rounds to 10 bits of mantissa,
 enough to put samples pixels away from where they belong in a 1080p frame.
 
+Where the frames are on a GPU, the detector's downscaled copy is made there too (shrink_batch), from
+the same upload that alignment then uses, and crops stay there between alignment and paste-back: the
+swapper's FP16 tensors are made from them and turned back into them on the device (DeviceCropCodec).
+
 This module imports torch; the worker imports it only when it warps on CUDA (chunk_runner.face_warper_for).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +31,11 @@ import torch.nn.functional as F
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames
 from services.worker.face_aligner import HostAlignedFaces, paste_region
+from services.worker.face_swapper import non_finite_outputs
 
+# Batches uploaded for detection and kept for their alignment, per warper; older ones are dropped (and
+# uploaded again if they are aligned after all). A chunk has at most a few batches between the two stages.
+RESIDENT_BATCHES = 8
 # cv2.blendLinear adds this to the weight sum; face_aligner.paste_back floors 1 - alpha at ALPHA_FLOOR.
 BLEND_EPSILON = 1e-5
 ALPHA_FLOOR = 1e-6
@@ -37,6 +48,17 @@ def _check_frames(frames: torch.Tensor) -> None:
 
 def _to_uint8(values: torch.Tensor) -> torch.Tensor:
     return values.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def shrink_batch(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, H, W, 3) uint8 frames -> (n, height, width, 3) uint8 for size = (width, height), by pixel-area
+    averaging: for whole-number factors exactly the box means cv2.INTER_AREA takes."""
+    _check_frames(frames)
+    width, height = size
+    if (height, width) == tuple(frames.shape[1:3]):
+        return frames
+    shrunk = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(height, width), mode="area")
+    return _to_uint8(shrunk).permute(0, 2, 3, 1).contiguous()
 
 
 def _grid_coefficients(matrices: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -181,11 +203,36 @@ def _download_boxes(frames: torch.Tensor, slots: Sequence[int], matrices: np.nda
         start = end
 
 
+class DeviceCropCodec:
+    """Crops as uint8 tensors on the warper's device: the swapper's FP16 target is made there and only it
+    comes down; the model's answer goes up as it came and becomes crops and masks there. The values are
+    exactly face_swapper.HostCropCodec's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def pack_target(self, crops: torch.Tensor) -> np.ndarray:
+        unit = crops.permute(0, 3, 1, 2).float().div_(255.0).half()
+        return unit.contiguous().cpu().numpy()
+
+    def unpack(self, swapped: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch shares a numpy array's memory, so a read-only answer (gRPC's) is copied first.
+        colour = torch.from_numpy(np.require(swapped, requirements=("C", "W"))).to(self.device)
+        weight = torch.from_numpy(np.require(mask, requirements=("C", "W"))).to(self.device)
+        if not bool(torch.isfinite(colour).all()) or not bool(torch.isfinite(weight).all()):
+            raise non_finite_outputs()
+        pixels = colour.float().permute(0, 2, 3, 1).mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        return pixels.contiguous(), weight[:, 0].float().clamp_(0.0, 1.0)
+
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(parts))
+
+
 class DeviceAlignedFaces:
-    """A batch's face crops cut on the device; the frames stay there until their faces are pasted."""
+    """A batch's face crops cut on the device; the frames and crops stay there until the faces are pasted."""
 
     def __init__(
-        self, host: Frames, frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, crops: np.ndarray
+        self, host: Frames, frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, crops: torch.Tensor
     ) -> None:
         self._host = host
         self._frames = frames
@@ -193,38 +240,60 @@ class DeviceAlignedFaces:
         self._matrices = matrices
         self.crops = crops
 
-    def paste(self, swapped: np.ndarray, masks: np.ndarray) -> Frames:
-        device = self._frames.device
-        paste_batch(
-            self._frames,
-            self._slots,
-            self._matrices,
-            torch.from_numpy(np.ascontiguousarray(swapped)).to(device),
-            torch.from_numpy(np.ascontiguousarray(masks, np.float32)).to(device),
-        )
+    def paste(self, swapped: Any, masks: Any) -> Frames:
+        paste_batch(self._frames, self._slots, self._matrices, self._on_device(swapped), self._on_device(masks))
         _download_boxes(self._frames, self._slots, self._matrices, self.crops.shape[1], self._host)
         return self._host
 
+    def _on_device(self, values: torch.Tensor | np.ndarray) -> torch.Tensor:
+        tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+        return tensor.to(self._frames.device)
+
 
 class TorchFaceWarper:
-    """align_batch and paste_batch on one device: a batch's frames go up once, its crops come down for
-    the swapper, and after the paste only the faces' regions come back into the host frames."""
+    """shrink_batch, align_batch and paste_batch on one device: a batch's frames go up once (for detection),
+    its crops stay there for the swapper's conversions, and after the paste only the faces' regions come
+    back into the host frames."""
 
-    def __init__(self, device: str | torch.device) -> None:
+    def __init__(self, device: str | torch.device, resident_batches: int = RESIDENT_BATCHES) -> None:
         self.device = torch.device(device)
+        self.crop_codec = DeviceCropCodec(self.device)
+        self._resident: OrderedDict[int, tuple[Frames, torch.Tensor]] = OrderedDict()
+        self._resident_limit = resident_batches
+        self._lock = threading.Lock()
+
+    @property
+    def resident_batches(self) -> int:
+        """Batches uploaded for detection and not yet aligned."""
+        with self._lock:
+            return len(self._resident)
+
+    def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
+        width, height = size
+        if (height, width) == frames.shape[1:3]:
+            return frames
+        on_device = self._upload(frames)
+        with self._lock:
+            self._resident[id(frames)] = (frames, on_device)
+            while len(self._resident) > self._resident_limit:
+                self._resident.popitem(last=False)
+        return shrink_batch(on_device, size).cpu().numpy()
 
     def align(
         self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int
     ) -> HostAlignedFaces | DeviceAlignedFaces:
+        with self._lock:
+            # The identity check: an id may be reused once the array it named is gone.
+            kept_frames, on_device = self._resident.pop(id(frames), (None, None))
         if len(slots) == 0:
             return HostAlignedFaces(frames, slots, matrices, np.zeros((0, size, size, 3), np.uint8))
         host = frames if frames.flags.writeable else frames.copy()
-        on_device = self._upload(np.ascontiguousarray(host))
-        crops = align_batch(on_device, slots, matrices, size).cpu().numpy()
-        return DeviceAlignedFaces(host, on_device, slots, matrices, crops)
+        if kept_frames is not frames or on_device is None:
+            on_device = self._upload(host)
+        return DeviceAlignedFaces(host, on_device, slots, matrices, align_batch(on_device, slots, matrices, size))
 
     def _upload(self, frames: Frames) -> torch.Tensor:
-        tensor = torch.from_numpy(frames)
+        tensor = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
             # From page-locked memory the copy runs at the link's full speed, beside the thread's next work.
             return tensor.pin_memory().to(self.device, non_blocking=True)

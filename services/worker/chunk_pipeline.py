@@ -8,8 +8,8 @@ gRPC and Triton waits of the other stages. The pipeline is written against small
 same code runs with gRPC stage clients in the worker and with in-process models in the benchmark.
 
 Where faces are cut out and pasted back is a FaceWarper's business: OpenCV on the host by default,
-or torch on a GPU (batch_warp.TorchFaceWarper), where a batch's frames go up at alignment and stay
-there until its faces are pasted.
+or torch on a GPU (batch_warp.TorchFaceWarper), where a batch's frames go up when they are shrunk for
+detection and stay there until its faces are pasted, and its crops stay there for the swapper.
 
 Frames yielded by the source belong to the pipeline: faces are pasted into them in place.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from services.common.frame_codec import Frames
 from services.common.job_vocabulary import STAGE_NAMES, StageName
 from services.worker.face_aligner import Cv2FaceWarper, alignment_matrix
 from services.worker.face_selector import FaceSelection, select_faces
-from services.worker.face_swapper import FaceSwapper, SourceIdentity
+from services.worker.face_swapper import CropCodec, FaceSwapper, SourceIdentity
 
 STAGE_QUEUE_SIZE = 2
 # The default warper: stateless, so every pipeline shares it.
@@ -54,17 +54,28 @@ class AlignedFaces(Protocol):
     """A batch's faces cut out by a FaceWarper, waiting for their swapped crops."""
 
     @property
-    def crops(self) -> np.ndarray:
-        """(m, S, S, 3) uint8 RGB on the host, for the swapper."""
+    def crops(self) -> Any:
+        """(m, S, S, 3) uint8 RGB, where the warper's crop_codec keeps crops, for the swapper."""
         ...
 
-    def paste(self, swapped: np.ndarray, masks: np.ndarray) -> Frames:
-        """The batch's frames on the host with the swapped crops ((m, S, S, 3) uint8, masks (m, S, S) float32)
-        blended in, faces of one frame in order. May reuse the frames given to `align`."""
+    def paste(self, swapped: Any, masks: Any) -> Frames:
+        """The batch's frames on the host with the swapped crops ((m, S, S, 3) uint8, masks (m, S, S) float32,
+        as the crop_codec gives them) blended in, faces of one frame in order. May reuse the frames given to
+        `align`."""
         ...
 
 
 class FaceWarper(Protocol):
+    @property
+    def crop_codec(self) -> CropCodec:
+        """Where crops live between `align` and `paste`; the swapper converts them there."""
+        ...
+
+    def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
+        """The frames resized to (width, height) on the host, for detection. A warper that works on a device
+        may keep the frames it uploaded for this until they are aligned."""
+        ...
+
     def align(self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int) -> AlignedFaces:
         """Face i cut from frames[slots[i]] by matrices[i] ((m, 2, 3) frame -> crop) into a size x size crop."""
         ...
@@ -136,8 +147,8 @@ class _SwappedBatch:
     indices: list[int]
     slots: list[int]  # per swapped face, the slot of its frame in the batch
     aligned: AlignedFaces
-    crops: np.ndarray
-    masks: np.ndarray
+    crops: Any
+    masks: Any
     skipped: int
 
 

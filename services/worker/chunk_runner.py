@@ -50,7 +50,7 @@ class ChunkRunner:
         # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
         self._stage_timeout = settings.triton_timeout_seconds
         self._finder = DetectorFaceFinder(
-            stubs.detector, settings.detect_max_side, settings.min_face_size, self._stage_timeout
+            stubs.detector, settings.detect_max_side, settings.min_face_size, self._stage_timeout, warper.shrink
         )
 
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:

@@ -7,7 +7,7 @@ GPU memory. Both paste into the same region of the frame (`paste_region`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -15,6 +15,10 @@ import numpy as np
 
 from services.common.face_geometry import CROP_SIZE, template_points
 from services.common.frame_codec import Frames
+from services.worker.face_swapper import HOST_CROPS, HostCropCodec
+
+# (frames, (width, height)) -> the frames resized to that size, for detection.
+FrameShrinker = Callable[[Frames, tuple[int, int]], Frames]
 
 
 @dataclass(frozen=True)
@@ -25,9 +29,7 @@ class AlignedFace:
 
 def alignment_matrix(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Similarity transform (rotation, uniform scale, shift) taking the five landmarks onto the template."""
-    matrix, _ = cv2.estimateAffinePartial2D(
-        landmarks.astype(np.float32), template_points(size), method=cv2.LMEDS
-    )
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template_points(size), method=cv2.LMEDS)
     if matrix is None:
         raise ValueError("landmarks are degenerate; no similarity transform fits them")
     return matrix.astype(np.float32)
@@ -41,6 +43,14 @@ def warp_to_crop(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray
 def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -> AlignedFace:
     matrix = alignment_matrix(landmarks, size)
     return AlignedFace(crop=warp_to_crop(frame, matrix, size), matrix=matrix)
+
+
+def downscale_frames(frames: Frames, size: tuple[int, int]) -> Frames:
+    """The frames shrunk to (width, height) by pixel-area averaging; the frames themselves at their own size."""
+    width, height = size
+    if (height, width) == frames.shape[1:3]:
+        return frames
+    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
 
 
 def paste_region(matrix: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -98,6 +108,11 @@ class HostAlignedFaces:
 
 class Cv2FaceWarper:
     """OpenCV, one face at a time on the host: the faster choice where there is no GPU."""
+
+    crop_codec: HostCropCodec = HOST_CROPS
+
+    def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
+        return downscale_frames(frames, size)
 
     def align(self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int) -> HostAlignedFaces:
         crops = [warp_to_crop(frames[slot], matrix, size) for slot, matrix in zip(slots, matrices, strict=True)]

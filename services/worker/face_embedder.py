@@ -57,9 +57,7 @@ def inner_face_template(size: int = DESCRIPTOR_CROP_SIZE) -> np.ndarray:
 
 def inner_face_crop(frame: np.ndarray, landmarks: np.ndarray, size: int = DESCRIPTOR_CROP_SIZE) -> np.ndarray:
     """The grey, histogram-equalised, blurred inner face, (size, size) uint8."""
-    matrix, _ = cv2.estimateAffinePartial2D(
-        landmarks.astype(np.float32), inner_face_template(size), method=cv2.LMEDS
-    )
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), inner_face_template(size), method=cv2.LMEDS)
     if matrix is None:
         raise ValueError("landmarks are degenerate; no similarity transform fits them")
     crop = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)

@@ -29,9 +29,7 @@ def largest_face(faces: Sequence[DetectedFace]) -> DetectedFace | None:
     return max(faces, key=lambda face: face.area, default=None)
 
 
-def select_faces(
-    frame: np.ndarray, faces: Sequence[DetectedFace], selection: FaceSelection
-) -> list[DetectedFace]:
+def select_faces(frame: np.ndarray, faces: Sequence[DetectedFace], selection: FaceSelection) -> list[DetectedFace]:
     """The faces of `frame` to swap, in detection order; descriptors are computed only for "reference"."""
     if selection.mode == "many":
         return list(faces)

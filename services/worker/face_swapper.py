@@ -8,10 +8,11 @@ own `crop_size`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,8 +43,30 @@ class FaceSwapper(Protocol):
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity: ...
 
-    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
-        """(n, S, S, 3) uint8 crops -> ((n, S, S, 3) uint8 swapped crops, (n, S, S) float32 masks, 0..1)."""
+    async def swap(self, target_crops: Any, identity: SourceIdentity) -> tuple[Any, Any]:
+        """(n, S, S, 3) uint8 crops -> ((n, S, S, 3) uint8 swapped crops, (n, S, S) float32 masks, 0..1).
+
+        Crops and masks are where the face warper keeps them (its CropCodec): numpy arrays on the host,
+        or torch tensors on the warper's device.
+        """
+        ...
+
+
+class CropCodec(Protocol):
+    """Where crops live between the face warper and the swapper, and the conversions done there: crops to
+    the model's FP16 `target` tensor, and the model's outputs back to crops and masks."""
+
+    def pack_target(self, crops: Any) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops -> (n, 3, S, S) FP16 in [0, 1], contiguous on the host."""
+        ...
+
+    def unpack(self, swapped: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
+        """Checked outputs ((n, 3, S, S) and (n, 1, S, S), FP16 or FP32) -> uint8 (n, S, S, 3) crops and
+        float32 (n, S, S) masks; a NaN or Inf anywhere is `non_finite_outputs()`."""
+        ...
+
+    def join(self, parts: Sequence[Any]) -> Any:
+        """The parts (crops, or masks) of one batch, answered in several requests, as one."""
         ...
 
 
@@ -64,29 +87,66 @@ with np.errstate(invalid="ignore", over="ignore"):
     _FP16_TO_WEIGHT = np.clip(np.nan_to_num(_FP16_VALUES), 0.0, 1.0).astype(np.float32)
 
 
-def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
-    """RGB uint8 crops -> the model's `target` and `source`: FP16 NCHW in [0, 1], source repeated per face."""
-    _check_crops(target_crops, "target crops")
+def non_finite_outputs() -> Internal:
+    """A NaN or Inf in the swapper's answer: no FP32 model is deployed to retry on, and pasting garbage into
+    a video silently is worse than failing the chunk."""
+    return Internal(
+        f"model {FACE_SWAPPER_MODEL} returned NaN or Inf values (FP16 overflow in the model); no FP32 model to retry on"
+    )
+
+
+class HostCropCodec:
+    """Crops as numpy arrays on the host, converted through lookup tables."""
+
+    def pack_target(self, crops: np.ndarray) -> np.ndarray:
+        _check_crops(crops, "target crops")
+        # A lookup keeps its index's memory order: the result is made contiguous, as Triton sends it.
+        return np.ascontiguousarray(_UNIT_FP16[crops.transpose(0, 3, 1, 2)])
+
+    def unpack(self, swapped: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The deployed model answers FP16 (its config); another dtype takes the arithmetic path.
+        if swapped.dtype == np.float16 and mask.dtype == np.float16:
+            swapped_bits, mask_bits = swapped.view(np.uint16), mask.view(np.uint16)
+            if not (_FP16_FINITE[swapped_bits].all() and _FP16_FINITE[mask_bits].all()):
+                raise non_finite_outputs()
+            crops = _FP16_TO_PIXEL[swapped_bits.transpose(0, 2, 3, 1)]
+            return np.ascontiguousarray(crops), _FP16_TO_WEIGHT[mask_bits[:, 0]]
+        if not (np.isfinite(swapped).all() and np.isfinite(mask).all()):
+            raise non_finite_outputs()
+        crops = np.clip(swapped.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(crops), np.ascontiguousarray(np.clip(mask[:, 0], 0.0, 1.0))
+
+    def join(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
+
+
+HOST_CROPS = HostCropCodec()
+
+
+def swapper_inputs(target: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's inputs for a packed `target`: it, and the source crop as FP16 NCHW in [0, 1] once per face."""
     _check_crops(source_crop[None], "the source crop")
-    if source_crop.shape != target_crops.shape[1:]:
-        raise InvalidArgument(f"source crop {source_crop.shape} does not match target crops {target_crops.shape[1:]}")
-    # A lookup keeps its index's memory order: the results are made contiguous, as Triton sends them.
-    target = np.ascontiguousarray(_UNIT_FP16[target_crops.transpose(0, 3, 1, 2)])
+    if source_crop.shape != (target.shape[2], target.shape[3], 3):
+        raise InvalidArgument(f"source crop {source_crop.shape} does not match target crops {target.shape[2:]}")
     source = _UNIT_FP16[source_crop.transpose(2, 0, 1)]
     return {"target": target, "source": np.ascontiguousarray(np.broadcast_to(source[None], target.shape))}
 
 
-def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """`swapped` (n,3,S,S) and `mask` (n,1,S,S) in [0, 1] -> uint8 (n,S,S,3) crops and float32 (n,S,S) masks.
+def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
+    """RGB uint8 crops on the host -> the model's `target` and `source`: FP16 NCHW in [0, 1]."""
+    return swapper_inputs(HOST_CROPS.pack_target(target_crops), source_crop)
+
+
+def checked_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`swapped` (n,3,S,S) and `mask` (n,1,S,S), contiguous, FP16 where the model answered FP16, else FP32.
 
     Outputs of another layout are FailedPrecondition: the deployed model is not the one this code
-    expects. A NaN or Inf anywhere is an Internal error: no FP32 model is deployed to retry on, and
-    pasting garbage into a video silently is worse than failing the chunk.
+    expects.
     """
     missing = [name for name in SWAPPER_OUTPUTS if outputs.get(name) is None]
     if missing:
         raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned no {', '.join(missing)} output")
-    # The deployed model answers FP16 (its config); another dtype takes the arithmetic path.
+    # FP16 answers (the deployed config's) stay FP16 for the codecs' fast paths; any other dtype becomes FP32.
     half = outputs["swapped"].dtype == np.float16 and outputs["mask"].dtype == np.float16
     swapped = np.ascontiguousarray(outputs["swapped"]) if half else np.asarray(outputs["swapped"], np.float32)
     mask = np.ascontiguousarray(outputs["mask"]) if half else np.asarray(outputs["mask"], np.float32)
@@ -97,21 +157,12 @@ def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarra
         )
     if swapped.shape[0] != mask.shape[0] or swapped.shape[2:] != mask.shape[2:]:
         raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} but mask {mask.shape}")
-    if half:
-        swapped_bits, mask_bits = swapped.view(np.uint16), mask.view(np.uint16)
-        finite = bool(_FP16_FINITE[swapped_bits].all() and _FP16_FINITE[mask_bits].all())
-    else:
-        finite = bool(np.isfinite(swapped).all() and np.isfinite(mask).all())
-    if not finite:
-        raise Internal(
-            f"model {FACE_SWAPPER_MODEL} returned NaN or Inf values (FP16 overflow in the model); "
-            "no FP32 model to retry on"
-        )
-    if half:
-        crops = _FP16_TO_PIXEL[swapped_bits.transpose(0, 2, 3, 1)]
-        return np.ascontiguousarray(crops), _FP16_TO_WEIGHT[mask_bits[:, 0]]
-    crops = np.clip(swapped.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(crops), np.ascontiguousarray(np.clip(mask[:, 0], 0.0, 1.0))
+    return swapped, mask
+
+
+def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The swapper's outputs, checked, as uint8 (n,S,S,3) crops and float32 (n,S,S) masks on the host."""
+    return HOST_CROPS.unpack(*checked_swapper_outputs(outputs))
 
 
 class CropTransferSwapper:
@@ -122,9 +173,16 @@ class CropTransferSwapper:
     memory that ran out is usually still taken.
     """
 
-    def __init__(self, models: ModelRunner, max_batch: int = MAX_SWAP_BATCH, size: int = CROP_SIZE) -> None:
+    def __init__(
+        self,
+        models: ModelRunner,
+        max_batch: int = MAX_SWAP_BATCH,
+        size: int = CROP_SIZE,
+        crops: CropCodec = HOST_CROPS,
+    ) -> None:
         self._models = models
         self._size = size
+        self._crops = crops
         self.batch_limit = max_batch
 
     @property
@@ -135,19 +193,21 @@ class CropTransferSwapper:
         _check_crops(source_crop[None], "the source crop")
         return SourceIdentity(crop=np.ascontiguousarray(source_crop))
 
-    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
-        count = target_crops.shape[0]
+    async def swap(self, target_crops: Any, identity: SourceIdentity) -> tuple[Any, Any]:
+        count = len(target_crops)
         if count == 0:
             size = self._size
             return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32)
-        crops: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
+        crops: list[Any] = []
+        masks: list[Any] = []
         start = 0
         while start < count:
             part = target_crops[start : start + self.batch_limit]
+            # Packing and unpacking run off the event loop: on a GPU they wait for the device.
+            target = await asyncio.to_thread(self._crops.pack_target, part)
             try:
                 outputs = await self._models.infer(
-                    FACE_SWAPPER_MODEL, pack_swapper_inputs(part, identity.crop), SWAPPER_OUTPUTS
+                    FACE_SWAPPER_MODEL, swapper_inputs(target, identity.crop), SWAPPER_OUTPUTS
                 )
             except ResourceExhausted:
                 if self.batch_limit == 1:
@@ -155,13 +215,17 @@ class CropTransferSwapper:
                 self.batch_limit = max(1, min(self.batch_limit, len(part)) // 2)
                 log.warning("face swapper out of memory; retrying with %d faces per request", self.batch_limit)
                 continue
-            swapped, mask = unpack_swapper_outputs(outputs)
-            if swapped.shape[:3] != part.shape[:3]:
+            swapped, mask = checked_swapper_outputs(outputs)
+            if swapped.shape != target.shape:
+                answered, sent = swapped.shape, target.shape
                 raise FailedPrecondition(
-                    f"model {FACE_SWAPPER_MODEL} returned {swapped.shape[0]} crops of "
-                    f"{swapped.shape[1]}x{swapped.shape[2]} for {len(part)} faces of {part.shape[1]}x{part.shape[2]}"
+                    f"model {FACE_SWAPPER_MODEL} returned {answered[0]} crops of {answered[2]}x{answered[3]} "
+                    f"for {sent[0]} faces of {sent[2]}x{sent[3]}"
                 )
-            crops.append(swapped)
-            masks.append(mask)
+            part_crops, part_masks = await asyncio.to_thread(self._crops.unpack, swapped, mask)
+            crops.append(part_crops)
+            masks.append(part_masks)
             start += len(part)
-        return np.concatenate(crops), np.concatenate(masks)
+        if len(crops) == 1:
+            return crops[0], masks[0]
+        return self._crops.join(crops), self._crops.join(masks)

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
-import cv2
 import grpc
 import numpy as np
 
@@ -26,6 +25,7 @@ from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpa
 from services.common.frame_streams import DetectFrames
 from services.common.frame_wire import FrameRun
 from services.common.input_limits import excerpt
+from services.worker.face_aligner import FrameShrinker, downscale_frames
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -113,13 +113,6 @@ def detection_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * factor)), max(1, round(height * factor))
 
 
-def downscale_frames(frames: Frames, size: tuple[int, int]) -> Frames:
-    width, height = size
-    if (height, width) == frames.shape[1:3]:
-        return frames
-    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
-
-
 def scale_face(face: DetectedFace, scale_x: float, scale_y: float) -> DetectedFace:
     x1, y1, x2, y2 = face.box
     factors = np.array([scale_x, scale_y], np.float32)
@@ -135,6 +128,7 @@ class DetectorFaceFinder:
     faces scaled back.
 
     min_face_size is in full-frame pixels and scaled with the frames (0 keeps the detector's default).
+    `shrink` makes the copy: OpenCV on the host, or the face warper's own where it keeps frames on a GPU.
     """
 
     def __init__(
@@ -143,11 +137,13 @@ class DetectorFaceFinder:
         max_side: int,
         min_face_size: int,
         timeout_seconds: float,
+        shrink: FrameShrinker = downscale_frames,
     ) -> None:
         self._stub = stub
         self._max_side = max_side
         self._min_face_size = min_face_size
         self._timeout_seconds = timeout_seconds
+        self._shrink = shrink
 
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
         count, height, width = frames.shape[:3]
@@ -168,7 +164,7 @@ class DetectorFaceFinder:
         return found
 
     def _request(self, frames: Frames, size: tuple[int, int]) -> DetectFrames[FrameRun]:
-        small = downscale_frames(frames, size)
+        small = self._shrink(frames, size)
         min_face = self._min_face_size
         if min_face > 0:
             min_face = max(1, round(min_face * size[0] / frames.shape[2]))

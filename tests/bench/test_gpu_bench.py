@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from services.bench.gpu_bench import StackShape, parse_env, summary_table
+from services.bench.gpu_bench import StackShape, parse_env, summary_table, triton_deltas, triton_summary
 from services.common.job_vocabulary import STAGE_NAMES
 
 
@@ -42,3 +42,64 @@ def test_summary_has_a_row_per_job_with_its_figures() -> None:
     assert len(lines) == 4
     assert lines[2].startswith("| services, 8 worker(s) | one-face | 120.0 | 121.0 | 12 / 30 | - | 2.0 | 9.5 |")
     assert lines[3].startswith("| one process, 8 chunks at once | six-people | 40.0 |")
+
+
+def swapper_statistics(inferences: int, executions: int, requests: int, queue_ms: int, infer_ms: int) -> dict:
+    """face_swapper's statistics shaped as Triton's JSON: uint64s as strings, zero fields left out."""
+    return {
+        "name": "face_swapper",
+        "version": "1",
+        "inference_count": str(inferences),
+        "execution_count": str(executions),
+        "inference_stats": {
+            "success": {"count": str(requests), "ns": "1"},
+            "queue": {"count": str(requests), "ns": str(queue_ms * 10**6)},
+            # Each request of a batch is charged its batch's whole compute.
+            "compute_infer": {"count": str(requests), "ns": str(2 * infer_ms * 10**6)},
+        },
+        # One entry per batch size, each execution counted once: half of them at 8, half at 32.
+        "batch_stats": [
+            {"batch_size": "8", "compute_infer": {"count": str(executions // 2), "ns": str(infer_ms * 10**6 // 2)}},
+            {"batch_size": "32", "compute_infer": {"count": str(executions // 2), "ns": str(infer_ms * 10**6 // 2)}},
+        ],
+    }
+
+
+BEFORE = {"model_stats": [swapper_statistics(100, 10, 20, 40, 100), {"name": "mtcnn_pnet", "version": "1"}]}
+AFTER = {
+    "model_stats": [
+        swapper_statistics(260, 20, 40, 100, 180),
+        {"name": "mtcnn_pnet", "version": "1"},
+        {
+            "name": "mtcnn_cascade",
+            "inference_count": "6",
+            "execution_count": "2",
+            "inference_stats": {"success": {"count": "2"}},
+        },
+    ]
+}
+
+
+def test_triton_deltas_cover_the_window_per_model_and_leave_idle_models_out() -> None:
+    deltas = triton_deltas(BEFORE, AFTER, frames=40)
+    assert sorted(deltas) == ["face_swapper", "mtcnn_cascade"]
+    swapper = deltas["face_swapper"]
+    assert (swapper["inference_count"], swapper["execution_count"], swapper["requests"]) == (160, 10, 20)
+    assert swapper["mean_batch"] == 16.0
+    # A batched request is charged its batch's compute: per request as long as per execution, not shared out.
+    assert swapper["ms_per_request"] == dict(queue=3.0, compute_input=None, compute_infer=8.0, compute_output=None)
+    assert swapper["ms_per_execution"] == {"compute_input": None, "compute_infer": 8.0, "compute_output": None}
+    assert swapper["ms_per_frame"] == dict(queue=1.5, compute_input=None, compute_infer=2.0, compute_output=None)
+    assert deltas["mtcnn_cascade"]["mean_batch"] == 3.0
+
+
+def test_the_summary_adds_a_line_per_model_for_jobs_with_triton_statistics() -> None:
+    with_triton = {**job("one-face", 120.0), "triton": triton_deltas(BEFORE, AFTER, frames=40)}
+    record = {"services": [{"label": "services, 8 worker(s)", "workers": 8, "jobs": [with_triton, job("six", 1.0)]}]}
+    assert triton_summary(record) == [
+        "Triton, services, 8 worker(s), one-face:",
+        "  face_swapper: 10 executions, mean batch 16.0 (2.0 requests), queue 3.00 ms/request,"
+        " infer 8.00 ms/execution (2.00 ms/frame)",
+        "  mtcnn_cascade: 2 executions, mean batch 3.0 (1.0 requests), queue - ms/request,"
+        " infer - ms/execution (- ms/frame)",
+    ]

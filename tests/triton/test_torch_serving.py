@@ -28,7 +28,7 @@ from services.triton.embedded_repository import (
 from services.triton.local_models import LocalModels
 from services.triton.model_config import parse_model_config, read_model_config, repository_models, torch_weights_path
 from services.triton.server_process import EmbeddedTriton, locate_pytriton, package_parent, server_environment
-from services.triton.settings import ENV_PREFIX, TritonSettings
+from services.triton.settings import ENV_PREFIX, TritonSettings, gpu_instances_from_env
 from tests.triton.torch_stand_ins import STAND_IN_CONFIG
 
 PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
@@ -71,13 +71,15 @@ def test_cuda_config_is_a_gpu_torch_model_with_the_same_contract(model: str) -> 
     assert list(derived.output) == list(production.output)
     assert derived.dynamic_batching == production.dynamic_batching
     assert derived.dynamic_batching.max_queue_delay_microseconds > 0
+    more = torch_config(production, BUILT_IN_FACTORIES[model], "fp16", "cuda", gpu_instances=3)
+    assert [(group.kind, group.count) for group in more.instance_group] == [(KIND_GPU, 3)]
     # Production keeps its own backend: onnxruntime with TensorRT, or TorchScript for the cascade.
     assert (production.backend, production.platform) in {("onnxruntime", ""), ("", "pytorch_libtorch")}
 
 
 def test_a_torch_model_on_the_cpu_batches_without_waiting() -> None:
     production = read_model_config(PRODUCTION_REPOSITORY, "face_swapper")
-    derived = torch_config(production, BUILT_IN_FACTORIES["face_swapper"], "fp32", "cpu")
+    derived = torch_config(production, BUILT_IN_FACTORIES["face_swapper"], "fp32", "cpu", gpu_instances=4)
     assert [(group.kind, group.count) for group in derived.instance_group] == [(KIND_CPU, 1)]
     assert derived.dynamic_batching.max_queue_delay_microseconds == 0
     assert derived.parameters["torch_precision"].string_value == "fp32"
@@ -90,6 +92,8 @@ def test_torch_configs_refuse_what_cannot_be_served() -> None:
         torch_config(production, factory, "fp16", "tpu")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="torch precision 'int8'"):
         torch_config(production, factory, "int8", "cuda")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="gpu_instances is 0; a model needs at least one instance"):
+        torch_config(production, factory, "fp16", "cuda", gpu_instances=0)
     unbatched = model_config_pb2.ModelConfig()
     unbatched.CopyFrom(production)
     unbatched.max_batch_size = 0
@@ -101,12 +105,12 @@ def test_the_cuda_repository_serves_every_built_in_model_from_torch(tmp_path: Pa
     production = _production_copy(tmp_path, ALL_MODELS, with_weights=True)
     out = tmp_path / "embedded"
 
-    assert write_embedded_repository(production, out, device="cuda") == ALL_MODELS
+    assert write_embedded_repository(production, out, device="cuda", gpu_instances=2) == ALL_MODELS
 
     for model in ALL_MODELS:
         config = _written_config(out / model)
         assert (config.name, config.backend) == (model, "python")
-        assert [group.kind for group in config.instance_group] == [KIND_GPU]
+        assert [(group.kind, group.count) for group in config.instance_group] == [(KIND_GPU, 2)]
         assert config.parameters["torch_factory"].string_value == BUILT_IN_FACTORIES[model]
         assert config.parameters["torch_precision"].string_value == "fp16"
         assert (out / model / "1" / "model.py").read_text() == TORCH_MODEL_SOURCE.read_text()
@@ -133,11 +137,13 @@ def test_a_model_without_a_torch_definition_keeps_onnxruntime_on_cuda(
     out = tmp_path / "embedded"
 
     with caplog.at_level(logging.WARNING, logger="services.triton.embedded_repository"):
-        write_embedded_repository(production, out, device="cuda")
+        write_embedded_repository(production, out, device="cuda", gpu_instances=3)
 
     assert "model user_model has no torch definition" in caplog.text
     assert (out / "user_model" / "1" / "model.py").read_text() == PYTHON_MODEL_SOURCE.read_text()
-    assert [group.kind for group in _written_config(out / "user_model").instance_group] == [KIND_CPU]
+    assert [(group.kind, group.count) for group in _written_config(out / "user_model").instance_group] == [
+        (KIND_CPU, 1)
+    ]
     assert (out / "mtcnn_rnet" / "1" / "model.py").read_text() == TORCH_MODEL_SOURCE.read_text()
 
 
@@ -149,12 +155,13 @@ def test_a_torch_model_without_weights_has_no_model_pt(tmp_path: Path) -> None:
 
     with_weights = write_torch_model(tmp_path / "out", "doubler", config, factory, weights, "tf32", "cuda")
     assert (with_weights / "1" / "model.pt").read_bytes() == b"weights"
-    without = write_torch_model(tmp_path / "out", "doubler", config, factory, None, "tf32", "cuda")
+    without = write_torch_model(tmp_path / "out", "doubler", config, factory, None, "tf32", "cuda", gpu_instances=2)
 
     assert without == with_weights == tmp_path / "out" / "doubler"
     assert not (without / "1" / "model.pt").exists()
     written = _written_config(without)
     assert written.name == "doubler"
+    assert [group.count for group in written.instance_group] == [2]
     assert written.parameters["torch_precision"].string_value == "tf32"
 
 
@@ -237,6 +244,32 @@ def test_the_device_setting_is_read_and_checked() -> None:
     assert load_settings(TritonSettings, ENV_PREFIX, {"SWAPLINE_TRITON_DEVICE": "cuda"}).device == "cuda"
     with pytest.raises(SettingsError, match="SWAPLINE_TRITON_DEVICE='gpu' is not one of auto, cpu, cuda"):
         load_settings(TritonSettings, ENV_PREFIX, {"SWAPLINE_TRITON_DEVICE": "gpu"})
+
+
+def test_the_gpu_instances_setting_is_read_and_checked() -> None:
+    assert load_settings(TritonSettings, ENV_PREFIX, {}).gpu_instances == 1
+    assert load_settings(TritonSettings, ENV_PREFIX, {"SWAPLINE_TRITON_GPU_INSTANCES": "4"}).gpu_instances == 4
+    with pytest.raises(SettingsError, match="SWAPLINE_TRITON_GPU_INSTANCES=0 must be at least 1"):
+        load_settings(TritonSettings, ENV_PREFIX, {"SWAPLINE_TRITON_GPU_INSTANCES": "0"})
+    with pytest.raises(SettingsError, match="SWAPLINE_TRITON_GPU_INSTANCES=17 must be at most 16"):
+        load_settings(TritonSettings, ENV_PREFIX, {"SWAPLINE_TRITON_GPU_INSTANCES": "17"})
+
+
+def test_a_process_running_triton_itself_checks_only_the_gpu_instances_variable() -> None:
+    assert gpu_instances_from_env({}) == 1
+    # The embedded stack reads no other SWAPLINE_TRITON_* variable, so a wrong one is not its to refuse.
+    assert gpu_instances_from_env({"SWAPLINE_TRITON_GPU_INSTANCES": "3", "SWAPLINE_TRITON_DEVICE": "gpu"}) == 3
+    with pytest.raises(SettingsError, match="SWAPLINE_TRITON_GPU_INSTANCES=99 must be at most 16"):
+        gpu_instances_from_env({"SWAPLINE_TRITON_GPU_INSTANCES": "99"})
+
+
+def test_embedded_triton_writes_its_gpu_instances_into_the_cuda_twins(tmp_path: Path) -> None:
+    production = _production_copy(tmp_path, ["face_swapper"], with_weights=True)
+    triton = EmbeddedTriton(production, tmp_path / "work", gpu_instances=5)
+    out = tmp_path / "served"
+    out.mkdir()
+    assert triton.repository_writer(out, "cuda") == ["face_swapper"]
+    assert [group.count for group in _written_config(out / "face_swapper").instance_group] == [5]
 
 
 def test_the_stubs_find_torch() -> None:

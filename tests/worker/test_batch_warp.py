@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from functools import lru_cache
 
 import cv2
@@ -11,14 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.errors import Internal, InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
-from services.worker.batch_warp import TorchFaceWarper, align_batch, paste_batch
+from services.worker.batch_warp import (
+    DeviceAlignedFaces,
+    DeviceCropCodec,
+    TorchFaceWarper,
+    align_batch,
+    paste_batch,
+    shrink_batch,
+)
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
-from services.worker.face_aligner import alignment_matrix, paste_back, paste_region, warp_to_crop
+from services.worker.face_aligner import alignment_matrix, downscale_frames, paste_back, paste_region, warp_to_crop
 from services.worker.face_selector import FaceSelection
-from services.worker.face_swapper import SourceIdentity
+from services.worker.face_swapper import HOST_CROPS, CropTransferSwapper, SourceIdentity
 from tests.worker.face_photos import face_from_landmarks, side_by_side
 
 SIZE = 128
@@ -209,7 +216,7 @@ def test_the_torch_warper_writes_back_only_the_faces_regions_of_the_host_frames(
 
     assert pasted is host
     assert aligned.crops.shape == (len(slots), SIZE, SIZE, 3)
-    assert psnr(aligned.crops[1], warp_to_crop(frames[slots[1]], matrices[1], SIZE)) > 35.0
+    assert psnr(aligned.crops[1].numpy(), warp_to_crop(frames[slots[1]], matrices[1], SIZE)) > 35.0
     on_device = paste_batch(
         torch.from_numpy(frames.copy()), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks)
     ).numpy()
@@ -273,15 +280,15 @@ class _BothFaces:
         ]
 
 
-class _InvertingSwapper:
-    crop_size = SIZE
+class _InvertingModel:
+    """A face_swapper model answering 1 - target, with a mask that fades towards the crop's edges."""
 
-    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
-        return SourceIdentity(crop=source_crop)
-
-    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
-        _, masks = _swapped_crops(len(target_crops))
-        return 255 - target_crops, masks
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        target = inputs["target"]
+        _, masks = _swapped_crops(len(target))
+        return {"swapped": (1.0 - target).astype(np.float16), "mask": masks[:, None].astype(np.float16)}
 
 
 class _Collected:
@@ -298,8 +305,10 @@ class _Collected:
 def _run_pipeline(warper: FaceWarper) -> tuple[ChunkStats, list[np.ndarray]]:
     sink = _Collected()
     identity = SourceIdentity(crop=np.zeros((SIZE, SIZE, 3), np.uint8))
+    # The swapper converts crops where the warper keeps them: on the host for OpenCV, as tensors for torch.
+    swapper = CropTransferSwapper(_InvertingModel(), size=SIZE, crops=warper.crop_codec)
     pipeline = run_chunk_pipeline(
-        _PanningClip(), _BothFaces(), _InvertingSwapper(), identity, sink, FaceSelection("many"), warper=warper
+        _PanningClip(), _BothFaces(), swapper, identity, sink, FaceSelection("many"), warper=warper
     )
     return asyncio.run(asyncio.wait_for(pipeline, timeout=30)), sink.frames
 
@@ -318,3 +327,61 @@ def test_the_chunk_pipeline_gives_the_same_video_with_the_torch_warper_as_with_o
             continue
         assert psnr(on_torch, on_host) > 40.0, f"frame {index}"
         assert psnr(on_torch, original) < 25.0, f"frame {index} was not swapped"
+
+
+def test_shrinking_on_torch_takes_opencvs_area_means() -> None:
+    frames, _, _ = _scenes()
+    on_torch = shrink_batch(torch.from_numpy(frames), (256, 150)).numpy()
+    by_cv2 = downscale_frames(frames, (256, 150))
+    # Whole-number factors (4 here): the same box means, rounded alike but for float summation order.
+    assert on_torch.shape == by_cv2.shape == (5, 150, 256, 3)
+    assert int(np.abs(on_torch.astype(int) - by_cv2.astype(int)).max()) <= 1
+    # Other factors: torch's bins take whole border pixels where OpenCV weighs them by their overlap.
+    assert psnr(shrink_batch(torch.from_numpy(frames), (300, 176)).numpy(), downscale_frames(frames, (300, 176))) > 30.0
+    assert shrink_batch(torch.from_numpy(frames), (1024, 600)).data_ptr() == torch.from_numpy(frames).data_ptr()
+
+
+def test_the_torch_warper_aligns_the_frames_it_uploaded_to_shrink_and_keeps_no_more_than_its_limit() -> None:
+    frames, slots, matrices = _scenes()
+    warper = TorchFaceWarper("cpu", resident_batches=2)
+    small = warper.shrink(frames, (256, 150))
+    assert warper.resident_batches == 1
+    np.testing.assert_array_equal(small, shrink_batch(torch.from_numpy(frames), (256, 150)).numpy())
+
+    aligned = warper.align(frames, slots, matrices, SIZE)
+    fresh = TorchFaceWarper("cpu").align(frames.copy(), slots, matrices, SIZE)
+    assert isinstance(aligned, DeviceAlignedFaces) and isinstance(fresh, DeviceAlignedFaces)
+    assert warper.resident_batches == 0
+    assert torch.equal(aligned.crops, fresh.crops)
+
+    batches = [frames[:2].copy() for _ in range(4)]
+    for batch in batches:
+        warper.shrink(batch, (256, 150))
+    assert warper.resident_batches == 2
+    # A batch dropped from the device is uploaded again when it is aligned.
+    again = warper.align(batches[0], slots[:2], matrices[:2], SIZE)
+    assert isinstance(again, DeviceAlignedFaces)
+    assert torch.equal(again.crops, fresh.crops[:2]) and warper.resident_batches == 2
+
+
+def test_the_device_codec_converts_exactly_as_the_host_tables_do() -> None:
+    codec = DeviceCropCodec(torch.device("cpu"))
+    pixels = np.arange(256, dtype=np.uint8)[None, :, None, None] * np.ones((1, 256, 256, 3), np.uint8)
+    assert np.array_equal(codec.pack_target(torch.from_numpy(pixels)), HOST_CROPS.pack_target(pixels))
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(16, 1, 64, 62)
+    swapped = np.concatenate([finite] * 3, axis=1)
+    on_device, host = codec.unpack(swapped, finite), HOST_CROPS.unpack(swapped, finite)
+    assert np.array_equal(on_device[0].numpy(), host[0]) and np.array_equal(on_device[1].numpy(), host[1])
+    as_float = codec.unpack(swapped.astype(np.float32), finite.astype(np.float32))
+    assert np.array_equal(as_float[0].numpy(), host[0])
+    assert torch.equal(codec.join([on_device[1][:3], on_device[1][3:]]), on_device[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_device_codec_refuses_nan_and_inf_naming_the_model(bad: float) -> None:
+    swapped = np.zeros((2, 3, 4, 4), np.float16)
+    mask = np.ones((2, 1, 4, 4), np.float16)
+    mask[1, 0, 2, 2] = bad
+    with pytest.raises(Internal, match="model face_swapper returned NaN or Inf"):
+        DeviceCropCodec(torch.device("cpu")).unpack(swapped, mask)

@@ -120,6 +120,24 @@ def test_detector_finder_downscales_and_scales_faces_back() -> None:
     np.testing.assert_allclose(face.landmarks[2], (0.5 * 1280, 0.5 * 480), rtol=1e-5)
 
 
+def test_detector_finder_sends_what_its_shrink_makes() -> None:
+    detector = _Detector()
+    asked: list[tuple[tuple[int, ...], tuple[int, int]]] = []
+
+    def shrink(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        asked.append((frames.shape, size))
+        return np.full((len(frames), size[1], size[0], 3), 7, np.uint8)
+
+    async def body(channel: grpc.aio.Channel) -> list[list[DetectedFace]]:
+        finder = DetectorFaceFinder(detector_stub(channel), 320, 0, TIMEOUT_SECONDS, shrink)
+        return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
+
+    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    assert asked == [((2, 480, 1280, 3), (320, 120))]
+    sent, _, _ = unpack_frames(detector.requests[0].frames)
+    assert sent.shape == (2, 120, 320, 3) and bool((sent == 7).all())
+
+
 def test_decoder_source_streams_batches_and_maps_errors() -> None:
     async def body(channel: grpc.aio.Channel) -> list[list[int]]:
         stub = decoder_stub(channel)
