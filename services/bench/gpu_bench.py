@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.summarise.read_text())
         print("\n".join([summary_table(earlier), *triton_summary(earlier)]))
         return 0
-    clips = [clip for clip in CLIPS if clip.name in args.clips]
+    # In the order given: the first is the one profiled.
+    clips = [next(clip for clip in CLIPS if clip.name == name) for name in dict.fromkeys(args.clips)]
     made = time.monotonic()
     media = prepare_media(args.media.resolve(), args.seconds, clips)
     print(

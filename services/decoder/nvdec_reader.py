@@ -154,39 +154,76 @@ def _host_frame(frame: NvdecFrame, frame_bytes: int) -> np.ndarray:
     return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), shape=(frame_bytes,))
 
 
-# Files whose timestamp shift is known: (path, size, mtime) -> shift. A job's chunks decode the same file,
-# and finding the shift costs a seek to frame 0 and back: a quarter of the decoder's CPU on the H200 machine
-# when it was found for every chunk.
 SHIFT_CACHE_SIZE = 256
-_shifts: dict[tuple[str, int, int], int] = {}
-_shifts_lock = threading.Lock()
+FileKey = tuple[str, int, int]
+
+
+class ShiftCache:
+    """Files whose timestamp shift is known: (path, size, mtime) -> shift.
+
+    A job's chunks decode the same file, and finding the shift costs a seek to frame 0 and back: a quarter of
+    the decoder's CPU on the H200 machine when it was found for every chunk. A job's chunks arrive together,
+    so one stream measures while the others of that file wait for its answer (`waiting` counts them), rather
+    than all measuring at once; if the measurement fails, the next waiter measures.
+    """
+
+    def __init__(self, size: int = SHIFT_CACHE_SIZE) -> None:
+        self._size = size
+        self._shifts: dict[FileKey, int] = {}
+        self._measuring: set[FileKey] = set()
+        self._changed = threading.Condition()
+        self.waiting = 0
+
+    def shift(self, key: FileKey, measure: Callable[[], int]) -> int:
+        with self._changed:
+            while key not in self._shifts and key in self._measuring:
+                self.waiting += 1
+                self._changed.notify_all()
+                self._changed.wait()
+                self.waiting -= 1
+            if key in self._shifts:
+                return self._shifts[key]
+            self._measuring.add(key)
+        try:
+            shift = measure()
+        finally:
+            with self._changed:
+                self._measuring.discard(key)
+                self._changed.notify_all()
+        with self._changed:
+            if len(self._shifts) >= self._size:
+                del self._shifts[next(iter(self._shifts))]
+            self._shifts[key] = shift
+        return shift
+
+    def wait_for_waiting(self, count: int, timeout: float) -> bool:
+        """Whether `count` streams came to wait for another's measurement within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.waiting >= count, timeout)
+
+    def clear(self) -> None:
+        with self._changed:
+            self._shifts.clear()
+
+
+SHIFTS = ShiftCache()
 
 
 def forget_timestamp_shifts() -> None:
-    with _shifts_lock:
-        _shifts.clear()
+    SHIFTS.clear()
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
+def _file_key(path: Path) -> FileKey:
     status = path.stat()
     return str(path.resolve()), status.st_size, status.st_mtime_ns
 
 
 def _timestamp_shift(source: NvdecSource, header: StreamHeader, name: str, path: Path) -> int:
     """What turns NVDEC's timestamps into PyAV's: the headers' start time less NVDEC's stamp of frame 0."""
-    if header.start_pts is None:
+    start_pts = header.start_pts
+    if start_pts is None:
         return 0
-    key = _file_key(path)
-    with _shifts_lock:
-        known = _shifts.get(key)
-    if known is not None:
-        return known
-    shift = _measured_shift(source, header.start_pts, name)
-    with _shifts_lock:
-        if len(_shifts) >= SHIFT_CACHE_SIZE:
-            del _shifts[next(iter(_shifts))]
-        _shifts[key] = shift
-    return shift
+    return SHIFTS.shift(_file_key(path), lambda: _measured_shift(source, start_pts, name))
 
 
 def _measured_shift(source: NvdecSource, start_pts: int, name: str) -> int:

@@ -7,6 +7,7 @@ reader's own logic runs here; only the GPU's decoding is replaced.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class FakeSimpleDecoder:
     # Raise from get_batch_frames once this many frames have been handed out.
     fail_after: int | None = None
     calls: list[tuple[str, int]] = field(default_factory=list)
+    # When given, a seek to frame 0 (the shift's measurement) sets `seeking_start` and waits for it.
+    hold_start: threading.Event | None = None
+    seeking_start: threading.Event = field(default_factory=threading.Event)
     _position: int = 0
 
     def __len__(self) -> int:
@@ -40,6 +44,10 @@ class FakeSimpleDecoder:
 
     def seek_to_index(self, index: int) -> None:
         self.calls.append(("seek_to_index", index))
+        if index == 0 and self.hold_start is not None:
+            self.seeking_start.set()
+            if not self.hold_start.wait(timeout=30):
+                raise TimeoutError("the test never let the seek to frame 0 go on")
         if not 0 <= index < len(self.frames):
             raise IndexError(f"Index {index} is out of range [0, {len(self.frames) - 1}]")
         self._position = index
@@ -68,11 +76,24 @@ class FakeOpener:
     frames: list[FakeDecodedFrame]
     fail_after: int | None = None
     opened: list[FakeSimpleDecoder] = field(default_factory=list)
+    # Given to the first decoder opened: see FakeSimpleDecoder.hold_start.
+    hold_first_start: threading.Event | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     def __call__(self, path: Path, gpu_id: int) -> FakeSimpleDecoder:
-        decoder = FakeSimpleDecoder(self.frames, self.fail_after)
-        self.opened.append(decoder)
+        with self._changed:
+            hold = self.hold_first_start if not self.opened else None
+            decoder = FakeSimpleDecoder(self.frames, self.fail_after, hold_start=hold)
+            self.opened.append(decoder)
+            self._changed.notify_all()
         return decoder
+
+    def decoder(self, number: int, timeout: float = 30.0) -> FakeSimpleDecoder:
+        """Decoder `number` (from 0), waiting until the reader has opened it."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.opened) > number, timeout):
+                raise TimeoutError(f"decoder {number} was never opened")
+            return self.opened[number]
 
 
 @dataclass

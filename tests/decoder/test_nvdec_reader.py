@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,20 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import (
+    SHIFTS,
     NvdecDecodeError,
     NvdecOpenError,
     NvdecUnsupported,
+    forget_timestamp_shifts,
     iter_nvdec_frame_batches,
     nvdec_refusal,
 )
-from tests.decoder.fake_nvdec import FakeDecodedFrame, FakeOpener, FakeOpenerFailure, pyav_frames
+from tests.decoder.fake_nvdec import (
+    FakeDecodedFrame,
+    FakeOpener,
+    FakeOpenerFailure,
+    pyav_frames,
+)
 
 Batches = list[tuple[np.ndarray, list[int], list[int]]]
 
@@ -67,6 +76,30 @@ def test_the_shift_is_measured_once_per_file(small_video: Path, small_frames: li
     first, second = opener.opened
     assert first.calls[0] == ("seek_to_index", 0)
     assert second.calls == [("seek_to_index", keyframe.frame_index), ("get_batch_frames", 4)]
+
+
+def test_chunks_of_one_file_arriving_together_measure_the_shift_once(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    forget_timestamp_shifts()
+    keyframe = probe_media(small_video).keyframes[1]
+    release = threading.Event()
+    opener = FakeOpener(small_frames, hold_first_start=release)
+
+    def decode() -> None:
+        list(iter_nvdec_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 4, 4, open_decoder=opener))
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(decode)
+        assert opener.decoder(0).seeking_start.wait(timeout=30)
+        second = pool.submit(decode)
+        assert SHIFTS.wait_for_waiting(1, timeout=30), "the second chunk did not wait for the first's shift"
+        release.set()
+        first.result(timeout=30)
+        second.result(timeout=30)
+    measuring, waiting = opener.opened
+    assert measuring.calls[0] == ("seek_to_index", 0)
+    assert waiting.calls == [("seek_to_index", keyframe.frame_index), ("get_batch_frames", 4)]
 
 
 def test_stamps_that_ignore_the_edit_list_are_mapped_onto_pyavs(

@@ -19,6 +19,7 @@ from services.worker.batch_warp import (
     DeviceCropCodec,
     TorchFaceWarper,
     align_batch,
+    crop_to_frame,
     paste_batch,
     shrink_batch,
 )
@@ -385,3 +386,9 @@ def test_the_device_codec_refuses_nan_and_inf_naming_the_model(bad: float) -> No
     mask[1, 0, 2, 2] = bad
     with pytest.raises(Internal, match="model face_swapper returned NaN or Inf"):
         DeviceCropCodec(torch.device("cpu")).unpack(swapped, mask)
+
+
+def test_crops_map_back_to_frames_by_opencvs_inverse() -> None:
+    _, _, matrices = _scenes()
+    expected = np.stack([cv2.invertAffineTransform(matrix.astype(np.float64)) for matrix in matrices])
+    np.testing.assert_allclose(crop_to_frame(matrices), expected, rtol=1e-9, atol=1e-9)
