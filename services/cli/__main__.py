@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.cli import advise_command, commands
+from services.cli import advise_command, commands, models_command
 from services.cli.embedded_stack import StackOptions
 from services.common.errors import SwaplineError
 from services.common.job_vocabulary import SELECTOR_MODES
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=commands.list_jobs)
 
     advise_command.add_parser(sub)
+    models_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="build a sample video from package-shipped photos and swap it")
     _stack_options(demo)

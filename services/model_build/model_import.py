@@ -1,0 +1,196 @@
+"""Installs a folder of the face models users already own (FaceFusion's `.assets/models`) as a model set.
+
+For each file whose name FaceFusion gives one of the models swapline serves (face_model_contracts):
+1. its tensors are checked against the contract (onnx_contract_check); a misfit refuses the whole import;
+2. a graph fixed at batch 1 (inswapper's release) is rewritten so that Triton can batch it, and the
+   rewrite is checked by running batch N against N single runs (onnx_rewrite);
+3. the served build is FP16 with inputs and outputs in their types, and its FP32 twin is what a batch
+   whose FP16 answer overflows runs again on: converted from an FP32 file, or upcast from an FP16 one;
+4. both are written as Triton models (imported_model_config), `<name>` and `<name>_fp32`.
+
+Everything is built in a staging folder beside the repository first, so a refusal changes nothing that
+is installed; then each model folder is swapped in by rename, and the sets' manifest (model_sets.json at
+the repository's root, where Triton looks for no models) is rewritten last. Files of other models in the
+folder are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from services.common.errors import InvalidArgument, NotFound, SwaplineError
+from services.common.media_paths import write_file
+from services.model_build.face_model_contracts import CONTRACTS, ModelContract, ModelRole
+from services.model_build.imported_model_config import config_text, imported_config, is_batched, twin_name
+from services.model_build.onnx_contract_check import check_model
+from services.model_build.onnx_rewrite import batchable, fp16_twin, fp32_twin, is_fp16, verify_batch_equivalence
+from services.triton.model_config import CONFIG_FILE, MODEL_FILE, MODEL_VERSION
+
+MANIFEST_FILE = "model_sets.json"
+ONNX_SUFFIX = ".onnx"
+# FaceFusion ships some models also as an FP16 file under the stem plus this; both serve one model.
+FP16_FILE_SUFFIX = "_fp16"
+# Faces a batch carries when the batch rewrite is checked against single runs.
+CHECK_BATCH = 2
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the served Triton model; its FP32 twin is `twin`
+    role: ModelRole
+    stem: str  # the contract's (FaceFusion's) stem of the file it came from
+    source_file: str
+    twin: str
+    batched: bool
+    batch_rewritten: bool
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    name: str
+    models: tuple[ModelEntry, ...]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    model_set: ModelSet
+    skipped: tuple[str, ...]  # file name and why
+
+
+# What the repository serves without anything imported: the MTCNN cascade and the crop-to-crop swapper.
+BUILT_IN_SET = ModelSet(
+    "builtin",
+    (
+        ModelEntry("face_swapper", "swapper", "face_swapper", "make models", "face_swapper", True, False),
+        ModelEntry("mtcnn_cascade", "detector", "mtcnn_cascade", "make models", "mtcnn_cascade", True, False),
+    ),
+)
+
+
+def served_name(stem: str) -> str:
+    """inswapper_128_fp16 and inswapper_128 are one model, served as inswapper_128."""
+    return stem.removesuffix(FP16_FILE_SUFFIX)
+
+
+def _chosen_files(directory: Path) -> tuple[dict[str, tuple[Path, ModelContract]], list[str]]:
+    """Per served model, the file to build it from (FP32 where both are given), and the files skipped."""
+    if not directory.is_dir():
+        raise NotFound(f"model folder {directory.name} does not exist")
+    chosen: dict[str, tuple[Path, ModelContract]] = {}
+    skipped: list[str] = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix != ONNX_SUFFIX:
+            continue
+        contract = CONTRACTS.get(path.stem)
+        if contract is None:
+            skipped.append(f"{path.name}: not a model swapline serves")
+            continue
+        name = served_name(path.stem)
+        if name in chosen and path.stem.endswith(FP16_FILE_SUFFIX):
+            skipped.append(f"{path.name}: {chosen[name][0].name} is its FP32 original")
+            continue
+        if name in chosen:
+            skipped.append(f"{chosen[name][0].name}: {path.name} is its FP32 original")
+        chosen[name] = (path, contract)
+    if not chosen:
+        raise InvalidArgument(
+            f"{directory.name} holds no model swapline serves; it takes {', '.join(sorted(CONTRACTS))} (.onnx)"
+        )
+    return chosen, skipped
+
+
+def _built(path: Path, contract: ModelContract) -> tuple[onnx.ModelProto, onnx.ModelProto, bool]:
+    """(served FP16 build, FP32 twin, whether the batch was rewritten), each checked; errors name the file."""
+    checked = check_model(path, contract)
+    try:
+        original = onnx.load(str(path))
+        rewritten = checked.batch_fixed_at_one and all(
+            tensor.batch_axis for tensor in (*contract.inputs, *contract.outputs)
+        )
+        model = batchable(original) if rewritten else original
+        if rewritten:
+            verify_batch_equivalence(original, model, batch_size=CHECK_BATCH)
+        if is_fp16(model):
+            return model, fp32_twin(model), rewritten
+        return fp16_twin(model), model, rewritten
+    except SwaplineError as error:
+        raise type(error)(f"{path.name}: {error.message}") from None
+
+
+def _write_model(folder: Path, model: onnx.ModelProto, text: str) -> None:
+    (folder / MODEL_VERSION).mkdir(parents=True)
+    write_file(folder / MODEL_VERSION / MODEL_FILE, model.SerializeToString())
+    write_file(folder / CONFIG_FILE, text.encode())
+
+
+def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> ModelEntry:
+    served, twin, rewritten = _built(path, contract)
+    note = f"Imported from {path.name} by `swapline models import`"
+    _write_model(staging / name, served, config_text(imported_config(name, served, "fp16"), f"{note} (FP16)."))
+    _write_model(
+        staging / twin_name(name),
+        twin,
+        config_text(imported_config(twin_name(name), twin, "fp32"), f"{note}: the FP32 twin of {name}."),
+    )
+    return ModelEntry(name, contract.role, contract.stem, path.name, twin_name(name), is_batched(served), rewritten)
+
+
+def _swap_in(staged: Path, target: Path, trash: Path) -> None:
+    if target.exists():
+        os.replace(target, trash / target.name)
+    os.replace(staged, target)
+
+
+def read_manifest(repository: Path) -> dict[str, ModelSet]:
+    path = repository / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        sets = json.loads(path.read_text())["sets"]
+        return {name: ModelSet(name, tuple(ModelEntry(**entry) for entry in entries)) for name, entries in sets.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidArgument(f"{MANIFEST_FILE} of {repository.name} does not parse: {error}") from None
+
+
+def _write_manifest(repository: Path, sets: dict[str, ModelSet]) -> None:
+    record = {"sets": {name: [dataclasses.asdict(entry) for entry in sets[name].models] for name in sorted(sets)}}
+    write_file(repository / MANIFEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def import_model_set(directory: Path, repository: Path, set_name: str) -> ImportResult:
+    """Checks and builds every recognised file of `directory`, then installs them as the set `set_name`."""
+    if not set_name or "/" in set_name or set_name.startswith("."):
+        raise InvalidArgument(f"set name {set_name[:64]!r} must be a plain, non-empty name")
+    if not repository.is_dir():
+        raise NotFound(f"model repository {repository} does not exist")
+    chosen, skipped = _chosen_files(directory)
+    # Beside the repository, on its file system (so the renames are atomic), where Triton looks for no models.
+    staging = repository.parent / f".{repository.name}-import-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        entries = tuple(_stage(staging, name, path, contract) for name, (path, contract) in chosen.items())
+        sets = read_manifest(repository)
+        trash = staging / "replaced"
+        trash.mkdir()
+        for entry in entries:
+            for name in (entry.name, entry.twin):
+                _swap_in(staging / name, repository / name, trash)
+        sets[set_name] = ModelSet(set_name, entries)
+        _write_manifest(repository, sets)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ImportResult(sets[set_name], tuple(skipped))
+
+
+def installed_sets(repository: Path) -> list[ModelSet]:
+    """The imported sets, by name."""
+    sets = read_manifest(repository)
+    return [sets[name] for name in sorted(sets)]
