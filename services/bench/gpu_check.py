@@ -47,7 +47,7 @@ async def swap_photo(models: ModelRunner) -> tuple[int, np.ndarray]:
     source_face = (await detector.detect(source[None]))[0][0]
     identity = await swapper.prepare_source(align_face(source, source_face.landmarks).crop)
     crops = np.stack([align_face(photo, face.landmarks).crop for face in faces])
-    swapped, _ = await swapper.swap(crops, identity)
+    swapped = (await swapper.swap(crops, identity)).crops
     return len(faces), swapped
 
 

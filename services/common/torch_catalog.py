@@ -28,9 +28,14 @@ BUILT_IN_FACTORIES: dict[str, str] = {
     "mtcnn_rnet": f"{_FACTORIES_MODULE}:new_mtcnn_rnet",
     "mtcnn_onet": f"{_FACTORIES_MODULE}:new_mtcnn_onet",
     "face_swapper": f"{_FACTORIES_MODULE}:new_face_swapper",
+    "face_swapper_fp32": f"{_FACTORIES_MODULE}:new_face_swapper",
     # Production serves the cascade as TorchScript with Triton's PyTorch backend; it has no ONNX form.
     "mtcnn_cascade": "services.model_build.mtcnn_cascade:new_mtcnn_cascade",
 }
+
+
+# Models served in one precision whatever the stack's: a twin that exists to compute in FP32.
+FIXED_PRECISIONS: dict[str, TorchPrecision] = {"face_swapper_fp32": "fp32"}
 
 
 def parse_torch_precision(text: str) -> TorchPrecision:

@@ -124,6 +124,8 @@ class ChunkStats:
     warnings: tuple[str, ...] = ()
     started_at_unix: float = 0.0
     finished_at_unix: float = 0.0
+    # Swapper requests run again on the FP32 twin because the FP16 answer held NaN or Inf.
+    fp32_fallbacks: int = 0
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
     frames = sum(stats.frames for _, stats in measured)
     faces = sum(stats.faces for _, stats in measured)
     frames_with_faces = sum(stats.frames_with_faces for _, stats in measured)
+    fp32_fallbacks = sum(stats.fp32_fallbacks for _, stats in measured)
     origin = job.started_at if job.started_at is not None else job.created_at
     wall_seconds = job.finished_at - origin if job.finished_at is not None else 0.0
 
@@ -118,6 +119,10 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
     elif frames_with_faces < frames:
         warnings.append(
             f"{frames - frames_with_faces} of {frames} frames had no face and were left unchanged"
+        )
+    if fp32_fallbacks:
+        warnings.append(
+            f"{fp32_fallbacks} swapper requests overflowed in FP16 (NaN or Inf) and were run again in FP32"
         )
     attempts = sum(chunk.attempts for chunk in chunks)
     if attempts > len(chunks):
@@ -149,6 +154,7 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
         "frames": frames,
         "faces": faces,
         "frames_with_faces": frames_with_faces,
+        "fp32_fallbacks": fp32_fallbacks,
         "chunks": len(chunks),
         "chunk_attempts": attempts,
         "wall_seconds": round(wall_seconds, 4),

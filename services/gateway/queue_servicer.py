@@ -47,6 +47,7 @@ def stats_from_proto(stats: chunks_pb2.ChunkStats) -> ChunkStats:
         warnings=tuple(stats.warnings),
         started_at_unix=stats.started_at_unix,
         finished_at_unix=stats.finished_at_unix,
+        fp32_fallbacks=stats.fp32_fallbacks,
     )
 
 

@@ -26,6 +26,7 @@ from services.common.media_paths import temporary_path
 from services.common.torch_catalog import (
     BUILT_IN_FACTORIES,
     FACTORY_PARAMETER,
+    FIXED_PRECISIONS,
     PRECISION_PARAMETER,
     TORCH_PRECISIONS,
     TORCH_WEIGHTS_FILE,
@@ -204,9 +205,8 @@ def write_embedded_model(
     factory = BUILT_IN_FACTORIES.get(model)
     if device == "cuda" and factory is not None:
         weights = require_torch_weights(production_repository, model)
-        return write_torch_model(
-            out, model, production, factory, weights, EMBEDDED_TORCH_PRECISION, device, gpu_instances
-        )
+        precision = FIXED_PRECISIONS.get(model, EMBEDDED_TORCH_PRECISION)
+        return write_torch_model(out, model, production, factory, weights, precision, device, gpu_instances)
     if device == "cuda":
         log.warning("model %s has no torch definition: it runs through onnxruntime on the CPU", model)
     onnx_file = require_onnx(production_repository, model)

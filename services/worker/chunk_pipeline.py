@@ -111,6 +111,7 @@ class ChunkStats:
     started_at: float = 0.0
     finished_at: float = 0.0
     skipped_faces: int = 0  # faces whose landmarks no similarity transform fits
+    fp32_fallbacks: int = 0  # swapper requests run again on the FP32 twin after an FP16 overflow
     # Set once the last frame is handed to the sink. What is left is the encoder flushing its
     # lookahead (a few hundred ms of libx264 at 720p), which the worker overlaps with its next chunk.
     frames_sent: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -259,7 +260,9 @@ async def run_chunk_pipeline(
                 )
                 crops = aligned.crops
                 if len(crops):
-                    new_crops, masks = await swapper.swap(crops, identity)
+                    swapped_faces = await swapper.swap(crops, identity)
+                    new_crops, masks = swapped_faces.crops, swapped_faces.masks
+                    live.fp32_fallbacks += swapped_faces.fp32_fallbacks
                 else:
                     new_crops, masks = crops, np.zeros(crops.shape[:3], np.float32)
             await swapped.put(_SwappedBatch(batch.indices, slots, aligned, new_crops, masks, skipped))

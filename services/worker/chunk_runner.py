@@ -109,4 +109,5 @@ def chunk_stats_to_proto(stats: ChunkStats) -> chunks_pb2.ChunkStats:
         warnings=stats.warnings,
         started_at_unix=stats.started_at,
         finished_at_unix=stats.finished_at,
+        fp32_fallbacks=stats.fp32_fallbacks,
     )

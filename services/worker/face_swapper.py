@@ -23,6 +23,8 @@ from services.common.model_runner import ModelRunner
 log = logging.getLogger(__name__)
 
 FACE_SWAPPER_MODEL = "face_swapper"
+# Its FP32 twin (triton_models/face_swapper_fp32), for batches whose FP16 answer overflows.
+FACE_SWAPPER_FP32_MODEL = "face_swapper_fp32"
 SWAPPER_INPUTS = ("target", "source")
 SWAPPER_OUTPUTS = ("swapped", "mask")
 # The deployed model's max_batch_size: one request never carries more faces than this.
@@ -37,19 +39,30 @@ class SourceIdentity:
     embedding: np.ndarray | None = None  # identity embedding, for embedding-conditioned models
 
 
+@dataclass(frozen=True)
+class SwappedFaces:
+    """(n, S, S, 3) uint8 swapped crops and (n, S, S) float32 masks in 0..1, where the face warper keeps
+    crops (its CropCodec): numpy arrays on the host, or torch tensors on the warper's device."""
+
+    crops: Any
+    masks: Any
+    # Requests run again on the FP32 twin because the FP16 answer held NaN or Inf.
+    fp32_fallbacks: int = 0
+
+
 class FaceSwapper(Protocol):
     @property
     def crop_size(self) -> int: ...
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity: ...
 
-    async def swap(self, target_crops: Any, identity: SourceIdentity) -> tuple[Any, Any]:
-        """(n, S, S, 3) uint8 crops -> ((n, S, S, 3) uint8 swapped crops, (n, S, S) float32 masks, 0..1).
-
-        Crops and masks are where the face warper keeps them (its CropCodec): numpy arrays on the host,
-        or torch tensors on the warper's device.
-        """
+    async def swap(self, target_crops: Any, identity: SourceIdentity) -> SwappedFaces:
+        """(n, S, S, 3) uint8 crops, where the face warper keeps them, swapped to the source identity."""
         ...
+
+
+class NonFiniteOutputs(Internal):
+    """A swapper's answer held NaN or Inf; the swapper that asked names the model."""
 
 
 class CropCodec(Protocol):
@@ -62,7 +75,7 @@ class CropCodec(Protocol):
 
     def unpack(self, swapped: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
         """Checked outputs ((n, 3, S, S) and (n, 1, S, S), FP16 or FP32) -> uint8 (n, S, S, 3) crops and
-        float32 (n, S, S) masks; a NaN or Inf anywhere is `non_finite_outputs()`."""
+        float32 (n, S, S) masks; a NaN or Inf anywhere is NonFiniteOutputs."""
         ...
 
     def join(self, parts: Sequence[Any]) -> Any:
@@ -87,12 +100,8 @@ with np.errstate(invalid="ignore", over="ignore"):
     _FP16_TO_WEIGHT = np.clip(np.nan_to_num(_FP16_VALUES), 0.0, 1.0).astype(np.float32)
 
 
-def non_finite_outputs() -> Internal:
-    """A NaN or Inf in the swapper's answer: no FP32 model is deployed to retry on, and pasting garbage into
-    a video silently is worse than failing the chunk."""
-    return Internal(
-        f"model {FACE_SWAPPER_MODEL} returned NaN or Inf values (FP16 overflow in the model); no FP32 model to retry on"
-    )
+def non_finite_outputs() -> NonFiniteOutputs:
+    return NonFiniteOutputs("the answer holds NaN or Inf values")
 
 
 class HostCropCodec:
@@ -137,7 +146,9 @@ def pack_swapper_inputs(target_crops: np.ndarray, source_crop: np.ndarray) -> di
     return swapper_inputs(HOST_CROPS.pack_target(target_crops), source_crop)
 
 
-def checked_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def checked_swapper_outputs(
+    outputs: Mapping[str, np.ndarray], model: str = FACE_SWAPPER_MODEL
+) -> tuple[np.ndarray, np.ndarray]:
     """`swapped` (n,3,S,S) and `mask` (n,1,S,S), contiguous, FP16 where the model answered FP16, else FP32.
 
     Outputs of another layout are FailedPrecondition: the deployed model is not the one this code
@@ -145,18 +156,18 @@ def checked_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarr
     """
     missing = [name for name in SWAPPER_OUTPUTS if outputs.get(name) is None]
     if missing:
-        raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned no {', '.join(missing)} output")
+        raise FailedPrecondition(f"model {model} returned no {', '.join(missing)} output")
     # FP16 answers (the deployed config's) stay FP16 for the codecs' fast paths; any other dtype becomes FP32.
     half = outputs["swapped"].dtype == np.float16 and outputs["mask"].dtype == np.float16
     swapped = np.ascontiguousarray(outputs["swapped"]) if half else np.asarray(outputs["swapped"], np.float32)
     mask = np.ascontiguousarray(outputs["mask"]) if half else np.asarray(outputs["mask"], np.float32)
     if swapped.ndim != 4 or swapped.shape[1] != 3 or mask.ndim != 4 or mask.shape[1] != 1:
         raise FailedPrecondition(
-            f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} and mask {mask.shape}; "
+            f"model {model} returned swapped {swapped.shape} and mask {mask.shape}; "
             "expected (n, 3, S, S) and (n, 1, S, S)"
         )
     if swapped.shape[0] != mask.shape[0] or swapped.shape[2:] != mask.shape[2:]:
-        raise FailedPrecondition(f"model {FACE_SWAPPER_MODEL} returned swapped {swapped.shape} but mask {mask.shape}")
+        raise FailedPrecondition(f"model {model} returned swapped {swapped.shape} but mask {mask.shape}")
     return swapped, mask
 
 
@@ -170,7 +181,9 @@ class CropTransferSwapper:
 
     An out-of-memory answer halves the faces per request and retries, down to one face before the
     error is passed on; the smaller size is kept for later batches of this process, because the
-    memory that ran out is usually still taken.
+    memory that ran out is usually still taken. A request whose FP16 answer holds NaN or Inf runs again
+    on the FP32 twin (`fallback_model`); only if that overflows too does the chunk fail: pasting garbage
+    into a video silently is worse.
     """
 
     def __init__(
@@ -179,10 +192,14 @@ class CropTransferSwapper:
         max_batch: int = MAX_SWAP_BATCH,
         size: int = CROP_SIZE,
         crops: CropCodec = HOST_CROPS,
+        model: str = FACE_SWAPPER_MODEL,
+        fallback_model: str = FACE_SWAPPER_FP32_MODEL,
     ) -> None:
         self._models = models
         self._size = size
         self._crops = crops
+        self._model = model
+        self._fallback_model = fallback_model
         self.batch_limit = max_batch
 
     @property
@@ -193,39 +210,56 @@ class CropTransferSwapper:
         _check_crops(source_crop[None], "the source crop")
         return SourceIdentity(crop=np.ascontiguousarray(source_crop))
 
-    async def swap(self, target_crops: Any, identity: SourceIdentity) -> tuple[Any, Any]:
+    async def swap(self, target_crops: Any, identity: SourceIdentity) -> SwappedFaces:
         count = len(target_crops)
         if count == 0:
             size = self._size
-            return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32)
+            return SwappedFaces(np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32))
         crops: list[Any] = []
         masks: list[Any] = []
+        fallbacks = 0
         start = 0
         while start < count:
             part = target_crops[start : start + self.batch_limit]
             # Packing and unpacking run off the event loop: on a GPU they wait for the device.
             target = await asyncio.to_thread(self._crops.pack_target, part)
+            inputs = swapper_inputs(target, identity.crop)
             try:
-                outputs = await self._models.infer(
-                    FACE_SWAPPER_MODEL, swapper_inputs(target, identity.crop), SWAPPER_OUTPUTS
-                )
+                outputs = await self._models.infer(self._model, inputs, SWAPPER_OUTPUTS)
             except ResourceExhausted:
                 if self.batch_limit == 1:
                     raise
                 self.batch_limit = max(1, min(self.batch_limit, len(part)) // 2)
                 log.warning("face swapper out of memory; retrying with %d faces per request", self.batch_limit)
                 continue
-            swapped, mask = checked_swapper_outputs(outputs)
-            if swapped.shape != target.shape:
-                answered, sent = swapped.shape, target.shape
-                raise FailedPrecondition(
-                    f"model {FACE_SWAPPER_MODEL} returned {answered[0]} crops of {answered[2]}x{answered[3]} "
-                    f"for {sent[0]} faces of {sent[2]}x{sent[3]}"
+            try:
+                part_crops, part_masks = await self._unpacked(self._model, outputs, target.shape)
+            except NonFiniteOutputs:
+                fallbacks += 1
+                log.warning(
+                    "model %s overflowed on %d faces; running them on %s", self._model, len(part), self._fallback_model
                 )
-            part_crops, part_masks = await asyncio.to_thread(self._crops.unpack, swapped, mask)
+                wide = {name: tensor.astype(np.float32) for name, tensor in inputs.items()}
+                answer = await self._models.infer(self._fallback_model, wide, SWAPPER_OUTPUTS)
+                part_crops, part_masks = await self._unpacked(self._fallback_model, answer, target.shape)
             crops.append(part_crops)
             masks.append(part_masks)
             start += len(part)
         if len(crops) == 1:
-            return crops[0], masks[0]
-        return self._crops.join(crops), self._crops.join(masks)
+            return SwappedFaces(crops[0], masks[0], fallbacks)
+        return SwappedFaces(self._crops.join(crops), self._crops.join(masks), fallbacks)
+
+    async def _unpacked(self, model: str, outputs: Mapping[str, np.ndarray], sent: tuple[int, ...]) -> tuple[Any, Any]:
+        swapped, mask = checked_swapper_outputs(outputs, model)
+        if swapped.shape != sent:
+            answered = swapped.shape
+            raise FailedPrecondition(
+                f"model {model} returned {answered[0]} crops of {answered[2]}x{answered[3]} "
+                f"for {sent[0]} faces of {sent[2]}x{sent[3]}"
+            )
+        try:
+            return await asyncio.to_thread(self._crops.unpack, swapped, mask)
+        except NonFiniteOutputs:
+            if model == self._fallback_model:
+                raise Internal(f"model {model} returned NaN or Inf values, in FP32 as its FP16 twin did") from None
+            raise

@@ -23,12 +23,17 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_SECONDS_BUCKETS,
 )
+FP32_FALLBACKS = Counter(
+    "swapline_worker_fp32_fallbacks_total",
+    "Swapper requests run again on the FP32 twin because the FP16 answer held NaN or Inf.",
+)
 CHUNKS = Counter("swapline_worker_chunks_total", "Chunks the worker ended, by outcome.", ["outcome"])
 
 
 def record_completed_chunk(stats: ChunkStats) -> None:
     FRAMES_PROCESSED.inc(stats.frames)
     FACES_SWAPPED.inc(stats.faces)
+    FP32_FALLBACKS.inc(stats.fp32_fallbacks)
     CHUNK_SECONDS.observe(max(0.0, stats.finished_at - stats.started_at))
     for stage, seconds in stats.stage_seconds.items():
         STAGE_SECONDS.labels(stage).observe(seconds)

@@ -14,6 +14,8 @@ from services.gateway.job_records import (
     JoinOutcome,
 )
 from services.gateway.job_report import build_report, gpu_section, gpu_statistics, with_gpu_trend
+from services.gateway.queue_servicer import stats_from_proto
+from swapline.chunks.v1 import chunks_pb2
 from tests.gateway.gateway_fakes import job_record, video_target
 
 STARTED = 5000.0
@@ -108,15 +110,21 @@ def test_a_chunk_that_starts_with_the_count_already_in_force_adds_no_face_change
 
 def test_warnings_name_frames_without_faces_retries_and_chunk_warnings() -> None:
     job = succeeded_job(wall_seconds=2.0)
-    partly = stats(
-        50, 0.0, 1.0, faces=30, frames_with_faces=30, warnings=("detector skipped a blurred frame",)
-    )
+    partly = stats(50, 0.0, 1.0, faces=30, frames_with_faces=30, warnings=("detector skipped a blurred frame",))
     full = stats(50, 0.0, 1.0)
     report = build_report(job, [chunk(0, 0, partly, attempts=2), chunk(1, 50, full)])
     assert report["frames_with_faces"] == 80 and report["faces"] == 80
     assert "chunk 0: detector skipped a blurred frame" in report["warnings"]
     assert any("20 of 100 frames had no face" in warning for warning in report["warnings"])
     assert any("1 chunk attempts" in warning for warning in report["warnings"])
+
+
+def test_fp32_fallbacks_are_summed_and_warned_about() -> None:
+    job = succeeded_job(wall_seconds=2.0)
+    report = build_report(job, [chunk(0, 0, stats(50, 0.0, 1.0, fp32_fallbacks=2)), chunk(1, 50, stats(50, 0.0, 1.0))])
+    assert report["fp32_fallbacks"] == 2
+    assert "2 swapper requests overflowed in FP16 (NaN or Inf) and were run again in FP32" in report["warnings"]
+    assert build_report(job, [chunk(0, 0, stats(50, 0.0, 1.0))])["fp32_fallbacks"] == 0
 
 
 def test_no_face_anywhere_and_missing_audio_are_warned_about() -> None:
@@ -202,3 +210,7 @@ def test_gpu_trend_joins_the_report_and_adds_its_warnings() -> None:
     assert merged["gpu"]["window"] == {"start_unix": STARTED - 1, "end_unix": STARTED + 3}
     assert merged["warnings"] == [*report["warnings"], "no GPU samples in the job's window: ran in CPU mode"]
     assert "gpu" not in report and merged["frames"] == report["frames"]
+
+
+def test_a_workers_fp32_fallbacks_reach_the_gateways_chunk_stats() -> None:
+    assert stats_from_proto(chunks_pb2.ChunkStats(frames=5, fp32_fallbacks=4)).fp32_fallbacks == 4

@@ -12,7 +12,7 @@ from services.triton.embedded_repository import embedded_config, servable_models
 from services.triton.model_config import read_model_config, repository_models
 
 PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
-ALL_MODELS = ["face_swapper", "mtcnn_onet", "mtcnn_pnet", "mtcnn_rnet"]
+ALL_MODELS = ["face_swapper", "face_swapper_fp32", "mtcnn_onet", "mtcnn_pnet", "mtcnn_rnet"]
 FP16 = model_config_pb2.TYPE_FP16
 
 
@@ -36,7 +36,8 @@ def test_production_repository_configures_the_onnx_models_and_the_torchscript_ca
         assert config.backend == "onnxruntime"
         accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
         assert [accelerator.name for accelerator in accelerators] == ["tensorrt"]
-        assert accelerators[0].parameters["precision_mode"] == "FP16"
+        expected = "FP32" if model.endswith("_fp32") else "FP16"
+        assert accelerators[0].parameters["precision_mode"] == expected
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
@@ -75,10 +76,7 @@ def test_face_swapper_keeps_fp16_tensors() -> None:
 def test_intra_op_threads_becomes_a_model_parameter() -> None:
     derived = embedded_config(read_model_config(PRODUCTION_REPOSITORY, "mtcnn_rnet"), intra_op_threads=3)
     assert derived.parameters["intra_op_threads"].string_value == "3"
-    assert (
-        "intra_op_threads"
-        not in embedded_config(read_model_config(PRODUCTION_REPOSITORY, "mtcnn_rnet")).parameters
-    )
+    assert "intra_op_threads" not in embedded_config(read_model_config(PRODUCTION_REPOSITORY, "mtcnn_rnet")).parameters
 
 
 def test_written_repository_holds_config_runner_and_model(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_pytriton_pieces_are_found() -> None:
 def test_every_configured_model_is_served(embedded_triton: EmbeddedTriton) -> None:
     # On this CPU machine: every ONNX model; the TorchScript cascade is served only on a GPU.
     assert embedded_triton.device == "cpu"
-    assert embedded_triton.models == ["face_swapper", "mtcnn_onet", "mtcnn_pnet", "mtcnn_rnet"]
+    assert embedded_triton.models == ["face_swapper", "face_swapper_fp32", "mtcnn_onet", "mtcnn_pnet", "mtcnn_rnet"]
 
     async def readiness() -> list[bool]:
         client = TritonClient(embedded_triton.grpc_url, TIMEOUT_SECONDS)

@@ -112,7 +112,8 @@ def test_the_cuda_repository_serves_every_built_in_model_from_torch(tmp_path: Pa
         assert (config.name, config.backend) == (model, "python")
         assert [(group.kind, group.count) for group in config.instance_group] == [(KIND_GPU, 2)]
         assert config.parameters["torch_factory"].string_value == BUILT_IN_FACTORIES[model]
-        assert config.parameters["torch_precision"].string_value == "fp16"
+        # The FP32 twin computes in FP32 whatever the stack's precision: that is what it is for.
+        assert config.parameters["torch_precision"].string_value == ("fp32" if model.endswith("_fp32") else "fp16")
         assert (out / model / "1" / "model.py").read_text() == TORCH_MODEL_SOURCE.read_text()
         assert (out / model / "1" / "model.pt").read_bytes() == b"state dict of " + model.encode()
         assert not (out / model / "1" / "model.onnx").exists()

@@ -13,7 +13,7 @@ from services.common.frame_codec import Frames
 from services.worker.chunk_pipeline import STAGE_NAMES, ChunkStats, run_chunk_pipeline
 from services.worker.face_aligner import alignment_matrix
 from services.worker.face_selector import FaceSelection
-from services.worker.face_swapper import SourceIdentity
+from services.worker.face_swapper import SourceIdentity, SwappedFaces
 from tests.worker.face_photos import astronaut, astronaut_landmarks, face_from_landmarks
 
 FRAME_SIZE = 256
@@ -69,24 +69,27 @@ class _KnownFaces:
 
 
 class _InvertingSwapper:
-    def __init__(self, block: bool = False) -> None:
+    def __init__(self, block: bool = False, fallbacks_per_swap: int = 0) -> None:
         self.crop_size = CROP
         self.block = block
+        self.fallbacks_per_swap = fallbacks_per_swap
+        self.swaps = 0
         self.started = asyncio.Event()
         self.cancelled = False
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
         return SourceIdentity(crop=source_crop)
 
-    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> SwappedFaces:
         self.started.set()
+        self.swaps += 1
         if self.block:
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 self.cancelled = True
                 raise
-        return 255 - target_crops, np.ones(target_crops.shape[:3], np.float32)
+        return SwappedFaces(255 - target_crops, np.ones(target_crops.shape[:3], np.float32), self.fallbacks_per_swap)
 
 
 class _CollectingSink:
@@ -106,9 +109,7 @@ def _identity() -> SourceIdentity:
     return SourceIdentity(crop=np.zeros((CROP, CROP, 3), np.uint8))
 
 
-def _run(
-    source: _PhotoSource, finder: _KnownFaces, swapper: _InvertingSwapper, sink: _CollectingSink
-) -> ChunkStats:
+def _run(source: _PhotoSource, finder: _KnownFaces, swapper: _InvertingSwapper, sink: _CollectingSink) -> ChunkStats:
     pipeline = run_chunk_pipeline(source, finder, swapper, _identity(), sink, FaceSelection("one"))
     return asyncio.run(asyncio.wait_for(pipeline, timeout=20))
 
@@ -134,10 +135,7 @@ def test_every_frame_reaches_the_sink_in_order_with_faces_pasted() -> None:
         # Outside the crop's footprint in the frame (grown by 2 pixels) nothing changes.
         footprint = np.zeros(original.shape[:2], np.uint8)
         inverse = cv2.invertAffineTransform(alignment_matrix(landmarks, CROP))
-        corners = (
-            np.array([[0, 0], [CROP, 0], [CROP, CROP], [0, CROP]], np.float32) @ inverse[:, :2].T
-            + inverse[:, 2]
-        )
+        corners = np.array([[0, 0], [CROP, 0], [CROP, CROP], [0, CROP]], np.float32) @ inverse[:, :2].T + inverse[:, 2]
         cv2.fillConvexPoly(footprint, np.round(corners).astype(np.int32), (1,))
         outside = cv2.dilate(footprint, np.ones((5, 5), np.uint8)) == 0
         assert outside.sum() > original.shape[0] * original.shape[1] / 4
@@ -148,6 +146,12 @@ def test_every_frame_reaches_the_sink_in_order_with_faces_pasted() -> None:
     assert stats.face_count_changes == [(0, 1), (4, 0), (6, 1)]
     assert all(stats.stage_seconds[stage] > 0 for stage in STAGE_NAMES)
     assert stats.started_at <= stats.finished_at
+
+
+def test_the_swappers_fp32_fallbacks_add_up_in_the_chunk_stats() -> None:
+    swapper = _InvertingSwapper(fallbacks_per_swap=2)
+    stats = _run(_PhotoSource(frames=10), _KnownFaces(), swapper, _CollectingSink())
+    assert swapper.swaps > 0 and stats.fp32_fallbacks == 2 * swapper.swaps
 
 
 def test_stages_overlap_decode_runs_ahead_of_detect() -> None:
@@ -201,8 +205,13 @@ def test_a_detector_error_propagates_and_ends_the_pipeline() -> None:
     stats = ChunkStats()
     sink = _FlagWatchingSink(stats)
     pipeline = run_chunk_pipeline(
-        _PhotoSource(frames=12), _KnownFaces(fail_on_call=2), _InvertingSwapper(), _identity(), sink,
-        FaceSelection("one"), stats,
+        _PhotoSource(frames=12),
+        _KnownFaces(fail_on_call=2),
+        _InvertingSwapper(),
+        _identity(),
+        sink,
+        FaceSelection("one"),
+        stats,
     )
     with pytest.raises(Unavailable, match="detector went away"):
         asyncio.run(asyncio.wait_for(pipeline, timeout=20))
@@ -215,9 +224,7 @@ def test_cancelling_the_pipeline_stops_every_stage() -> None:
         swapper = _InvertingSwapper(block=True)
         sink = _CollectingSink()
         task = asyncio.create_task(
-            run_chunk_pipeline(
-                _PhotoSource(frames=12), _KnownFaces(), swapper, _identity(), sink, FaceSelection("one")
-            )
+            run_chunk_pipeline(_PhotoSource(frames=12), _KnownFaces(), swapper, _identity(), sink, FaceSelection("one"))
         )
         await asyncio.wait_for(swapper.started.wait(), timeout=10)
         task.cancel()

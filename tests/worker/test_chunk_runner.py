@@ -28,8 +28,10 @@ def test_chunk_stats_report_the_frames_and_faces_of_the_run() -> None:
     stats = ChunkStats()
     for index, faces in ((120, 1), (121, 1), (122, 0)):
         stats.record_frame(index, faces)
+    stats.fp32_fallbacks = 3
 
     message = chunk_stats_to_proto(stats)
+    assert message.fp32_fallbacks == 3
 
     assert (message.frames, message.faces, message.frames_with_faces) == (3, 2, 2)
     assert [(change.frame_index, change.faces) for change in message.face_count_changes] == [(120, 1), (122, 0)]

@@ -12,6 +12,7 @@ from services.worker.face_swapper import (
     FACE_SWAPPER_MODEL,
     CropTransferSwapper,
     SourceIdentity,
+    SwappedFaces,
     pack_swapper_inputs,
     unpack_swapper_outputs,
 )
@@ -80,10 +81,15 @@ class _InvertingModels:
         }
 
 
-def _swap(models: ModelRunner, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _swapped(models: ModelRunner, crops: np.ndarray) -> SwappedFaces:
     swapper = CropTransferSwapper(models, size=SIZE)
     identity = asyncio.run(swapper.prepare_source(crops[0]))
     return asyncio.run(swapper.swap(crops, identity))
+
+
+def _swap(models: ModelRunner, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    swapped = _swapped(models, crops)
+    return swapped.crops, swapped.masks
 
 
 def test_all_faces_go_in_one_request_up_to_the_model_batch() -> None:
@@ -122,7 +128,8 @@ def test_no_faces_needs_no_request() -> None:
     models = _InvertingModels()
     swapper = CropTransferSwapper(models, size=SIZE)
     identity = SourceIdentity(crop=_crops(1)[0])
-    swapped, masks = asyncio.run(swapper.swap(np.zeros((0, SIZE, SIZE, 3), np.uint8), identity))
+    swapped_faces = asyncio.run(swapper.swap(np.zeros((0, SIZE, SIZE, 3), np.uint8), identity))
+    swapped, masks = swapped_faces.crops, swapped_faces.masks
     assert swapped.shape == (0, SIZE, SIZE, 3) and masks.shape == (0, SIZE, SIZE)
     assert models.batches == []
 
@@ -189,3 +196,47 @@ def test_one_nan_among_fp16_outputs_is_still_found() -> None:
     swapped[0, 2, 5, 7] = np.nan
     with pytest.raises(Internal, match="NaN or Inf"):
         unpack_swapper_outputs({"swapped": swapped, "mask": np.ones((1, 1, SIZE, SIZE), np.float16)})
+
+
+class _OverflowingModels:
+    """face_swapper answers NaN for requests holding a face whose first pixel is `poison`; its FP32 twin
+    inverts, unless `twin_overflows`. Records (model, faces, input dtype) per request."""
+
+    def __init__(self, poison: int, twin_overflows: bool = False) -> None:
+        self.poison, self.twin_overflows = poison, twin_overflows
+        self.requests: list[tuple[str, int, str]] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        target = inputs["target"]
+        self.requests.append((model, len(target), str(target.dtype)))
+        swapped = 1.0 - target.astype(np.float32)
+        poisoned = model == FACE_SWAPPER_MODEL or self.twin_overflows
+        if poisoned and (np.round(target[:, 0, 0, 0].astype(np.float32) * 255) == self.poison).any():
+            swapped[:, 1, 2, 3] = np.nan
+        dtype = target.dtype
+        return {"swapped": swapped.astype(dtype), "mask": np.ones((len(target), 1, *target.shape[2:]), dtype)}
+
+
+def test_an_fp16_overflow_runs_that_request_again_on_the_fp32_twin_and_counts_it() -> None:
+    crops = _crops(70)
+    crops[:, 0, 0, 0] = 100
+    crops[66, 0, 0, 0] = 7  # in the second request of 64 + 6
+    models = _OverflowingModels(poison=7)
+    swapped = _swapped(models, crops)
+    assert models.requests == [
+        (FACE_SWAPPER_MODEL, 64, "float16"),
+        (FACE_SWAPPER_MODEL, 6, "float16"),
+        ("face_swapper_fp32", 6, "float32"),
+    ]
+    assert swapped.fp32_fallbacks == 1
+    assert int(np.abs(swapped.crops.astype(int) - (255 - crops.astype(int))).max()) <= 1
+
+
+def test_an_overflow_in_the_fp32_twin_too_fails_naming_it() -> None:
+    crops = _crops(3)
+    crops[:, 0, 0, 0] = 100
+    crops[1, 0, 0, 0] = 7
+    with pytest.raises(Internal, match="model face_swapper_fp32 returned NaN or Inf values, in FP32 as"):
+        _swap(_OverflowingModels(poison=7, twin_overflows=True), crops)

@@ -10,7 +10,7 @@ from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.worker.face_aligner import alignment_matrix
-from services.worker.face_swapper import SourceIdentity
+from services.worker.face_swapper import SourceIdentity, SwappedFaces
 from services.worker.source_face import JobFaceCache, prepare_source_identity
 from tests.worker.face_photos import astronaut, astronaut_landmarks, face_from_landmarks
 
@@ -48,7 +48,7 @@ class _RecordingSwapper:
         self.prepared.append(source_crop)
         return SourceIdentity(crop=source_crop)
 
-    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> tuple[np.ndarray, np.ndarray]:
+    async def swap(self, target_crops: np.ndarray, identity: SourceIdentity) -> SwappedFaces:
         raise AssertionError("not used")
 
 
