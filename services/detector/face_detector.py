@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from services.common.adaptive_batch import AdaptiveBatch
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.model_runner import ModelRunner
@@ -246,6 +247,14 @@ class FaceDetector:
     def __init__(self, runner: ModelRunner, defaults: DetectionDefaults | None = None) -> None:
         self.runner = runner
         self.defaults = defaults or DetectionDefaults()
+        self._batches = {
+            model: AdaptiveBatch(model, limit)
+            for model, limit in (
+                (PNET_MODEL, PNET_MAX_BATCH),
+                (RNET_MODEL, RNET_MAX_BATCH),
+                (ONET_MODEL, ONET_MAX_BATCH),
+            )
+        }
 
     async def detect(
         self, frames: Frames, min_face_size: int | None = None, min_score: float | None = None
@@ -293,7 +302,7 @@ class FaceDetector:
         else:
             level = resize_frames(first, level_width, level_height)
         images = to_network_input(level)
-        frames_per_request = max(1, min(PNET_MAX_BATCH, MAX_REQUEST_BYTES // images[0].nbytes))
+        frames_per_request = max(1, MAX_REQUEST_BYTES // images[0].nbytes)
         outputs = await self._infer_chunked(PNET_MODEL, images, (PROBABILITY, REGRESSION), frames_per_request)
         frame_index, boxes, scores, offsets = grid_boxes(
             outputs[PROBABILITY][:, 1], outputs[REGRESSION], scale, self.defaults.pnet_score
@@ -307,9 +316,7 @@ class FaceDetector:
         if not len(candidates):
             return candidates
         crops, cropped = pyramid_crops(levels, candidates.frame_index, candidates.boxes, RNET_SIDE)
-        outputs = await self._infer_chunked(
-            RNET_MODEL, to_network_input(crops), (PROBABILITY, REGRESSION), RNET_MAX_BATCH
-        )
+        outputs = await self._infer_chunked(RNET_MODEL, to_network_input(crops), (PROBABILITY, REGRESSION))
         scores = outputs[PROBABILITY][:, 1].astype(np.float32)
         passed = scores >= self.defaults.rnet_score
         rescored = Candidates(candidates.frame_index[passed], cropped[passed], scores[passed])
@@ -324,9 +331,7 @@ class FaceDetector:
         if not len(candidates):
             return candidates, np.zeros((0, 5, 2), np.float32)
         crops, cropped = pyramid_crops(levels, candidates.frame_index, candidates.boxes, ONET_SIDE)
-        outputs = await self._infer_chunked(
-            ONET_MODEL, to_network_input(crops), (PROBABILITY, REGRESSION, LANDMARKS), ONET_MAX_BATCH
-        )
+        outputs = await self._infer_chunked(ONET_MODEL, to_network_input(crops), (PROBABILITY, REGRESSION, LANDMARKS))
         scores = outputs[PROBABILITY][:, 1].astype(np.float32)
         passed = scores >= min_score
         landmarks = relative_landmarks_to_pixels(cropped[passed], outputs[LANDMARKS][passed])
@@ -339,12 +344,17 @@ class FaceDetector:
         return final.take(kept), landmarks[kept]
 
     async def _infer_chunked(
-        self, model: str, images: FloatArray, outputs: Sequence[str], max_batch: int
+        self, model: str, images: FloatArray, outputs: Sequence[str], most: int | None = None
     ) -> dict[str, np.ndarray]:
-        chunks = [images[start : start + max_batch] for start in range(0, len(images), max_batch)]
-        results = await asyncio.gather(*(self.runner.infer(model, {INPUT_NAME: chunk}, outputs) for chunk in chunks))
-        for chunk, result in zip(chunks, results, strict=True):
-            check_model_outputs(model, result, outputs, len(chunk))
+        """The model over `images` in requests of at most `most` and the model's batch limit, which shrinks
+        when the model runs out of memory."""
+
+        async def infer(part: slice) -> dict[str, np.ndarray]:
+            result = await self.runner.infer(model, {INPUT_NAME: images[part]}, outputs)
+            check_model_outputs(model, result, outputs, len(images[part]))
+            return result
+
+        results = await self._batches[model].run(len(images), infer, most)
         if len(results) == 1:
             return results[0]
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}
@@ -423,7 +433,8 @@ def faces_from_cascade(outputs: Mapping[str, np.ndarray]) -> list[list[DetectedF
 
 
 class CascadeFaceDetector:
-    """FaceDetector's answers from one mtcnn_cascade request per batch (split at CASCADE_MAX_BATCH)."""
+    """FaceDetector's answers from one mtcnn_cascade request per batch (split at CASCADE_MAX_BATCH, halved
+    while the model runs out of memory)."""
 
     def __init__(
         self, runner: ModelRunner, defaults: DetectionDefaults | None = None, model: str = CASCADE_MODEL
@@ -431,6 +442,7 @@ class CascadeFaceDetector:
         self.runner = runner
         self.defaults = defaults or DetectionDefaults()
         self.model = model
+        self._batches = AdaptiveBatch(model, CASCADE_MAX_BATCH)
 
     async def detect(
         self, frames: Frames, min_face_size: int | None = None, min_score: float | None = None
@@ -445,15 +457,12 @@ class CascadeFaceDetector:
         if not has_pyramid(frames, thresholds):
             return [[] for _ in range(count)]
         options = np.tile(np.array(dataclasses.astuple(thresholds), np.float32), (count, 1))
-        per_request = max(1, min(CASCADE_MAX_BATCH, MAX_REQUEST_BYTES // frames[0].nbytes))
-        chunks = [slice(start, start + per_request) for start in range(0, count, per_request)]
-        answers = await asyncio.gather(
-            *(
-                self.runner.infer(self.model, {FRAMES: frames[chunk], OPTIONS: options[chunk]}, CASCADE_OUTPUTS)
-                for chunk in chunks
+
+        async def infer(part: slice) -> list[list[DetectedFace]]:
+            answer = await self.runner.infer(
+                self.model, {FRAMES: frames[part], OPTIONS: options[part]}, CASCADE_OUTPUTS
             )
-        )
-        faces: list[list[DetectedFace]] = []
-        for chunk, answer in zip(chunks, answers, strict=True):
-            faces.extend(faces_from_cascade(check_cascade_outputs(self.model, answer, len(frames[chunk]))))
-        return faces
+            return faces_from_cascade(check_cascade_outputs(self.model, answer, len(frames[part])))
+
+        parts = await self._batches.run(count, infer, max(1, MAX_REQUEST_BYTES // frames[0].nbytes))
+        return [frame_faces for part in parts for frame_faces in part]

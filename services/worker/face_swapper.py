@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from services.common.adaptive_batch import AdaptiveBatch
+from services.common.errors import FailedPrecondition, Internal, InvalidArgument
 from services.common.face_geometry import CROP_SIZE
 from services.common.model_runner import ModelRunner
 
@@ -179,11 +180,9 @@ def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarra
 class CropTransferSwapper:
     """The default swapper: Triton's `face_swapper` relights and blends the source crop onto each target.
 
-    An out-of-memory answer halves the faces per request and retries, down to one face before the
-    error is passed on; the smaller size is kept for later batches of this process, because the
-    memory that ran out is usually still taken. A request whose FP16 answer holds NaN or Inf runs again
-    on the FP32 twin (`fallback_model`); only if that overflows too does the chunk fail: pasting garbage
-    into a video silently is worse.
+    An out-of-memory answer halves the faces per request (AdaptiveBatch). A request whose FP16 answer
+    holds NaN or Inf runs again on the FP32 twin (`fallback_model`); only if that overflows too does the
+    chunk fail: pasting garbage into a video silently is worse.
     """
 
     def __init__(
@@ -200,11 +199,16 @@ class CropTransferSwapper:
         self._crops = crops
         self._model = model
         self._fallback_model = fallback_model
-        self.batch_limit = max_batch
+        self._batches = AdaptiveBatch(model, max_batch)
 
     @property
     def crop_size(self) -> int:
         return self._size
+
+    @property
+    def batch_limit(self) -> int:
+        """Faces a request carries now: max_batch until the model runs out of memory."""
+        return self._batches.limit
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
         _check_crops(source_crop[None], "the source crop")
@@ -215,39 +219,31 @@ class CropTransferSwapper:
         if count == 0:
             size = self._size
             return SwappedFaces(np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32))
-        crops: list[Any] = []
-        masks: list[Any] = []
-        fallbacks = 0
-        start = 0
-        while start < count:
-            part = target_crops[start : start + self.batch_limit]
+
+        async def swap_part(part: slice) -> tuple[Any, Any, int]:
             # Packing and unpacking run off the event loop: on a GPU they wait for the device.
-            target = await asyncio.to_thread(self._crops.pack_target, part)
+            target = await asyncio.to_thread(self._crops.pack_target, target_crops[part])
             inputs = swapper_inputs(target, identity.crop)
+            outputs = await self._models.infer(self._model, inputs, SWAPPER_OUTPUTS)
             try:
-                outputs = await self._models.infer(self._model, inputs, SWAPPER_OUTPUTS)
-            except ResourceExhausted:
-                if self.batch_limit == 1:
-                    raise
-                self.batch_limit = max(1, min(self.batch_limit, len(part)) // 2)
-                log.warning("face swapper out of memory; retrying with %d faces per request", self.batch_limit)
-                continue
-            try:
-                part_crops, part_masks = await self._unpacked(self._model, outputs, target.shape)
+                return (*await self._unpacked(self._model, outputs, target.shape), 0)
             except NonFiniteOutputs:
-                fallbacks += 1
                 log.warning(
-                    "model %s overflowed on %d faces; running them on %s", self._model, len(part), self._fallback_model
+                    "model %s overflowed on %d faces; running them on %s",
+                    self._model,
+                    len(target),
+                    self._fallback_model,
                 )
                 wide = {name: tensor.astype(np.float32) for name, tensor in inputs.items()}
                 answer = await self._models.infer(self._fallback_model, wide, SWAPPER_OUTPUTS)
-                part_crops, part_masks = await self._unpacked(self._fallback_model, answer, target.shape)
-            crops.append(part_crops)
-            masks.append(part_masks)
-            start += len(part)
-        if len(crops) == 1:
-            return SwappedFaces(crops[0], masks[0], fallbacks)
-        return SwappedFaces(self._crops.join(crops), self._crops.join(masks), fallbacks)
+                return (*await self._unpacked(self._fallback_model, answer, target.shape), 1)
+
+        parts = await self._batches.run(count, swap_part)
+        fallbacks = sum(fallback for _, _, fallback in parts)
+        if len(parts) == 1:
+            return SwappedFaces(parts[0][0], parts[0][1], fallbacks)
+        crops = self._crops.join([crop for crop, _, _ in parts])
+        return SwappedFaces(crops, self._crops.join([mask for _, mask, _ in parts]), fallbacks)
 
     async def _unpacked(self, model: str, outputs: Mapping[str, np.ndarray], sent: tuple[int, ...]) -> tuple[Any, Any]:
         swapped, mask = checked_swapper_outputs(outputs, model)

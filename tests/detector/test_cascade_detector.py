@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.face_types import DetectedFace
 from services.detector import face_detector
 from services.detector.face_detector import (
@@ -151,6 +151,31 @@ def test_invalid_requests_are_refused_before_the_model(
     with pytest.raises(InvalidArgument, match=message):
         detect(runner, frames, **options)
     assert runner.requests == []
+
+
+class _OutOfMemoryAbove:
+    """The cascade runner, out of GPU memory for requests of more than `frames` frames."""
+
+    def __init__(self, runner: CascadeRunner, frames: int) -> None:
+        self.runner, self.frames = runner, frames
+        self.sizes: list[int] = []
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Answer:
+        self.sizes.append(len(inputs["frames"]))
+        if len(inputs["frames"]) > self.frames:
+            raise ResourceExhausted(f"triton model {model}: out of memory")
+        return dict(await self.runner.infer(model, inputs, outputs))
+
+
+def test_out_of_memory_halves_the_frames_a_request_carries_and_every_frame_is_answered(
+    cascade_module: MtcnnCascade, side_by_side: np.ndarray
+) -> None:
+    runner = _OutOfMemoryAbove(CascadeRunner(cascade_module), frames=1)
+    detector = CascadeFaceDetector(runner)
+    found = asyncio.run(detector.detect(np.stack([side_by_side] * 3)))
+    assert runner.sizes == [3, 1, 1, 1] and [len(faces) for faces in found] == [2, 2, 2]
+    asyncio.run(detector.detect(np.stack([side_by_side] * 2)))
+    assert runner.sizes[4:] == [1, 1]
 
 
 def padded_answer(count: int, limit: int = 4, faces: Sequence[int] = ()) -> Answer:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.face_types import DetectedFace
 from services.detector import face_detector
 from services.detector.box_ops import pyramid_scales
@@ -173,6 +173,35 @@ def test_requests_are_split_at_the_model_max_batch(
     assert len(runner.shapes(RNET_MODEL)) > 1 and max(shape[0] for shape in runner.shapes(RNET_MODEL)) <= 16
     assert len(runner.shapes(ONET_MODEL)) > 1 and max(shape[0] for shape in runner.shapes(ONET_MODEL)) <= 4
     assert [[face.box for face in faces] for faces in split] == [[face.box for face in faces] for faces in whole]
+
+
+class _RnetOutOfMemory(RecordingRunner):
+    """R-Net runs out of memory on more than `crops` crops a request."""
+
+    def __init__(self, inner: LocalModels, crops: int) -> None:
+        super().__init__(inner)
+        self.crops = crops
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        if model == RNET_MODEL and len(inputs["image"]) > self.crops:
+            self.requests.append((model, inputs["image"].shape))
+            raise ResourceExhausted(f"triton model {model}: out of memory")
+        return await super().infer(model, inputs, outputs)
+
+
+def test_out_of_memory_shrinks_every_models_batches_and_the_answer_stays_the_same(
+    local_models: LocalModels, side_by_side: np.ndarray
+) -> None:
+    frames = np.stack([side_by_side] * 3)
+    whole = detect(local_models, frames, min_face_size=40)
+    runner = _RnetOutOfMemory(local_models, crops=8)
+    shrunk = detect(runner, frames, min_face_size=40)
+    sizes = [shape[0] for shape in runner.shapes(RNET_MODEL)]
+    # The first request ran out of memory; halved until they fit, the answered ones cover every crop.
+    assert sizes[0] > 8 and sum(size for size in sizes if size <= 8) == sizes[0]
+    assert [[face.box for face in faces] for faces in shrunk] == [[face.box for face in faces] for faces in whole]
 
 
 def test_empty_batch_sends_nothing(local_models: LocalModels) -> None:
