@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import InvalidArgument
+from services.model_build.onnx_rewrite import graph_inputs
 
 BuildPrecision = Literal["fp16", "fp32"]
 BUILD_PRECISIONS: tuple[BuildPrecision, ...] = get_args(BuildPrecision)
@@ -51,14 +52,8 @@ def _leads_with_batch(value: onnx.ValueInfoProto) -> bool:
     return len(dims) > 0 and not dims[0].HasField("dim_value")
 
 
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph's inputs less its initializers (older exports list the weights as inputs too)."""
-    weights = {initializer.name for initializer in model.graph.initializer}
-    return [value for value in model.graph.input if value.name not in weights]
-
-
 def is_batched(model: onnx.ModelProto) -> bool:
-    return all(_leads_with_batch(value) for value in [*graph_inputs(model), *model.graph.output])
+    return all(_leads_with_batch(value) for value in [*graph_inputs(model.graph), *model.graph.output])
 
 
 def _tensors(values: Sequence[onnx.ValueInfoProto], batched: bool, name: str) -> list[tuple[str, int, list[int]]]:
@@ -83,7 +78,7 @@ def imported_config(name: str, model: onnx.ModelProto, precision: BuildPrecision
     batched = is_batched(model)
     config = model_config_pb2.ModelConfig(name=name, backend="onnxruntime")
     config.max_batch_size = IMPORTED_MAX_BATCH if batched else 0
-    for tensor_name, data_type, dims in _tensors(graph_inputs(model), batched, name):
+    for tensor_name, data_type, dims in _tensors(graph_inputs(model.graph), batched, name):
         config.input.add(name=tensor_name, data_type=data_type, dims=dims)
     for tensor_name, data_type, dims in _tensors(model.graph.output, batched, name):
         config.output.add(name=tensor_name, data_type=data_type, dims=dims)

@@ -25,6 +25,7 @@ from services.model_build.face_model_contracts import (
     TensorContract,
     TensorDtype,
 )
+from services.model_build.onnx_rewrite import graph_inputs
 
 # The opset domains of ONNX's own operators.
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -66,8 +67,7 @@ def check_model(path: Path, contract: ModelContract) -> CheckedModel:
     """Refuses `path` unless every input and output fits `contract`; weights stored outside the file
     are not read."""
     model = _load(path)
-    initializer_names = {initializer.name for initializer in model.graph.initializer}
-    inputs = [_file_tensor(value) for value in model.graph.input if value.name not in initializer_names]
+    inputs = [_file_tensor(value) for value in graph_inputs(model.graph)]
     outputs = [_file_tensor(value) for value in _outputs_with_types(model)]
     matched_inputs = _match(path, "input", inputs, contract.inputs, extra_allowed=False)
     matched_outputs = _match(path, "output", outputs, contract.outputs, extra_allowed=contract.extra_outputs_ignored)

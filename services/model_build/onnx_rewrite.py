@@ -89,7 +89,7 @@ def verify_batch_equivalence(
     without the batch, in `sample_shapes`."""
     rng = np.random.default_rng(seed)
     samples: dict[str, np.ndarray] = {}
-    for value in batched.graph.input:
+    for value in graph_inputs(batched.graph):
         element_type = value.type.tensor_type.elem_type
         if element_type not in FLOAT_TYPES:
             raise InvalidArgument(f"input '{value.name}' is not floating-point; random samples cannot be made for it")
@@ -245,6 +245,12 @@ def _fixed_at_one(graph: GraphProto) -> list[ValueInfoProto]:
                 )
             fixed.append(value)
     return fixed
+
+
+def graph_inputs(graph: GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs less its initializers: older exporters list the weights as inputs too."""
+    weights = {initializer.name for initializer in graph.initializer}
+    return [value for value in graph.input if value.name not in weights]
 
 
 def _batch_symbols(graph: GraphProto) -> set[str]:
@@ -413,7 +419,7 @@ def _constant_arrays(graph: GraphProto) -> dict[str, np.ndarray]:
 
 def _batched_tensors(graph: GraphProto) -> set[str]:
     """The tensors computed from the graph's inputs; the rest (weights, constant branches) hold no batch."""
-    batched = {value.name for value in graph.input} - {initializer.name for initializer in graph.initializer}
+    batched = {value.name for value in graph_inputs(graph)}
     for node in graph.node:
         if any(name in batched for name in _reads(node)):
             batched.update(node.output)
