@@ -252,11 +252,18 @@ def test_burst_of_50_jobs_all_succeed_and_resources_return_to_baseline(
     baseline = {name: process_usage(fault_stack.pid(name)) for name in names}
     shm_before = shared_memory_entries()
 
-    with ThreadPoolExecutor(max_workers=BURST_JOBS) as pool:
-        finished = list(pool.map(submit_and_follow, range(BURST_JOBS)))
-    assert [job.state for job in finished] == [jobs_pb2.JOB_STATE_SUCCEEDED] * BURST_JOBS
-    assert {job.frames_done for job in finished} == {warm_up[0].frames_total}
-    assert not any(fault_stack.restarts().values())
+    def burst() -> None:
+        with ThreadPoolExecutor(max_workers=BURST_JOBS) as pool:
+            finished = list(pool.map(submit_and_follow, range(BURST_JOBS)))
+        assert [job.state for job in finished] == [jobs_pb2.JOB_STATE_SUCCEEDED] * BURST_JOBS
+        assert {job.frames_done for job in finished} == {warm_up[0].frames_total}
+        assert not any(fault_stack.restarts().values())
+
+    # Memory is compared between two bursts: 50 jobs at once raise tritonserver's buffers to a high-water
+    # mark that 4 do not reach (up to +83 MB without a leak), while a leak grows again with the second 50.
+    burst()
+    memory_baseline = {name: process_usage(fault_stack.pid(name)).rss_bytes for name in names}
+    burst()
 
     def unsettled() -> list[str]:
         extra_shm = sorted(shared_memory_entries() - shm_before)
@@ -269,9 +276,9 @@ def test_burst_of_50_jobs_all_succeed_and_resources_return_to_baseline(
     except AssertionError as timed_out:
         raise AssertionError(f"{timed_out}: {unsettled()}") from None
     for name in names:
-        before, after = baseline[name], process_usage(fault_stack.pid(name))
-        slack = max(MEMORY_SLACK_BYTES, MEMORY_SLACK_FRACTION * before.rss_bytes)
-        assert after.rss_bytes <= before.rss_bytes + slack, (name, before, after)
+        before, after = memory_baseline[name], process_usage(fault_stack.pid(name)).rss_bytes
+        slack = max(MEMORY_SLACK_BYTES, MEMORY_SLACK_FRACTION * before)
+        assert after <= before + slack, (name, before, after)
 
 
 @dataclass(frozen=True)
