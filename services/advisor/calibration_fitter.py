@@ -56,9 +56,7 @@ def read_measurements(paths: Sequence[Path]) -> list[JobProfile]:
     return profiles
 
 
-def _held_out(
-    profiles: Sequence[JobProfile], job_id: str, catalog: GpuCatalog, reference: str
-) -> Calibration | None:
+def _held_out(profiles: Sequence[JobProfile], job_id: str, catalog: GpuCatalog, reference: str) -> Calibration | None:
     others = [profile for profile in profiles if profile.job_id != job_id and profile.gpu_model]
     try:
         return fit_calibration(others, catalog, reference)
@@ -66,16 +64,12 @@ def _held_out(
         return None
 
 
-def prediction_checks(
-    profiles: Sequence[JobProfile], catalog: GpuCatalog
-) -> tuple[Calibration, list[PredictionCheck]]:
+def prediction_checks(profiles: Sequence[JobProfile], catalog: GpuCatalog) -> tuple[Calibration, list[PredictionCheck]]:
     fitted = fit_calibration(profiles, catalog)
     prior = prior_calibration(catalog, fitted.reference_gpu)
     checks = []
     for job_id in sorted({profile.job_id for profile in profiles if profile.gpu_model}):
-        runs = [
-            profile for profile in profiles if profile.job_id == job_id and catalog.find(profile.gpu_model)
-        ]
+        runs = [profile for profile in profiles if profile.job_id == job_id and catalog.find(profile.gpu_model)]
         held_out = _held_out(profiles, job_id, catalog, fitted.reference_gpu)
         for source in runs:
             for target in runs:
@@ -137,9 +131,7 @@ def checks_table(checks: Sequence[PredictionCheck]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("measurements", nargs="+", type=Path)
     parser.add_argument("--catalog", default="", help="GPU catalog YAML (default: the packaged one)")
     parser.add_argument("--write", type=Path, help="write the fitted calibration JSON here")

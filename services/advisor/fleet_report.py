@@ -53,8 +53,7 @@ def build_fleet_report(
     skipped: Sequence[str] = (),
 ) -> FleetReport:
     recommendations: list[Recommendation] = [
-        recommend_gpu(profile, catalog, calibration, headroom_fraction, deadline_seconds)
-        for profile in profiles
+        recommend_gpu(profile, catalog, calibration, headroom_fraction, deadline_seconds) for profile in profiles
     ]
     rows = []
     for gpu in catalog.gpus:
@@ -64,9 +63,7 @@ def build_fleet_report(
             for option in recommendation.options
             if option.gpu.name == gpu.name and option.fits
         ]
-        chosen = [
-            r for r in recommendations if r.recommended is not None and r.recommended.gpu.name == gpu.name
-        ]
+        chosen = [r for r in recommendations if r.recommended is not None and r.recommended.gpu.name == gpu.name]
         ran_here = [profile for profile in profiles if catalog.find(profile.gpu_model) == gpu]
         rows.append(
             FleetGpuRow(
@@ -79,9 +76,7 @@ def build_fleet_report(
                 jobs_recommended=len(chosen),
                 recommended_cost_usd=sum(r.recommended.cost_usd for r in chosen if r.recommended is not None),
                 jobs_run=len(ran_here),
-                as_run_cost_usd=sum(profile.wall_seconds for profile in ran_here)
-                * gpu.price_per_hour_usd
-                / 3600.0,
+                as_run_cost_usd=sum(profile.wall_seconds for profile in ran_here) * gpu.price_per_hour_usd / 3600.0,
             )
         )
     as_run_total = 0.0
@@ -103,9 +98,7 @@ def build_fleet_report(
         jobs_compared=compared,
         as_run_cost_usd=as_run_total,
         recommended_cost_usd=recommended_total,
-        savings_percent=100.0 * (as_run_total - recommended_total) / as_run_total
-        if as_run_total > 0
-        else 0.0,
+        savings_percent=100.0 * (as_run_total - recommended_total) / as_run_total if as_run_total > 0 else 0.0,
         jobs_unpriced=unpriced,
         jobs_without_recommendation=sum(1 for r in recommendations if r.recommended is None),
         skipped=tuple(skipped),

@@ -47,9 +47,7 @@ class GatewayJobs:
         if not job_id:
             raise InvalidArgument("job_id must not be empty")
         try:
-            job = await self._stub.GetJob(
-                jobs_pb2.GetJobRequest(job_id=job_id), timeout=_CALL_TIMEOUT_SECONDS
-            )
+            job = await self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=_CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return _report_of(job)

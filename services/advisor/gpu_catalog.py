@@ -17,9 +17,7 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 # The figures every entry carries; each needs a line in the entry's `source`.
-SourcedFigure = Literal[
-    "memory", "fp16_tensor_tflops", "memory_bandwidth_gbps", "video_decoders", "price_per_hour_usd"
-]
+SourcedFigure = Literal["memory", "fp16_tensor_tflops", "memory_bandwidth_gbps", "video_decoders", "price_per_hour_usd"]
 SOURCED_FIGURES: tuple[SourcedFigure, ...] = get_args(SourcedFigure)
 # Memory may be written in one of these units.
 MemoryKey = Literal["memory_bytes", "memory_mib", "memory_gib"]
@@ -86,11 +84,7 @@ def _fail(where: str, key: str, problem: str) -> InvalidArgument:
 
 def _number(entry: Mapping[str, Any], where: str, key: str, *, integer: bool = False) -> float:
     value = entry[key]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (integer and not isinstance(value, int))
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
         raise _fail(where, key, f"must be {kind}, got {value!r}")
     if not math.isfinite(value) or value < 0:
@@ -115,9 +109,7 @@ def _text_list(entry: Mapping[str, Any], where: str, key: str) -> tuple[str, ...
 def _memory_bytes(entry: Mapping[str, Any], where: str) -> int:
     given = [key for key in MEMORY_KEYS if key in entry]
     if len(given) != 1:
-        raise _fail(
-            where, "memory", f"must be given exactly once as one of {', '.join(MEMORY_KEYS)}, got {given}"
-        )
+        raise _fail(where, "memory", f"must be given exactly once as one of {', '.join(MEMORY_KEYS)}, got {given}")
     key = given[0]
     value = _number(entry, where, key, integer=key != "memory_gib")
     if value == 0:
@@ -131,9 +123,7 @@ def _sources(entry: Mapping[str, Any], where: str) -> dict[str, str]:
         raise _fail(where, "source", f"must map each figure to where it came from, got {sources!r}")
     unknown = sorted(set(sources) - set(SOURCED_FIGURES))
     if unknown:
-        raise _fail(
-            where, f"source.{unknown[0]}", f"is not a figure; figures are {', '.join(SOURCED_FIGURES)}"
-        )
+        raise _fail(where, f"source.{unknown[0]}", f"is not a figure; figures are {', '.join(SOURCED_FIGURES)}")
     for figure in SOURCED_FIGURES:
         text = sources.get(figure)
         if not isinstance(text, str) or not text.strip():
@@ -151,9 +141,7 @@ def _gpu_spec(entry: Any, position: int) -> GpuSpec:
     where = f"entry {position} ({name})"
     unknown = sorted(set(entry) - _ALLOWED_KEYS)
     if unknown:
-        raise _fail(
-            where, unknown[0], f"is not a catalog field; fields are {', '.join(sorted(_ALLOWED_KEYS))}"
-        )
+        raise _fail(where, unknown[0], f"is not a catalog field; fields are {', '.join(sorted(_ALLOWED_KEYS))}")
     missing = sorted(_REQUIRED_KEYS - set(entry))
     if missing:
         raise _fail(where, missing[0], "is missing")
@@ -182,9 +170,7 @@ def catalog_from_data(data: Any) -> GpuCatalog:
         for label in (gpu.name, *gpu.nvml_names):
             owner = seen.setdefault(_normalised(label), gpu.name)
             if owner != gpu.name:
-                raise InvalidArgument(
-                    f"GPU catalog entry ({gpu.name}): name {label!r} is already used by {owner}"
-                )
+                raise InvalidArgument(f"GPU catalog entry ({gpu.name}): name {label!r} is already used by {owner}")
     return GpuCatalog(gpus)
 
 

@@ -86,19 +86,13 @@ def gpu_options(
                 calibrated=calibration.is_measured(gpu),
             )
         )
-    return tuple(
-        sorted(options, key=lambda option: (option.cost_usd, option.predicted_seconds, option.gpu.name))
-    )
+    return tuple(sorted(options, key=lambda option: (option.cost_usd, option.predicted_seconds, option.gpu.name)))
 
 
-def _chosen_reason(
-    option: GpuOption, headroom_fraction: float, deadline: float | None, estimated: bool
-) -> str:
+def _chosen_reason(option: GpuOption, headroom_fraction: float, deadline: float | None, estimated: bool) -> str:
     peak = _gib(option.memory_needed_bytes / (1.0 + headroom_fraction))
     note = ", memory estimated: the job ran without a GPU" if estimated else ""
-    memory = (
-        f"fits ({peak} of {_gib(option.gpu.memory_bytes)} GiB with {headroom_fraction:.0%} headroom{note})"
-    )
+    memory = f"fits ({peak} of {_gib(option.gpu.memory_bytes)} GiB with {headroom_fraction:.0%} headroom{note})"
     timing = _seconds(option.predicted_seconds)
     if deadline is not None:
         timing = f"{timing} < {_seconds(deadline)} deadline"

@@ -149,9 +149,7 @@ def _gpu_use(report: Mapping[str, Any]) -> _GpuUse:
                 f"profile field '{prefix}.{_P95_MEMORY[0]}' ({p95}) exceeds {_PEAK_MEMORY[0]} ({peak})"
             )
         utilization = (
-            0.0
-            if utilization_value is None
-            else _percent(utilization_value, f"{prefix}.{_MEAN_UTILIZATION[0]}")
+            0.0 if utilization_value is None else _percent(utilization_value, f"{prefix}.{_MEAN_UTILIZATION[0]}")
         )
         uses.append(_GpuUse(model, peak, p95, utilization))
     if not uses:

@@ -56,11 +56,7 @@ class WorkloadModel:
     ms_per_face: float
 
     def ms(self, profile: JobProfile) -> float:
-        value = (
-            self.base_ms
-            + self.ms_per_megapixel * profile.megapixels
-            + self.ms_per_face * profile.faces_per_frame
-        )
+        value = self.base_ms + self.ms_per_megapixel * profile.megapixels + self.ms_per_face * profile.faces_per_frame
         return max(value, _MIN_GPU_STAGE_MS)
 
 
@@ -178,9 +174,7 @@ def _measured_on_catalog(profiles: Sequence[JobProfile], catalog: GpuCatalog) ->
                 "lists in nvml_names"
             )
         if profile.gpu_stage_ms <= 0:
-            raise InvalidArgument(
-                f"measurement of job {profile.job_id!r} on {gpu.name} has no detect/swap time"
-            )
+            raise InvalidArgument(f"measurement of job {profile.job_id!r} on {gpu.name} has no detect/swap time")
         measured.append(_Measured(profile, gpu))
     if not measured:
         raise InvalidArgument("calibration needs at least one job measured on a catalog GPU")
@@ -188,9 +182,7 @@ def _measured_on_catalog(profiles: Sequence[JobProfile], catalog: GpuCatalog) ->
 
 
 def _solve(rows: list[list[float]], targets: list[float]) -> np.ndarray:
-    solution, *_ = np.linalg.lstsq(
-        np.asarray(rows, dtype=float), np.asarray(targets, dtype=float), rcond=None
-    )
+    solution, *_ = np.linalg.lstsq(np.asarray(rows, dtype=float), np.asarray(targets, dtype=float), rcond=None)
     return np.asarray(solution, dtype=float)
 
 
@@ -351,9 +343,7 @@ def calibration_from_data(data: Any) -> Calibration:
         raise InvalidArgument("calibration fields 'workload' and 'memory' must be objects")
     reference = data.get("reference_gpu")
     if not isinstance(reference, str) or reference not in factors:
-        raise InvalidArgument(
-            f"calibration field 'reference_gpu' must name a GPU in time_factors, got {reference!r}"
-        )
+        raise InvalidArgument(f"calibration field 'reference_gpu' must name a GPU in time_factors, got {reference!r}")
     for key in ("reference_fp16_tensor_tflops", "reference_memory_bandwidth_gbps", "compute_weight"):
         if _number(data, key) <= 0:
             raise InvalidArgument(f"calibration field '{key}' must be positive")
@@ -369,10 +359,7 @@ def calibration_from_data(data: Any) -> Calibration:
             *(_number(workload, key, "workload.") for key in ("base_ms", "ms_per_megapixel", "ms_per_face"))
         ),
         memory=MemoryModel(
-            *(
-                _number(memory, key, "memory.")
-                for key in ("base_bytes", "bytes_per_megapixel", "bytes_per_face")
-            )
+            *(_number(memory, key, "memory.") for key in ("base_bytes", "bytes_per_megapixel", "bytes_per_face"))
         ),
         measurements=int(_number(data, "measurements")),
         note=str(data.get("note", "")),

@@ -74,12 +74,20 @@ class InProcessJob:
         started = time.perf_counter()
         identity = await prepare_source_identity(self._source_png, self._finder, self._swapper)
         with SegmentWriter(
-            segment, info.fps, info.width, info.height,
-            crf=EncoderSettings.default_crf, preset=EncoderSettings.default_preset,
+            segment,
+            info.fps,
+            info.width,
+            info.height,
+            crf=EncoderSettings.default_crf,
+            preset=EncoderSettings.default_preset,
         ) as writer:
             stats = await run_chunk_pipeline(
-                LocalFrameSource(self._video, info.frame_count, BATCH_SIZE), self._finder, self._swapper, identity,
-                LocalSegmentSink(writer), FaceSelection(mode="one"),
+                LocalFrameSource(self._video, info.frame_count, BATCH_SIZE),
+                self._finder,
+                self._swapper,
+                identity,
+                LocalSegmentSink(writer),
+                FaceSelection(mode="one"),
             )
         await asyncio.to_thread(join_segments, [segment], self._output, self._video)
         wall = time.perf_counter() - started
@@ -99,15 +107,25 @@ class InProcessJob:
 
 
 def paired_runs(
-    video: Path, source_png: bytes, work_dir: Path, workers: int, transport: FrameTransport, repeat: int,
+    video: Path,
+    source_png: bytes,
+    work_dir: Path,
+    workers: int,
+    transport: FrameTransport,
+    repeat: int,
     in_process: InProcessJob,
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(in-process run, services job) pairs, each in-process run right before its job.
 
     The VM's speed drifts by 10-20% over minutes; a ratio within a pair cancels most of that drift.
     """
-    options = StackOptions(work_dir=work_dir, media_root=work_dir / "media", workers=workers,
-                           worker_batch_size=BATCH_SIZE, frame_transport=transport)
+    options = StackOptions(
+        work_dir=work_dir,
+        media_root=work_dir / "media",
+        workers=workers,
+        worker_batch_size=BATCH_SIZE,
+        frame_transport=transport,
+    )
     name = f"services, {workers} worker(s), {transport}"
     pairs = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
@@ -124,17 +142,22 @@ def paired_runs(
             report = json.loads(finished.report_json)
             frames = report["frames"]
             print(f"  {name}, run {run}: {report['wall_seconds']:.2f} s", flush=True)
-            pairs.append((baseline, {
-                "frames": frames,
-                "workers": workers,
-                "wall_seconds": wall,
-                "pipeline_seconds": report["wall_seconds"],
-                "fps": frames / wall,
-                "pipeline_fps": frames / report["wall_seconds"],
-                "chunks": report["chunks"],
-                "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
-                "join_seconds": report["stages"]["join"]["seconds"],
-            }))
+            pairs.append(
+                (
+                    baseline,
+                    {
+                        "frames": frames,
+                        "workers": workers,
+                        "wall_seconds": wall,
+                        "pipeline_seconds": report["wall_seconds"],
+                        "fps": frames / wall,
+                        "pipeline_fps": frames / report["wall_seconds"],
+                        "chunks": report["chunks"],
+                        "ms_per_frame": {stage: report["stages"][stage]["ms_per_frame"] for stage in STAGE_NAMES},
+                        "join_seconds": report["stages"]["join"]["seconds"],
+                    },
+                )
+            )
     return pairs
 
 
@@ -168,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__)
     parser.add_argument("--workdir", default="build/bench")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--transports", nargs="+", choices=FRAME_TRANSPORTS, default=list(FRAME_TRANSPORTS),
-                        help="how workers reach the frame services; the embedded stack's default is unix")
+    parser.add_argument(
+        "--transports",
+        nargs="+",
+        choices=FRAME_TRANSPORTS,
+        default=list(FRAME_TRANSPORTS),
+        help="how workers reach the frame services; the embedded stack's default is unix",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
     args = parser.parse_args(argv)
     # The in-process run gets the allocator settings the frame services apply at start.

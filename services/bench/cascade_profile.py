@@ -3,8 +3,9 @@ around it, over batches of the six-person frame at the detector's 640x360.
 
 Run as `python -m services.bench.cascade_profile --device cuda` (the GPU machine) or on the CPU. The
 cascade is loaded as the embedded Triton serves it (torch definition, served precision), and its module
-functions and nets are wrapped with timers for this process only. Prints JSON: per phase the calls,
-total and per-batch milliseconds; per NMS call the boxes per group.
+functions and nets are wrapped with timers for this process only. Prints JSON: a batch's time without
+the timers and, on CUDA, how many times it waits for the device; per phase the calls, total and per-batch
+milliseconds; per NMS call the boxes per group.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +27,7 @@ import torch
 
 from services.cli.sample_media import make_group_image
 from services.common.torch_catalog import TORCH_PRECISIONS, TorchPrecision
-from services.common.torch_runtime import run_module
+from services.common.torch_runtime import TorchModel, run_module
 from services.detector.face_detector import CASCADE_MODEL, COUNTS, DetectionDefaults
 from services.model_build import mtcnn_cascade
 from services.model_build.torch_models import load_built_in
@@ -75,11 +77,38 @@ def group_frames(count: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(frames))
 
 
+def plain_milliseconds(model: TorchModel, inputs: list[np.ndarray], device: torch.device, repeats: int) -> float:
+    """A batch's time with no phase clocks, whose synchronisations would hide the cascade's own waits."""
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run_module(model, inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000.0 * (time.perf_counter() - started) / repeats
+
+
+def device_waits(model: TorchModel, inputs: list[np.ndarray], device: torch.device) -> int | None:
+    """How many times one batch makes the host wait for the device (torch's sync debug mode warns at
+    each); None off CUDA. On a GPU shared by many processes each wait can take a time slice."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_module(model, inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def profile(device: torch.device, precision: TorchPrecision, batch: int, repeats: int, repository: Path) -> dict:
     model = load_built_in(repository, CASCADE_MODEL, device, precision)
     frames = group_frames(batch)
     options = np.tile(np.array(dataclasses.astuple(DetectionDefaults()), np.float32), (batch, 1))
     run_module(model, [frames, options])
+    plain_ms = plain_milliseconds(model, [frames, options], device, repeats)
+    waits = device_waits(model, [frames, options], device)
     clock = PhaseClock(device)
     for name in TIMED_FUNCTIONS:
         setattr(mtcnn_cascade, name, clock.timed(name, getattr(mtcnn_cascade, name)))
@@ -100,6 +129,8 @@ def profile(device: torch.device, precision: TorchPrecision, batch: int, repeats
         "batch": batch,
         "repeats": repeats,
         "faces_per_batch": faces,
+        "ms_per_batch_untimed_phases": plain_ms,
+        "device_waits_per_batch": waits,
         "phases": {
             name: {
                 "calls_per_batch": clock.calls[name] / repeats,

@@ -75,9 +75,7 @@ async def _measure(url: str, server_pid: int, shared_memory: bool) -> TritonHopF
 def measure_triton_hops(
     repository: Path, work_dir: Path, intra_op_threads: int
 ) -> dict[TritonTransport, TritonHopFigures]:
-    with EmbeddedTriton(
-        repository, work_dir, models=[FACE_SWAPPER_MODEL], intra_op_threads=intra_op_threads
-    ) as triton:
+    with EmbeddedTriton(repository, work_dir, models=[FACE_SWAPPER_MODEL], intra_op_threads=intra_op_threads) as triton:
         if triton.pid is None:
             raise RuntimeError("tritonserver is not running")
         return {

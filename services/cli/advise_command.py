@@ -42,12 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=os.environ.get(ADVISOR_ENV, ""),
         help=f"advisor address host:port (default: ${ADVISOR_ENV}; empty: compute it here)",
     )
-    parser.add_argument(
-        "--limit", type=int, default=0, help="most recent succeeded jobs to consider (0: default)"
-    )
-    parser.add_argument(
-        "--deadline", type=float, default=0.0, help="seconds each job must finish within (0: none)"
-    )
+    parser.add_argument("--limit", type=int, default=0, help="most recent succeeded jobs to consider (0: default)")
+    parser.add_argument("--deadline", type=float, default=0.0, help="seconds each job must finish within (0: none)")
     parser.add_argument("--plot", default="", help="write a bar chart of the report to this PNG")
     parser.set_defaults(handler=advise)
     return parser
@@ -101,14 +97,11 @@ def fleet_table(report: advisor_pb2.FleetReportResponse) -> str:
 
     def line(cells: tuple[str, ...]) -> str:
         first = cells[0].ljust(widths[0])
-        return "  ".join(
-            [first, *(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))]
-        )
+        return "  ".join([first, *(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))])
 
     totals = [
         "",
-        f"jobs: {report.jobs}; compared (ran on a priced catalog GPU, got a recommendation): "
-        f"{report.jobs_compared}",
+        f"jobs: {report.jobs}; compared (ran on a priced catalog GPU, got a recommendation): {report.jobs_compared}",
         f"cost as run: ${report.as_run_cost_usd:.6f}; as recommended: ${report.recommended_cost_usd:.6f}; "
         f"savings: {report.savings_percent:.1f}%",
     ]
@@ -159,9 +152,7 @@ def advise(args: argparse.Namespace) -> int:
     else:
         gateway = getattr(args, "gateway", "") or os.environ.get(GATEWAY_ENV, "")
         if not gateway:
-            raise InvalidArgument(
-                f"no advisor and no gateway: set {ADVISOR_ENV} or {GATEWAY_ENV} (or pass them)"
-            )
+            raise InvalidArgument(f"no advisor and no gateway: set {ADVISOR_ENV} or {GATEWAY_ENV} (or pass them)")
         report = asyncio.run(_computed_here(gateway, args.limit, args.deadline))
     print(fleet_table(report))
     if args.plot:

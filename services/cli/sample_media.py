@@ -105,8 +105,12 @@ def render_face_frame(photo: Image, backdrop: Image, size: tuple[int, int], prog
     """One frame of the face video at `progress` in [0, 1]."""
     frame = backdrop.copy()
     cv2.warpAffine(
-        photo, _camera_matrix(photo.shape, size, progress), size, dst=frame,
-        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
+        photo,
+        _camera_matrix(photo.shape, size, progress),
+        size,
+        dst=frame,
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_TRANSPARENT,
     )
     return cv2.transform(frame, _lighting_matrix(progress))
 
@@ -127,13 +131,16 @@ def chord_audio(seconds: float, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndar
 
 
 def _encode_audio(
-    container: av.container.OutputContainer, stream: av.audio.stream.AudioStream, samples: np.ndarray,
-    start: int, stop: int,
+    container: av.container.OutputContainer,
+    stream: av.audio.stream.AudioStream,
+    samples: np.ndarray,
+    start: int,
+    stop: int,
 ) -> int:
     """Encodes whole AAC frames of samples[:, start:stop]; returns where it stopped."""
     position = start
     while position + AUDIO_FRAME_SAMPLES <= stop or (stop == samples.shape[1] and position < stop):
-        chunk = np.ascontiguousarray(samples[:, position:position + AUDIO_FRAME_SAMPLES])
+        chunk = np.ascontiguousarray(samples[:, position : position + AUDIO_FRAME_SAMPLES])
         if chunk.shape[1] < AUDIO_FRAME_SAMPLES:
             chunk = np.pad(chunk, ((0, 0), (0, AUDIO_FRAME_SAMPLES - chunk.shape[1])))
         frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
@@ -205,8 +212,11 @@ def _portrait(
     x0, y0, x1, y1 = crop
     scale = drawn_face_width / face_width
     region = photo[y0:y1, x0:x1]
-    return cv2.resize(region, (round(region.shape[1] * scale), round(region.shape[0] * scale)),
-                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    return cv2.resize(
+        region,
+        (round(region.shape[1] * scale), round(region.shape[0] * scale)),
+        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
+    )
 
 
 def make_two_person_image(path: Path | None = None, size: tuple[int, int] = (1280, 720)) -> Image:
@@ -220,10 +230,10 @@ def make_two_person_image(path: Path | None = None, size: tuple[int, int] = (128
     )
     half = width // 2
     for slot, person in enumerate(people):
-        person = person[: height, : half]
+        person = person[:height, :half]
         top = (height - person.shape[0]) // 2
         left = slot * half + (half - person.shape[1]) // 2
-        canvas[top:top + person.shape[0], left:left + person.shape[1]] = person
+        canvas[top : top + person.shape[0], left : left + person.shape[1]] = person
     if path is not None:
         Path(path).write_bytes(encode_png(canvas))
     return canvas
@@ -272,12 +282,12 @@ def _top_level_box_offset(data: bytes, box_type: bytes) -> int | None:
     """Offset of the first top-level ISO BMFF box of `box_type`, or None."""
     offset = 0
     while offset + 8 <= len(data):
-        size = int.from_bytes(data[offset:offset + 4], "big")
-        kind = data[offset + 4:offset + 8]
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
         if kind == box_type:
             return offset
         if size == 1 and offset + 16 <= len(data):
-            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
         if size < 8:
             return None
         offset += size

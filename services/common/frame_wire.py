@@ -197,4 +197,3 @@ def split_frame_batch_field(field: int, data: Buffer) -> tuple[FrameBatchView | 
         else:
             found = value
     return None if found is None else parse_frame_batch(found), b"".join(rest)
-

@@ -66,4 +66,3 @@ def media_info_from_proto(message: decoder_pb2.MediaInfo) -> MediaInfo:
         video_codec=message.video_codec,
         time_base=(message.time_base_num or 1, message.time_base_den or 1),
     )
-

@@ -62,7 +62,11 @@ def nms(
     labels = np.zeros(len(boxes), np.int32) if groups is None else groups.astype(np.int32)
     # A score threshold of -inf: NMS here never drops a box for its score alone.
     kept = cv2.dnn.NMSBoxesBatched(
-        xywh, scores.astype(np.float32), labels, -np.inf, float(threshold)  # type: ignore[arg-type]
+        xywh,
+        scores.astype(np.float32),
+        labels,
+        -np.inf,
+        float(threshold),  # type: ignore[arg-type]
     )
     return np.asarray(kept, np.intp).reshape(-1)
 
@@ -113,9 +117,7 @@ def square_boxes(boxes: FloatArray) -> FloatArray:
     centre_x = (boxes[:, 0] + boxes[:, 2]) * 0.5
     centre_y = (boxes[:, 1] + boxes[:, 3]) * 0.5
     half = side * 0.5
-    return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=1).astype(
-        np.float32
-    )
+    return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=1).astype(np.float32)
 
 
 def pyramid_scales(shortest_side: int, min_face_size: int, scale_factor: float) -> list[float]:
@@ -167,7 +169,7 @@ def crop_with_padding(image: NDArray[np.uint8], box: FloatArray, size: int) -> N
     else:
         region = np.zeros((y2 - y1, x2 - x1, 3), np.uint8)
         if inside_x2 > inside_x1 and inside_y2 > inside_y1:
-            region[inside_y1 - y1:inside_y2 - y1, inside_x1 - x1:inside_x2 - x1] = image[
+            region[inside_y1 - y1 : inside_y2 - y1, inside_x1 - x1 : inside_x2 - x1] = image[
                 inside_y1:inside_y2, inside_x1:inside_x2
             ]
     return np.asarray(cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA), np.uint8)

@@ -36,6 +36,4 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
 
 
 def detector_binding(detector: Detector) -> ServiceBinding:
-    return ServiceBinding(
-        DetectorServicer(detector), register_detector, SERVICE_NAME
-    )
+    return ServiceBinding(DetectorServicer(detector), register_detector, SERVICE_NAME)

@@ -12,9 +12,7 @@ from services.exporter.settings import load_exporter_settings
 
 def main() -> None:
     settings = load_exporter_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exporter = start_exporter(settings)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

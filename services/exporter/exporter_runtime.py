@@ -85,6 +85,4 @@ class RunningExporter:
 
 def start_exporter(settings: ExporterSettings, reader: GpuReader | None = None) -> RunningExporter:
     attributor = attributor_for_cluster(settings.kubernetes_attribution, node_name(settings))
-    return RunningExporter(
-        settings, reader if reader is not None else reader_for(settings), attributor
-    ).start()
+    return RunningExporter(settings, reader if reader is not None else reader_for(settings), attributor).start()

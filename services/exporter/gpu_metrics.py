@@ -116,9 +116,7 @@ class GpuMetricsCollector(Collector):
 
     def _gpus(self, snapshot: SweepSnapshot) -> Iterator[Metric]:
         node = self._node
-        info = GaugeMetricFamily(
-            "swapline_gpu_info", "GPU identity; always 1.", labels=[*GPU_LABELS, "driver_version"]
-        )
+        info = GaugeMetricFamily("swapline_gpu_info", "GPU identity; always 1.", labels=[*GPU_LABELS, "driver_version"])
         gauges = [GaugeMetricFamily(name, text, labels=GPU_LABELS) for name, text, _ in GPU_GAUGES]
         clock_events = GaugeMetricFamily(
             "swapline_gpu_clock_event_active",
@@ -203,9 +201,7 @@ class GpuMetricsCollector(Collector):
         sweeps = CounterMetricFamily("swapline_exporter_sweeps_total", "Sweeps tried, failed ones included.")
         sweeps.add_metric([], float(snapshot.sweeps_total))
         yield sweeps
-        errors = CounterMetricFamily(
-            "swapline_exporter_nvml_errors_total", "Sweeps in which NVML could not be read."
-        )
+        errors = CounterMetricFamily("swapline_exporter_nvml_errors_total", "Sweeps in which NVML could not be read.")
         errors.add_metric([], float(snapshot.nvml_errors_total))
         yield errors
 

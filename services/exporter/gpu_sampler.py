@@ -145,9 +145,7 @@ class GpuSampler:
             log.info("NVML readable again after: %s", self._logged_reason)
             self._logged_reason = None
         previous = self._snapshot
-        driver_version = (
-            self._reader.driver_version() if isinstance(self._reader, DriverVersionSource) else ""
-        )
+        driver_version = self._reader.driver_version() if isinstance(self._reader, DriverVersionSource) else ""
         self._snapshot = SweepSnapshot(
             nvml_up=True,
             reason="",
@@ -186,9 +184,7 @@ class GpuSampler:
             except Exception as error:  # attribution is a nicety; the metrics go out without it
                 self._log_side_error(f"pod attribution failed: {type(error).__name__}: {error}")
         return tuple(
-            ProcessUsage(
-                process=process, gpu_uuid=uuids.get(process.gpu_index, ""), pod=refs.get(process.pid, NO_POD)
-            )
+            ProcessUsage(process=process, gpu_uuid=uuids.get(process.gpu_index, ""), pod=refs.get(process.pid, NO_POD))
             for process in processes
         )
 

@@ -42,9 +42,7 @@ def _handler_class(registry: CollectorRegistry, healthy: Callable[[], bool]) -> 
 class ExporterHttpServer:
     """Serves in a daemon thread; `port` is the bound port (0 in the settings picks a free one)."""
 
-    def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, healthy: Callable[[], bool]
-    ) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, healthy: Callable[[], bool]) -> None:
         self._server = ThreadingHTTPServer((host, port), _handler_class(registry, healthy))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="exporter-http", daemon=True)

@@ -138,9 +138,7 @@ class PodAttributor:
     def _cgroup_pod(self, pid: int) -> CgroupPod | None:
         try:
             # os.path rather than pathlib: new PIDs every sweep should not churn interned path strings.
-            with open(
-                os.path.join(self._proc_root, str(pid), "cgroup"), encoding="utf-8", errors="replace"
-            ) as cgroup:
+            with open(os.path.join(self._proc_root, str(pid), "cgroup"), encoding="utf-8", errors="replace") as cgroup:
                 text = cgroup.read()
         except OSError:
             return None

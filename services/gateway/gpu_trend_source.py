@@ -173,9 +173,7 @@ class PrometheusTrendSource:
                 body = json.loads(response.read())
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:200]
-            raise Unavailable(
-                f"Prometheus at {self._base_url} answered {error.code} to {query!r}: {detail}"
-            ) from None
+            raise Unavailable(f"Prometheus at {self._base_url} answered {error.code} to {query!r}: {detail}") from None
         except (OSError, ValueError) as error:
             raise Unavailable(f"Prometheus at {self._base_url} did not answer {query!r}: {error}") from None
         if not isinstance(body, dict) or body.get("status") != "success":
@@ -200,8 +198,8 @@ class PrometheusTrendSource:
                         continue
                     identity.setdefault((node, index, uuid), str(labels.get("model", "")))
                     for stamp, value in series.get("values", []):
-                        readings.setdefault((node, index, uuid, float(stamp)), {})[measurement] = (
-                            _float_or_nan(str(value))
+                        readings.setdefault((node, index, uuid, float(stamp)), {})[measurement] = _float_or_nan(
+                            str(value)
                         )
         rows = [
             TrendRow(

@@ -41,9 +41,7 @@ def real_face_count_changes(measured: Sequence[tuple[ChunkRecord, ChunkStats]]) 
     Each worker lists the first frame of its chunk, since it cannot see the frame before; in frame
     order over all chunks, a change that repeats the count already in force is no change.
     """
-    ordered = sorted(
-        (change.frame_index, change.faces) for _, stats in measured for change in stats.face_count_changes
-    )
+    ordered = sorted((change.frame_index, change.faces) for _, stats in measured for change in stats.face_count_changes)
     kept: set[tuple[int, int]] = set()
     current: int | None = None
     for frame, faces in ordered:
@@ -89,9 +87,7 @@ def _chunk_events(
 
 def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any]:
     """A pure summary of the job, its probed target and its chunks' stats; times count from the job start."""
-    measured = [
-        (chunk, chunk.stats) for chunk in sorted(chunks, key=lambda c: c.index) if chunk.stats is not None
-    ]
+    measured = [(chunk, chunk.stats) for chunk in sorted(chunks, key=lambda c: c.index) if chunk.stats is not None]
     frames = sum(stats.frames for _, stats in measured)
     faces = sum(stats.faces for _, stats in measured)
     frames_with_faces = sum(stats.frames_with_faces for _, stats in measured)
@@ -113,17 +109,11 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
 
     warnings = [f"chunk {chunk.index}: {warning}" for chunk, stats in measured for warning in stats.warnings]
     if frames > 0 and faces == 0:
-        warnings.append(
-            f"no face was found in any of the {frames} frames; the output shows the target unchanged"
-        )
+        warnings.append(f"no face was found in any of the {frames} frames; the output shows the target unchanged")
     elif frames_with_faces < frames:
-        warnings.append(
-            f"{frames - frames_with_faces} of {frames} frames had no face and were left unchanged"
-        )
+        warnings.append(f"{frames - frames_with_faces} of {frames} frames had no face and were left unchanged")
     if fp32_fallbacks:
-        warnings.append(
-            f"{fp32_fallbacks} swapper requests overflowed in FP16 (NaN or Inf) and were run again in FP32"
-        )
+        warnings.append(f"{fp32_fallbacks} swapper requests overflowed in FP16 (NaN or Inf) and were run again in FP32")
     attempts = sum(chunk.attempts for chunk in chunks)
     if attempts > len(chunks):
         warnings.append(f"{attempts - len(chunks)} chunk attempts failed or lapsed and were retried")
@@ -235,9 +225,7 @@ def gpu_section(
     }
 
 
-def with_gpu_trend(
-    report: Mapping[str, Any], section: Mapping[str, Any], warnings: Sequence[str]
-) -> dict[str, Any]:
+def with_gpu_trend(report: Mapping[str, Any], section: Mapping[str, Any], warnings: Sequence[str]) -> dict[str, Any]:
     return {**report, "gpu": dict(section), "warnings": [*report["warnings"], *warnings]}
 
 

@@ -141,11 +141,7 @@ def draw_trend_chart(
     right = right if right > left else left + 1.0
     axes[-1].set_xlim(left, right)
     # Event times come from the workers' clocks; one far outside the window would only squash the chart.
-    shown = [
-        event
-        for event in events
-        if str(event["kind"]) in _EVENT_STYLES and left <= float(event["t"]) <= right
-    ]
+    shown = [event for event in events if str(event["kind"]) in _EVENT_STYLES and left <= float(event["t"]) <= right]
     drawn_labels: list[str] = []
     for event in shown:
         style = _EVENT_STYLES[str(event["kind"])]
@@ -178,13 +174,9 @@ def draw_trend_chart(
         for engine, _, marker in ENGINE_LINES
         if engine in engines
     ]
-    handles += [
-        Line2D([], [], label=kind.replace("_", " "), **style) for kind, style in _EVENT_STYLES.items()
-    ]
+    handles += [Line2D([], [], label=kind.replace("_", " "), **style) for kind, style in _EVENT_STYLES.items()]
     # Above the panels, so neither samples nor event labels hide under it.
-    axes[0].legend(
-        handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, ncol=6, frameon=False
-    )
+    axes[0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, ncol=6, frameon=False)
     if rows:
         memory_handles = [
             Line2D([], [], color="black", label="used"),

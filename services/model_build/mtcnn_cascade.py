@@ -38,6 +38,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +77,22 @@ AREA_MIN_OVERLAP = 1e-3
 # std::numeric_limits<double>::epsilon(): OpenCV's NMS takes two boxes of no area for one box.
 DOUBLE_EPSILON = 2.220446049250313e-16
 
+# Greedy NMS's fixed-point rounds run this many at a time between checks: each check waits for the
+# device, and rounds past the fixed point leave it where it is.
+NMS_ROUNDS_PER_CHECK = 4
+
 # TorchScript reads no Python globals: functions take the constants above as argument defaults, and
 # the module keeps the rest as attributes named in __constants__.
+
+
+# A batch's frames and pyramid levels in one flat (P, 3) float32 buffer, so that crops from every level
+# are one gather: level i's (n, heights[i], widths[i], 3) pixels start at pixel origins[i], and ratios[i]
+# is its (width, height) over the frames'. Level 0 is the frames. Declared with real types, not the
+# class syntax: TorchScript cannot resolve a NamedTuple's postponed annotations.
+Pyramid = NamedTuple(  # noqa: UP014
+    "Pyramid",
+    [("pixels", Tensor), ("origins", Tensor), ("heights", Tensor), ("widths", Tensor), ("ratios", Tensor)],
+)
 
 
 def pyramid_scales(
@@ -98,14 +113,13 @@ def area_weights(
     """(c, out_size, span) weights of cv2.resize INTER_AREA from `sizes[i]` pixels to out_size.
 
     Rows where `enlarged` is set use OpenCV's rule for INTER_AREA when either side grows: linear
-    weights placed by area. Columns past a row's size get no weight. Computed in float64 with
-    OpenCV's own scale (1 / (out / in)) so that cell boundaries fall where OpenCV's do, once for each
-    distinct size: candidates share a few dozen.
+    weights placed by area. Columns past a row's size get no weight, so the weights do not depend on
+    `span`. Computed in float64 with OpenCV's own scale (1 / (out / in)) so that cell boundaries fall
+    where OpenCV's do, row by row: finding the distinct sizes first would wait for the device.
     """
     device = sizes.device
-    distinct, which = torch.unique(sizes * 2 + enlarged.to(torch.int64), return_inverse=True)
-    source = torch.div(distinct, 2, rounding_mode="floor").to(torch.float64)[:, None, None]
-    grows = (distinct % 2 == 1)[:, None, None]
+    source = sizes.to(torch.float64)[:, None, None]
+    grows = enlarged[:, None, None]
     scale = 1.0 / (out_size / source)
     out = torch.arange(out_size, dtype=torch.float64, device=device)[None, :, None]
     pixel = torch.arange(span, dtype=torch.float64, device=device)[None, None, :]
@@ -120,7 +134,15 @@ def area_weights(
     fraction = torch.where(at_end, torch.zeros_like(fraction), fraction)
     first = torch.where(at_end, source - 1.0, first)
     lerp = (pixel == first).to(torch.float64) * (1.0 - fraction) + (pixel == first + 1.0).to(torch.float64) * fraction
-    return torch.where(grows, lerp, box).to(torch.float32)[which]
+    return torch.where(grows, lerp, box).to(torch.float32)
+
+
+def device_values(values: list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of host values made on the device by fills: torch.tensor(values, device=...) copies
+    from pageable host memory, which waits for every kernel queued before it."""
+    if len(values) == 0:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat([torch.full((1,), value, dtype=dtype, device=device) for value in values])
 
 
 def as_pixels(values: Tensor) -> Tensor:
@@ -139,37 +161,37 @@ def resize_area(images: Tensor, out_height: int, out_width: int) -> Tensor:
     return as_pixels(torch.matmul(columns, resized))
 
 
-def crop_level(level: Tensor, frame_index: Tensor, boxes: Tensor, side: int) -> Tensor:
-    """(c, side, side, 3) crops of whole-pixel `boxes` (level pixels) from the (n, h, w, 3) level.
+def crop_boxes(
+    pixels: Tensor, origins: Tensor, heights: Tensor, widths: Tensor, boxes: Tensor, side: int, span: int
+) -> Tensor:
+    """(c, side, side, 3) crops of whole-pixel `boxes` from images laid out flat in `pixels` ((P, 3)):
+    box i's image starts at pixel origins[i] and is heights[i] x widths[i]; no box side exceeds `span`.
 
-    Parts of a box outside the level are black, as box_ops.crop_with_padding pads them: the weights
-    of rows and columns outside the level are zeroed rather than the pixels, which is the same sum.
+    Parts of a box outside its image are black, as box_ops.crop_with_padding pads them: the weights
+    of rows and columns outside the image are zeroed rather than the pixels, which is the same sum.
     """
-    height, width = level.shape[1], level.shape[2]
     corners = boxes.to(torch.int64)
     left, top = corners[:, 0], corners[:, 1]
     box_widths, box_heights = corners[:, 2] - left, corners[:, 3] - top
-    span = int(torch.maximum(box_widths.max(), box_heights.max()))
     enlarged = (box_widths < side) | (box_heights < side)
-    steps = torch.arange(span, device=level.device)
+    steps = torch.arange(span, device=pixels.device)
     columns = left[:, None] + steps
     rows = top[:, None] + steps
-    column_weights = area_weights(box_widths, side, span, enlarged) * ((columns >= 0) & (columns < width))[:, None, :]
-    row_weights = area_weights(box_heights, side, span, enlarged) * ((rows >= 0) & (rows < height))[:, None, :]
-    pixels = (
-        (frame_index * (height * width))[:, None, None]
-        + (rows.clamp(0, height - 1) * width)[:, :, None]
-        + columns.clamp(0, width - 1)[:, None, :]
-    )
+    column_inside = (columns >= 0) & (columns < widths[:, None])
+    row_inside = (rows >= 0) & (rows < heights[:, None])
+    column_weights = area_weights(box_widths, side, span, enlarged) * column_inside[:, None, :]
+    row_weights = area_weights(box_heights, side, span, enlarged) * row_inside[:, None, :]
+    rows = torch.minimum(rows.clamp(min=0), heights[:, None] - 1)
+    columns = torch.minimum(columns.clamp(min=0), widths[:, None] - 1)
+    flat = origins[:, None, None] + (rows * widths[:, None])[:, :, None] + columns[:, None, :]
     count = boxes.shape[0]
-    patches = level.reshape(-1, 3).index_select(0, pixels.reshape(-1)).reshape(count, span, span * 3)
+    patches = pixels.index_select(0, flat.reshape(-1)).reshape(count, span, span * 3)
     resized_rows = torch.bmm(row_weights, patches).reshape(count, side, span, 3)
     return as_pixels(torch.einsum("cxq,cyqk->cyxk", column_weights, resized_rows))
 
 
 def pyramid_crops(
-    levels: list[Tensor],
-    ratios: Tensor,
+    pyramid: Pyramid,
     frame_index: Tensor,
     boxes: Tensor,
     side: int,
@@ -177,29 +199,37 @@ def pyramid_crops(
 ) -> tuple[Tensor, Tensor]:
     """box_ops.pyramid_crops: (c, side, side, 3) crops and the boxes they really cover, in frame pixels.
 
-    levels[0] is the frames, the rest the pyramid; ratios[i] is level i's (width, height) over the frames'.
+    Each box is cropped from the smallest level that still has the crop's resolution, all levels in
+    one gather: the only wait for the device is the longest box side, which sizes the gather.
     """
     count = boxes.shape[0]
+    crops = torch.zeros((count, side, side, 3), dtype=torch.float32, device=boxes.device)
+    if count == 0:
+        return crops, torch.zeros_like(boxes)
+    ratios = pyramid.ratios
     sides = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     big_enough = sides[:, None] * ratios.min(dim=1).values[None, :] >= side
     choice = (big_enough.sum(dim=1) - 1).clamp(min=0)
-    crops = torch.zeros((count, side, side, 3), dtype=torch.float32, device=boxes.device)
-    covered = torch.zeros_like(boxes)
-    for level_number in range(len(levels)):
-        members = (choice == level_number).nonzero().flatten()
-        if members.numel() == 0:
-            continue
-        ratio = ratios[level_number].repeat(2)
-        level_boxes = torch.floor(boxes[members] * ratio + 0.5)
-        covered[members] = level_boxes / ratio
-        spans = torch.maximum(level_boxes[:, 2] - level_boxes[:, 0], level_boxes[:, 3] - level_boxes[:, 1])
-        span = int(spans.max())
-        per_block = max(1, block_elements // (span * span * 3))
-        for start in range(0, members.numel(), per_block):
-            block = members[start : start + per_block]
-            crops[block] = crop_level(
-                levels[level_number], frame_index[block], level_boxes[start : start + per_block], side
-            )
+    ratio = ratios[choice].repeat(1, 2)
+    level_boxes = torch.floor(boxes * ratio + 0.5)
+    covered = level_boxes / ratio
+    spans = torch.maximum(level_boxes[:, 2] - level_boxes[:, 0], level_boxes[:, 3] - level_boxes[:, 1])
+    span = max(1, int(spans.max()))
+    heights = pyramid.heights[choice]
+    widths = pyramid.widths[choice]
+    origins = pyramid.origins[choice] + frame_index * heights * widths
+    per_block = max(1, block_elements // (span * span * 3))
+    for start in range(0, count, per_block):
+        end = min(count, start + per_block)
+        crops[start:end] = crop_boxes(
+            pyramid.pixels,
+            origins[start:end],
+            heights[start:end],
+            widths[start:end],
+            level_boxes[start:end],
+            side,
+            span,
+        )
     return crops, covered
 
 
@@ -244,7 +274,12 @@ def overlap_exceeds(
 
 
 def greedy_keep(
-    boxes: Tensor, valid: Tensor, threshold: float, by_smaller_area: bool, block_elements: int = NMS_BLOCK_ELEMENTS
+    boxes: Tensor,
+    valid: Tensor,
+    threshold: float,
+    by_smaller_area: bool,
+    block_elements: int = NMS_BLOCK_ELEMENTS,
+    rounds_per_check: int = NMS_ROUNDS_PER_CHECK,
 ) -> Tensor:
     """Greedy NMS of every row of (g, m, 4) float64 boxes sorted best first; (g, m) kept mask.
 
@@ -274,6 +309,8 @@ def greedy_keep(
             within = exceeds[:, start:end, :] & better
             kept = allowed
             while True:
+                for _ in range(rounds_per_check - 1):
+                    kept = allowed & ~(kept[:, :, None] & within).any(dim=1)
                 settled = allowed & ~(kept[:, :, None] & within).any(dim=1)
                 if torch.equal(settled, kept):
                     break
@@ -393,19 +430,22 @@ class MtcnnCascade(nn.Module):
         if options.dim() != 2 or options.shape[0] != count or options.shape[1] != self.option_count:
             raise ValueError("mtcnn cascade options must be (count, options), one row per frame")
         # Half-precision serving hands the options over in fp16: their rounding (under 3e-4) is below
-        # the nets' own in that precision.
-        settings = options.to(torch.float32)
+        # the nets' own in that precision. They are read on the host, where every decision on them is
+        # made without waiting for the device again; nothing is queued on it yet.
+        settings = options.to(torch.float32).cpu()
         self.check_options(settings)
+        if bool((settings == settings[0]).all()):
+            return self.detect_group(frames, settings[0])
         device = frames.device
         boxes = torch.zeros((count, self.max_faces, 4), dtype=torch.float32, device=device)
         scores = torch.zeros((count, self.max_faces), dtype=torch.float32, device=device)
         landmarks = torch.zeros((count, self.max_faces, 5, 2), dtype=torch.float32, device=device)
         counts = torch.zeros((count, 1), dtype=torch.int32, device=device)
-        pending = torch.ones(count, dtype=torch.bool, device=device)
+        pending = torch.ones(count, dtype=torch.bool)
         while bool(pending.any()):
             first = int(pending.nonzero()[0, 0])
             alike = pending & (settings == settings[first]).all(dim=1)
-            members = alike.nonzero().flatten()
+            members = alike.nonzero().flatten().to(device)
             group_boxes, group_scores, group_landmarks, group_counts = self.detect_group(
                 frames[members], settings[first]
             )
@@ -430,74 +470,120 @@ class MtcnnCascade(nn.Module):
             raise ValueError("mtcnn cascade scores must be inside [0, 1]")
 
     def detect_group(self, frames: Tensor, option: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The cascade over frames that share one row of options."""
-        count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+        """The cascade over frames that share one row of options (on the host)."""
+        count = frames.shape[0]
         face_size = max(float(option[self.face_size_column]), float(self.cell_size))
-        scales = pyramid_scales(min(height, width), face_size, float(option[self.scale_factor_column]))
-        # Every smaller level is resized from the first, as FaceDetector does.
-        levels = [frames.to(torch.float32)]
-        ratios = [[1.0, 1.0]]
-        for scale in scales:
-            level_height, level_width = math.ceil(height * scale), math.ceil(width * scale)
-            if len(levels) == 1:
-                levels.append(resize_area(levels[0], level_height, level_width))
-            elif levels[1].shape[1] == level_height and levels[1].shape[2] == level_width:
-                levels.append(levels[1])
-            else:
-                levels.append(resize_area(levels[1], level_height, level_width))
-            ratios.append([level_width / width, level_height / height])
-        level_ratios = torch.tensor(ratios, dtype=torch.float32, device=frames.device)
+        scales = pyramid_scales(
+            min(frames.shape[1], frames.shape[2]), face_size, float(option[self.scale_factor_column])
+        )
+        pyramid, levels = self.build_pyramid(frames, scales)
         frame_index, boxes = self.propose(levels, scales, float(option[self.pnet_score_column]), count)
-        frame_index, boxes = self.refine(
-            levels, level_ratios, frame_index, boxes, float(option[self.rnet_score_column]), count
-        )
+        frame_index, boxes = self.refine(pyramid, frame_index, boxes, float(option[self.rnet_score_column]), count)
         return self.output(
-            levels, level_ratios, frame_index, boxes, float(option[self.min_score_column]), count, height, width
+            pyramid, frame_index, boxes, float(option[self.min_score_column]), count, frames.shape[1], frames.shape[2]
         )
+
+    def build_pyramid(self, frames: Tensor, scales: list[float]) -> tuple[Pyramid, list[Tensor]]:
+        """The frames and a level for each scale in one flat buffer, and each level as an (n, h, w, 3) view.
+
+        Every smaller level is resized from the first, as FaceDetector does; a level of the first's size
+        is the first.
+        """
+        count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+        shapes: list[list[int]] = [[height, width]]
+        for scale in scales:
+            shapes.append([math.ceil(height * scale), math.ceil(width * scale)])
+        origins: list[int] = []
+        total = 0
+        for number in range(len(shapes)):
+            if number >= 2 and shapes[number] == shapes[1]:
+                origins.append(origins[1])
+            else:
+                origins.append(total)
+                total += count * shapes[number][0] * shapes[number][1]
+        pixels = torch.empty((total, 3), dtype=torch.float32, device=frames.device)
+        levels: list[Tensor] = []
+        for number in range(len(shapes)):
+            level_height, level_width = shapes[number][0], shapes[number][1]
+            level = pixels[origins[number] : origins[number] + count * level_height * level_width]
+            level = level.view(count, level_height, level_width, 3)
+            if number == 0:
+                level.copy_(frames)
+            elif number == 1 or origins[number] != origins[1]:
+                level.copy_(resize_area(levels[min(number - 1, 1)], level_height, level_width))
+            levels.append(level)
+        device = frames.device
+        ratios: list[float] = []
+        for shape in shapes:
+            ratios.extend([shape[1] / width, shape[0] / height])
+        pyramid = Pyramid(
+            pixels,
+            device_values([float(origin) for origin in origins], torch.int64, device),
+            device_values([float(shape[0]) for shape in shapes], torch.int64, device),
+            device_values([float(shape[1]) for shape in shapes], torch.int64, device),
+            device_values(ratios, torch.float32, device).view(len(shapes), 2),
+        )
+        return pyramid, levels
 
     def propose(self, levels: list[Tensor], scales: list[float], threshold: float, count: int) -> tuple[Tensor, Tensor]:
         """P-Net over every pyramid level (levels[1:]), NMS within each level and then across levels;
-        returns the frame index and squared, regressed box of every candidate."""
+        returns the frame index and squared, regressed box of every candidate.
+
+        The levels' score maps are searched as one, so finding the windows that pass waits for the
+        device once, not once a level.
+        """
         device = levels[0].device
+        if len(scales) == 0:
+            return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros((0, 4), device=device)
         net_dtype = self.pnet.conv1.weight.dtype
-        groups: list[Tensor] = []
-        boxes: list[Tensor] = []
-        scores: list[Tensor] = []
-        offsets: list[Tensor] = []
+        faces: list[Tensor] = []
+        regressions: list[Tensor] = []
+        starts: list[float] = []
+        map_heights: list[float] = []
+        map_widths: list[float] = []
+        start = 0
         for number in range(len(scales)):
             level = levels[number + 1].permute(0, 3, 1, 2).to(net_dtype)
             probability, regression = self.pnet(level)
-            face = probability[:, 1].to(torch.float32)
-            cells = (face >= threshold).nonzero()
-            frame, row, column = cells[:, 0], cells[:, 1], cells[:, 2]
-            left = column.to(torch.float32) * self.stride
-            top = row.to(torch.float32) * self.stride
-            corners = torch.stack([left, top, left + self.cell_size, top + self.cell_size], dim=1)
-            boxes.append(corners / torch.full((1,), scales[number], dtype=torch.float32, device=device))
-            scores.append(face[frame, row, column])
-            offsets.append(regression.to(torch.float32).permute(0, 2, 3, 1)[frame, row, column])
-            groups.append(frame + number * count)
-        if len(boxes) == 0:
-            return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros((0, 4), device=device)
-        merged_boxes = torch.cat(boxes)
-        merged_scores = torch.cat(scores)
-        merged_offsets = torch.cat(offsets)
-        merged_groups = torch.cat(groups)
-        kept = nms(merged_boxes, merged_scores, merged_groups, count * len(scales), self.pnet_level_nms, False)
-        merged_boxes, merged_scores, merged_offsets = merged_boxes[kept], merged_scores[kept], merged_offsets[kept]
-        frame_index = merged_groups[kept] % count
-        kept = nms(merged_boxes, merged_scores, frame_index, count, self.pnet_merged_nms, False)
-        refined = square_boxes(apply_regression(merged_boxes[kept], merged_offsets[kept]))
+            faces.append(probability[:, 1].to(torch.float32).reshape(-1))
+            regressions.append(regression.to(torch.float32).permute(0, 2, 3, 1).reshape(-1, 4))
+            starts.append(float(start))
+            map_heights.append(float(probability.shape[2]))
+            map_widths.append(float(probability.shape[3]))
+            start += count * probability.shape[2] * probability.shape[3]
+        face = torch.cat(faces)
+        hits = (face >= threshold).nonzero().flatten()
+        level_starts = device_values(starts, torch.int64, device)
+        level_of = torch.searchsorted(level_starts, hits, right=True) - 1
+        local = hits - level_starts[level_of]
+        map_height = device_values(map_heights, torch.int64, device)[level_of]
+        map_width = device_values(map_widths, torch.int64, device)[level_of]
+        frame = torch.div(local, map_height * map_width, rounding_mode="floor")
+        cell = local - frame * map_height * map_width
+        row = torch.div(cell, map_width, rounding_mode="floor")
+        column = cell - row * map_width
+        left = column.to(torch.float32) * self.stride
+        top = row.to(torch.float32) * self.stride
+        corners = torch.stack([left, top, left + self.cell_size, top + self.cell_size], dim=1)
+        boxes = corners / device_values(scales, torch.float32, device)[level_of][:, None]
+        scores = face[hits]
+        offsets = torch.cat(regressions)[hits]
+        groups = frame + level_of * count
+        kept = nms(boxes, scores, groups, count * len(scales), self.pnet_level_nms, False)
+        boxes, scores, offsets = boxes[kept], scores[kept], offsets[kept]
+        frame_index = groups[kept] % count
+        kept = nms(boxes, scores, frame_index, count, self.pnet_merged_nms, False)
+        refined = square_boxes(apply_regression(boxes[kept], offsets[kept]))
         usable = non_empty(refined)
         return frame_index[kept][usable], refined[usable]
 
     def refine(
-        self, levels: list[Tensor], ratios: Tensor, frame_index: Tensor, boxes: Tensor, threshold: float, count: int
+        self, pyramid: Pyramid, frame_index: Tensor, boxes: Tensor, threshold: float, count: int
     ) -> tuple[Tensor, Tensor]:
         """R-Net: drops candidates below `threshold`, NMS, regresses and squares the rest."""
         if boxes.shape[0] == 0:
             return frame_index, boxes
-        crops, covered = pyramid_crops(levels, ratios, frame_index, boxes, self.rnet_side)
+        crops, covered = pyramid_crops(pyramid, frame_index, boxes, self.rnet_side)
         net_dtype = self.rnet.conv1.weight.dtype
         probabilities: list[Tensor] = []
         regressions: list[Tensor] = []
@@ -517,8 +603,7 @@ class MtcnnCascade(nn.Module):
 
     def output(
         self,
-        levels: list[Tensor],
-        ratios: Tensor,
+        pyramid: Pyramid,
         frame_index: Tensor,
         boxes: Tensor,
         threshold: float,
@@ -534,7 +619,7 @@ class MtcnnCascade(nn.Module):
         face_counts = torch.zeros((count, 1), dtype=torch.int32, device=device)
         if boxes.shape[0] == 0:
             return faces, face_scores, face_landmarks, face_counts
-        crops, covered = pyramid_crops(levels, ratios, frame_index, boxes, self.onet_side)
+        crops, covered = pyramid_crops(pyramid, frame_index, boxes, self.onet_side)
         net_dtype = self.onet.conv1.weight.dtype
         probabilities: list[Tensor] = []
         regressions: list[Tensor] = []
@@ -559,8 +644,16 @@ class MtcnnCascade(nn.Module):
         table = rank_in_groups(frame_index[kept], scores[kept], count)[:, : self.max_faces]
         present = table >= 0
         rows = kept[table.clamp(min=0)]
-        limits = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
-        clipped = torch.minimum(final[rows].clamp(min=0.0), limits)
+        inside = final[rows].clamp(min=0.0)
+        clipped = torch.stack(
+            [
+                inside[..., 0].clamp(max=float(width)),
+                inside[..., 1].clamp(max=float(height)),
+                inside[..., 2].clamp(max=float(width)),
+                inside[..., 3].clamp(max=float(height)),
+            ],
+            dim=-1,
+        )
         taken = table.shape[1]
         faces[:, :taken] = torch.where(present[:, :, None], clipped, torch.zeros_like(clipped))
         face_scores[:, :taken] = torch.where(present, scores[rows], torch.zeros_like(scores[rows]))

@@ -44,9 +44,7 @@ def read_state_dict(weights_wheel: Path, stage: MtcnnStage) -> dict[str, torch.T
         raise FailedPrecondition(f"weights wheel {weights_wheel} has no {member}") from None
     except zipfile.BadZipFile:
         raise FailedPrecondition(f"weights wheel {weights_wheel} is not a zip file") from None
-    state_dict: dict[str, torch.Tensor] = torch.load(
-        io.BytesIO(payload), map_location="cpu", weights_only=True
-    )
+    state_dict: dict[str, torch.Tensor] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     return state_dict
 
 

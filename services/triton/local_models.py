@@ -45,9 +45,7 @@ class LocalModels:
                 self._models[model] = loaded
             return loaded
 
-    def _run(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def _run(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         loaded = self._model(model)
         if set(inputs) != loaded.input_names:
             raise InvalidArgument(
@@ -55,9 +53,7 @@ class LocalModels:
             )
         unknown = [name for name in outputs if name not in loaded.output_dtypes]
         if unknown:
-            raise InvalidArgument(
-                f"model {model} has no outputs {unknown}; it has {sorted(loaded.output_dtypes)}"
-            )
+            raise InvalidArgument(f"model {model} has no outputs {unknown}; it has {sorted(loaded.output_dtypes)}")
         try:
             (result,) = run_batched(loaded.session, [inputs], outputs)
         except (OrtInvalidArgument, OrtFailure) as error:

@@ -45,9 +45,7 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         for group in group_by_shape(inputs):
             try:
-                outputs = run_batched(
-                    self._session, [inputs[index] for index in group], list(self._output_dtypes)
-                )
+                outputs = run_batched(self._session, [inputs[index] for index in group], list(self._output_dtypes))
             except Exception as error:  # every failure must become the requests' error response
                 failure = pb_utils.TritonError(f"{self._model_name}: onnxruntime failed: {error}")
                 for index in group:
@@ -62,9 +60,7 @@ class TritonPythonModel:
 
     def _tensor(self, name: str, array: np.ndarray) -> Any:
         # The config's dtype is the contract clients decode with, whatever the graph computed in.
-        return pb_utils.Tensor(
-            name, np.ascontiguousarray(array.astype(self._output_dtypes[name], copy=False))
-        )
+        return pb_utils.Tensor(name, np.ascontiguousarray(array.astype(self._output_dtypes[name], copy=False)))
 
     def finalize(self) -> None:
         del self._session

@@ -20,11 +20,7 @@ TensorMap = Mapping[str, np.ndarray]
 
 def execution_providers(available: Sequence[str]) -> list[str]:
     """CUDA first where this onnxruntime build has it, CPU always last."""
-    return [
-        provider
-        for provider in PREFERRED_PROVIDERS
-        if provider in available or provider == "CPUExecutionProvider"
-    ]
+    return [provider for provider in PREFERRED_PROVIDERS if provider in available or provider == "CPUExecutionProvider"]
 
 
 def intra_op_threads(parameter: str | None, environ: Mapping[str, str] | None = None) -> int:
@@ -79,9 +75,6 @@ def run_batched(
     boundaries = np.cumsum([next(iter(inputs.values())).shape[0] for inputs in requests])[:-1]
     per_output = [np.split(result, boundaries) for result in results]
     return [
-        {
-            name: np.ascontiguousarray(parts[index])
-            for name, parts in zip(output_names, per_output, strict=True)
-        }
+        {name: np.ascontiguousarray(parts[index]) for name, parts in zip(output_names, per_output, strict=True)}
         for index in range(len(requests))
     ]

@@ -115,9 +115,7 @@ def job_report(
                     "utilization_peak_percent": 99.0,
                     "utilization_p95_percent": 95.0,
                     "memory_used_peak_bytes": memory_peak_bytes,
-                    "memory_used_p95_bytes": memory_peak_bytes
-                    if memory_p95_bytes is None
-                    else memory_p95_bytes,
+                    "memory_used_p95_bytes": memory_peak_bytes if memory_p95_bytes is None else memory_p95_bytes,
                     "memory_total_bytes": 80 * GIB,
                     "temperature_peak_celsius": 60.0,
                     "power_mean_watts": 200.0,

@@ -18,9 +18,7 @@ CALIBRATION = measured_calibration("Big", {"Fast": 1.0, "Cheap": 3.0, "Small": 4
 
 def _job(job_id: str, peak_gib: float, gpu_model: str = "NVIDIA Big") -> JobProfile:
     # 250 frames, 50 GPU ms per frame, 20 s on Big: 20 s on Fast, 45 s on Cheap, 57.5 s on Small.
-    return profile_from_report(
-        job_report(job_id, gpu_model=gpu_model, memory_peak_bytes=round(peak_gib * GIB))
-    )
+    return profile_from_report(job_report(job_id, gpu_model=gpu_model, memory_peak_bytes=round(peak_gib * GIB)))
 
 
 def test_fleet_totals_compare_cost_as_run_with_cost_as_recommended() -> None:

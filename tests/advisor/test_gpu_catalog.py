@@ -129,9 +129,7 @@ def test_two_entries_claiming_one_nvml_name_are_rejected() -> None:
         catalog_from_data({"gpus": [first, second]})
 
 
-@pytest.mark.parametrize(
-    "data", [None, [], {"gpus": []}, {"gpus": [], "extra": 1}, {"gpu": [gpu_entry("A", 8, 1)]}]
-)
+@pytest.mark.parametrize("data", [None, [], {"gpus": []}, {"gpus": [], "extra": 1}, {"gpu": [gpu_entry("A", 8, 1)]}])
 def test_a_document_of_the_wrong_shape_is_rejected(data: Any) -> None:
     with pytest.raises(InvalidArgument, match="gpus"):
         catalog_from_data(data)

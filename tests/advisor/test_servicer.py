@@ -45,9 +45,7 @@ class FakeJobService(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, jobs: list[jobs_pb2.Job]) -> None:
         self.jobs = jobs
 
-    async def GetJob(
-        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
-    ) -> jobs_pb2.Job:
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
         for job in self.jobs:
             if job.id == request.job_id:
                 return job
@@ -107,9 +105,7 @@ def _run(scenario: Scenario) -> None:
 
 def test_recommend_for_job_fetches_the_report_from_the_gateway() -> None:
     async def scenario(stub: advisor_pb2_grpc.AdvisorServiceStub, state: AdvisorState, advisor: str) -> None:
-        answer = await stub.RecommendForJob(
-            advisor_pb2.RecommendForJobRequest(job_id="wide", deadline_seconds=60)
-        )
+        answer = await stub.RecommendForJob(advisor_pb2.RecommendForJobRequest(job_id="wide", deadline_seconds=60))
 
         assert answer.job_id == "wide"
         assert answer.profile.memory_peak_bytes == 20 * GIB

@@ -81,9 +81,7 @@ def test_the_fit_recovers_known_parameters_from_synthetic_measurements() -> None
     for gpu, factor in TRUE_FACTORS.items():
         assert calibration.time_factors[gpu] == pytest.approx(factor, rel=1e-3)
     workload = calibration.workload
-    assert (workload.base_ms, workload.ms_per_megapixel, workload.ms_per_face) == pytest.approx(
-        WORKLOAD, rel=1e-2
-    )
+    assert (workload.base_ms, workload.ms_per_megapixel, workload.ms_per_face) == pytest.approx(WORKLOAD, rel=1e-2)
     memory = calibration.memory
     assert (
         memory.base_bytes / GIB,
@@ -147,9 +145,7 @@ def test_the_cpu_stages_bound_the_prediction_from_below() -> None:
         )
     )
 
-    assert predict_seconds(profile, CATALOG.named("Ref"), calibration, CATALOG.named("Mid")) == pytest.approx(
-        10.0
-    )
+    assert predict_seconds(profile, CATALOG.named("Ref"), calibration, CATALOG.named("Mid")) == pytest.approx(10.0)
 
 
 def test_a_cpu_run_is_predicted_from_the_workload_model() -> None:

@@ -57,7 +57,6 @@ def test_the_threshold_covers_a_4k_rgb_frame() -> None:
     assert MMAP_THRESHOLD_BYTES > 3840 * 2160 * 3
 
 
-
 def test_by_default_a_freed_block_moves_the_next_ones_onto_the_heap() -> None:
     assert _mapped_blocks("after-a-free") == 0
 

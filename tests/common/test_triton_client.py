@@ -101,4 +101,3 @@ def test_triton_refusals_are_retryable_only_while_the_model_may_come_back(
     with pytest.raises(SwaplineError) as caught:
         _infer(_CannedTriton(status=status))
     assert type(caught.value) is expected
-

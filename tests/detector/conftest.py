@@ -75,7 +75,7 @@ def side_by_side(astronaut: np.ndarray, grace_hopper: np.ndarray) -> np.ndarray:
     height = max(astronaut.shape[0], grace_hopper.shape[0])
     canvas = np.full((height, astronaut.shape[1] + grace_hopper.shape[1], 3), BACKGROUND, np.uint8)
     canvas[: astronaut.shape[0], : astronaut.shape[1]] = astronaut
-    canvas[: grace_hopper.shape[0], astronaut.shape[1]:] = grace_hopper
+    canvas[: grace_hopper.shape[0], astronaut.shape[1] :] = grace_hopper
     size = (DETECTOR_WIDTH, round(height * DETECTOR_WIDTH / canvas.shape[1]))
     return cv2.resize(canvas, size, interpolation=cv2.INTER_AREA)
 

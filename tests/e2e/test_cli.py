@@ -16,16 +16,32 @@ from services.cli.embedded_stack import REPOSITORY_ROOT, EmbeddedStack
 
 def swapline(stack: EmbeddedStack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SWAPLINE_GATEWAY": stack.gateway_address}
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, cwd=REPOSITORY_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_run_writes_output_and_report_for_an_image(stack: EmbeddedStack, tmp_path: Path) -> None:
     target, source = tmp_path / "photo.jpg", tmp_path / "source.png"
     cv2.imwrite(str(target), cv2.cvtColor(sample_media.astronaut_photo(), cv2.COLOR_RGB2BGR))
     source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
-    result = swapline(stack, "run", "--source", str(source), "--target", str(target),
-                      "--output", str(tmp_path / "out.jpg"), "--report", str(tmp_path / "report"))
+    result = swapline(
+        stack,
+        "run",
+        "--source",
+        str(source),
+        "--target",
+        str(target),
+        "--output",
+        str(tmp_path / "out.jpg"),
+        "--report",
+        str(tmp_path / "report"),
+    )
     assert result.returncode == 0, result.stderr
     image = cv2.imread(str(tmp_path / "out.jpg"))
     assert image is not None and image.shape[:2] == (512, 512)

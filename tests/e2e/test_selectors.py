@@ -52,7 +52,11 @@ def is_person(judge: IdentityJudge, half: np.ndarray, photo: np.ndarray) -> bool
 
 
 def test_many_swaps_every_face(
-    client: JobClient, two_people: Path, judge: IdentityJudge, hopper_png: bytes, astronaut_png: bytes,
+    client: JobClient,
+    two_people: Path,
+    judge: IdentityJudge,
+    hopper_png: bytes,
+    astronaut_png: bytes,
     tmp_path: Path,
 ) -> None:
     astronaut, hopper = sample_media.astronaut_photo(), sample_media.grace_hopper_photo()
@@ -66,8 +70,13 @@ def test_many_swaps_every_face(
 
 @pytest.mark.parametrize("reference_side", ["left", "right"])
 def test_reference_swaps_only_the_matching_face(
-    client: JobClient, two_people: Path, judge: IdentityJudge, hopper_png: bytes, astronaut_png: bytes,
-    tmp_path: Path, reference_side: str,
+    client: JobClient,
+    two_people: Path,
+    judge: IdentityJudge,
+    hopper_png: bytes,
+    astronaut_png: bytes,
+    tmp_path: Path,
+    reference_side: str,
 ) -> None:
     astronaut, hopper = sample_media.astronaut_photo(), sample_media.grace_hopper_photo()
     reference, source, replaced_person = (

@@ -116,9 +116,7 @@ class FakeNvml:
             gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
             return SimpleNamespace(used=gpu.used, total=gpu.total, free=gpu.total - gpu.used)
         gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo_v2")
-        return SimpleNamespace(
-            used=gpu.used, total=gpu.total, free=gpu.total - gpu.used, reserved=gpu.reserved
-        )
+        return SimpleNamespace(used=gpu.used, total=gpu.total, free=gpu.total - gpu.used, reserved=gpu.reserved)
 
     def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
         return self._gpu(handle, "nvmlDeviceGetTemperature").temperature
@@ -153,8 +151,7 @@ class FakeNvml:
             pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: gpu.pcie_rx_counter,
         }
         return [
-            SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(ullVal=counters[field_id]))
-            for field_id in field_ids
+            SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(ullVal=counters[field_id])) for field_id in field_ids
         ]
 
     def nvmlDeviceGetPcieThroughput(self, handle: int, counter: int) -> int:

@@ -51,9 +51,7 @@ def gpu_sample(index: int = 0, timestamp: float = 1_700_000_000.0, **overrides: 
 
 
 def gpu_process(gpu_index: int, pid: int, used_gib: float = 2.0, sm: float | None = 55.0) -> GpuProcess:
-    return GpuProcess(
-        gpu_index=gpu_index, pid=pid, used_memory_bytes=int(used_gib * GIB), sm_utilization_percent=sm
-    )
+    return GpuProcess(gpu_index=gpu_index, pid=pid, used_memory_bytes=int(used_gib * GIB), sm_utilization_percent=sm)
 
 
 def sweep(

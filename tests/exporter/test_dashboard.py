@@ -247,17 +247,11 @@ def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
         for number, (_, expression) in enumerate(expressions)
     ]
     rules_file = tmp_path / "dashboard-expressions.yaml"
-    rules_file.write_text(
-        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8"
-    )
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
 
-    result = subprocess.run(
-        [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
 
-    where = "\n".join(
-        f"dashboard:expression_{number} = {place}" for number, (place, _) in enumerate(expressions)
-    )
+    where = "\n".join(f"dashboard:expression_{number} = {place}" for number, (place, _) in enumerate(expressions))
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{where}"
 
 
@@ -270,9 +264,7 @@ def test_every_expression_uses_only_metric_names_that_exist(source: str) -> None
     )
     known = _known_metric_names()
 
-    unknown = {
-        f"{where}: {name}" for where, expression in expressions for name in metric_names(expression) - known
-    }
+    unknown = {f"{where}: {name}" for where, expression in expressions for name in metric_names(expression) - known}
 
     assert expressions
     assert unknown == set(), f"metric names defined nowhere: {sorted(unknown)}"

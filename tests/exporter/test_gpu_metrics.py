@@ -37,9 +37,7 @@ def names_with(series: Series, gpu: str) -> set[str]:
     return {name for name, labels in series if ("gpu", gpu) in labels}
 
 
-def sampler_over(
-    tmp_path: Path, sweeps: list[RecordedSweep], attributor: PodAttributor | None = None
-) -> GpuSampler:
+def sampler_over(tmp_path: Path, sweeps: list[RecordedSweep], attributor: PodAttributor | None = None) -> GpuSampler:
     path = record(tmp_path / "rec.jsonl", sweeps)
     return GpuSampler(RecordedReader(path, cycle=False), node=NODE, attributor=attributor, clock=FakeClock())
 
@@ -81,9 +79,7 @@ def test_every_per_gpu_metric_carries_its_value_and_labels(tmp_path: Path) -> No
         if key[0] == "swapline_gpu_clock_event_active" and ("gpu", "0") in key[1] and value == 1.0
     }
     assert active == {"sw_power_cap", "hw_thermal_slowdown"}
-    reasons = [
-        key for key in series if key[0] == "swapline_gpu_clock_event_active" and ("gpu", "0") in key[1]
-    ]
+    reasons = [key for key in series if key[0] == "swapline_gpu_clock_event_active" and ("gpu", "0") in key[1]]
     assert len(reasons) == 9
 
 
@@ -146,9 +142,7 @@ def test_process_series_with_pod_labels_and_no_series_for_gone_processes(tmp_pat
     sampler = sampler_over(
         tmp_path,
         [
-            sweep(
-                [gpu_sample(0)], [gpu_process(0, 4242, used_gib=3.0, sm=64.0), gpu_process(0, 777, sm=None)]
-            ),
+            sweep([gpu_sample(0)], [gpu_process(0, 4242, used_gib=3.0, sm=64.0), gpu_process(0, 777, sm=None)]),
             sweep([gpu_sample(0)], [gpu_process(0, 777, sm=None)]),
         ],
         attributor,
@@ -192,9 +186,7 @@ def test_nvml_down_exports_zero_with_reason_and_no_gpu_series(tmp_path: Path) ->
 
 
 def test_xid_counter_and_sweep_histogram(tmp_path: Path) -> None:
-    sampler = sampler_over(
-        tmp_path, [sweep([gpu_sample(0)], xid=[(0, 79)]), sweep([gpu_sample(0)], xid=[(0, 79)])]
-    )
+    sampler = sampler_over(tmp_path, [sweep([gpu_sample(0)], xid=[(0, 79)]), sweep([gpu_sample(0)], xid=[(0, 79)])])
     sampler.sweep()
     sampler.sweep()
 

@@ -106,9 +106,7 @@ def test_no_gpu_exports_down_with_reason_logs_once_backs_off_and_recovers(
 
 
 def test_a_new_reason_is_logged_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = record(
-        tmp_path / "rec.jsonl", [outage("first"), outage("first"), outage("second"), outage("second")]
-    )
+    path = record(tmp_path / "rec.jsonl", [outage("first"), outage("first"), outage("second"), outage("second")])
     sampler = GpuSampler(RecordedReader(path), node="n", clock=FakeClock())
 
     with caplog.at_level(logging.WARNING, logger="services.exporter.gpu_sampler"):
@@ -142,9 +140,7 @@ def test_a_failing_trend_log_does_not_stop_the_metrics(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     path = record(tmp_path / "rec.jsonl", [sweep([gpu_sample(0)])])
-    sampler = GpuSampler(
-        RecordedReader(path), node="n", trend_log=TrendLog(blocker / "trend", "n"), clock=FakeClock()
-    )
+    sampler = GpuSampler(RecordedReader(path), node="n", trend_log=TrendLog(blocker / "trend", "n"), clock=FakeClock())
 
     assert sampler.sweep() is True
     assert sampler.snapshot.nvml_up is True

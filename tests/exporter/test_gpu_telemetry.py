@@ -38,9 +38,7 @@ def test_recording_round_trips_every_field(tmp_path: Path) -> None:
 
 
 def test_recording_cycles_by_default_and_ends_without_cycle(tmp_path: Path) -> None:
-    path = record(
-        tmp_path / "rec.jsonl", [sweep([gpu_sample(0, utilization_percent=u)]) for u in (10.0, 20.0)]
-    )
+    path = record(tmp_path / "rec.jsonl", [sweep([gpu_sample(0, utilization_percent=u)]) for u in (10.0, 20.0)])
 
     cycling = RecordedReader(path)
     assert [cycling.sample_all()[0].utilization_percent for _ in range(5)] == [10.0, 20.0, 10.0, 20.0, 10.0]
@@ -64,9 +62,7 @@ def test_recorded_outage_raises_with_its_reason(tmp_path: Path) -> None:
 
 
 def test_recorded_reader_with_clock_retimes_samples(tmp_path: Path) -> None:
-    path = record(
-        tmp_path / "rec.jsonl", [sweep([gpu_sample(0, timestamp=5.0), gpu_sample(1, timestamp=5.0)])]
-    )
+    path = record(tmp_path / "rec.jsonl", [sweep([gpu_sample(0, timestamp=5.0), gpu_sample(1, timestamp=5.0)])])
     clock = FakeClock(1_800_000_000.0)
 
     samples = RecordedReader(path, clock=clock).sample_all()

@@ -36,16 +36,12 @@ def test_ten_thousand_sweeps_do_not_grow_memory(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     for pid in range(1000, 1008):
         (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "cgroup").write_text(
-            f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice\n"
-        )
+        (proc / str(pid) / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice\n")
     # Processes come and go (new PIDs each sweep), GPUs come and go, NVML drops out now and then.
     sweeps = []
     for step in range(50):
         pids = [1000 + (step + offset) % 8 for offset in range(3)] + [5000 + step]
-        gpus = [
-            gpu_sample(index, timestamp=0.0, utilization_percent=float(step)) for index in range(step % 3 + 1)
-        ]
+        gpus = [gpu_sample(index, timestamp=0.0, utilization_percent=float(step)) for index in range(step % 3 + 1)]
         sweeps.append(sweep(gpus, [gpu_process(index % len(gpus), pid) for index, pid in enumerate(pids)]))
         if step % 10 == 9:
             sweeps.append(outage(f"NVML read failed: reason {step}"))
@@ -91,6 +87,4 @@ def test_ten_thousand_sweeps_do_not_grow_memory(tmp_path: Path) -> None:
     assert rendered > 0
     assert sampler.snapshot.sweeps_total == WARM_UP_SWEEPS + MEASURED_SWEEPS
     assert len(list((tmp_path / "trend").glob("gpu-trend-*.csv"))) <= 2
-    assert growth < ALLOWED_GROWTH_BYTES, (
-        f"memory grew by {growth} bytes over {MEASURED_SWEEPS} sweeps: {largest}"
-    )
+    assert growth < ALLOWED_GROWTH_BYTES, f"memory grew by {growth} bytes over {MEASURED_SWEEPS} sweeps: {largest}"

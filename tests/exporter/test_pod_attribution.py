@@ -108,20 +108,14 @@ def test_a_restarted_container_is_looked_up_again(tmp_path: Path) -> None:
     attributor = PodAttributor(lister, proc_root=tmp_path, clock=clock)
 
     assert attributor.attribute([100])[100] == PodRef(pod="worker-7", namespace="swapline", container="")
-    lister.pods = [
-        PodInfo(uid=UID, name="worker-7", namespace="swapline", containers=((OTHER_CONTAINER, "worker"),))
-    ]
+    lister.pods = [PodInfo(uid=UID, name="worker-7", namespace="swapline", containers=((OTHER_CONTAINER, "worker"),))]
     clock.advance(30.0)
     assert attributor.attribute([100])[100].container == "worker"
 
 
-def test_api_failures_keep_the_old_list_and_are_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_api_failures_keep_the_old_list_and_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_proc(tmp_path, 100, V2_CGROUP)
-    write_proc(
-        tmp_path, 101, V2_CGROUP.replace(UID.replace("-", "_"), "0" * 8 + "_0000_0000_0000_" + "0" * 12)
-    )
+    write_proc(tmp_path, 101, V2_CGROUP.replace(UID.replace("-", "_"), "0" * 8 + "_0000_0000_0000_" + "0" * 12))
     clock = FakeClock()
     lister = FakeLister([WORKER])
     attributor = PodAttributor(lister, proc_root=tmp_path, clock=clock)

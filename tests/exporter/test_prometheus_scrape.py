@@ -109,9 +109,7 @@ def exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningExport
 
 # One exporter and one server for the module: Prometheus takes about 5 s to start its first scrape.
 @pytest.fixture(scope="module")
-def prometheus(
-    tmp_path_factory: pytest.TempPathFactory, exporter: RunningExporter
-) -> Iterator[PrometheusServer]:
+def prometheus(tmp_path_factory: pytest.TempPathFactory, exporter: RunningExporter) -> Iterator[PrometheusServer]:
     # `node` as a target label too, as the chart's ServiceMonitor relabels it from the pod's node name.
     job = ScrapeJob(EXPORTER_JOB, (exporter.address,), labels={"node": NODE})
     with running_prometheus(tmp_path_factory.mktemp("prometheus"), [job], rule_files=[RULES_FILE]) as server:
@@ -122,9 +120,7 @@ def _by_gpu(result: list[Sample]) -> dict[str, Sample]:
     return {sample["metric"]["gpu"]: sample for sample in result}
 
 
-def test_prometheus_scrapes_the_exporter_target_as_up(
-    prometheus: PrometheusServer, exporter: RunningExporter
-) -> None:
+def test_prometheus_scrapes_the_exporter_target_as_up(prometheus: PrometheusServer, exporter: RunningExporter) -> None:
     result = prometheus.wait_for(f'up{{job="{EXPORTER_JOB}"}} == 1', timeout_seconds=STARTUP_SECONDS)
 
     assert [sample["metric"]["instance"] for sample in result] == [exporter.address]
@@ -160,9 +156,7 @@ def test_rules_evaluate_on_the_exporters_series(prometheus: PrometheusServer) ->
         expected = sample.memory_used_bytes / sample.memory_total_bytes
         assert float(by_gpu[str(sample.index)]["value"][1]) == pytest.approx(expected)
 
-    saturated = prometheus.wait_for(
-        'ALERTS{alertname="SwaplineGpuSaturated"}', timeout_seconds=RULE_RESULT_SECONDS
-    )
+    saturated = prometheus.wait_for('ALERTS{alertname="SwaplineGpuSaturated"}', timeout_seconds=RULE_RESULT_SECONDS)
     assert [(series["metric"]["gpu"], series["metric"]["uuid"]) for series in saturated] == [
         (str(SATURATED.index), SATURATED.uuid)
     ]

@@ -40,9 +40,7 @@ def contract_line(timestamp: float, gpu: int, utilization: float) -> str:
 
 
 def row(timestamp: float, gpu: int, utilization: float, memory: float = 1000.0) -> TrendRow:
-    return TrendRow(
-        timestamp, "node-a", gpu, f"GPU-{gpu}", "NVIDIA L4", utilization, memory, 24000.0, 55.0, 70.5
-    )
+    return TrendRow(timestamp, "node-a", gpu, f"GPU-{gpu}", "NVIDIA L4", utilization, memory, 24000.0, 55.0, 70.5)
 
 
 @pytest.fixture
@@ -50,12 +48,8 @@ def trend_dir(tmp_path: Path) -> Path:
     """Two day files in the exporter's format; the newer one ends in a half-written row."""
     directory = tmp_path / "gpu-trend"
     directory.mkdir()
-    before = [
-        contract_line(MIDNIGHT - 3 + second, gpu, 10 * second + gpu) for second in range(3) for gpu in (0, 1)
-    ]
-    after = [
-        contract_line(MIDNIGHT + second, gpu, 50 + second + gpu) for second in range(3) for gpu in (0, 1)
-    ]
+    before = [contract_line(MIDNIGHT - 3 + second, gpu, 10 * second + gpu) for second in range(3) for gpu in (0, 1)]
+    after = [contract_line(MIDNIGHT + second, gpu, 50 + second + gpu) for second in range(3) for gpu in (0, 1)]
     (directory / "gpu-trend-2026-02-28.csv").write_text(CONTRACT_HEADER + "\n" + "".join(before))
     partial = f"{MIDNIGHT + 3:.3f},node-a,0,GPU-0,NVI"
     (directory / "gpu-trend-2026-03-01.csv").write_text(CONTRACT_HEADER + "\n" + "".join(after) + partial)
@@ -195,9 +189,7 @@ def test_prometheus_rows_join_the_five_metrics_per_gpu_and_instant() -> None:
         f'{metric}{{node=~"gpu-node-.*"}}' for metric in METRIC_VALUES
     }
     assert all(query["step"] == "1s" for query in fake.queries)
-    assert [(r.timestamp, r.gpu_index) for r in rows] == [
-        (t, g) for t in (1000.0, 1001.0, 1002.0) for g in (0, 1)
-    ]
+    assert [(r.timestamp, r.gpu_index) for r in rows] == [(t, g) for t in (1000.0, 1001.0, 1002.0) for g in (0, 1)]
     second_gpu = rows[1]
     assert (second_gpu.utilization_percent, second_gpu.memory_used_bytes, second_gpu.memory_total_bytes) == (
         61.0,

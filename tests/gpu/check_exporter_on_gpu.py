@@ -142,9 +142,7 @@ def nvml_call_costs() -> dict[str, float]:
             "pcie_byte_counters": lambda: pynvml.nvmlDeviceGetFieldValues(
                 handle, [pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES]
             ),
-            "pcie_throughput_tx": lambda: pynvml.nvmlDeviceGetPcieThroughput(
-                handle, pynvml.NVML_PCIE_UTIL_TX_BYTES
-            ),
+            "pcie_throughput_tx": lambda: pynvml.nvmlDeviceGetPcieThroughput(handle, pynvml.NVML_PCIE_UTIL_TX_BYTES),
             "compute_processes": lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle),
         }
         costs = {
@@ -203,9 +201,7 @@ def draw_chart(rows: list[TrendRow], load_window: tuple[float, float], path: Pat
     for axis, (title, value) in zip(axes, panels, strict=True):
         for gpu in sorted({row.gpu_index for row in rows}):
             mine = [row for row in rows if row.gpu_index == gpu]
-            axis.plot(
-                [row.timestamp - origin for row in mine], [value(row) for row in mine], label=f"GPU {gpu}"
-            )
+            axis.plot([row.timestamp - origin for row in mine], [value(row) for row in mine], label=f"GPU {gpu}")
         axis.axvspan(load_window[0] - origin, load_window[1] - origin, color="tab:orange", alpha=0.15)
         axis.set_ylabel(title)
         axis.grid(alpha=0.3)
@@ -219,9 +215,7 @@ def draw_chart(rows: list[TrendRow], load_window: tuple[float, float], path: Pat
 
 
 def main() -> int:
-    out_dir = (
-        Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="exporter-gpu-"))
-    )
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="exporter-gpu-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="exporter-trend-"))
     settings = ExporterSettings(
@@ -238,9 +232,7 @@ def main() -> int:
     load: subprocess.Popen[str] | None = None
     try:
         first = scrape(f"{base}/metrics")
-        checks.check(
-            "nvml_up", values([first], "swapline_gpu_nvml_up") == [1.0], str(exporter.sampler.snapshot.reason)
-        )
+        checks.check("nvml_up", values([first], "swapline_gpu_nvml_up") == [1.0], str(exporter.sampler.snapshot.reason))
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
             checks.check("healthz", response.status == 200)
         summary["driver_version"] = exporter.sampler.snapshot.driver_version
@@ -295,9 +287,7 @@ def main() -> int:
     for path in settings.trend_dir.glob("gpu-trend-*.csv"):
         shutil.copy(path, out_dir / path.name)
     chart = out_dir / "exporter_gpu_trend.png"
-    summary["chart"] = (
-        str(chart) if draw_chart(rows, (load_started, load_ended), chart) else "matplotlib missing"
-    )
+    summary["chart"] = str(chart) if draw_chart(rows, (load_started, load_ended), chart) else "matplotlib missing"
     checks.check("chart_written", chart.exists() or summary["chart"] == "matplotlib missing")
 
     summary["checks"] = checks.results
@@ -359,13 +349,10 @@ def check_scrapes(
         and all(used <= total for used, total in zip(memory_used, memory_total, strict=False)),
         f"{len(busy_memory)} busy scrapes, least {min(busy_memory, default=0) / GIB:.2f} GiB used",
     )
-    checks.check(
-        "temperature_plausible", bool(temperature) and all(10.0 <= value <= 110.0 for value in temperature)
-    )
+    checks.check("temperature_plausible", bool(temperature) and all(10.0 <= value <= 110.0 for value in temperature))
     checks.check(
         "power_plausible",
-        bool(power)
-        and all(0.0 < value <= 1.2 * limit for value, limit in zip(power, power_limit, strict=False)),
+        bool(power) and all(0.0 < value <= 1.2 * limit for value, limit in zip(power, power_limit, strict=False)),
     )
     expected_bytes = 0.9 * min(load_reserved, LOAD_GIB * GIB)
     if process_memory:

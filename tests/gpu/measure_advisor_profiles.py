@@ -86,11 +86,7 @@ def prepare_media(media: Path, jobs: Sequence[JobSpec], seconds: float) -> None:
         video = media / job.video_name
         if video.exists():
             continue
-        photo = (
-            sample_media.make_two_person_image(size=job.size)
-            if job.two_people
-            else sample_media.astronaut_photo()
-        )
+        photo = sample_media.make_two_person_image(size=job.size) if job.two_people else sample_media.astronaut_photo()
         sample_media.make_face_video(video, photo, seconds=seconds, size=job.size, audio=False)
         print(f"made {video}", file=sys.stderr, flush=True)
 
@@ -158,9 +154,7 @@ class GpuSampler:
                         "utilization": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
                         "memory_used": int(memory.used),
                         "memory_total": int(memory.total),
-                        "temperature": float(
-                            pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-                        ),
+                        "temperature": float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
                         "power": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
                     }
                 )
@@ -234,9 +228,7 @@ async def run_job(
         torch.cuda.reset_peak_memory_stats()
     with GpuSampler() as sampler:
         started = time.perf_counter()
-        with SegmentWriter(
-            work / job.video_name, info.fps, info.width, info.height, crf=20, preset="veryfast"
-        ) as w:
+        with SegmentWriter(work / job.video_name, info.fps, info.width, info.height, crf=20, preset="veryfast") as w:
             stats = await run_chunk_pipeline(
                 LocalFrameSource(video, info.frame_count, BATCH_SIZE),
                 finder,
@@ -290,9 +282,7 @@ async def run_job(
         "gpu_model": gpus[0]["model"] if gpus and device.type == "cuda" else "",
         "device": str(device),
         "measured_seconds": round(wall, 4),
-        "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated())
-        if device.type == "cuda"
-        else 0,
+        "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
         "report": report,
     }
 
@@ -322,18 +312,14 @@ def _slug(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--media", type=Path, default=Path("build/advisor-media"))
     parser.add_argument(
         "--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository with model.pt files"
     )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/advisor-measurements")))
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each generated video")
-    parser.add_argument(
-        "--jobs", nargs="+", choices=[job.job_id for job in JOBS], default=[job.job_id for job in JOBS]
-    )
+    parser.add_argument("--jobs", nargs="+", choices=[job.job_id for job in JOBS], default=[job.job_id for job in JOBS])
     parser.add_argument("--prepare-only", action="store_true", help="make the media and stop")
     args = parser.parse_args(argv)
     jobs = [job for job in JOBS if job.job_id in args.jobs]
@@ -345,10 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if (
-        not all((args.media / job.video_name).exists() for job in jobs)
-        or not (args.media / SOURCE_FACE).exists()
-    ):
+    if not all((args.media / job.video_name).exists() for job in jobs) or not (args.media / SOURCE_FACE).exists():
         prepare_media(args.media, jobs, args.seconds)
     if args.prepare_only:
         return 0

@@ -14,6 +14,7 @@ from skimage import data
 from services.common.torch_runtime import run_requests
 from services.detector.box_ops import crop_with_padding, greedy_nms, grid_boxes
 from services.detector.box_ops import nms as reference_nms
+from services.detector.box_ops import pyramid_crops as reference_pyramid_crops
 from services.detector.face_detector import (
     CASCADE_MAX_BATCH,
     CASCADE_MODEL,
@@ -25,11 +26,12 @@ from services.detector.face_detector import (
 from services.model_build.mtcnn_cascade import (
     TORCHSCRIPT_FILE,
     MtcnnCascade,
-    crop_level,
+    crop_boxes,
     load_mtcnn_cascade,
     mtcnn_cascade_state_dict,
     new_mtcnn_cascade,
     nms,
+    pyramid_crops,
     resize_area,
     write_mtcnn_cascade,
 )
@@ -83,25 +85,46 @@ def test_pyramid_levels_are_opencv_inter_area(astronaut: np.ndarray) -> None:
         assert difference.max() <= 1 and np.mean(difference > 0) < 1e-3
 
 
+def crop(image: np.ndarray, box: np.ndarray, side: int, extra_span: int = 0) -> np.ndarray:
+    """crop_boxes over one image, gathering `extra_span` more pixels a side than the box needs."""
+    height, width = image.shape[:2]
+    span = int(max(box[2] - box[0], box[3] - box[1], 1)) + extra_span
+    pixels = torch.from_numpy(image).float().reshape(-1, 3)
+    one = torch.ones(1, dtype=torch.int64)
+    crops = crop_boxes(pixels, 0 * one, height * one, width * one, torch.from_numpy(box[None]), side, span)
+    return crops[0].numpy()
+
+
 def test_crops_are_box_ops_crops_zero_padded_outside_the_frame(astronaut: np.ndarray) -> None:
     rng = np.random.default_rng(5)
-    level = torch.from_numpy(astronaut[None]).float()
     shrunk: list[float] = []
     enlarged: list[float] = []
-    for _ in range(200):
+    for number in range(200):
         side = int(rng.choice([24, 48]))
         size = int(rng.integers(4, 160))
         x1, y1 = (int(v) for v in rng.integers(-40, 520, 2))
         box = np.array([x1, y1, x1 + size, y1 + size + int(rng.integers(-1, 2))], np.float32)
         expected = crop_with_padding(astronaut, box, side)
-        crop = crop_level(level, torch.zeros(1, dtype=torch.int64), torch.from_numpy(box[None]), side)[0].numpy()
-        difference = np.abs(crop - expected)
+        # A gather wider than the box (a batch's longest box sets it) must not change the crop.
+        difference = np.abs(crop(astronaut, box, side, extra_span=number % 2 * 9) - expected)
         assert difference.max() <= 1
         (enlarged if min(box[2] - box[0], box[3] - box[1]) < side else shrunk).append(np.mean(difference > 0))
     # Shrinking matches to float rounding; enlarging differs by OpenCV's 11-bit fixed-point weights.
     assert np.mean(shrunk) < 1e-3 and np.mean(enlarged) < 0.1
-    outside = crop_level(level, torch.zeros(1, dtype=torch.int64), torch.tensor([[-60.0, -60.0, -12.0, -12.0]]), 24)
-    assert float(outside.abs().max()) == 0.0
+    outside = crop(astronaut, np.array([-60.0, -60.0, -12.0, -12.0], np.float32), 24)
+    assert float(np.abs(outside).max()) == 0.0
+
+
+def test_crops_come_from_their_own_frame_and_level(cascade: MtcnnCascade, astronaut: np.ndarray) -> None:
+    frames = torch.from_numpy(np.stack([astronaut, astronaut[:, ::-1]]).copy())
+    pyramid, levels = cascade.build_pyramid(frames, [0.5, 0.3])
+    boxes = torch.tensor([[100.0, 60.0, 180.0, 140.0], [10.0, 20.0, 30.0, 40.0], [-8.0, 400.0, 150.0, 560.0]])
+    for frame in range(2):
+        crops, covered = pyramid_crops(pyramid, torch.full((3,), frame), boxes, 24)
+        level_images = [level[frame : frame + 1].numpy().astype(np.uint8) for level in levels]
+        expected, expected_covered = reference_pyramid_crops(level_images, np.zeros(3, np.intp), boxes.numpy(), 24)
+        assert np.abs(crops.numpy() - expected).max() <= 1
+        np.testing.assert_allclose(covered.numpy(), expected_covered, atol=1e-4)
 
 
 def random_boxes(rng: np.random.Generator, count: int, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

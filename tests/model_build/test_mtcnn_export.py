@@ -59,9 +59,7 @@ def test_onnx_matches_torch_on_raw_pixels(repository: Path, stage: MtcnnStage) -
 
 
 def test_pnet_grid_follows_input_size(repository: Path) -> None:
-    probability, regression = _session(repository, "pnet").run(
-        None, {"image": np.zeros((1, 3, 30, 50), np.float32)}
-    )
+    probability, regression = _session(repository, "pnet").run(None, {"image": np.zeros((1, 3, 30, 50), np.float32)})
     # 3x3 conv, 2x2 ceil pool, two 3x3 convs: out = ceil((side - 2) / 2) - 4
     assert probability.shape == (1, 2, 10, 20)
     assert regression.shape == (1, 4, 10, 20)

@@ -43,9 +43,7 @@ class PostgresError(RuntimeError):
 def postgres_bin_dir() -> Path:
     candidates = sorted(Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")), key=lambda path: int(path.parent.name))
     if not candidates:
-        raise PostgresError(
-            f"no {POSTGRES_BIN_GLOB}: install Debian's postgresql package (`make install` does)"
-        )
+        raise PostgresError(f"no {POSTGRES_BIN_GLOB}: install Debian's postgresql package (`make install` does)")
     return candidates[-1]
 
 
@@ -119,9 +117,7 @@ class PostgresServer:
     def empty_tables(self, url: str) -> None:
         """Removes every row of every table in the database's public schema, restarting identities."""
         with psycopg.connect(url, autocommit=True) as connection:
-            rows = connection.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            ).fetchall()
+            rows = connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
             if rows:
                 tables = sql.SQL(", ").join(sql.Identifier(row[0]) for row in rows)
                 connection.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(tables))
@@ -155,9 +151,7 @@ def _init_cluster(root: Path, run_as: _RunAs) -> Path:
     return data_dir
 
 
-def _start_once(
-    root: Path, data_dir: Path, run_as: _RunAs, attempt: int, timeout_seconds: float
-) -> PostgresServer:
+def _start_once(root: Path, data_dir: Path, run_as: _RunAs, attempt: int, timeout_seconds: float) -> PostgresServer:
     (port,) = free_ports(1)
     log_path = root / f"postgres-{attempt}.log"
     command = [

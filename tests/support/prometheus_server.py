@@ -131,8 +131,7 @@ class PrometheusServer:
                 raise PrometheusError(f"prometheus exited with {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise PrometheusError(
-                    f"{expression!r} did not meet its condition within {timeout_seconds} s; "
-                    f"last result: {result}"
+                    f"{expression!r} did not meet its condition within {timeout_seconds} s; last result: {result}"
                 )
             time.sleep(POLL_SECONDS)
             result = self.query(expression)

@@ -14,9 +14,7 @@ PRODUCTION_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_models"
 @pytest.fixture(scope="session")
 def embedded_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
     """The real tritonserver serving every model of triton_models/ (built by `make models`)."""
-    with EmbeddedTriton(
-        PRODUCTION_REPOSITORY, tmp_path_factory.mktemp("triton"), startup_timeout=90
-    ) as triton:
+    with EmbeddedTriton(PRODUCTION_REPOSITORY, tmp_path_factory.mktemp("triton"), startup_timeout=90) as triton:
         yield triton
 
 

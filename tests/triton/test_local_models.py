@@ -58,17 +58,11 @@ def test_outputs_take_the_dtype_the_config_declares(tmp_path: Path) -> None:
 
 def test_wrong_inputs_are_invalid_arguments(local_models: LocalModels) -> None:
     with pytest.raises(InvalidArgument, match="takes inputs"):
-        asyncio.run(
-            local_models.infer("mtcnn_rnet", {"pixels": np.zeros((1, 3, 24, 24), np.float32)}, ["regression"])
-        )
+        asyncio.run(local_models.infer("mtcnn_rnet", {"pixels": np.zeros((1, 3, 24, 24), np.float32)}, ["regression"]))
     with pytest.raises(InvalidArgument, match="mtcnn_rnet"):
-        asyncio.run(
-            local_models.infer("mtcnn_rnet", {"image": np.zeros((1, 3, 48, 48), np.float32)}, ["regression"])
-        )
+        asyncio.run(local_models.infer("mtcnn_rnet", {"image": np.zeros((1, 3, 48, 48), np.float32)}, ["regression"]))
     with pytest.raises(InvalidArgument, match="no outputs"):
-        asyncio.run(
-            local_models.infer("mtcnn_rnet", {"image": np.zeros((1, 3, 24, 24), np.float32)}, ["landmarks"])
-        )
+        asyncio.run(local_models.infer("mtcnn_rnet", {"image": np.zeros((1, 3, 24, 24), np.float32)}, ["landmarks"]))
 
 
 def test_unknown_and_unbuilt_models(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from tests.worker.face_photos import (
 
 
 def _box_face(x1: float, y1: float, size: float) -> DetectedFace:
-    landmarks = np.array(
-        [[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32
-    ) * size + np.array([x1, y1], np.float32)
+    landmarks = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32) * size + np.array(
+        [x1, y1], np.float32
+    )
     return DetectedFace(box=(x1, y1, x1 + size, y1 + size), score=0.9, landmarks=landmarks)
 
 
@@ -79,8 +79,7 @@ def test_reference_matches_only_the_same_person(scale: float, angle: float, gain
     frame, astronaut_points, hopper_points = side_by_side()
     image, matrix = _transformed(frame, scale, angle, gain)
     faces = [
-        face_from_landmarks(points @ matrix[:, :2].T + matrix[:, 2])
-        for points in (astronaut_points, hopper_points)
+        face_from_landmarks(points @ matrix[:, :2].T + matrix[:, 2]) for points in (astronaut_points, hopper_points)
     ]
     astronaut_reference = FaceSelection("reference", face_descriptor(astronaut(), astronaut_landmarks()))
     hopper_reference = FaceSelection("reference", face_descriptor(grace_hopper(), grace_hopper_landmarks()))
