@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from services.cli import advise_command, commands, models_command
 from services.cli.embedded_stack import StackOptions
 from services.common.errors import SwaplineError
+from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPPER, DETECTOR_NAMES, SWAPPER_NAMES
 from services.common.job_vocabulary import SELECTOR_MODES
 
 
@@ -30,6 +31,18 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default="", help="image of the face to replace, for --selector reference")
     parser.add_argument("--crf", type=int, default=0, help="x264 quality, 0-51 (0: the encoder's default)")
     parser.add_argument("--preset", default="", help="x264 preset (default: the encoder's)")
+    parser.add_argument(
+        "--swapper",
+        choices=SWAPPER_NAMES,
+        default=BUILT_IN_SWAPPER,
+        help="face swapper: the built-in one, or an imported set's (`swapline models list`)",
+    )
+    parser.add_argument(
+        "--detector",
+        choices=DETECTOR_NAMES,
+        default=BUILT_IN_DETECTOR,
+        help="face detector: the built-in MTCNN, or an imported set's",
+    )
 
 
 def _stack_options(parser: argparse.ArgumentParser) -> None:

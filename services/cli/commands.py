@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             reference_image=reference,
             crf=args.crf,
             preset=args.preset,
+            swapper=args.swapper,
+            detector=args.detector,
         )
         print(f"job {job.id} submitted", file=sys.stderr)
         job = follow(client, job.id, quiet=args.quiet)
@@ -246,6 +248,8 @@ def submit(args: argparse.Namespace) -> int:
             reference_image=reference,
             crf=args.crf,
             preset=args.preset,
+            swapper=args.swapper,
+            detector=args.detector,
         )
     print(job.id)
     return 0

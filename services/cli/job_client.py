@@ -81,6 +81,8 @@ class JobClient:
         reference_image: bytes = b"",
         crf: int = 0,
         preset: str = "",
+        swapper: str = "",
+        detector: str = "",
     ) -> jobs_pb2.Job:
         """Uploads `target_path`, or names `target_uri` under the gateway's media root."""
         spec = jobs_pb2.JobSpec(
@@ -90,6 +92,8 @@ class JobClient:
             selector=selector_mode_to_proto(selector),
             reference_image=reference_image,
             encode=encoder_pb2.EncodeSettings(crf=crf, preset=preset),
+            swapper=swapper,
+            detector=detector,
         )
         try:
             return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)

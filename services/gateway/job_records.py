@@ -6,6 +6,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.common.face_model_catalog import BUILT_IN_MODELS, JobModels
 from services.common.job_vocabulary import SelectorMode
 from services.common.media_info import MediaInfo
 
@@ -49,6 +50,9 @@ class JobRequest:
     selector: SelectorMode
     reference_image: bytes
     encode: EncodeOptions
+    # The names as sent, checked when the job is validated; empty means the built-in model.
+    swapper: str = ""
+    detector: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class JobRecord:
     # Derived from the chunks when read from the store.
     chunks_done: int = 0
     frames_done: int = 0
+    models: JobModels = BUILT_IN_MODELS
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from services.common.encode_options import checked_crf, checked_preset
 from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
+from services.common.face_model_catalog import job_models
 from services.common.image_codec import decode_rgb_image
 from services.common.input_limits import InputLimits, check_media, check_text, excerpt, image_size
 from services.common.job_vocabulary import STAGE_NAMES
@@ -227,7 +228,7 @@ class JobService:
 
     async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
         self._check_strings(request)
-        job = replace(job, encode=request.encode)
+        job = replace(job, encode=request.encode, models=job_models(request.swapper, request.detector))
         async with self._image_checks:
             source, reference = await self._decoded_images(request)
         if request.target_uri:

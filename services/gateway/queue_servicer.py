@@ -32,6 +32,8 @@ def lease_to_proto(lease: ChunkLease) -> chunks_pb2.ChunkLease:
         segment_uri=lease.segment_uri,
         lease_seconds=lease.lease_seconds,
         attempt=chunk.attempts,
+        swapper=job.models.swapper,
+        detector=job.models.detector,
     )
 
 

@@ -65,6 +65,8 @@ def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
         selector=selector_mode_from_proto(spec.selector),
         reference_image=spec.reference_image,
         encode=EncodeOptions(crf=spec.encode.crf, preset=spec.encode.preset),
+        swapper=spec.swapper,
+        detector=spec.detector,
     )
 
 
@@ -83,6 +85,8 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
         report_json=job.report_json,
+        swapper=job.models.swapper,
+        detector=job.models.detector,
     )
     if job.error is not None:
         message.error.CopyFrom(common_pb2.ErrorStatus(code=job.error.code, message=job.error.message))

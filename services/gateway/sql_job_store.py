@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPPER, job_models
 from services.common.media_info import Keyframe, MediaInfo
 from services.common.tenant_context import LOCAL_TENANT
 from services.gateway.job_images import reference_image_uri, source_image_uri, write_media_file
@@ -74,7 +75,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     join_json TEXT,
     report_json TEXT NOT NULL DEFAULT '',
     stall_started_at {real},
-    stalled_before {real} NOT NULL DEFAULT 0
+    stalled_before {real} NOT NULL DEFAULT 0,
+    swapper TEXT NOT NULL DEFAULT '{built_in_swapper}',
+    detector TEXT NOT NULL DEFAULT '{built_in_detector}'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -117,6 +120,9 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("chunks", "failing_since", "{real}"),
     ("chunks", "failure_streak", "{integer} NOT NULL DEFAULT 0"),
     ("chunks", "progress_at", "{real} NOT NULL DEFAULT 0"),
+    # Jobs from before model sets ran the built-in models.
+    ("jobs", "swapper", "TEXT NOT NULL DEFAULT '{built_in_swapper}'"),
+    ("jobs", "detector", "TEXT NOT NULL DEFAULT '{built_in_detector}'"),
 )
 # Earlier versions kept the images in the job table; opening such a store moves them to media storage.
 _LEGACY_IMAGE_COLUMNS = ("source_image", "reference_image")
@@ -130,6 +136,8 @@ def _dialect_values(dialect: SqlDialect) -> dict[str, str]:
         "real": dialect.real,
         "integer": dialect.integer,
         "local_tenant": LOCAL_TENANT,
+        "built_in_swapper": BUILT_IN_SWAPPER,
+        "built_in_detector": BUILT_IN_DETECTOR,
     }
 
 
@@ -156,8 +164,8 @@ _HAS_LEASED_CHUNK = "EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = jobs.id AND
 
 _INSERT_JOB = """INSERT INTO jobs (id, tenant, state, selector, target_uri, output_uri, source_image_uri,
         reference_image_uri, encode_crf, encode_preset, target_json, frames_total, chunks_total,
-        created_at, started_at, finished_at, error_code, error_message, join_json, report_json)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"""
+        created_at, started_at, finished_at, error_code, error_message, join_json, report_json, swapper, detector)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)"""
 _INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
     VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
 _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
@@ -283,6 +291,7 @@ def _job_from_row(row: Row) -> JobRecord:
         report_json=row["report_json"],
         chunks_done=row["chunks_done"],
         frames_done=row["frames_done"],
+        models=job_models(row["swapper"], row["detector"]),
     )
 
 
@@ -332,6 +341,8 @@ def _job_values(job: JobRecord) -> tuple[Any, ...]:
         None if job.error is None else job.error.code,
         None if job.error is None else job.error.message,
         job.report_json,
+        job.models.swapper,
+        job.models.detector,
     )
 
 

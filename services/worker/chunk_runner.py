@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.errors import FailedPrecondition
+from services.common.face_model_catalog import BUILT_IN_SWAPPER, checked_swapper
 from services.common.job_vocabulary import selector_mode_from_proto
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
@@ -53,8 +55,18 @@ class ChunkRunner:
             stubs.detector, settings.detect_max_side, settings.min_face_size, self._stage_timeout, warper.shrink
         )
 
+    def _swapper_for(self, name: str) -> FaceSwapper:
+        """The swapper a job names (empty: a lease from a gateway that predates model choice)."""
+        if checked_swapper(name) != BUILT_IN_SWAPPER:
+            raise FailedPrecondition(
+                f"swapper {name}: this worker runs only the built-in {BUILT_IN_SWAPPER}; "
+                "the embedding-conditioned path (ArcFace, the swapper's source conversion) is not built yet"
+            )
+        return self._swapper
+
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
-        identity = await self._faces.source_identity(lease.job_id, lease.source_image, self._finder, self._swapper)
+        swapper = self._swapper_for(lease.swapper)
+        identity = await self._faces.source_identity(lease.job_id, lease.source_image, self._finder, swapper)
         mode = selector_mode_from_proto(lease.selector)
         reference = (
             await self._faces.reference_descriptor(lease.job_id, lease.reference_image, self._finder)
@@ -76,7 +88,7 @@ class ChunkRunner:
             return await run_chunk_pipeline(
                 source,
                 self._finder,
-                self._swapper,
+                swapper,
                 identity,
                 sink,
                 FaceSelection(mode, reference),

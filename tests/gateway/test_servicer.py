@@ -869,3 +869,26 @@ def test_images_are_decoded_off_the_event_loop(
         assert len(decoding_threads) == 1 and decoding_threads[0] != threading.get_ident()
 
     run(tmp_path, scenario)
+
+
+def test_a_job_names_its_models_and_its_leases_carry_them(tmp_path: Path, face_jpeg: bytes) -> None:
+    async def scenario(gateway: Gateway) -> None:
+        (gateway.media_root / "clip.mp4").write_bytes(b"video")
+        chosen = jobs_pb2.JobSpec(
+            source_image=face_jpeg, target_uri="clip.mp4", swapper="inswapper_128", detector="scrfd_2.5g"
+        )
+        job = await gateway.jobs.SubmitJob(iter(submit_messages(chosen)))
+        assert (job.swapper, job.detector) == ("inswapper_128", "scrfd_2.5g")
+        lease = await gateway.queue.LeaseChunk(chunks_pb2.LeaseChunkRequest(worker_id="w", wait_seconds=0))
+        assert (lease.lease.swapper, lease.lease.detector) == ("inswapper_128", "scrfd_2.5g")
+        plain = await gateway.jobs.SubmitJob(
+            iter(submit_messages(jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4")))
+        )
+        assert (plain.swapper, plain.detector) == ("face_swapper", "mtcnn")
+        unknown = jobs_pb2.JobSpec(source_image=face_jpeg, target_uri="clip.mp4", swapper="simswap_512")
+        failed = await submit_expecting(
+            gateway, submit_messages(unknown), grpc.StatusCode.INVALID_ARGUMENT, "inswapper_128"
+        )
+        assert failed.state == jobs_pb2.JOB_STATE_FAILED and "simswap_512" in failed.error.message
+
+    run(tmp_path, scenario)
