@@ -14,18 +14,19 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from services.common.errors import InvalidArgument
 
-BUILT_IN_SWAPPER = "face_swapper"
-BUILT_IN_DETECTOR = "mtcnn"
+# The built-in models come first: an empty name means them.
 SwapperName = Literal["face_swapper", "inswapper_128", "hyperswap_1a_256", "hyperswap_1b_256", "hyperswap_1c_256"]
 SWAPPER_NAMES: tuple[SwapperName, ...] = typing.get_args(SwapperName)
 DetectorName = Literal["mtcnn", "yoloface_8n", "scrfd_2.5g", "retinaface_10g"]
 DETECTOR_NAMES: tuple[DetectorName, ...] = typing.get_args(DetectorName)
+BUILT_IN_SWAPPER: SwapperName = SWAPPER_NAMES[0]
+BUILT_IN_DETECTOR: DetectorName = DETECTOR_NAMES[0]
 
 # FaceFusion's five-point warp templates, by the names its model sets use.
 WarpTemplate = Literal["arcface_128", "arcface_112_v2"]
@@ -125,22 +126,24 @@ def source_converter_name(swapper: str) -> str:
     return f"{swapper}{SOURCE_CONVERTER_SUFFIX}"
 
 
-def checked_swapper(name: str) -> SwapperName:
-    """A job's swapper: empty is the built-in one; an unknown name is InvalidArgument naming the choices."""
-    chosen = name or BUILT_IN_SWAPPER
-    for known in SWAPPER_NAMES:
+NameT = TypeVar("NameT", bound=str)
+
+
+def _checked(kind: str, name: str, choices: tuple[NameT, ...]) -> NameT:
+    """`name` as one of `choices` (the first, the built-in model, when empty); else InvalidArgument naming them."""
+    chosen = name or choices[0]
+    for known in choices:
         if chosen == known:
             return known
-    raise InvalidArgument(f"swapper {name[:64]!r} is not one of {', '.join(SWAPPER_NAMES)}")
+    raise InvalidArgument(f"{kind} {name[:64]!r} is not one of {', '.join(choices)}")
+
+
+def checked_swapper(name: str) -> SwapperName:
+    return _checked("swapper", name, SWAPPER_NAMES)
 
 
 def checked_detector(name: str) -> DetectorName:
-    """A job's detector: empty is the built-in MTCNN; an unknown name is InvalidArgument naming the choices."""
-    chosen = name or BUILT_IN_DETECTOR
-    for known in DETECTOR_NAMES:
-        if chosen == known:
-            return known
-    raise InvalidArgument(f"detector {name[:64]!r} is not one of {', '.join(DETECTOR_NAMES)}")
+    return _checked("detector", name, DETECTOR_NAMES)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ from types import MappingProxyType
 from typing import Literal, get_args
 
 from services.common.errors import InvalidArgument
+from services.common.face_model_catalog import (
+    SYMMETRIC_RANGE,
+    UNIT_RANGE,
+    PixelScaling,
+    SourceKind,
+    WarpTemplate,
+)
 
 ModelRole = Literal["swapper", "embedder", "detector"]
 MODEL_ROLES: tuple[ModelRole, ...] = get_args(ModelRole)
@@ -32,19 +39,6 @@ MODEL_ROLES: tuple[ModelRole, ...] = get_args(ModelRole)
 # take and give float32: FP16 lives inside the graph, behind Cast nodes.
 TensorDtype = Literal["float32", "float16"]
 TENSOR_DTYPES: tuple[TensorDtype, ...] = get_args(TensorDtype)
-
-# FaceFusion's five-point warp templates (face_helper.WARP_TEMPLATE_SET), by the names its model sets use.
-WarpTemplate = Literal["arcface_128", "arcface_112_v2"]
-WARP_TEMPLATES: tuple[WarpTemplate, ...] = get_args(WarpTemplate)
-
-# How a swapper's "source" input is made from the ArcFace embedding (face_swapper/core.py,
-# prepare_source_embedding):
-# - "emap_embedding" (inswapper): the embedding times `emap`, the graph's last initializer
-#   (model_helper.get_static_model_initializer), divided by the embedding's length; that is, the
-#   unit-length embedding projected by emap;
-# - "normalised_embedding" (hyperswap): the unit-length embedding itself.
-SourceKind = Literal["emap_embedding", "normalised_embedding"]
-SOURCE_KINDS: tuple[SourceKind, ...] = get_args(SourceKind)
 
 # The order of the image channels a model takes. FaceFusion's frames are OpenCV's BGR: the swappers and
 # the recogniser flip them to RGB (`[:, :, ::-1]` in prepare_crop_frame and calculate_face_embedding),
@@ -95,15 +89,6 @@ class TensorContract:
 
 
 @dataclass(frozen=True)
-class PixelScaling:
-    """A model takes `(pixel - offset) / divisor` for pixels in 0..255; a swapper's output maps back as
-    `value * divisor + offset` (FaceFusion's prepare_crop_frame and normalize_crop_frame)."""
-
-    offset: float
-    divisor: float
-
-
-@dataclass(frozen=True)
 class ModelContract:
     """What a FaceFusion model file must be, and what the pipeline needs to run it.
 
@@ -140,11 +125,6 @@ class ModelContract:
 
 
 FLOAT32: tuple[TensorDtype, ...] = ("float32",)
-# prepare_crop_frame: (pixel / 255 - mean) / standard_deviation with inswapper's mean 0 and deviation 1;
-# its output is in 0..1 (normalize_crop_frame leaves it as it is, clips it and multiplies by 255).
-UNIT_RANGE = PixelScaling(offset=0.0, divisor=255.0)
-# hyperswap's mean and deviation of 0.5, and calculate_face_embedding's x / 127.5 - 1: both -1..1.
-SYMMETRIC_RANGE = PixelScaling(offset=127.5, divisor=127.5)
 # normalize_detect_frame for the [-1, 1] range of SCRFD and RetinaFace: (x - 127.5) / 128.
 DETECTOR_SYMMETRIC_RANGE = PixelScaling(offset=127.5, divisor=128.0)
 
