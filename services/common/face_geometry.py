@@ -8,6 +8,8 @@ background: the blend needs context around the face to feather into.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 CROP_SIZE = 256
@@ -26,5 +28,14 @@ MASK_AXES = (0.205, 0.24)
 MASK_FEATHER = 0.045
 
 
-def template_points(size: int = CROP_SIZE) -> np.ndarray:
-    return FIVE_POINT_TEMPLATE * np.float32(size)
+def template_points(size: int = CROP_SIZE, template: np.ndarray = FIVE_POINT_TEMPLATE) -> np.ndarray:
+    """The template's five points in a crop of `size` pixels."""
+    return (template * np.float32(size)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class CropLayout:
+    """A square crop of `size` pixels with the five landmarks placed at `template` (5, 2), in crop units."""
+
+    size: int
+    template: np.ndarray = field(default_factory=lambda: FIVE_POINT_TEMPLATE)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -12,3 +12,10 @@ class ModelRunner(Protocol):
     async def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class ModelCatalog(Protocol):
+    async def output_names(self, model: str) -> tuple[str, ...]:
+        """The model's outputs in order: for imported models whose outputs are known by position only."""
+        ...

@@ -25,6 +25,7 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.face_detector_models import UNBATCHED_MODELS
 from services.common.grpc_channel import RECONNECT_BACKOFF_MS
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.triton_shared_memory import (
@@ -120,7 +121,8 @@ class TritonClient:
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
-        batch = _batch_size(arrays)
+        # SCRFD's and RetinaFace's outputs have no batch axis to check against the inputs'.
+        batch = None if model in UNBATCHED_MODELS else _batch_size(arrays)
         if self._shared_memory is not None:
             try:
                 answered = await self._infer_in_a_region(self._shared_memory, model, arrays, outputs)
@@ -197,6 +199,15 @@ class TritonClient:
             log.warning("Triton at %s cannot use shared memory (%s); sending tensors over gRPC", self.url, error)
             self._retired_pools.append(self._shared_memory)
             self._shared_memory = None
+
+    async def output_names(self, model: str) -> tuple[str, ...]:
+        """The model's outputs in its config's order, which `swapline models import` writes in the graph's:
+        the imported models whose outputs carry their exporters' names are read by position."""
+        try:
+            answer = await self._client.get_model_config(model, as_json=True, client_timeout=self.timeout_seconds)
+        except InferenceServerException as error:
+            raise _error_for(model, error) from error
+        return tuple(output["name"] for output in answer["config"].get("output", []))
 
     async def is_model_ready(self, model: str) -> bool:
         try:

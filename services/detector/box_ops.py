@@ -8,8 +8,8 @@ MATLAB's inclusive indices and is not repeated here).
 from __future__ import annotations
 
 import typing
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -33,6 +33,10 @@ def box_widths(boxes: FloatArray) -> FloatArray:
 
 def box_heights(boxes: FloatArray) -> FloatArray:
     return boxes[:, 3] - boxes[:, 1]
+
+
+# OpenCV's stubs type its arguments as Python sequences; it takes numpy arrays as they are.
+_NMS_BOXES_BATCHED: Callable[..., Any] = cv2.dnn.NMSBoxesBatched
 
 
 def nms(
@@ -61,13 +65,7 @@ def nms(
     xywh = np.concatenate([shifted[:, :2], shifted[:, 2:] - shifted[:, :2]], axis=1)
     labels = np.zeros(len(boxes), np.int32) if groups is None else groups.astype(np.int32)
     # A score threshold of -inf: NMS here never drops a box for its score alone.
-    kept = cv2.dnn.NMSBoxesBatched(
-        xywh,
-        scores.astype(np.float32),
-        labels,
-        -np.inf,
-        float(threshold),  # type: ignore[arg-type]
-    )
+    kept = _NMS_BOXES_BATCHED(xywh, scores.astype(np.float32), labels, -np.inf, float(threshold))
     return np.asarray(kept, np.intp).reshape(-1)
 
 

@@ -1,5 +1,10 @@
-"""Which detector the service runs: the whole cascade in one model where Triton serves mtcnn_cascade,
-or the per-stage FaceDetector.
+"""Which detector the service runs: for a request naming an imported FaceFusion detector, that model;
+otherwise the built-in MTCNN, as the whole cascade in one model where Triton serves mtcnn_cascade, or
+the per-stage FaceDetector.
+
+An imported detector is made once per name, on the first request that names it, after Triton says the
+model is ready and which outputs it serves (FaceFusion's files name them only by position). An unknown
+name is InvalidArgument naming the choices; a known one Triton does not serve is FailedPrecondition.
 
 The choice is asked of Triton at start-up and, while Triton has not answered, again on each request:
 in the embedded stack and in a cluster Triton may still be loading when the detector starts. Once
@@ -17,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol, runtime_checkable
 
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.face_detector_models import DETECTOR_MODELS
+from services.common.face_model_catalog import BUILT_IN_DETECTOR, DETECTOR_NAMES
 from services.common.face_types import DetectedFace
-from services.common.model_runner import ModelRunner
+from services.common.model_runner import ModelCatalog, ModelRunner
 from services.common.triton_client import TritonClient
 from services.detector.face_detector import (
     CASCADE_MODEL,
@@ -32,6 +39,7 @@ from services.detector.face_detector import (
     FaceDetector,
     Frames,
 )
+from services.detector.imported_detector import ImportedFaceDetector
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,13 @@ CASCADE_MODES: tuple[CascadeMode, ...] = typing.get_args(CascadeMode)
 
 class ReadinessProbe(Protocol):
     async def is_model_ready(self, model: str) -> bool: ...
+
+
+@runtime_checkable
+class DetectorSet(Protocol):
+    """Detectors by the model a request names (DetectRequest.model)."""
+
+    async def for_model(self, model: str) -> Detector: ...
 
 
 class TritonReadinessProbe:
@@ -63,13 +78,31 @@ class TritonReadinessProbe:
         finally:
             await client.close()
 
+    async def output_names(self, model: str) -> tuple[str, ...]:
+        client = TritonClient(self.url, self.timeout_seconds)
+        try:
+            return await client.output_names(model)
+        finally:
+            await client.close()
+
 
 class ChosenDetector:
+    """`outputs` reads an imported model's output names; where None, the probe does when it can
+    (TritonReadinessProbe does)."""
+
     def __init__(
-        self, runner: ModelRunner, probe: ReadinessProbe, mode: CascadeMode, defaults: DetectionDefaults | None = None
+        self,
+        runner: ModelRunner,
+        probe: ReadinessProbe,
+        mode: CascadeMode,
+        defaults: DetectionDefaults | None = None,
+        outputs: ModelCatalog | None = None,
     ) -> None:
+        self.runner = runner
         self.probe = probe
+        self.outputs = outputs if outputs is not None or not isinstance(probe, ModelCatalog) else probe
         self.mode = mode
+        self.imported: dict[str, ImportedFaceDetector] = {}
         self.per_stage = FaceDetector(runner, defaults)
         self.cascade = CascadeFaceDetector(runner, defaults)
         self.chosen: Detector | None = self.per_stage if mode == "off" else None
@@ -92,10 +125,38 @@ class ChosenDetector:
     async def detect(
         self, frames: Frames, min_face_size: int | None = None, min_score: float | None = None
     ) -> list[list[DetectedFace]]:
+        """The built-in MTCNN's faces."""
         detector = await self.choose()
         if detector is None:
             detector = await self._undecided()
         return await detector.detect(frames, min_face_size=min_face_size, min_score=min_score)
+
+    async def for_model(self, model: str) -> Detector:
+        """The detector a request names: empty (or the built-in's name) is MTCNN, else an imported model."""
+        if not model or model == BUILT_IN_DETECTOR:
+            return self
+        spec = DETECTOR_MODELS.get(model)
+        if spec is None:
+            raise InvalidArgument(f"detector model {model[:64]!r} is not one of {', '.join(DETECTOR_NAMES)}")
+        detector = self.imported.get(model)
+        if detector is not None:
+            return detector
+        async with self._lock:
+            if model not in self.imported:
+                if not await self.probe.is_model_ready(model):
+                    await self._fail_unserved(model)
+                if self.outputs is None:
+                    raise FailedPrecondition(f"detector model {model}: this detector cannot read its outputs")
+                names = await self.outputs.output_names(model)
+                self.imported[model] = ImportedFaceDetector(self.runner, spec, names)
+                log.info("detecting with imported model %s", model)
+            return self.imported[model]
+
+    async def _fail_unserved(self, model: str) -> NoReturn:
+        """Not ready: not installed where Triton serves the built-in models, else Triton is not answering yet."""
+        if await self.probe.is_model_ready(CASCADE_MODEL) or await self.probe.is_model_ready(PNET_MODEL):
+            raise FailedPrecondition(f"detector model {model} is not installed; `swapline models import` installs it")
+        raise Unavailable(f"detector model {model} is not ready: Triton does not answer yet")
 
     async def _undecided(self) -> Detector:
         if self.mode == "auto":

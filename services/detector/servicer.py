@@ -1,4 +1,8 @@
-"""DetectorService over gRPC: FrameBatch in (parsed by frame_streams.register_detector), per-frame faces out."""
+"""DetectorService over gRPC: FrameBatch in (parsed by frame_streams.register_detector), per-frame faces out.
+
+A request's `model` picks the detector where the service has a choice of them (ChosenDetector); a
+service given one detector serves the built-in model only.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from services.common.frame_codec import unpack_frames
 from services.common.frame_streams import DetectFrames, register_detector
 from services.common.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
+from services.detector.detector_choice import DetectorSet
 from services.detector.face_detector import Detector
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 
@@ -17,7 +22,7 @@ SERVICE_NAME = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_
 
 
 class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
-    def __init__(self, detector: Detector) -> None:
+    def __init__(self, detector: Detector | DetectorSet) -> None:
         self.detector = detector
 
     async def Detect(
@@ -28,12 +33,20 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
             raise InvalidArgument(f"min_face_size {options.min_face_size} is negative")
         if options.min_score < 0:
             raise InvalidArgument(f"min_score {options.min_score} is negative")
+        detector = await self._for_model(options.model)
         frames, indices, _ = unpack_frames(request.frames)
-        faces = await self.detector.detect(
+        faces = await detector.detect(
             frames, min_face_size=options.min_face_size or None, min_score=options.min_score or None
         )
         return detector_pb2.DetectResponse(frames=frames_faces_to_proto(indices, faces))
 
+    async def _for_model(self, model: str) -> Detector:
+        if isinstance(self.detector, DetectorSet):
+            return await self.detector.for_model(model)
+        if model:
+            raise InvalidArgument(f"detector model {model[:64]!r}: this detector serves the built-in model only")
+        return self.detector
 
-def detector_binding(detector: Detector) -> ServiceBinding:
+
+def detector_binding(detector: Detector | DetectorSet) -> ServiceBinding:
     return ServiceBinding(DetectorServicer(detector), register_detector, SERVICE_NAME)

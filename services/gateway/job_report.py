@@ -125,6 +125,8 @@ def build_report(job: JobRecord, chunks: Sequence[ChunkRecord]) -> dict[str, Any
         "job_id": job.id,
         "state": job.state,
         "selector": job.selector,
+        "swapper": job.models.swapper,
+        "detector": job.models.detector,
         "target": None
         if target is None
         else {

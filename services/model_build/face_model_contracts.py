@@ -23,6 +23,15 @@ from types import MappingProxyType
 from typing import Literal, get_args
 
 from services.common.errors import InvalidArgument
+from services.common.face_detector_models import (
+    ANCHOR_STRIDE_SCALING,
+    FEATURE_STRIDES,
+    LANDMARK_POINTS,
+    YOLO_CANDIDATES,
+    YOLO_ROW_VALUES,
+    DetectorLayout,
+)
+from services.common.face_detector_models import DETECTOR_CANVAS as DETECTOR_SIZE
 from services.common.face_model_catalog import (
     SYMMETRIC_RANGE,
     UNIT_RANGE,
@@ -46,30 +55,11 @@ TENSOR_DTYPES: tuple[TensorDtype, ...] = get_args(TensorDtype)
 ChannelOrder = Literal["rgb", "bgr"]
 CHANNEL_ORDERS: tuple[ChannelOrder, ...] = get_args(ChannelOrder)
 
-# How a detector's outputs are decoded (face_detector.py):
-# - "yolo_rows": one output (batch, 20, anchors), each column one candidate: box centre x, centre y,
-#   width, height in input pixels, a score, then five landmarks of (x, y, confidence);
-# - "anchor_strides": nine outputs, the scores of strides 8, 16 and 32, then their boxes, then their
-#   landmarks, each (locations x anchors, values) without a batch axis, as distances from the anchor
-#   centres in units of the stride.
-DetectorLayout = Literal["yolo_rows", "anchor_strides"]
-DETECTOR_LAYOUTS: tuple[DetectorLayout, ...] = get_args(DetectorLayout)
-
 EMBEDDING_SIZE = 512
 # inswapper's emap projects the 512-d embedding to the 512-d source latent.
 EMAP_SHAPE = (EMBEDDING_SIZE, EMBEDDING_SIZE)
-FEATURE_STRIDES = (8, 16, 32)
-# SCRFD and RetinaFace as FaceFusion runs them: two anchors at each feature-map location (anchor_total).
-ANCHORS_PER_LOCATION = 2
 SCORE_VALUES = 1
 BOX_VALUES = 4
-LANDMARK_POINTS = 5
-# YOLOFace's row: four box values, one score, and five landmarks of (x, y, confidence).
-YOLO_ROW_VALUES = BOX_VALUES + SCORE_VALUES + LANDMARK_POINTS * 3
-# The detection canvas: FaceFusion's only size for yoloface, and its default (the last of its choices,
-# choices.face_detector_set) for SCRFD and RetinaFace, whose files take any size.
-DETECTOR_SIZE = 640
-YOLO_CANDIDATES = sum((DETECTOR_SIZE // stride) ** 2 for stride in FEATURE_STRIDES)
 ONNX_SUFFIX = ".onnx"
 
 
@@ -125,8 +115,6 @@ class ModelContract:
 
 
 FLOAT32: tuple[TensorDtype, ...] = ("float32",)
-# normalize_detect_frame for the [-1, 1] range of SCRFD and RetinaFace: (x - 127.5) / 128.
-DETECTOR_SYMMETRIC_RANGE = PixelScaling(offset=127.5, divisor=128.0)
 
 
 def _image(name: str | None, side: int | None) -> TensorContract:
@@ -222,7 +210,7 @@ def _anchor_stride_detector(stem: str) -> ModelContract:
         inputs=(_image("input", None),),
         outputs=outputs,
         input_size=DETECTOR_SIZE,
-        pixel_scaling=DETECTOR_SYMMETRIC_RANGE,
+        pixel_scaling=ANCHOR_STRIDE_SCALING,
         channel_order="bgr",
         detector_layout="anchor_strides",
     )

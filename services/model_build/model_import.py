@@ -6,7 +6,9 @@ For each file whose name FaceFusion gives one of the models swapline serves (fac
    rewrite is checked by running batch N against N single runs (onnx_rewrite);
 3. the served build is FP16 with inputs and outputs in their types, and its FP32 twin is what a batch
    whose FP16 answer overflows runs again on: converted from an FP32 file, or upcast from an FP16 one;
-4. both are written as Triton models (imported_model_config), `<name>` and `<name>_fp32`.
+4. both are written as Triton models (imported_model_config), `<name>` and `<name>_fp32`, and for an
+   embedding swapper the model that makes its source input from an ArcFace embedding, `<name>_source`
+   (source_converter).
 
 Everything is built in a staging folder beside the repository first, so a refusal changes nothing that
 is installed; then each model folder is swapped in by rename, and the sets' manifest (model_sets.json at
@@ -27,11 +29,13 @@ from pathlib import Path
 import onnx
 
 from services.common.errors import InvalidArgument, NotFound, SwaplineError
+from services.common.face_model_catalog import source_converter_name
 from services.common.media_paths import write_file
 from services.model_build.face_model_contracts import CONTRACTS, ModelContract, ModelRole
 from services.model_build.imported_model_config import config_text, imported_config, is_batched, twin_name
 from services.model_build.onnx_contract_check import check_model
 from services.model_build.onnx_rewrite import batchable, fp16_twin, fp32_twin, is_fp16, verify_batch_equivalence
+from services.model_build.source_converter import emap_of, source_converter
 from services.triton.model_config import CONFIG_FILE, MODEL_FILE, MODEL_VERSION
 
 MANIFEST_FILE = "model_sets.json"
@@ -51,6 +55,8 @@ class ModelEntry:
     twin: str
     batched: bool
     batch_rewritten: bool
+    # An embedding swapper's `<name>_source` model (source_converter), which makes its source input.
+    source_converter: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,27 @@ def _chosen_files(directory: Path) -> tuple[dict[str, tuple[Path, ModelContract]
     return chosen, skipped
 
 
-def _built(path: Path, contract: ModelContract) -> tuple[onnx.ModelProto, onnx.ModelProto, bool]:
-    """(served FP16 build, FP32 twin, whether the batch was rewritten), each checked; errors name the file."""
+@dataclass(frozen=True)
+class _Builds:
+    served: onnx.ModelProto  # FP16, inputs and outputs in their types
+    twin: onnx.ModelProto  # FP32
+    batch_rewritten: bool
+    converter: onnx.ModelProto | None  # an embedding swapper's source converter
+
+
+def _converter(original: onnx.ModelProto, contract: ModelContract, file_name: str) -> onnx.ModelProto | None:
+    if contract.source_kind is None:
+        return None
+    emap = emap_of(original, file_name) if contract.source_kind == "emap_embedding" else None
+    return source_converter(contract.source_kind, emap)
+
+
+def _built(path: Path, contract: ModelContract) -> _Builds:
+    """The served FP16 build, its FP32 twin and a swapper's source converter, each checked; errors name the file."""
     checked = check_model(path, contract)
     try:
         original = onnx.load(str(path))
+        converter = _converter(original, contract, path.name)
         rewritten = checked.batch_fixed_at_one and all(
             tensor.batch_axis for tensor in (*contract.inputs, *contract.outputs)
         )
@@ -119,8 +141,8 @@ def _built(path: Path, contract: ModelContract) -> tuple[onnx.ModelProto, onnx.M
         if rewritten:
             verify_batch_equivalence(original, model, batch_size=CHECK_BATCH)
         if is_fp16(model):
-            return model, fp32_twin(model), rewritten
-        return fp16_twin(model), model, rewritten
+            return _Builds(model, fp32_twin(model), rewritten, converter)
+        return _Builds(fp16_twin(model), model, rewritten, converter)
     except SwaplineError as error:
         raise type(error)(f"{path.name}: {error.message}") from None
 
@@ -132,15 +154,34 @@ def _write_model(folder: Path, model: onnx.ModelProto, text: str) -> None:
 
 
 def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> ModelEntry:
-    served, twin, rewritten = _built(path, contract)
+    builds = _built(path, contract)
     note = f"Imported from {path.name} by `swapline models import`"
+    served, twin = builds.served, builds.twin
     _write_model(staging / name, served, config_text(imported_config(name, served, "fp16"), f"{note} (FP16)."))
     _write_model(
         staging / twin_name(name),
         twin,
         config_text(imported_config(twin_name(name), twin, "fp32"), f"{note}: the FP32 twin of {name}."),
     )
-    return ModelEntry(name, contract.role, contract.stem, path.name, twin_name(name), is_batched(served), rewritten)
+    converter = ""
+    if builds.converter is not None:
+        converter = source_converter_name(name)
+        text = f"{note}: makes {name}'s source input from an ArcFace embedding (FP32)."
+        _write_model(
+            staging / converter,
+            builds.converter,
+            config_text(imported_config(converter, builds.converter, "fp32"), text),
+        )
+    return ModelEntry(
+        name,
+        contract.role,
+        contract.stem,
+        path.name,
+        twin_name(name),
+        is_batched(served),
+        builds.batch_rewritten,
+        converter,
+    )
 
 
 def _swap_in(staged: Path, target: Path, trash: Path) -> None:
@@ -181,8 +222,9 @@ def import_model_set(directory: Path, repository: Path, set_name: str) -> Import
         trash = staging / "replaced"
         trash.mkdir()
         for entry in entries:
-            for name in (entry.name, entry.twin):
-                _swap_in(staging / name, repository / name, trash)
+            for name in (entry.name, entry.twin, entry.source_converter):
+                if name:
+                    _swap_in(staging / name, repository / name, trash)
         sets[set_name] = ModelSet(set_name, entries)
         _write_manifest(repository, sets)
     finally:

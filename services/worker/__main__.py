@@ -19,6 +19,7 @@ from services.worker.face_swapper import FACE_SWAPPER_MODEL, CropTransferSwapper
 from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
 from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_warp_device
 from services.worker.source_face import JobFaceCache
+from services.worker.swapper_registry import SwapperRegistry
 from swapline.chunks.v1 import chunks_pb2_grpc
 
 SERVICE_NAME = "worker"
@@ -48,7 +49,8 @@ async def run_worker(settings: WorkerSettings) -> None:
     )
     warper = face_warper_for(warp_device)
     swapper = CropTransferSwapper(triton, crops=warper.crop_codec)
-    runner = ChunkRunner(settings, stubs, swapper, JobFaceCache(), warper)
+    swappers = SwapperRegistry(swapper, triton, triton, warper.crop_codec)
+    runner = ChunkRunner(settings, stubs, swappers, JobFaceCache(), warper)
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

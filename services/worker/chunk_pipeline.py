@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.common.errors import Internal
+from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.job_vocabulary import STAGE_NAMES, StageName
@@ -180,7 +181,7 @@ def _select_all(frames: Frames, faces: list[list[DetectedFace]], selection: Face
 
 
 def _align_all(
-    warper: FaceWarper, frames: Frames, faces: list[list[DetectedFace]], size: int
+    warper: FaceWarper, frames: Frames, faces: list[list[DetectedFace]], layout: CropLayout
 ) -> tuple[list[int], AlignedFaces, int]:
     """(slot of each aligned face, the faces cut out, faces skipped because no alignment fits them)."""
     slots: list[int] = []
@@ -189,13 +190,13 @@ def _align_all(
     for slot, frame_faces in enumerate(faces):
         for face in frame_faces:
             try:
-                matrices.append(alignment_matrix(face.landmarks, size))
+                matrices.append(alignment_matrix(face.landmarks, layout.size, layout.template))
             except ValueError:
                 skipped += 1
                 continue
             slots.append(slot)
     stacked = np.stack(matrices) if matrices else np.zeros((0, 2, 3), np.float32)
-    return slots, warper.align(frames, slots, stacked, size), skipped
+    return slots, warper.align(frames, slots, stacked, layout.size), skipped
 
 
 def _paste_all(batch: _SwappedBatch) -> tuple[Frames, list[int]]:
@@ -256,7 +257,7 @@ async def run_chunk_pipeline(
         while (batch := await selected.get()) is not None:
             with clock.timing("swap"):
                 slots, aligned, skipped = await asyncio.to_thread(
-                    _align_all, warper, batch.frames, batch.faces, swapper.crop_size
+                    _align_all, warper, batch.frames, batch.faces, swapper.target_layout
                 )
                 crops = aligned.crops
                 if len(crops):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition
-from services.common.face_model_catalog import BUILT_IN_SWAPPER, checked_swapper
 from services.common.job_vocabulary import selector_mode_from_proto
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
-from services.worker.face_swapper import FaceSwapper
 from services.worker.settings import WarpDevice, WorkerSettings
 from services.worker.source_face import JobFaceCache
 from services.worker.stage_clients import DecoderFrameSource, DetectorFaceFinder, EncoderSegmentSink
+from services.worker.swapper_registry import SwapperRegistry
 from swapline.chunks.v1 import chunks_pb2
 from swapline.decoder.v1 import decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2_grpc
@@ -40,36 +38,37 @@ class ChunkRunner:
         self,
         settings: WorkerSettings,
         stubs: StageStubs,
-        swapper: FaceSwapper,
+        swappers: SwapperRegistry,
         faces: JobFaceCache,
         warper: FaceWarper,
     ) -> None:
         self._settings = settings
         self._stubs = stubs
-        self._swapper = swapper
+        self._swappers = swappers
         self._faces = faces
         self._warper = warper
         # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
         self._stage_timeout = settings.triton_timeout_seconds
-        self._finder = DetectorFaceFinder(
-            stubs.detector, settings.detect_max_side, settings.min_face_size, self._stage_timeout, warper.shrink
+
+    def _finder(self, detector: str) -> DetectorFaceFinder:
+        """The detector service asked for the job's detector model."""
+        settings = self._settings
+        return DetectorFaceFinder(
+            self._stubs.detector,
+            settings.detect_max_side,
+            settings.min_face_size,
+            self._stage_timeout,
+            self._warper.shrink,
+            model=detector,
         )
 
-    def _swapper_for(self, name: str) -> FaceSwapper:
-        """The swapper a job names (empty: a lease from a gateway that predates model choice)."""
-        if checked_swapper(name) != BUILT_IN_SWAPPER:
-            raise FailedPrecondition(
-                f"swapper {name}: this worker runs only the built-in {BUILT_IN_SWAPPER}; "
-                "the embedding-conditioned path (ArcFace, the swapper's source conversion) is not built yet"
-            )
-        return self._swapper
-
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
-        swapper = self._swapper_for(lease.swapper)
-        identity = await self._faces.source_identity(lease.job_id, lease.source_image, self._finder, swapper)
+        swapper = self._swappers.swapper(lease.swapper)
+        finder = self._finder(lease.detector)
+        identity = await self._faces.source_identity(lease.job_id, lease.source_image, finder, swapper)
         mode = selector_mode_from_proto(lease.selector)
         reference = (
-            await self._faces.reference_descriptor(lease.job_id, lease.reference_image, self._finder)
+            await self._faces.reference_descriptor(lease.job_id, lease.reference_image, finder)
             if mode == "reference"
             else None
         )
@@ -87,7 +86,7 @@ class ChunkRunner:
         ) as sink:
             return await run_chunk_pipeline(
                 source,
-                self._finder,
+                finder,
                 swapper,
                 identity,
                 sink,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from services.common.face_geometry import CROP_SIZE, template_points
+from services.common.face_geometry import CROP_SIZE, FIVE_POINT_TEMPLATE, template_points
 from services.common.frame_codec import Frames
 from services.worker.face_swapper import HOST_CROPS, HostCropCodec
 
@@ -27,9 +27,12 @@ class AlignedFace:
     matrix: np.ndarray  # (2, 3) float32: frame -> crop
 
 
-def alignment_matrix(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+def alignment_matrix(
+    landmarks: np.ndarray, size: int = CROP_SIZE, template: np.ndarray = FIVE_POINT_TEMPLATE
+) -> np.ndarray:
     """Similarity transform (rotation, uniform scale, shift) taking the five landmarks onto the template."""
-    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template_points(size), method=cv2.LMEDS)
+    target = template_points(size, template)
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), target, method=cv2.LMEDS)
     if matrix is None:
         raise ValueError("landmarks are degenerate; no similarity transform fits them")
     return matrix.astype(np.float32)
@@ -40,8 +43,10 @@ def warp_to_crop(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray
     return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
-def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -> AlignedFace:
-    matrix = alignment_matrix(landmarks, size)
+def align_face(
+    frame: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE, template: np.ndarray = FIVE_POINT_TEMPLATE
+) -> AlignedFace:
+    matrix = alignment_matrix(landmarks, size, template)
     return AlignedFace(crop=warp_to_crop(frame, matrix, size), matrix=matrix)
 
 

@@ -1,16 +1,16 @@
 """Swaps batches of aligned target crops to the source identity through a model runner (Triton).
 
 `FaceSwapper` is the seam for model sets: the default `CropTransferSwapper` conditions on the
-aligned source crop itself; an embedding-conditioned model such as inswapper_128 would prepare a
-512-d ArcFace embedding in `prepare_source` (kept in `SourceIdentity.embedding`) and report its
-own `crop_size`.
+aligned source crop itself; an embedding-conditioned model (embedding_swapper.EmbeddingSwapper, for
+inswapper_128 and hyperswap) prepares the source's identity embedding in `prepare_source` (kept in
+`SourceIdentity.embedding`). Each says how it wants target and source faces cut (`CropLayout`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from services.common.adaptive_batch import AdaptiveBatch
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument
-from services.common.face_geometry import CROP_SIZE
+from services.common.face_geometry import CROP_SIZE, CropLayout
 from services.common.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,14 @@ class SwappedFaces:
 
 class FaceSwapper(Protocol):
     @property
-    def crop_size(self) -> int: ...
+    def target_layout(self) -> CropLayout:
+        """How target faces are cut for `swap`: the crop's size and where the five landmarks go."""
+        ...
+
+    @property
+    def source_layout(self) -> CropLayout:
+        """How the source face is cut for `prepare_source`."""
+        ...
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity: ...
 
@@ -84,7 +91,7 @@ class CropCodec(Protocol):
         ...
 
 
-def _check_crops(crops: np.ndarray, what: str) -> None:
+def check_crops(crops: np.ndarray, what: str) -> None:
     if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2] or crops.dtype != np.uint8:
         raise InvalidArgument(f"{what} must be (n, S, S, 3) uint8, got {crops.shape} {crops.dtype}")
 
@@ -109,7 +116,7 @@ class HostCropCodec:
     """Crops as numpy arrays on the host, converted through lookup tables."""
 
     def pack_target(self, crops: np.ndarray) -> np.ndarray:
-        _check_crops(crops, "target crops")
+        check_crops(crops, "target crops")
         # A lookup keeps its index's memory order: the result is made contiguous, as Triton sends it.
         return np.ascontiguousarray(_UNIT_FP16[crops.transpose(0, 3, 1, 2)])
 
@@ -135,7 +142,7 @@ HOST_CROPS = HostCropCodec()
 
 def swapper_inputs(target: np.ndarray, source_crop: np.ndarray) -> dict[str, np.ndarray]:
     """The model's inputs for a packed `target`: it, and the source crop as FP16 NCHW in [0, 1] once per face."""
-    _check_crops(source_crop[None], "the source crop")
+    check_crops(source_crop[None], "the source crop")
     if source_crop.shape != (target.shape[2], target.shape[3], 3):
         raise InvalidArgument(f"source crop {source_crop.shape} does not match target crops {target.shape[2:]}")
     source = _UNIT_FP16[source_crop.transpose(2, 0, 1)]
@@ -177,6 +184,47 @@ def unpack_swapper_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarra
     return HOST_CROPS.unpack(*checked_swapper_outputs(outputs))
 
 
+def no_faces(size: int) -> SwappedFaces:
+    return SwappedFaces(np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32))
+
+
+def joined_parts(parts: Sequence[tuple[Any, Any, int]], crops: CropCodec) -> SwappedFaces:
+    """One batch's faces from the (crops, masks, fallbacks) of the requests it was answered in."""
+    fallbacks = sum(fallback for _, _, fallback in parts)
+    if len(parts) == 1:
+        return SwappedFaces(parts[0][0], parts[0][1], fallbacks)
+    return SwappedFaces(
+        crops.join([crop for crop, _, _ in parts]), crops.join([mask for _, mask, _ in parts]), fallbacks
+    )
+
+
+async def run_with_fp32_fallback(
+    models: ModelRunner,
+    model: str,
+    fallback_model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    unpacked: Callable[[str, Mapping[str, np.ndarray]], Awaitable[tuple[Any, Any]]],
+) -> tuple[Any, Any, int]:
+    """One swapper request: (crops, masks, 1 if it ran on the FP32 twin else 0).
+
+    `unpacked(model, answer)` turns an answer into crops and masks and raises NonFiniteOutputs on NaN or
+    Inf; such an FP16 answer is asked again of `fallback_model` with FP32 inputs, and only an FP32
+    answer that overflows too fails, naming the model: pasting garbage into a video silently is worse.
+    """
+    answer = await models.infer(model, inputs, outputs)
+    try:
+        return (*await unpacked(model, answer), 0)
+    except NonFiniteOutputs:
+        log.warning("model %s overflowed on a batch of faces; running it on %s", model, fallback_model)
+    wide = {name: tensor.astype(np.float32) for name, tensor in inputs.items()}
+    answer = await models.infer(fallback_model, wide, outputs)
+    try:
+        return (*await unpacked(fallback_model, answer), 1)
+    except NonFiniteOutputs:
+        raise Internal(f"model {fallback_model} returned NaN or Inf values, in FP32 as its FP16 twin did") from None
+
+
 class CropTransferSwapper:
     """The default swapper: Triton's `face_swapper` relights and blends the source crop onto each target.
 
@@ -196,14 +244,19 @@ class CropTransferSwapper:
     ) -> None:
         self._models = models
         self._size = size
+        self._layout = CropLayout(size)
         self._crops = crops
         self._model = model
         self._fallback_model = fallback_model
         self._batches = AdaptiveBatch(model, max_batch)
 
     @property
-    def crop_size(self) -> int:
-        return self._size
+    def target_layout(self) -> CropLayout:
+        return self._layout
+
+    @property
+    def source_layout(self) -> CropLayout:
+        return self._layout
 
     @property
     def batch_limit(self) -> int:
@@ -211,39 +264,27 @@ class CropTransferSwapper:
         return self._batches.limit
 
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
-        _check_crops(source_crop[None], "the source crop")
+        check_crops(source_crop[None], "the source crop")
         return SourceIdentity(crop=np.ascontiguousarray(source_crop))
 
     async def swap(self, target_crops: Any, identity: SourceIdentity) -> SwappedFaces:
         count = len(target_crops)
         if count == 0:
-            size = self._size
-            return SwappedFaces(np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.float32))
+            return no_faces(self._size)
 
         async def swap_part(part: slice) -> tuple[Any, Any, int]:
             # Packing and unpacking run off the event loop: on a GPU they wait for the device.
             target = await asyncio.to_thread(self._crops.pack_target, target_crops[part])
             inputs = swapper_inputs(target, identity.crop)
-            outputs = await self._models.infer(self._model, inputs, SWAPPER_OUTPUTS)
-            try:
-                return (*await self._unpacked(self._model, outputs, target.shape), 0)
-            except NonFiniteOutputs:
-                log.warning(
-                    "model %s overflowed on %d faces; running them on %s",
-                    self._model,
-                    len(target),
-                    self._fallback_model,
-                )
-                wide = {name: tensor.astype(np.float32) for name, tensor in inputs.items()}
-                answer = await self._models.infer(self._fallback_model, wide, SWAPPER_OUTPUTS)
-                return (*await self._unpacked(self._fallback_model, answer, target.shape), 1)
 
-        parts = await self._batches.run(count, swap_part)
-        fallbacks = sum(fallback for _, _, fallback in parts)
-        if len(parts) == 1:
-            return SwappedFaces(parts[0][0], parts[0][1], fallbacks)
-        crops = self._crops.join([crop for crop, _, _ in parts])
-        return SwappedFaces(crops, self._crops.join([mask for _, mask, _ in parts]), fallbacks)
+            async def unpacked(model: str, outputs: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
+                return await self._unpacked(model, outputs, target.shape)
+
+            return await run_with_fp32_fallback(
+                self._models, self._model, self._fallback_model, inputs, SWAPPER_OUTPUTS, unpacked
+            )
+
+        return joined_parts(await self._batches.run(count, swap_part), self._crops)
 
     async def _unpacked(self, model: str, outputs: Mapping[str, np.ndarray], sent: tuple[int, ...]) -> tuple[Any, Any]:
         swapped, mask = checked_swapper_outputs(outputs, model)
@@ -253,9 +294,4 @@ class CropTransferSwapper:
                 f"model {model} returned {answered[0]} crops of {answered[2]}x{answered[3]} "
                 f"for {sent[0]} faces of {sent[2]}x{sent[3]}"
             )
-        try:
-            return await asyncio.to_thread(self._crops.unpack, swapped, mask)
-        except NonFiniteOutputs:
-            if model == self._fallback_model:
-                raise Internal(f"model {model} returned NaN or Inf values, in FP32 as its FP16 twin did") from None
-            raise
+        return await asyncio.to_thread(self._crops.unpack, swapped, mask)

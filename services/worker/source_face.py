@@ -35,7 +35,8 @@ async def prepare_source_identity(data: bytes, finder: FaceFinder, swapper: Face
     image = decode_rgb_image(data, "source image")
     face = await find_main_face(image, finder, "source")
     try:
-        aligned = align_face(image, face.landmarks, swapper.crop_size)
+        layout = swapper.source_layout
+        aligned = align_face(image, face.landmarks, layout.size, layout.template)
     except ValueError as error:
         raise InvalidArgument(f"the source image's face cannot be aligned: {error}") from error
     return await swapper.prepare_source(aligned.crop)

@@ -129,6 +129,7 @@ class DetectorFaceFinder:
 
     min_face_size is in full-frame pixels and scaled with the frames (0 keeps the detector's default).
     `shrink` makes the copy: OpenCV on the host, or the face warper's own where it keeps frames on a GPU.
+    `model` names the job's detector (empty: the built-in MTCNN).
     """
 
     def __init__(
@@ -138,8 +139,10 @@ class DetectorFaceFinder:
         min_face_size: int,
         timeout_seconds: float,
         shrink: FrameShrinker = downscale_frames,
+        model: str = "",
     ) -> None:
         self._stub = stub
+        self._model = model
         self._max_side = max_side
         self._min_face_size = min_face_size
         self._timeout_seconds = timeout_seconds
@@ -169,7 +172,8 @@ class DetectorFaceFinder:
         if min_face > 0:
             min_face = max(1, round(min_face * size[0] / frames.shape[2]))
         return DetectFrames(
-            FrameRun(small, list(range(len(small)))), detector_pb2.DetectRequest(min_face_size=min_face)
+            FrameRun(small, list(range(len(small)))),
+            detector_pb2.DetectRequest(min_face_size=min_face, model=self._model),
         )
 
 

@@ -17,7 +17,12 @@ def wait_for_end(client: JobClient, job_id: str) -> jobs_pb2.Job:
 
 
 def run_to_end(
-    client: JobClient, source: bytes, target: Path, selector: SelectorMode = "one", reference: bytes = b""
+    client: JobClient,
+    source: bytes,
+    target: Path,
+    selector: SelectorMode = "one",
+    reference: bytes = b"",
+    swapper: str = "",
 ) -> jobs_pb2.Job:
-    job = client.submit(source, target_path=target, selector=selector, reference_image=reference)
+    job = client.submit(source, target_path=target, selector=selector, reference_image=reference, swapper=swapper)
     return wait_for_end(client, job.id)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2
 
 from services.cli.__main__ import main
@@ -57,7 +58,10 @@ def test_a_folder_installs_as_a_set_with_fp16_builds_and_fp32_twins(facefusion_f
     assert set(names) == {"inswapper_128", "arcface_w600k_r50", "scrfd_2.5g"}
     assert [entry.role for entry in result.model_set.models] == ["embedder", "swapper", "detector"]
     assert result.skipped == ("gfpgan_1.4.onnx: not a model swapline serves",)
-    assert repository_models(repository) == sorted(["face_swapper", *names, *(f"{name}_fp32" for name in names)])
+    converters = ["inswapper_128_source"]
+    expected = ["face_swapper", *names, *(f"{name}_fp32" for name in names), *converters]
+    assert repository_models(repository) == sorted(expected)
+    assert names["inswapper_128"].source_converter == "inswapper_128_source"
     assert installed_sets(repository) == [result.model_set]
     swapper = read_model_config(repository, "inswapper_128")
     assert swapper.backend == "onnxruntime" and swapper.max_batch_size == 64
@@ -159,3 +163,20 @@ def test_the_cli_imports_and_lists(facefusion_folder: Path, tmp_path: Path, caps
     assert listed[0] == "builtin (built in): face_swapper, mtcnn_cascade"
     assert listed[1] == "mine: arcface_w600k_r50 (embedder), inswapper_128 (swapper), scrfd_2.5g (detector)"
     assert main(["models", "import", str(tmp_path / "missing"), "--repository", str(repository)]) != 0
+
+
+def test_an_embedding_swappers_source_is_made_by_the_model_served_beside_it(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    inswapper = write_standin("inswapper_128", folder)
+    write_standin("hyperswap_1a_256", folder)
+    repository = _repository(tmp_path)
+    import_model_set(folder, repository, "swappers")
+    # FaceFusion's prepare_source_embedding: the embedding times the graph's last initializer, over its length.
+    emap = numpy_helper.to_array(onnx.load(str(inswapper)).graph.initializer[-1]).astype(np.float32)
+    embeddings = np.random.default_rng(3).normal(size=(3, 512)).astype(np.float32) * 7.0
+    lengths = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    (made,) = _session(repository, "inswapper_128_source").run(None, {"embedding": embeddings})
+    np.testing.assert_allclose(made, embeddings @ emap / lengths, rtol=1e-4, atol=1e-5)
+    (unit,) = _session(repository, "hyperswap_1a_256_source").run(None, {"embedding": embeddings})
+    np.testing.assert_allclose(unit, embeddings / lengths, rtol=1e-5, atol=1e-6)

@@ -8,12 +8,17 @@ SAME_PERSON_DISTANCE.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import dlib
 import numpy as np
 
 SAME_PERSON_DISTANCE = 0.6
+# The rule a swapped face must meet to carry the source identity (issue 12): closer to the source than
+# SOURCE_DISTANCE_LIMIT, and closer to the source than to the original face by at least SOURCE_MARGIN.
+SOURCE_DISTANCE_LIMIT = 0.5
+SOURCE_MARGIN = 0.15
 SHAPE_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 DESCRIPTOR_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 # Index ranges of the 68-point (iBUG 300-W) markup.
@@ -47,6 +52,16 @@ class IdentityJudge:
             return None
         largest = max(rectangles, key=lambda rectangle: rectangle.area())
         return self._shape_predictor(image, largest)
+
+    def face_rectangles(self, image_rgb: np.ndarray) -> list[dlib.rectangle]:
+        return list(self._detector(np.ascontiguousarray(image_rgb, dtype=np.uint8), self._upsample_times))
+
+    def descriptor_in(self, image_rgb: np.ndarray, rectangle: dlib.rectangle) -> np.ndarray:
+        """The 128-d descriptor of whatever lies in `rectangle`, found there or not: a face that a swap
+        destroyed still gets a descriptor, far from everyone's."""
+        image = np.ascontiguousarray(image_rgb, dtype=np.uint8)
+        shape = self._shape_predictor(image, rectangle)
+        return np.asarray(self._recogniser.compute_face_descriptor(image, shape), dtype=np.float64)
 
     def descriptor(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """The 128-d descriptor of the largest face, or None when no face is found."""
@@ -86,3 +101,62 @@ def five_points_from_68(points: np.ndarray) -> np.ndarray:
             points[_MOUTH_LEFT],
         ]
     ).astype(np.float32)
+
+
+def carries_source(to_source: float, to_original: float) -> bool:
+    return to_source < SOURCE_DISTANCE_LIMIT and to_original - to_source >= SOURCE_MARGIN
+
+
+@dataclass(frozen=True, eq=False)
+class OriginalFace:
+    """A face the judge found in an original frame: where, and who it is."""
+
+    rectangle: dlib.rectangle
+    descriptor: np.ndarray
+
+
+@dataclass(frozen=True)
+class FaceVerdict:
+    """The judge's view of one original face, at the same place in the swapped frame."""
+
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the frame; may reach past its edge
+    to_source: float
+    to_original: float
+
+    @property
+    def carries_source(self) -> bool:
+        return carries_source(self.to_source, self.to_original)
+
+    def cut_by_edge(self, width: int, height: int) -> bool:
+        left, top, right, bottom = self.box
+        return left < 0 or top < 0 or right > width or bottom > height
+
+
+def original_faces(judge: IdentityJudge, frame: np.ndarray) -> list[OriginalFace]:
+    return [
+        OriginalFace(rectangle=rectangle, descriptor=judge.descriptor_in(frame, rectangle))
+        for rectangle in judge.face_rectangles(frame)
+    ]
+
+
+def judge_swapped_faces(
+    judge: IdentityJudge, originals: list[OriginalFace], swapped: np.ndarray, source_descriptor: np.ndarray
+) -> list[FaceVerdict]:
+    """One verdict per face found in the original frame, so a face the swap missed or destroyed counts."""
+    verdicts = []
+    for face in originals:
+        rectangle = face.rectangle
+        found = judge.descriptor_in(swapped, rectangle)
+        verdicts.append(
+            FaceVerdict(
+                box=(rectangle.left(), rectangle.top(), rectangle.right(), rectangle.bottom()),
+                to_source=judge.distance(found, source_descriptor),
+                to_original=judge.distance(found, face.descriptor),
+            )
+        )
+    return verdicts
+
+
+def source_share(verdicts: list[FaceVerdict]) -> float:
+    """The share of the original frames' faces that carry the source identity; 0 when there are none."""
+    return sum(verdict.carries_source for verdict in verdicts) / len(verdicts) if verdicts else 0.0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import Unavailable
+from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.worker.chunk_pipeline import STAGE_NAMES, ChunkStats, run_chunk_pipeline
@@ -70,7 +71,7 @@ class _KnownFaces:
 
 class _InvertingSwapper:
     def __init__(self, block: bool = False, fallbacks_per_swap: int = 0) -> None:
-        self.crop_size = CROP
+        self.target_layout = self.source_layout = CropLayout(CROP)
         self.block = block
         self.fallbacks_per_swap = fallbacks_per_swap
         self.swaps = 0

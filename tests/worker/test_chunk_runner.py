@@ -1,16 +1,7 @@
 from __future__ import annotations
 
-import asyncio
-import typing
-from typing import Any
-
-import pytest
-
-from services.common.errors import FailedPrecondition
-from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats
-from services.worker.chunk_runner import ChunkRunner, StageStubs, chunk_stats_to_proto, segment_header
-from services.worker.settings import WorkerSettings
-from services.worker.source_face import JobFaceCache
+from services.worker.chunk_pipeline import ChunkStats
+from services.worker.chunk_runner import chunk_stats_to_proto, segment_header
 from swapline.chunks.v1 import chunks_pb2
 from swapline.encoder.v1 import encoder_pb2
 
@@ -44,25 +35,3 @@ def test_chunk_stats_report_the_frames_and_faces_of_the_run() -> None:
 
     assert (message.frames, message.faces, message.frames_with_faces) == (3, 2, 2)
     assert [(change.frame_index, change.faces) for change in message.face_count_changes] == [(120, 1), (122, 0)]
-
-
-class _UnusedStub:
-    """Any call on it fails the test: the chunk must be refused before a stage is asked anything."""
-
-    def __getattr__(self, name: str) -> object:
-        raise AssertionError(f"stage stub called: {name}")
-
-
-def test_a_lease_naming_a_swapper_this_worker_cannot_run_fails_before_any_stage_is_called() -> None:
-    settings = WorkerSettings(
-        gateway_target="gateway:1",
-        decoder_target="decoder:1",
-        detector_target="detector:1",
-        encoder_target="encoder:1",
-        triton_url="triton:1",
-    )
-    unused = typing.cast(Any, _UnusedStub())
-    runner = ChunkRunner(settings, StageStubs(unused, unused, unused), unused, JobFaceCache(), HOST_WARPER)
-    lease = chunks_pb2.ChunkLease(job_id="j1", swapper="inswapper_128", detector="mtcnn")
-    with pytest.raises(FailedPrecondition, match="swapper inswapper_128"):
-        asyncio.run(runner.run(lease, ChunkStats()))

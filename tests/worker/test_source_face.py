@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.worker.face_aligner import alignment_matrix
@@ -39,7 +40,7 @@ class _Finder:
 
 
 class _RecordingSwapper:
-    crop_size = CROP
+    target_layout = source_layout = CropLayout(CROP)
 
     def __init__(self) -> None:
         self.prepared: list[np.ndarray] = []

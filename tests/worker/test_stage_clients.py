@@ -114,10 +114,22 @@ def test_detector_finder_downscales_and_scales_faces_back() -> None:
     request = detector.requests[0]
     assert (request.frames.width, request.frames.height) == (320, 120)
     assert request.min_face_size == 10
+    assert request.model == ""
     assert found[0] == []
     (face,) = found[1]
     np.testing.assert_allclose(face.box, (0.3 * 1280, 0.3 * 480, 0.7 * 1280, 0.7 * 480), rtol=1e-5)
     np.testing.assert_allclose(face.landmarks[2], (0.5 * 1280, 0.5 * 480), rtol=1e-5)
+
+
+def test_detector_finder_asks_for_the_jobs_detector_model() -> None:
+    detector = _Detector()
+
+    async def body(channel: grpc.aio.Channel) -> list[list[DetectedFace]]:
+        finder = DetectorFaceFinder(detector_stub(channel), 320, 0, TIMEOUT_SECONDS, model="scrfd_2.5g")
+        return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
+
+    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    assert detector.requests[0].model == "scrfd_2.5g"
 
 
 def test_detector_finder_sends_what_its_shrink_makes() -> None:

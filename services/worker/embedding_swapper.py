@@ -1,0 +1,183 @@
+"""Swappers conditioned on the source's identity embedding: inswapper_128 and hyperswap, as imported.
+
+The source face is cut on ArcFace's template (arcface_112_v2, 112 px) and embedded by the imported
+`arcface_w600k_r50`; the swapper's own conversion (inswapper's emap projection, or hyperswap's unit
+length), which the importer serves beside the swapper as `<swapper>_source`, turns the embedding into
+the swapper's `source` input once per job. Target faces are cut on the swapper's template (arcface_128
+at its crop size), scaled to its pixel range and swapped in batches; the swapped crop is blended back
+through FaceFusion's default box mask (edges blurred over 15% of the side), as these models answer a
+crop and no mask. Facts from FaceFusion's face_swapper/core.py, face_recognizer.py and face_masker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import cv2
+import numpy as np
+
+from services.common.adaptive_batch import AdaptiveBatch
+from services.common.errors import FailedPrecondition
+from services.common.face_geometry import CropLayout
+from services.common.face_model_catalog import (
+    ARCFACE,
+    WARP_TEMPLATES,
+    EmbedderSpec,
+    EmbeddingSwapperSpec,
+    PixelScaling,
+    source_converter_name,
+)
+from services.common.model_runner import ModelCatalog, ModelRunner
+from services.worker.face_swapper import (
+    HOST_CROPS,
+    MAX_SWAP_BATCH,
+    CropCodec,
+    SourceIdentity,
+    SwappedFaces,
+    check_crops,
+    joined_parts,
+    no_faces,
+    non_finite_outputs,
+    run_with_fp32_fallback,
+)
+
+TARGET_INPUT = "target"
+SOURCE_INPUT = "source"
+EMBEDDER_INPUT = "input"
+CONVERTER_INPUT = "embedding"
+CONVERTER_OUTPUT = "source"
+# The FP32 twin `swapline models import` writes beside every imported model.
+FP32_TWIN_SUFFIX = "_fp32"
+# FaceFusion's default face_mask_blur: the box mask's edge is blurred over this share of half the side.
+BOX_MASK_BLUR = 0.3
+
+
+def box_mask(size: int, blur: float = BOX_MASK_BLUR) -> np.ndarray:
+    """(size, size) float32 weights: 1 inside, 0 on a border of a quarter of the blur, Gaussian-feathered."""
+    blur_pixels = int(size * 0.5 * blur)
+    border = max(blur_pixels // 2, 1)
+    mask = np.ones((size, size), np.float32)
+    mask[:border, :] = 0
+    mask[-border:, :] = 0
+    mask[:, :border] = 0
+    mask[:, -border:] = 0
+    if blur_pixels == 0:
+        return mask
+    return np.asarray(cv2.GaussianBlur(mask, (0, 0), blur_pixels * 0.25), np.float32)
+
+
+def scaled_pixels(unit: np.ndarray, scaling: PixelScaling) -> np.ndarray:
+    """Values in [0, 1] (the crop codec's packing) as the model's float32 input: (pixel - offset) / divisor."""
+    return (
+        (unit.astype(np.float32) * np.float32(255.0) - np.float32(scaling.offset)) / np.float32(scaling.divisor)
+    ).astype(np.float32)
+
+
+def unit_pixels(values: np.ndarray, scaling: PixelScaling) -> np.ndarray:
+    """A model's float32 output mapped back to [0, 1] pixels (NaN and Inf kept, for the codec to find)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (
+            (values.astype(np.float32) * np.float32(scaling.divisor) + np.float32(scaling.offset)) / np.float32(255.0)
+        ).astype(np.float32)
+
+
+class EmbeddingSwapper:
+    """An imported embedding-conditioned swapper over a model runner; names as `swapline models import` serves them."""
+
+    def __init__(
+        self,
+        models: ModelRunner,
+        catalog: ModelCatalog,
+        spec: EmbeddingSwapperSpec,
+        crops: CropCodec = HOST_CROPS,
+        max_batch: int = MAX_SWAP_BATCH,
+        embedder: EmbedderSpec = ARCFACE,
+    ) -> None:
+        self._models = models
+        self._catalog = catalog
+        self._spec = spec
+        self._embedder = embedder
+        self._crops = crops
+        self._target_layout = CropLayout(spec.crop_size, WARP_TEMPLATES[spec.template])
+        self._source_layout = CropLayout(embedder.crop_size, WARP_TEMPLATES[embedder.template])
+        self._mask = box_mask(spec.crop_size)
+        self._batches = AdaptiveBatch(spec.name, max_batch)
+        self._outputs: dict[str, str] = {}
+
+    @property
+    def target_layout(self) -> CropLayout:
+        return self._target_layout
+
+    @property
+    def source_layout(self) -> CropLayout:
+        return self._source_layout
+
+    async def _first_output(self, model: str) -> str:
+        """The model's first output: the imported recogniser and hyperswap name theirs as their exporters did."""
+        if model not in self._outputs:
+            names = await self._catalog.output_names(model)
+            if not names:
+                raise FailedPrecondition(f"model {model} serves no outputs")
+            self._outputs[model] = names[0]
+        return self._outputs[model]
+
+    async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
+        """The swapper's `source` input for a face cut on the embedder's layout: embedding, then conversion."""
+        check_crops(source_crop[None], "the source crop")
+        size = self._embedder.crop_size
+        if source_crop.shape[0] != size:
+            raise FailedPrecondition(
+                f"model {self._embedder.name} takes {size}x{size} faces, got {source_crop.shape[0]}"
+            )
+        unit = source_crop.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
+        pixels = scaled_pixels(unit, self._embedder.scaling)
+        embedder_output = await self._first_output(self._embedder.name)
+        answer = await self._models.infer(self._embedder.name, {EMBEDDER_INPUT: pixels}, (embedder_output,))
+        embedding = self._checked_vector(self._embedder.name, answer[embedder_output])
+        converter = source_converter_name(self._spec.name)
+        converted = await self._models.infer(converter, {CONVERTER_INPUT: embedding[None]}, (CONVERTER_OUTPUT,))
+        source = self._checked_vector(converter, converted[CONVERTER_OUTPUT])
+        return SourceIdentity(crop=np.ascontiguousarray(source_crop), embedding=source)
+
+    def _checked_vector(self, model: str, values: np.ndarray) -> np.ndarray:
+        size = self._embedder.embedding_size
+        if values.shape != (1, size):
+            raise FailedPrecondition(f"model {model} returned {values.shape}; expected (1, {size})")
+        if not np.isfinite(values).all():
+            raise FailedPrecondition(f"model {model} returned NaN or Inf values for the source face")
+        return np.ascontiguousarray(values[0], np.float32)
+
+    async def swap(self, target_crops: Any, identity: SourceIdentity) -> SwappedFaces:
+        count = len(target_crops)
+        if count == 0:
+            return no_faces(self._spec.crop_size)
+        if identity.embedding is None:
+            raise FailedPrecondition(f"swapper {self._spec.name} needs the source's embedding")
+        embedding = identity.embedding
+        output = await self._first_output(self._spec.name)
+
+        async def swap_part(part: slice) -> tuple[Any, Any, int]:
+            target = await asyncio.to_thread(self._crops.pack_target, target_crops[part])
+            inputs = {
+                TARGET_INPUT: scaled_pixels(target, self._spec.scaling),
+                SOURCE_INPUT: np.ascontiguousarray(np.broadcast_to(embedding, (len(target), embedding.shape[0]))),
+            }
+
+            async def unpacked(model: str, answer: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
+                return await asyncio.to_thread(self._unpack, model, answer[output], target.shape)
+
+            return await run_with_fp32_fallback(
+                self._models, self._spec.name, self._spec.name + FP32_TWIN_SUFFIX, inputs, (output,), unpacked
+            )
+
+        return joined_parts(await self._batches.run(count, swap_part), self._crops)
+
+    def _unpack(self, model: str, swapped: np.ndarray, sent: tuple[int, ...]) -> tuple[Any, Any]:
+        if swapped.shape != sent:
+            raise FailedPrecondition(f"model {model} returned {swapped.shape} for target crops {sent}")
+        if not np.isfinite(swapped).all():
+            raise non_finite_outputs()
+        masks = np.ascontiguousarray(np.broadcast_to(self._mask, (sent[0], 1, *self._mask.shape)))
+        return self._crops.unpack(unit_pixels(swapped, self._spec.scaling), masks)
