@@ -14,6 +14,7 @@ from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import configure_logging, serve
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
+from services.worker.arcface_embedder import ArcFaceEmbedder
 from services.worker.chunk_runner import ChunkRunner, StageStubs, face_warper_for
 from services.worker.face_swapper import FACE_SWAPPER_MODEL, CropTransferSwapper
 from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
@@ -49,8 +50,9 @@ async def run_worker(settings: WorkerSettings) -> None:
     )
     warper = face_warper_for(warp_device)
     swapper = CropTransferSwapper(triton, crops=warper.crop_codec)
-    swappers = SwapperRegistry(swapper, triton, triton, warper.crop_codec)
-    runner = ChunkRunner(settings, stubs, swappers, JobFaceCache(), warper)
+    arcface = ArcFaceEmbedder(triton, triton)
+    swappers = SwapperRegistry(swapper, triton, triton, warper.crop_codec, arcface)
+    runner = ChunkRunner(settings, stubs, swappers, arcface, JobFaceCache(), warper)
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

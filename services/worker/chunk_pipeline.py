@@ -31,7 +31,7 @@ from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.job_vocabulary import STAGE_NAMES, StageName
 from services.worker.face_aligner import Cv2FaceWarper, alignment_matrix
-from services.worker.face_selector import FaceSelection, select_faces
+from services.worker.face_selector import FaceSelection, select_batch
 from services.worker.face_swapper import CropCodec, FaceSwapper, SourceIdentity
 
 STAGE_QUEUE_SIZE = 2
@@ -176,10 +176,6 @@ class _StageClock:
             )
 
 
-def _select_all(frames: Frames, faces: list[list[DetectedFace]], selection: FaceSelection) -> list[list[DetectedFace]]:
-    return [select_faces(frame, frame_faces, selection) for frame, frame_faces in zip(frames, faces, strict=True)]
-
-
 def _align_all(
     warper: FaceWarper, frames: Frames, faces: list[list[DetectedFace]], layout: CropLayout
 ) -> tuple[list[int], AlignedFaces, int]:
@@ -249,7 +245,7 @@ async def run_chunk_pipeline(
                 found = await finder.detect(batch.frames) if len(batch.frames) else []
                 if len(found) != len(batch.frames):
                     raise Internal(f"face finder answered {len(found)} frames for {len(batch.frames)}")
-                chosen = await asyncio.to_thread(_select_all, batch.frames, found, selection)
+                chosen = await select_batch(batch.frames, found, selection)
             await selected.put(_SelectedBatch(batch.frames, batch.indices, chosen))
         await selected.put(None)
 

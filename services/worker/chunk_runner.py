@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.job_vocabulary import selector_mode_from_proto
+from services.worker.arcface_embedder import SAME_PERSON_DISTANCE, ArcFaceEmbedder
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
 from services.worker.settings import WarpDevice, WorkerSettings
@@ -39,12 +40,14 @@ class ChunkRunner:
         settings: WorkerSettings,
         stubs: StageStubs,
         swappers: SwapperRegistry,
+        arcface: ArcFaceEmbedder,
         faces: JobFaceCache,
         warper: FaceWarper,
     ) -> None:
         self._settings = settings
         self._stubs = stubs
         self._swappers = swappers
+        self._arcface = arcface
         self._faces = faces
         self._warper = warper
         # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
@@ -62,16 +65,25 @@ class ChunkRunner:
             model=detector,
         )
 
+    async def _selection(self, lease: chunks_pb2.ChunkLease, finder: DetectorFaceFinder) -> FaceSelection:
+        """The job's selector; a reference face is compared by ArcFace where Triton served it as the job began."""
+        mode = selector_mode_from_proto(lease.selector)
+        if mode != "reference":
+            return FaceSelection(mode)
+
+        async def arcface_if_installed() -> ArcFaceEmbedder | None:
+            return self._arcface if await self._arcface.installed() else None
+
+        reference = await self._faces.reference(lease.job_id, lease.reference_image, finder, arcface_if_installed)
+        if reference.by_arcface:
+            return FaceSelection(mode, reference.descriptor, SAME_PERSON_DISTANCE, self._arcface)
+        return FaceSelection(mode, reference.descriptor)
+
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
         swapper = self._swappers.swapper(lease.swapper)
         finder = self._finder(lease.detector)
         identity = await self._faces.source_identity(lease.job_id, lease.source_image, finder, swapper)
-        mode = selector_mode_from_proto(lease.selector)
-        reference = (
-            await self._faces.reference_descriptor(lease.job_id, lease.reference_image, finder)
-            if mode == "reference"
-            else None
-        )
+        selection = await self._selection(lease, finder)
         source = DecoderFrameSource(
             self._stubs.decoder,
             uri=lease.target_uri,
@@ -90,7 +102,7 @@ class ChunkRunner:
                 swapper,
                 identity,
                 sink,
-                FaceSelection(mode, reference),
+                selection,
                 stats,
                 self._warper,
             )

@@ -1,7 +1,7 @@
 """Swappers conditioned on the source's identity embedding: inswapper_128 and hyperswap, as imported.
 
-The source face is cut on ArcFace's template (arcface_112_v2, 112 px) and embedded by the imported
-`arcface_w600k_r50`; the swapper's own conversion (inswapper's emap projection, or hyperswap's unit
+The source face is cut on ArcFace's template and embedded by the imported `arcface_w600k_r50`
+(arcface_embedder); the swapper's own conversion (inswapper's emap projection, or hyperswap's unit
 length), which the importer serves beside the swapper as `<swapper>_source`, turns the embedding into
 the swapper's `source` input once per job. Target faces are cut on the swapper's template (arcface_128
 at its crop size), scaled to its pixel range and swapped in batches; the swapped crop is blended back
@@ -22,14 +22,13 @@ from services.common.adaptive_batch import AdaptiveBatch
 from services.common.errors import FailedPrecondition
 from services.common.face_geometry import CropLayout
 from services.common.face_model_catalog import (
-    ARCFACE,
     WARP_TEMPLATES,
-    EmbedderSpec,
     EmbeddingSwapperSpec,
     PixelScaling,
     source_converter_name,
 )
 from services.common.model_runner import ModelCatalog, ModelRunner
+from services.worker.arcface_embedder import ArcFaceEmbedder, scaled_pixels
 from services.worker.face_swapper import (
     HOST_CROPS,
     MAX_SWAP_BATCH,
@@ -45,7 +44,6 @@ from services.worker.face_swapper import (
 
 TARGET_INPUT = "target"
 SOURCE_INPUT = "source"
-EMBEDDER_INPUT = "input"
 CONVERTER_INPUT = "embedding"
 CONVERTER_OUTPUT = "source"
 # The FP32 twin `swapline models import` writes beside every imported model.
@@ -68,13 +66,6 @@ def box_mask(size: int, blur: float = BOX_MASK_BLUR) -> np.ndarray:
     return np.asarray(cv2.GaussianBlur(mask, (0, 0), blur_pixels * 0.25), np.float32)
 
 
-def scaled_pixels(unit: np.ndarray, scaling: PixelScaling) -> np.ndarray:
-    """Values in [0, 1] (the crop codec's packing) as the model's float32 input: (pixel - offset) / divisor."""
-    return (
-        (unit.astype(np.float32) * np.float32(255.0) - np.float32(scaling.offset)) / np.float32(scaling.divisor)
-    ).astype(np.float32)
-
-
 def unit_pixels(values: np.ndarray, scaling: PixelScaling) -> np.ndarray:
     """A model's float32 output mapped back to [0, 1] pixels (NaN and Inf kept, for the codec to find)."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -93,15 +84,14 @@ class EmbeddingSwapper:
         spec: EmbeddingSwapperSpec,
         crops: CropCodec = HOST_CROPS,
         max_batch: int = MAX_SWAP_BATCH,
-        embedder: EmbedderSpec = ARCFACE,
+        embedder: ArcFaceEmbedder | None = None,
     ) -> None:
         self._models = models
         self._catalog = catalog
         self._spec = spec
-        self._embedder = embedder
+        self._embedder = embedder if embedder is not None else ArcFaceEmbedder(models, catalog)
         self._crops = crops
         self._target_layout = CropLayout(spec.crop_size, WARP_TEMPLATES[spec.template])
-        self._source_layout = CropLayout(embedder.crop_size, WARP_TEMPLATES[embedder.template])
         self._mask = box_mask(spec.crop_size)
         self._batches = AdaptiveBatch(spec.name, max_batch)
         self._outputs: dict[str, str] = {}
@@ -112,7 +102,7 @@ class EmbeddingSwapper:
 
     @property
     def source_layout(self) -> CropLayout:
-        return self._source_layout
+        return self._embedder.layout
 
     async def _first_output(self, model: str) -> str:
         """The model's first output: the imported recogniser and hyperswap name theirs as their exporters did."""
@@ -126,23 +116,14 @@ class EmbeddingSwapper:
     async def prepare_source(self, source_crop: np.ndarray) -> SourceIdentity:
         """The swapper's `source` input for a face cut on the embedder's layout: embedding, then conversion."""
         check_crops(source_crop[None], "the source crop")
-        size = self._embedder.crop_size
-        if source_crop.shape[0] != size:
-            raise FailedPrecondition(
-                f"model {self._embedder.name} takes {size}x{size} faces, got {source_crop.shape[0]}"
-            )
-        unit = source_crop.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
-        pixels = scaled_pixels(unit, self._embedder.scaling)
-        embedder_output = await self._first_output(self._embedder.name)
-        answer = await self._models.infer(self._embedder.name, {EMBEDDER_INPUT: pixels}, (embedder_output,))
-        embedding = self._checked_vector(self._embedder.name, answer[embedder_output])
+        embedding = await self._embedder.embeddings(source_crop[None])
         converter = source_converter_name(self._spec.name)
-        converted = await self._models.infer(converter, {CONVERTER_INPUT: embedding[None]}, (CONVERTER_OUTPUT,))
+        converted = await self._models.infer(converter, {CONVERTER_INPUT: embedding}, (CONVERTER_OUTPUT,))
         source = self._checked_vector(converter, converted[CONVERTER_OUTPUT])
         return SourceIdentity(crop=np.ascontiguousarray(source_crop), embedding=source)
 
     def _checked_vector(self, model: str, values: np.ndarray) -> np.ndarray:
-        size = self._embedder.embedding_size
+        size = self._embedder.spec.embedding_size
         if values.shape != (1, size):
             raise FailedPrecondition(f"model {model} returned {values.shape}; expected (1, {size})")
         if not np.isfinite(values).all():

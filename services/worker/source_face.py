@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.image_codec import decode_rgb_image
+from services.worker.arcface_embedder import ArcFaceEmbedder, unit_length
 from services.worker.chunk_pipeline import FaceFinder
 from services.worker.face_aligner import align_face
 from services.worker.face_embedder import face_descriptor
@@ -42,13 +44,27 @@ async def prepare_source_identity(data: bytes, finder: FaceFinder, swapper: Face
     return await swapper.prepare_source(aligned.crop)
 
 
-async def prepare_reference_descriptor(data: bytes, finder: FaceFinder) -> np.ndarray:
+@dataclass(frozen=True)
+class ReferenceFace:
+    """The face to replace, described as the job's chunks will compare faces with it."""
+
+    descriptor: np.ndarray
+    # Set: `descriptor` is its unit-length ArcFace embedding (the recogniser was served when the job began).
+    by_arcface: bool
+
+
+async def prepare_reference(data: bytes, finder: FaceFinder, arcface: ArcFaceEmbedder | None) -> ReferenceFace:
+    """The reference face's ArcFace embedding where `arcface` is given, else its classical descriptor."""
     image = decode_rgb_image(data, "reference image")
     face = await find_main_face(image, finder, "reference")
     try:
-        return face_descriptor(image, face.landmarks)
+        if arcface is None:
+            return ReferenceFace(face_descriptor(image, face.landmarks), by_arcface=False)
+        layout = arcface.layout
+        crop = align_face(image, face.landmarks, layout.size, layout.template).crop
     except ValueError as error:
         raise InvalidArgument(f"the reference image's face cannot be aligned: {error}") from error
+    return ReferenceFace(unit_length(await arcface.embeddings(crop[None]))[0], by_arcface=True)
 
 
 class JobFaceCache:
@@ -77,5 +93,12 @@ class JobFaceCache:
     ) -> SourceIdentity:
         return await self._get(job_id, "source", lambda: prepare_source_identity(data, finder, swapper))
 
-    async def reference_descriptor(self, job_id: str, data: bytes, finder: FaceFinder) -> np.ndarray:
-        return await self._get(job_id, "reference", lambda: prepare_reference_descriptor(data, finder))
+    async def reference(
+        self, job_id: str, data: bytes, finder: FaceFinder, arcface: Callable[[], Awaitable[ArcFaceEmbedder | None]]
+    ) -> ReferenceFace:
+        """The job's reference face; `arcface` (asked once per job, on a miss) gives the recogniser if served."""
+
+        async def prepare() -> ReferenceFace:
+            return await prepare_reference(data, finder, await arcface())
+
+        return await self._get(job_id, "reference", prepare)

@@ -37,6 +37,9 @@ class RecordingModels:
     async def output_names(self, model: str) -> tuple[str, ...]:
         return self.outputs[model]
 
+    async def is_model_ready(self, model: str) -> bool:
+        return model in self.answers
+
 
 def models(swapper: str, swap: Answer, twin: Answer | None = None) -> RecordingModels:
     answers: dict[str, Answer] = {

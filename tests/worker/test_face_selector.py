@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import cv2
 import numpy as np
 import pytest
@@ -7,8 +12,10 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.job_vocabulary import SELECTOR_MODES, selector_mode_from_proto
+from services.worker.arcface_embedder import SAME_PERSON_DISTANCE, ArcFaceEmbedder, identity_distance, unit_length
+from services.worker.face_aligner import align_face
 from services.worker.face_embedder import face_descriptor
-from services.worker.face_selector import FaceSelection, select_faces
+from services.worker.face_selector import FaceSelection, select_batch, select_faces
 from swapline.jobs.v1 import jobs_pb2
 from tests.worker.face_photos import (
     astronaut,
@@ -86,3 +93,49 @@ def test_reference_matches_only_the_same_person(scale: float, angle: float, gain
 
     assert select_faces(image, faces, astronaut_reference) == [faces[0]]
     assert select_faces(image, faces, hopper_reference) == [faces[1]]
+
+
+class _OneHotArcFace:
+    """A recogniser that knows one face: the astronaut's crop on ArcFace's layout answers axis 0, any other axis 1."""
+
+    def __init__(self, known: np.ndarray) -> None:
+        self.known = known.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        self.batches: list[tuple[int, ...]] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        faces = inputs["input"]
+        self.batches.append(faces.shape)
+        embeddings = np.zeros((len(faces), 512), np.float32)
+        for row, face in enumerate(faces):
+            embeddings[row, 0 if np.abs(face - self.known).max() < 1e-3 else 1] = 5.0
+        return {"fc1": embeddings}
+
+    async def output_names(self, model: str) -> tuple[str, ...]:
+        return ("fc1",)
+
+    async def is_model_ready(self, model: str) -> bool:
+        return True
+
+
+def test_by_arcface_a_batchs_faces_are_compared_in_one_request() -> None:
+    frame, astronaut_points, hopper_points = side_by_side()
+    faces = [face_from_landmarks(astronaut_points), face_from_landmarks(hopper_points)]
+    layout = ArcFaceEmbedder(typing.cast(Any, None), typing.cast(Any, None)).layout
+    known = align_face(frame, astronaut_points, layout.size, layout.template).crop
+    recogniser = _OneHotArcFace(known)
+    arcface = ArcFaceEmbedder(recogniser, recogniser)
+    reference = np.eye(512, dtype=np.float32)[0]
+    selection = FaceSelection("reference", reference, SAME_PERSON_DISTANCE, arcface)
+
+    chosen = asyncio.run(select_batch(np.stack([frame, frame]), [faces, faces[1:]], selection))
+
+    assert chosen == [[faces[0]], []]
+    assert recogniser.batches == [(3, 3, 112, 112)]
+
+
+def test_identity_distance_is_facefusions_half_cosine_distance() -> None:
+    reference = unit_length(np.array([1.0, 0.0], np.float32))
+    others = unit_length(np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32))
+    np.testing.assert_allclose(identity_distance(reference, others), [0.0, 0.5, 1.0])

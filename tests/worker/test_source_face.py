@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ from services.common.errors import InvalidArgument
 from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
+from services.worker.arcface_embedder import ArcFaceEmbedder
 from services.worker.face_aligner import alignment_matrix
 from services.worker.face_swapper import SourceIdentity, SwappedFaces
 from services.worker.source_face import JobFaceCache, prepare_source_identity
@@ -37,6 +39,10 @@ class _Finder:
             return [[] for _ in frames]
         decoy = face_from_landmarks(astronaut_landmarks() * 0.2)
         return [[decoy, face_from_landmarks(astronaut_landmarks())] for _ in frames]
+
+
+async def _no_arcface() -> None:
+    return None
 
 
 class _RecordingSwapper:
@@ -84,11 +90,43 @@ def test_cache_prepares_each_job_once_and_evicts_the_oldest() -> None:
         assert finder.calls == 3
         await cache.source_identity("job-a", data, finder, swapper)
         assert finder.calls == 4
-        reference = await cache.reference_descriptor("job-c", data, finder)
-        assert reference.ndim == 1
+        reference = await cache.reference("job-c", data, finder, _no_arcface)
+        assert reference.descriptor.ndim == 1 and not reference.by_arcface
         return finder, swapper, cache
 
     finder, swapper, cache = asyncio.run(scenario())
     assert finder.calls == 5
     assert len(swapper.prepared) == 4
     assert len(cache) == 2
+
+
+class _RecordingArcFace:
+    def __init__(self) -> None:
+        self.faces: list[np.ndarray] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        self.faces.append(inputs["input"])
+        return {"683": np.full((len(inputs["input"]), 512), 3.0, np.float32)}
+
+    async def output_names(self, model: str) -> tuple[str, ...]:
+        return ("683",)
+
+    async def is_model_ready(self, model: str) -> bool:
+        return True
+
+
+def test_a_reference_is_embedded_by_arcface_where_it_is_served() -> None:
+    recogniser = _RecordingArcFace()
+    arcface = ArcFaceEmbedder(recogniser, recogniser)
+
+    async def served() -> ArcFaceEmbedder:
+        return arcface
+
+    reference = asyncio.run(JobFaceCache().reference("job-r", _png(astronaut()), _Finder(), served))
+
+    assert reference.by_arcface
+    np.testing.assert_allclose(reference.descriptor, np.full(512, 1 / np.sqrt(512), np.float32), rtol=1e-5)
+    ((face,),) = recogniser.faces
+    assert face.shape == (3, 112, 112)

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.worker.arcface_embedder import ArcFaceEmbedder
 from services.worker.embedding_swapper import EmbeddingSwapper
 from services.worker.face_swapper import HOST_CROPS, CropTransferSwapper
 from services.worker.swapper_registry import SwapperRegistry
@@ -15,7 +16,7 @@ UNUSED = typing.cast(Any, object())
 
 def registry() -> tuple[SwapperRegistry, CropTransferSwapper]:
     built_in = CropTransferSwapper(UNUSED)
-    return SwapperRegistry(built_in, UNUSED, UNUSED, HOST_CROPS), built_in
+    return SwapperRegistry(built_in, UNUSED, UNUSED, HOST_CROPS, ArcFaceEmbedder(UNUSED, UNUSED)), built_in
 
 
 def test_the_built_in_name_and_an_empty_one_give_the_built_in_swapper() -> None:
