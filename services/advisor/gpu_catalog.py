@@ -34,7 +34,10 @@ _REQUIRED_KEYS = frozenset(
         "source",
     }
 )
-_ALLOWED_KEYS = _REQUIRED_KEYS | frozenset(MEMORY_KEYS)
+# Whether FP16 runs at least as fast as FP32 (Tensor Cores, or Pascal's P100): true unless an entry says
+# otherwise, with a source. Where false, Triton serves the FP32 builds from the start (services/triton).
+FAST_FP16_KEY = "fast_fp16"
+_ALLOWED_KEYS = _REQUIRED_KEYS | frozenset(MEMORY_KEYS) | {FAST_FP16_KEY}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class GpuSpec:
     video_decoders: int
     price_per_hour_usd: float
     sources: Mapping[str, str]
+    fast_fp16: bool = True
 
     @property
     def memory_gib(self) -> float:
@@ -121,14 +125,22 @@ def _sources(entry: Mapping[str, Any], where: str) -> dict[str, str]:
     sources = entry["source"]
     if not isinstance(sources, Mapping):
         raise _fail(where, "source", f"must map each figure to where it came from, got {sources!r}")
-    unknown = sorted(set(sources) - set(SOURCED_FIGURES))
+    figures = (*SOURCED_FIGURES, FAST_FP16_KEY) if FAST_FP16_KEY in entry else SOURCED_FIGURES
+    unknown = sorted(set(sources) - set(figures))
     if unknown:
-        raise _fail(where, f"source.{unknown[0]}", f"is not a figure; figures are {', '.join(SOURCED_FIGURES)}")
-    for figure in SOURCED_FIGURES:
+        raise _fail(where, f"source.{unknown[0]}", f"is not a figure; figures are {', '.join(figures)}")
+    for figure in figures:
         text = sources.get(figure)
         if not isinstance(text, str) or not text.strip():
             raise _fail(where, f"source.{figure}", "is missing: say where the figure came from")
-    return {figure: str(sources[figure]) for figure in SOURCED_FIGURES}
+    return {figure: str(sources[figure]) for figure in figures}
+
+
+def _fast_fp16(entry: Mapping[str, Any], where: str) -> bool:
+    value = entry.get(FAST_FP16_KEY, True)
+    if not isinstance(value, bool):
+        raise _fail(where, FAST_FP16_KEY, f"must be true or false, got {value!r}")
+    return value
 
 
 def _gpu_spec(entry: Any, position: int) -> GpuSpec:
@@ -154,6 +166,7 @@ def _gpu_spec(entry: Any, position: int) -> GpuSpec:
         video_decoders=int(_number(entry, where, "video_decoders", integer=True)),
         price_per_hour_usd=_number(entry, where, "price_per_hour_usd"),
         sources=_sources(entry, where),
+        fast_fp16=_fast_fp16(entry, where),
     )
 
 

@@ -54,6 +54,8 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("onnx_python_model.py")
 TORCH_MODEL_SOURCE = Path(__file__).with_name("torch_python_model.py")
 # What the built-in models run in on a GPU: Tensor Cores, as production's TensorRT FP16 engines do.
 EMBEDDED_TORCH_PRECISION: TorchPrecision = "fp16"
+# The FP32 twin beside a model served in FP16 (face_swapper_fp32; `swapline models import` writes `<name>_fp32`).
+FP32_TWIN_SUFFIX = "_fp32"
 
 
 def _python_backend_twin(production: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
@@ -195,21 +197,26 @@ def write_embedded_model(
     intra_op_threads: int = 0,
     device: TritonDevice = "cpu",
     gpu_instances: int = 1,
+    precision: TorchPrecision = EMBEDDED_TORCH_PRECISION,
 ) -> Path:
     """Writes `<out>/<model>/` for `device`, a torch model on "cuda" with `gpu_instances` per GPU; returns that folder.
 
     On "cuda", a model without a torch definition (one brought as ONNX only) keeps its onnxruntime
-    twin on a CPU instance, with a warning: served slower rather than not at all.
+    twin on a CPU instance, with a warning: served slower rather than not at all. `precision` "fp32"
+    (a GPU without fast FP16, served_precision) serves the built-in models in FP32 and an imported
+    model from its FP32 twin's file.
     """
     production = read_model_config(production_repository, model)
     factory = BUILT_IN_FACTORIES.get(model)
     if device == "cuda" and factory is not None:
         weights = require_torch_weights(production_repository, model)
-        precision = FIXED_PRECISIONS.get(model, EMBEDDED_TORCH_PRECISION)
-        return write_torch_model(out, model, production, factory, weights, precision, device, gpu_instances)
+        chosen = FIXED_PRECISIONS.get(model, precision)
+        return write_torch_model(out, model, production, factory, weights, chosen, device, gpu_instances)
     if device == "cuda":
         log.warning("model %s has no torch definition: it runs through onnxruntime on the CPU", model)
-    onnx_file = require_onnx(production_repository, model)
+    twin = f"{model}{FP32_TWIN_SUFFIX}"
+    wants_twin = device == "cuda" and precision == "fp32" and twin in repository_models(production_repository)
+    onnx_file = require_onnx(production_repository, twin if wants_twin else model)
     config = embedded_config(production, intra_op_threads)
     return _write_python_model(out, model, config, PYTHON_MODEL_SOURCE, {MODEL_FILE: onnx_file})
 
@@ -221,6 +228,7 @@ def write_embedded_repository(
     intra_op_threads: int = 0,
     device: TritonDevice = "cpu",
     gpu_instances: int = 1,
+    precision: TorchPrecision = EMBEDDED_TORCH_PRECISION,
 ) -> list[str]:
     """Writes the embedded twin of every model in `models` (default: all configured); returns their names.
 
@@ -232,7 +240,7 @@ def write_embedded_repository(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for model in chosen:
-        write_embedded_model(production_repository, model, out, intra_op_threads, device, gpu_instances)
+        write_embedded_model(production_repository, model, out, intra_op_threads, device, gpu_instances, precision)
     return chosen
 
 

@@ -33,8 +33,10 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common.errors import FailedPrecondition, Unavailable
+from services.common.torch_catalog import TorchPrecision
 from services.triton.device_choice import TritonDeviceChoice, resolve_device
-from services.triton.embedded_repository import TritonDevice, write_embedded_repository
+from services.triton.embedded_repository import EMBEDDED_TORCH_PRECISION, TritonDevice, write_embedded_repository
+from services.triton.served_precision import served_precision
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +257,19 @@ class EmbeddedTriton:
         ]
 
     def _write_embedded_twins(self, out: Path, device: TritonDevice) -> list[str]:
+        precision: TorchPrecision = EMBEDDED_TORCH_PRECISION
+        if device == "cuda":
+            decision = served_precision()
+            log.info("models served in %s: %s", decision.precision.upper(), decision.reason)
+            precision = decision.precision
         return write_embedded_repository(
-            self.model_repository, out, self._requested_models, self.intra_op_threads, device, self.gpu_instances
+            self.model_repository,
+            out,
+            self._requested_models,
+            self.intra_op_threads,
+            device,
+            self.gpu_instances,
+            precision,
         )
 
     def start(self) -> None:
