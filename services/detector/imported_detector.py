@@ -17,8 +17,11 @@ request as FailedPrecondition naming the model, never as "no face found".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -43,6 +46,12 @@ from services.common.face_types import DetectedFace
 from services.common.model_runner import ModelRunner
 from services.detector.box_ops import FloatArray, box_heights, box_widths, nms
 from services.detector.face_detector import MAX_REQUEST_BYTES, Frames, validate_frames
+
+log = logging.getLogger(__name__)
+
+ResultT = TypeVar("ResultT")
+# The FP32 twin `swapline models import` writes beside each model it serves in FP16.
+FP32_TWIN_SUFFIX = "_fp32"
 
 
 @dataclass(frozen=True)
@@ -157,13 +166,54 @@ def frame_faces(candidates: Candidates, width: int, height: int, min_face_size: 
     ]
 
 
+class NonFiniteOutputs(FailedPrecondition):
+    """An answer held NaN or Inf: an FP16 build's is asked again of its FP32 twin."""
+
+
+@dataclass
+class FallbackTally:
+    """Requests one DetectRequest ran again on an FP32 twin; the servicer reports it to the worker."""
+
+    count: int = 0
+
+
+# The tally of the request being served: set by the servicer, so the Detector protocol stays as it is.
+REQUEST_FALLBACKS: ContextVar[FallbackTally | None] = ContextVar("detector_fp32_fallbacks", default=None)
+
+
+async def with_fp32_fallback(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    runner: ModelRunner,
+    decode: Callable[[Mapping[str, np.ndarray | None]], ResultT],
+) -> ResultT:
+    """`decode` of the model's answer, or, where it holds NaN or Inf, of its FP32 twin's (counted in the
+    request's tally); a twin that overflows too fails the request, naming it."""
+    answer: Mapping[str, np.ndarray | None] = await runner.infer(model, inputs, outputs)
+    try:
+        return await asyncio.to_thread(decode, answer)
+    except NonFiniteOutputs:
+        log.warning("model %s answered NaN or Inf; asking %s", model, model + FP32_TWIN_SUFFIX)
+    tally = REQUEST_FALLBACKS.get()
+    if tally is not None:
+        tally.count += 1
+    twin = model + FP32_TWIN_SUFFIX
+    answer = await runner.infer(twin, inputs, outputs)
+    try:
+        return await asyncio.to_thread(decode, answer)
+    except NonFiniteOutputs:
+        message = f"model {twin} returned NaN or infinite values, as its FP16 build {model} did"
+        raise FailedPrecondition(message) from None
+
+
 def check_yolo_output(model: str, output: np.ndarray | None, count: int) -> FloatArray:
     expected = (count, YOLO_ROW_VALUES, YOLO_CANDIDATES)
     if output is None or output.shape != expected:
         shape = "nothing" if output is None else f"shape {output.shape}"
         raise FailedPrecondition(f"model {model} returned {shape} for {count} frames; expected {expected}")
     if not np.isfinite(output).all():
-        raise FailedPrecondition(f"model {model} returned NaN or infinite values")
+        raise NonFiniteOutputs(f"model {model} returned NaN or infinite values")
     return output.astype(np.float32, copy=False)
 
 
@@ -177,7 +227,7 @@ def check_anchor_stride_outputs(model: str, outputs: Sequence[np.ndarray | None]
             shape = "nothing" if output is None else f"shape {output.shape}"
             raise FailedPrecondition(f"model {model} returned {shape} as output {index}; expected {expected}")
         if not np.isfinite(output).all():
-            raise FailedPrecondition(f"model {model} returned NaN or infinite values in output {index}")
+            raise NonFiniteOutputs(f"model {model} returned NaN or infinite values in output {index}")
         checked.append(output.astype(np.float32, copy=False))
     return checked
 
@@ -229,15 +279,16 @@ class ImportedFaceDetector:
         def canvases(part: slice) -> np.ndarray:
             return np.stack([letterbox(frame, self.spec) for frame in frames[part]])
 
-        def decoded(output: np.ndarray | None, count: int) -> list[Candidates]:
-            checked = check_yolo_output(self.spec.name, output, count)
-            return [decode_yolo_rows(columns, min_score) for columns in checked]
-
         # Fitting frames and decoding answers is numpy work: off the event loop, which serves other requests.
         async def infer(part: slice) -> list[Candidates]:
             images = await asyncio.to_thread(canvases, part)
-            answer = await self.runner.infer(self.spec.name, {DETECTOR_INPUT: images}, self.output_names)
-            return await asyncio.to_thread(decoded, answer.get(output_name), len(images))
+
+            def decoded(answer: Mapping[str, np.ndarray | None]) -> list[Candidates]:
+                checked = check_yolo_output(self.spec.name, answer.get(output_name), len(images))
+                return [decode_yolo_rows(columns, min_score) for columns in checked]
+
+            inputs = {DETECTOR_INPUT: images}
+            return await with_fp32_fallback(self.spec.name, inputs, self.output_names, self.runner, decoded)
 
         canvas_bytes = 3 * DETECTOR_CANVAS * DETECTOR_CANVAS * np.dtype(np.float32).itemsize
         parts = await self._yolo_batches.run(len(frames), infer, max(1, MAX_REQUEST_BYTES // canvas_bytes))
@@ -245,12 +296,10 @@ class ImportedFaceDetector:
 
     async def _anchor_strides(self, frame: NDArray[np.uint8], min_score: float) -> Candidates:
         image = (await asyncio.to_thread(letterbox, frame, self.spec))[None]
-        answer: Mapping[str, np.ndarray] = await self.runner.infer(
-            self.spec.name, {DETECTOR_INPUT: image}, self.output_names
-        )
 
-        def decoded() -> Candidates:
+        def decoded(answer: Mapping[str, np.ndarray | None]) -> Candidates:
             outputs = check_anchor_stride_outputs(self.spec.name, [answer.get(name) for name in self.output_names])
             return decode_anchor_strides(outputs, min_score)
 
-        return await asyncio.to_thread(decoded)
+        inputs = {DETECTOR_INPUT: image}
+        return await with_fp32_fallback(self.spec.name, inputs, self.output_names, self.runner, decoded)

@@ -16,6 +16,7 @@ from services.common.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
 from services.detector.detector_choice import DetectorSet
 from services.detector.face_detector import Detector
+from services.detector.imported_detector import REQUEST_FALLBACKS, FallbackTally
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 
 SERVICE_NAME = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
@@ -35,10 +36,15 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
             raise InvalidArgument(f"min_score {options.min_score} is negative")
         detector = await self._for_model(options.model)
         frames, indices, _ = unpack_frames(request.frames)
-        faces = await detector.detect(
-            frames, min_face_size=options.min_face_size or None, min_score=options.min_score or None
-        )
-        return detector_pb2.DetectResponse(frames=frames_faces_to_proto(indices, faces))
+        tally = FallbackTally()
+        token = REQUEST_FALLBACKS.set(tally)
+        try:
+            faces = await detector.detect(
+                frames, min_face_size=options.min_face_size or None, min_score=options.min_score or None
+            )
+        finally:
+            REQUEST_FALLBACKS.reset(token)
+        return detector_pb2.DetectResponse(frames=frames_faces_to_proto(indices, faces), fp32_fallbacks=tally.count)
 
     async def _for_model(self, model: str) -> Detector:
         if isinstance(self.detector, DetectorSet):

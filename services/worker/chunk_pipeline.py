@@ -112,7 +112,7 @@ class ChunkStats:
     started_at: float = 0.0
     finished_at: float = 0.0
     skipped_faces: int = 0  # faces whose landmarks no similarity transform fits
-    fp32_fallbacks: int = 0  # swapper requests run again on the FP32 twin after an FP16 overflow
+    fp32_fallbacks: int = 0  # swapper and detector requests run again on an FP32 twin after an FP16 overflow
     # Set once the last frame is handed to the sink. What is left is the encoder flushing its
     # lookahead (a few hundred ms of libx264 at 720p), which the worker overlaps with its next chunk.
     frames_sent: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)

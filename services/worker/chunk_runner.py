@@ -96,7 +96,7 @@ class ChunkRunner:
         async with EncoderSegmentSink(
             self._stubs.encoder, segment_header(lease), self._stage_timeout, first_index=lease.start_frame
         ) as sink:
-            return await run_chunk_pipeline(
+            done = await run_chunk_pipeline(
                 source,
                 finder,
                 swapper,
@@ -106,6 +106,8 @@ class ChunkRunner:
                 stats,
                 self._warper,
             )
+        done.fp32_fallbacks += finder.fp32_fallbacks
+        return done
 
 
 def segment_header(lease: chunks_pb2.ChunkLease) -> encoder_pb2.SegmentHeader:

@@ -143,6 +143,8 @@ class DetectorFaceFinder:
     ) -> None:
         self._stub = stub
         self._model = model
+        # Detector requests run again on an imported model's FP32 twin, as the detector answered.
+        self.fp32_fallbacks = 0
         self._max_side = max_side
         self._min_face_size = min_face_size
         self._timeout_seconds = timeout_seconds
@@ -158,6 +160,7 @@ class DetectorFaceFinder:
             response = await self._stub.Detect(request, timeout=self._timeout_seconds, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             raise stage_error("detector", error) from error
+        self.fp32_fallbacks += response.fp32_fallbacks
         found: list[list[DetectedFace]] = [[] for _ in range(count)]
         scale_x, scale_y = width / small_width, height / small_height
         for message, faces in zip(response.frames, frames_faces_from_proto(response.frames), strict=True):

@@ -18,7 +18,9 @@ from services.common.frame_streams import parse_detect_request
 from services.detector.detector_choice import ChosenDetector
 from services.detector.face_detector import CASCADE_MODEL, PNET_MODEL, FaceDetector
 from services.detector.imported_detector import (
+    REQUEST_FALLBACKS,
     Candidates,
+    FallbackTally,
     Fitted,
     ImportedFaceDetector,
     decode_anchor_strides,
@@ -158,6 +160,32 @@ def test_a_misshapen_anchor_stride_output_fails_naming_the_model() -> None:
     answer = {name: np.zeros(((12800, 3200, 800)[index % 3], 1)) for index, name in enumerate(names)}
     with pytest.raises(FailedPrecondition, match=r"model retinaface_10g returned shape \(12800, 1\) as output 3"):
         detect_with(answer, "retinaface_10g", names)
+
+
+class ByModel:
+    """A ModelRunner answering per model; notes the models asked."""
+
+    def __init__(self, answers: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        self.answers = answers
+        self.models: list[str] = []
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        self.models.append(model)
+        return dict(self.answers[model])
+
+
+def test_a_nan_answer_is_asked_again_of_the_fp32_twin_and_tallied_for_the_request() -> None:
+    finite = np.zeros((1, 20, 8400), np.float32)
+    runner = ByModel({"yoloface_8n": {"output0": finite + np.nan}, "yoloface_8n_fp32": {"output0": finite}})
+    tally = FallbackTally()
+    token = REQUEST_FALLBACKS.set(tally)
+    try:
+        faces = asyncio.run(ImportedFaceDetector(runner, DETECTOR_MODELS["yoloface_8n"], ["output0"]).detect(FRAME))
+    finally:
+        REQUEST_FALLBACKS.reset(token)
+    assert (faces, runner.models, tally.count) == ([[]], ["yoloface_8n", "yoloface_8n_fp32"], 1)
 
 
 def test_a_model_serving_other_outputs_than_its_layout_is_refused() -> None:

@@ -189,7 +189,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
     repository = tmp_path_factory.mktemp("models") / "triton_models"
     repository.mkdir()
     import_model_set(folder, repository, "planted")
-    models = ["yoloface_8n", "scrfd_2.5g", "retinaface_10g"]
+    models = ["yoloface_8n", "scrfd_2.5g", "retinaface_10g", "retinaface_10g_fp32"]
     work = tmp_path_factory.mktemp("triton")
     with EmbeddedTriton(repository, work, models=models, device="cpu", startup_timeout=90) as triton:
         yield triton
@@ -228,6 +228,7 @@ def test_scrfd_finds_the_planted_faces_in_frame_pixels(served: EmbeddedTriton) -
     assert [described(faces) for faces in detect(served, "scrfd_2.5g", frames(2))] == [anchor_expected()] * 2
 
 
-def test_a_non_finite_answer_fails_naming_the_model(served: EmbeddedTriton) -> None:
-    with pytest.raises(FailedPrecondition, match=r"model retinaface_10g returned NaN or infinite values in output 4"):
+def test_a_non_finite_answer_from_the_fp32_twin_too_fails_naming_both(served: EmbeddedTriton) -> None:
+    expected = r"model retinaface_10g_fp32 returned NaN or infinite values, as its FP16 build retinaface_10g did"
+    with pytest.raises(FailedPrecondition, match=expected):
         detect(served, "retinaface_10g", frames(1))
