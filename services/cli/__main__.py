@@ -49,6 +49,14 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="where the embedded stack keeps media, database and logs")
     parser.add_argument("--workers", type=int, default=StackOptions.workers, help="chunk workers in the embedded stack")
     parser.add_argument(
+        "--gpu-memory-budget",
+        type=int,
+        default=StackOptions.gpu_memory_budget_bytes,
+        metavar="BYTES",
+        help="GPU memory Triton's models may hold; the least recently used imported models are unloaded "
+        "to stay within it (0: no budget; no GPU: off)",
+    )
+    parser.add_argument(
         "--secure",
         action="store_true",
         help="TLS on every listener and bearer tokens; credentials are generated in the work directory",

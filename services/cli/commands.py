@@ -49,6 +49,7 @@ def stack_options(args: argparse.Namespace, work_dir: Path, gateway_port: int = 
         secure=args.secure or args.mtls,
         mutual_tls=args.mtls,
         tenants=tuple(args.tenant or StackOptions.tenants),
+        gpu_memory_budget_bytes=args.gpu_memory_budget,
     )
 
 

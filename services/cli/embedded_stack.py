@@ -35,6 +35,7 @@ from services.cli.process_supervisor import (
 from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, generate_credentials
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
+from services.common.torch_catalog import BUILT_IN_FACTORIES
 from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
 from services.triton.settings import gpu_instances_from_env
@@ -127,6 +128,9 @@ class StackOptions:
     # topped out near 72 fps of 1080p however many workers fed on it (docs/benchmarks.md).
     frame_service_replicas: int = 1
     startup_timeout: float = 120.0
+    # GPU memory Triton's models may hold together, in bytes; the residency service unloads the least
+    # recently used imported models to stay within it. 0, or no GPU: no budget.
+    gpu_memory_budget_bytes: int = 0
     # TLS on every listener and bearer tokens (credentials generated in work_dir/credentials).
     secure: bool = False
     # With `secure`: services also prove themselves to each other with the service certificate.
@@ -220,6 +224,9 @@ class EmbeddedStack:
             intra_op_threads=options.triton_intra_op_threads,
             device=options.triton_device,
             gpu_instances=options.triton_gpu_instances,
+            # Explicit model control: the built-in models load with Triton; the residency service loads
+            # imported ones as jobs name them, within the GPU memory budget.
+            explicit_load=tuple(BUILT_IN_FACTORIES),
         )
         try:
             triton_ready = self._starter.submit(self.triton.start)
@@ -292,6 +299,17 @@ class EmbeddedStack:
             # Triton loads models while the CPU services start; workers need it serving.
             triton_ready.result()
             self.supervisor.supervise_triton(self.triton)
+            residency = self._start_tier(
+                {
+                    "residency": {
+                        **_server_env("SWAPLINE_RESIDENCY_"),
+                        "SWAPLINE_RESIDENCY_TRITON_URL": triton_url,
+                        "SWAPLINE_RESIDENCY_MODEL_REPOSITORY": str(self.triton.work_dir / "model_repository"),
+                        "SWAPLINE_RESIDENCY_MEMORY_BUDGET_BYTES": str(options.gpu_memory_budget_bytes),
+                        "SWAPLINE_RESIDENCY_PINNED_MODELS": ",".join(self.triton.loaded_at_start()),
+                    }
+                }
+            )["residency"]
             self._start_tier(
                 {
                     f"worker-{index}": {
@@ -299,6 +317,7 @@ class EmbeddedStack:
                         "SWAPLINE_WORKER_GATEWAY_TARGET": f"127.0.0.1:{queue_port}",
                         "SWAPLINE_WORKER_TRITON_URL": triton_url,
                         "SWAPLINE_WORKER_TRITON_SHARED_MEMORY": "true",
+                        "SWAPLINE_WORKER_RESIDENCY_TARGET": residency.address,
                         "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
                         "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
                         **{f"SWAPLINE_WORKER_{key}": value for key, value in targets_of(index % replicas).items()},

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from services.common.face_model_catalog import BUILT_IN_DETECTOR, DETECTOR_NAMES, UNIT_RANGE, PixelScaling
+from services.common.face_model_catalog import (
+    BUILT_IN_DETECTOR,
+    DETECTOR_NAMES,
+    UNIT_RANGE,
+    PixelScaling,
+    fp32_twin_name,
+)
 
 # How a detector's outputs are decoded:
 # - "yolo_rows" (YOLOFace): one output (batch, 20, candidates), each column a box centre x, centre y,
@@ -81,5 +87,5 @@ UNBATCHED_MODELS: frozenset[str] = frozenset(
     served
     for spec in DETECTOR_MODELS.values()
     if spec.layout == "anchor_strides"
-    for served in (spec.name, f"{spec.name}_fp32")
+    for served in (spec.name, fp32_twin_name(spec.name))
 )

@@ -117,6 +117,15 @@ EMBEDDING_SWAPPERS: Mapping[str, EmbeddingSwapperSpec] = MappingProxyType(
         )
     }
 )
+# Every model served in FP16 has its FP32 twin beside it, `<name>_fp32` (`make models`, `swapline models
+# import`): what an answer holding NaN or Inf is asked again of, and what a GPU without fast FP16 serves.
+FP32_TWIN_SUFFIX = "_fp32"
+
+
+def fp32_twin_name(model: str) -> str:
+    return f"{model}{FP32_TWIN_SUFFIX}"
+
+
 # The Triton model that turns an ArcFace embedding into a swapper's `source` input, written by the
 # importer beside the swapper: inswapper's emap lives in its graph, so the conversion is served too.
 SOURCE_CONVERTER_SUFFIX = "_source"
@@ -159,3 +168,14 @@ BUILT_IN_MODELS = JobModels()
 
 def job_models(swapper: str, detector: str) -> JobModels:
     return JobModels(checked_swapper(swapper), checked_detector(detector))
+
+
+def imported_models_of(models: JobModels) -> tuple[str, ...]:
+    """The imported Triton models a job runs with, twins included; the built-in ones are always loaded."""
+    names: list[str] = []
+    if models.swapper in EMBEDDING_SWAPPERS:
+        swapper = models.swapper
+        names += [swapper, fp32_twin_name(swapper), source_converter_name(swapper), ARCFACE.name]
+    if models.detector != BUILT_IN_DETECTOR:
+        names += [models.detector, fp32_twin_name(models.detector)]
+    return tuple(names)

@@ -42,6 +42,7 @@ from services.common.face_detector_models import (
     YOLO_ROW_VALUES,
     DetectorModelSpec,
 )
+from services.common.face_model_catalog import fp32_twin_name
 from services.common.face_types import DetectedFace
 from services.common.model_runner import ModelRunner
 from services.detector.box_ops import FloatArray, box_heights, box_widths, nms
@@ -50,8 +51,6 @@ from services.detector.face_detector import MAX_REQUEST_BYTES, Frames, validate_
 log = logging.getLogger(__name__)
 
 ResultT = TypeVar("ResultT")
-# The FP32 twin `swapline models import` writes beside each model it serves in FP16.
-FP32_TWIN_SUFFIX = "_fp32"
 
 
 @dataclass(frozen=True)
@@ -194,11 +193,11 @@ async def with_fp32_fallback(
     try:
         return await asyncio.to_thread(decode, answer)
     except NonFiniteOutputs:
-        log.warning("model %s answered NaN or Inf; asking %s", model, model + FP32_TWIN_SUFFIX)
+        twin = fp32_twin_name(model)
+    log.warning("model %s answered NaN or Inf; asking %s", model, twin)
     tally = REQUEST_FALLBACKS.get()
     if tally is not None:
         tally.count += 1
-    twin = model + FP32_TWIN_SUFFIX
     answer = await runner.infer(twin, inputs, outputs)
     try:
         return await asyncio.to_thread(decode, answer)

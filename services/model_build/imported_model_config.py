@@ -20,8 +20,6 @@ from services.model_build.onnx_rewrite import graph_inputs
 
 BuildPrecision = Literal["fp16", "fp32"]
 BUILD_PRECISIONS: tuple[BuildPrecision, ...] = get_args(BuildPrecision)
-# The twin a FP16 model falls back to is served under its name with this suffix.
-FP32_TWIN_SUFFIX = "_fp32"
 # Faces (or frames) a request may carry; the swapper's built-in twin takes 64 as well.
 IMPORTED_MAX_BATCH = 64
 QUEUE_DELAY_MICROSECONDS = 2000
@@ -36,10 +34,6 @@ _TRITON_TYPES: dict[int, int] = {
     onnx.TensorProto.INT32: model_config_pb2.TYPE_INT32,
     onnx.TensorProto.UINT8: model_config_pb2.TYPE_UINT8,
 }
-
-
-def twin_name(name: str) -> str:
-    return f"{name}{FP32_TWIN_SUFFIX}"
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int]:

@@ -29,10 +29,10 @@ from pathlib import Path
 import onnx
 
 from services.common.errors import InvalidArgument, NotFound, SwaplineError
-from services.common.face_model_catalog import source_converter_name
+from services.common.face_model_catalog import fp32_twin_name, source_converter_name
 from services.common.media_paths import write_file
 from services.model_build.face_model_contracts import CONTRACTS, ModelContract, ModelRole
-from services.model_build.imported_model_config import config_text, imported_config, is_batched, twin_name
+from services.model_build.imported_model_config import config_text, imported_config, is_batched
 from services.model_build.onnx_contract_check import check_model
 from services.model_build.onnx_rewrite import batchable, fp16_twin, fp32_twin, is_fp16, verify_batch_equivalence
 from services.model_build.source_converter import emap_of, source_converter
@@ -159,9 +159,9 @@ def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> Mod
     served, twin = builds.served, builds.twin
     _write_model(staging / name, served, config_text(imported_config(name, served, "fp16"), f"{note} (FP16)."))
     _write_model(
-        staging / twin_name(name),
+        staging / fp32_twin_name(name),
         twin,
-        config_text(imported_config(twin_name(name), twin, "fp32"), f"{note}: the FP32 twin of {name}."),
+        config_text(imported_config(fp32_twin_name(name), twin, "fp32"), f"{note}: the FP32 twin of {name}."),
     )
     converter = ""
     if builds.converter is not None:
@@ -177,7 +177,7 @@ def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> Mod
         contract.role,
         contract.stem,
         path.name,
-        twin_name(name),
+        fp32_twin_name(name),
         is_batched(served),
         builds.batch_rewritten,
         converter,

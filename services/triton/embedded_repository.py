@@ -22,6 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.face_model_catalog import fp32_twin_name
 from services.common.media_paths import temporary_path
 from services.common.torch_catalog import (
     BUILT_IN_FACTORIES,
@@ -54,8 +55,6 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("onnx_python_model.py")
 TORCH_MODEL_SOURCE = Path(__file__).with_name("torch_python_model.py")
 # What the built-in models run in on a GPU: Tensor Cores, as production's TensorRT FP16 engines do.
 EMBEDDED_TORCH_PRECISION: TorchPrecision = "fp16"
-# The FP32 twin beside a model served in FP16 (face_swapper_fp32; `swapline models import` writes `<name>_fp32`).
-FP32_TWIN_SUFFIX = "_fp32"
 
 
 def _python_backend_twin(production: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
@@ -214,7 +213,7 @@ def write_embedded_model(
         return write_torch_model(out, model, production, factory, weights, chosen, device, gpu_instances)
     if device == "cuda":
         log.warning("model %s has no torch definition: it runs through onnxruntime on the CPU", model)
-    twin = f"{model}{FP32_TWIN_SUFFIX}"
+    twin = fp32_twin_name(model)
     wants_twin = device == "cuda" and precision == "fp32" and twin in repository_models(production_repository)
     onnx_file = require_onnx(production_repository, twin if wants_twin else model)
     config = embedded_config(production, intra_op_threads)

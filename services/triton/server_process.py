@@ -200,6 +200,7 @@ class EmbeddedTriton:
         device: TritonDeviceChoice = "auto",
         repository_writer: RepositoryWriter | None = None,
         gpu_instances: int = 1,
+        explicit_load: Sequence[str] | None = None,
     ) -> None:
         # The server runs with work_dir as its cwd, so relative paths would resolve twice.
         self.model_repository = model_repository.resolve()
@@ -220,6 +221,9 @@ class EmbeddedTriton:
         self.device: TritonDevice | None = None
         self.device_reason = ""
         self.repository_writer = repository_writer or self._write_embedded_twins
+        # Set: Triton runs in explicit model-control mode and loads only these of the written models at
+        # start; the residency service (services/residency) loads the others as jobs need them.
+        self.explicit_load = None if explicit_load is None else tuple(explicit_load)
         # What the Python backend's /dev/shm regions are named after; unique to this object.
         self.shared_memory_prefix = f"swapline-triton-{os.getpid()}-{next(_server_numbers)}-"
         self._process: subprocess.Popen[bytes] | None = None
@@ -254,7 +258,17 @@ class EmbeddedTriton:
             "--grpc-address=127.0.0.1",
             "--http-address=127.0.0.1",
             "--exit-on-error=true",
+            *self._model_control_flags(),
         ]
+
+    def loaded_at_start(self) -> list[str]:
+        """The written models Triton loads as it starts: all of them, or in explicit mode those named."""
+        return [model for model in self.models if self.explicit_load is None or model in self.explicit_load]
+
+    def _model_control_flags(self) -> list[str]:
+        if self.explicit_load is None:
+            return []
+        return ["--model-control-mode=explicit", *(f"--load-model={model}" for model in self.loaded_at_start())]
 
     def _write_embedded_twins(self, out: Path, device: TritonDevice) -> list[str]:
         precision: TorchPrecision = EMBEDDED_TORCH_PRECISION
@@ -329,7 +343,8 @@ class EmbeddedTriton:
 
     def _is_ready(self, client: triton_grpc.InferenceServerClient) -> bool:
         try:
-            return bool(client.is_server_ready()) and all(client.is_model_ready(model) for model in self.models)
+            loaded = self.loaded_at_start()
+            return bool(client.is_server_ready()) and all(client.is_model_ready(model) for model in loaded)
         except InferenceServerException:
             return False
 

@@ -12,6 +12,7 @@ from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import configure_logging, serve
+from services.common.residency_client import ResidencyClient
 from services.common.settings_loader import load_settings
 from services.common.triton_client import TritonClient
 from services.worker.arcface_embedder import ArcFaceEmbedder
@@ -52,7 +53,11 @@ async def run_worker(settings: WorkerSettings) -> None:
     swapper = CropTransferSwapper(triton, crops=warper.crop_codec)
     arcface = ArcFaceEmbedder(triton, triton)
     swappers = SwapperRegistry(swapper, triton, triton, warper.crop_codec, arcface)
-    runner = ChunkRunner(settings, stubs, swappers, arcface, JobFaceCache(), warper)
+    residency = None
+    if settings.residency_target:
+        channels["residency"] = open_channel(settings.residency_target, security, settings.max_message_bytes)
+        residency = ResidencyClient(channels["residency"])
+    runner = ChunkRunner(settings, stubs, swappers, arcface, residency, JobFaceCache(), warper)
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

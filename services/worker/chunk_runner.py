@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.errors import NotFound
+from services.common.face_model_catalog import ARCFACE, imported_models_of, job_models
 from services.common.job_vocabulary import selector_mode_from_proto
+from services.common.residency_client import ResidencyClient
 from services.worker.arcface_embedder import SAME_PERSON_DISTANCE, ArcFaceEmbedder
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.face_selector import FaceSelection
@@ -41,6 +44,7 @@ class ChunkRunner:
         stubs: StageStubs,
         swappers: SwapperRegistry,
         arcface: ArcFaceEmbedder,
+        residency: ResidencyClient | None,
         faces: JobFaceCache,
         warper: FaceWarper,
     ) -> None:
@@ -48,6 +52,7 @@ class ChunkRunner:
         self._stubs = stubs
         self._swappers = swappers
         self._arcface = arcface
+        self._residency = residency
         self._faces = faces
         self._warper = warper
         # One deadline for every stage call: the detector's answer waits on Triton, bounded by the same.
@@ -72,6 +77,11 @@ class ChunkRunner:
             return FaceSelection(mode)
 
         async def arcface_if_installed() -> ArcFaceEmbedder | None:
+            if self._residency is not None:
+                try:
+                    await self._residency.ensure_loaded([ARCFACE.name])
+                except NotFound:
+                    return None
             return self._arcface if await self._arcface.installed() else None
 
         reference = await self._faces.reference(lease.job_id, lease.reference_image, finder, arcface_if_installed)
@@ -80,6 +90,11 @@ class ChunkRunner:
         return FaceSelection(mode, reference.descriptor)
 
     async def run(self, lease: chunks_pb2.ChunkLease, stats: ChunkStats) -> ChunkStats:
+        imported = imported_models_of(job_models(lease.swapper, lease.detector))
+        if imported and self._residency is not None:
+            # Over the GPU memory budget the chunk fails as RESOURCE_EXHAUSTED: retried while other jobs'
+            # models are in use, failed with the reason when this job's alone exceed it.
+            await self._residency.ensure_loaded(imported)
         swapper = self._swappers.swapper(lease.swapper)
         finder = self._finder(lease.detector)
         identity = await self._faces.source_identity(lease.job_id, lease.source_image, finder, swapper)

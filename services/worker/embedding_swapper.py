@@ -25,6 +25,7 @@ from services.common.face_model_catalog import (
     WARP_TEMPLATES,
     EmbeddingSwapperSpec,
     PixelScaling,
+    fp32_twin_name,
     source_converter_name,
 )
 from services.common.model_runner import ModelCatalog, ModelRunner
@@ -46,8 +47,6 @@ TARGET_INPUT = "target"
 SOURCE_INPUT = "source"
 CONVERTER_INPUT = "embedding"
 CONVERTER_OUTPUT = "source"
-# The FP32 twin `swapline models import` writes beside every imported model.
-FP32_TWIN_SUFFIX = "_fp32"
 # FaceFusion's default face_mask_blur: the box mask's edge is blurred over this share of half the side.
 BOX_MASK_BLUR = 0.3
 
@@ -150,7 +149,7 @@ class EmbeddingSwapper:
                 return await asyncio.to_thread(self._unpack, model, answer[output], target.shape)
 
             return await run_with_fp32_fallback(
-                self._models, self._spec.name, self._spec.name + FP32_TWIN_SUFFIX, inputs, (output,), unpacked
+                self._models, self._spec.name, fp32_twin_name(self._spec.name), inputs, (output,), unpacked
             )
 
         return joined_parts(await self._batches.run(count, swap_part), self._crops)

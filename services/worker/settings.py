@@ -33,6 +33,9 @@ class WorkerSettings(ServerSettings):
     detector_target: str
     encoder_target: str
     triton_url: str
+    # The residency service beside the Triton server (services/residency), which loads the imported models a
+    # job names; "" where Triton serves every model of its repository (no explicit model control).
+    residency_target: str = ""
     worker_id: str = ranged(default_factory=default_worker_id, max_length=253)
     # Chunks in flight per process; more than one overlaps one chunk's waits with another's work.
     concurrency: int = ranged(1, ge=1, le=64)

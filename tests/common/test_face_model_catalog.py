@@ -10,6 +10,7 @@ from services.common.face_model_catalog import (
     JobModels,
     checked_detector,
     checked_swapper,
+    imported_models_of,
     job_models,
     source_converter_name,
 )
@@ -44,3 +45,20 @@ def test_every_embedding_swapper_crops_on_arcface_128() -> None:
 
 def test_source_converter_is_named_after_its_swapper() -> None:
     assert source_converter_name("inswapper_128") == "inswapper_128_source"
+
+
+def test_a_built_in_job_needs_no_imported_models() -> None:
+    assert imported_models_of(JobModels()) == ()
+
+
+def test_an_embedding_swapper_job_needs_its_twin_converter_and_arcface() -> None:
+    assert imported_models_of(job_models("inswapper_128", "")) == (
+        "inswapper_128",
+        "inswapper_128_fp32",
+        "inswapper_128_source",
+        "arcface_w600k_r50",
+    )
+
+
+def test_an_imported_detector_job_needs_the_detector_and_its_twin() -> None:
+    assert imported_models_of(job_models("", "scrfd_2.5g")) == ("scrfd_2.5g", "scrfd_2.5g_fp32")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from services.cli import sample_media
 from services.cli.__main__ import main as swapline
@@ -43,13 +44,28 @@ def imported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def imported_client(imported_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobClient]:
+def imported_stack(imported_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     work_dir = tmp_path_factory.mktemp("imported-stack")
     options = StackOptions(
         work_dir=work_dir, media_root=work_dir / "media", model_repository=imported_repository, workers=1
     )
-    with EmbeddedStack(options) as stack, stack.job_client() as client:
+    with EmbeddedStack(options) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def imported_client(imported_stack: EmbeddedStack) -> Iterator[JobClient]:
+    with imported_stack.job_client() as client:
         yield client
+
+
+def loaded(stack: EmbeddedStack, model: str) -> bool:
+    assert stack.triton is not None
+    client = triton_grpc.InferenceServerClient(stack.triton.grpc_url)
+    try:
+        return bool(client.is_model_ready(model))
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +77,14 @@ def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_job_with_the_imported_inswapper_swaps_every_frame(
-    imported_client: JobClient, short_clip: Path, hopper_png: bytes, tmp_path: Path
+    imported_stack: EmbeddedStack, imported_client: JobClient, short_clip: Path, hopper_png: bytes, tmp_path: Path
 ) -> None:
+    # Triton runs in explicit model-control mode: imported models load when a job names them.
+    assert loaded(imported_stack, "face_swapper") and not loaded(imported_stack, "inswapper_128")
     job = run_to_end(imported_client, source=hopper_png, target=short_clip, swapper="inswapper_128")
+    assert all(
+        loaded(imported_stack, model) for model in ("inswapper_128", "inswapper_128_source", "arcface_w600k_r50")
+    )
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error.message
     assert (job.swapper, job.detector) == ("inswapper_128", "mtcnn")
     output = imported_client.fetch(job.id, jobs_pb2.ARTIFACT_OUTPUT, tmp_path / "output.mp4")
