@@ -79,7 +79,7 @@ def container_ports(objects: list[Manifest], component: str) -> dict[str, int]:
         for item in workloads(objects)
         if item["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
     )
-    return {port["name"]: port["containerPort"] for port in containers_of(workload)[0]["ports"]}
+    return {port["name"]: port["containerPort"] for container in containers_of(workload) for port in container["ports"]}
 
 
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -166,6 +166,8 @@ SWAPLINE_CALLS = {
     *{(caller, stage, "grpc") for caller in ("gateway", "worker") for stage in ("decoder", "detector", "encoder")},
     ("worker", "triton", "grpc"),
     ("detector", "triton", "grpc"),
+    # Triton's model residency sidecar, which loads the models a job names.
+    ("worker", "triton", "residency"),
 }
 
 

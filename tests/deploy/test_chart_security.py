@@ -25,6 +25,7 @@ from tests.deploy.chart_render import (
     named,
     objects_of,
     of_kind,
+    pod_spec,
     render,
     scenario_names,
     scenario_notes,
@@ -139,9 +140,14 @@ def test_the_settings_classes_read_the_security_env(scenario: str) -> None:
 def test_neither_triton_nor_the_exporter_gets_swapline_credentials() -> None:
     objects = scenario_objects("default")
     for component in ("triton", "exporter"):
-        pod, container = pod_and_container(objects, component)
-        assert not [volume for volume in pod["volumes"] if "secret" in volume], component
+        workload = workload_of(objects, component)
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = [item for item in containers_of(workload) if item["name"] == component]
+        secret_volumes = {volume["name"] for volume in pod["volumes"] if "secret" in volume}
+        # Triton's pod holds the residency sidecar's credentials; Triton itself mounts none of them.
+        assert not [mount for mount in container["volumeMounts"] if mount["name"] in secret_volumes], component
         assert not [name for name in env_values(container) if name.endswith(("_FILE", "_TRANSPORT_SECURITY"))]
+    assert not [volume for volume in pod_spec(objects, "exporter")["volumes"] if "secret" in volume]
 
 
 def test_the_settings_values_cannot_downgrade_security() -> None:
@@ -329,7 +335,9 @@ def test_cert_manager_issues_one_certificate_per_component_for_every_name_it_is_
     objects = scenario_objects("cert-manager-mtls")
     dialled = hosts_dialled(objects)
     certificates = {item["metadata"]["name"]: item["spec"] for item in of_kind(objects, "Certificate")}
-    assert set(certificates) == {component_name(service) for service in GRPC_SERVICES}
+    # Triton's certificate is its residency sidecar's, which the workers dial at the Triton Service.
+    assert set(certificates) == {component_name(service) for service in (*GRPC_SERVICES, "triton")}
+    assert dialled["triton"] <= set(certificates[component_name("triton")]["dnsNames"])
     for service in present_services(objects):
         spec = certificates[component_name(service)]
         env = security_env(objects, service)

@@ -31,8 +31,9 @@ SCENARIOS = ["default", *scenario_names()]
 GRPC_TARGET = re.compile(
     r"^dns:///(?P<service>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local:(?P<port>\d+)$"
 )
-# Container ports speaking gRPC: the public (or only) one, and the gateway's internal chunk queue.
-GRPC_PORT_NAMES = ("grpc", "internal")
+# Container ports speaking gRPC: the public (or only) one, the gateway's internal chunk queue, and Triton's
+# model residency sidecar.
+GRPC_PORT_NAMES = ("grpc", "internal", "residency")
 # Workloads allowed to run as root, and why: NVML device nodes and other users' GPU processes.
 ROOT_ALLOWED = {"exporter"}
 
@@ -83,7 +84,8 @@ def test_gpus_are_requested_only_by_their_gpu_blocks(scenario: str) -> None:
     for workload, container in all_containers(objects):
         name = component(workload)
         gpu_count = 0
-        if name in GPU_COUNT_DEFAULTS:
+        # A component's own container; a sidecar (Triton's residency service) asks for none.
+        if name in GPU_COUNT_DEFAULTS and container["name"] == name:
             gpu_count = scenario_setting(scenario, f"{name}.gpu.count", GPU_COUNT_DEFAULTS[name])
         resources = container["resources"]
         assert resources["limits"].get(GPU_RESOURCE, 0) == gpu_count, workload["metadata"]["name"]
@@ -142,7 +144,7 @@ def test_the_exporter_may_read_pods_and_nothing_else() -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_triton_has_models_an_engine_cache_and_a_model_load_sized_startup(scenario: str) -> None:
     pod = workload_of(scenario_objects(scenario), "triton")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    (container,) = [item for item in pod["containers"] if item["name"] == "triton"]
     assert container["image"].startswith("nvcr.io/nvidia/tritonserver:")
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     assert not mounts["/cache/trt"].get("readOnly", False)
@@ -190,6 +192,9 @@ def test_grpc_targets_name_headless_services_that_reach_a_grpc_container_port(sc
         for name, value in env_values(container).items():
             if not (name.endswith("_TARGET") or name.endswith("_TRITON_URL")):
                 continue
+            # The residency sidecar dials its own pod's Triton over loopback (test_chart_residency).
+            if name == "SWAPLINE_RESIDENCY_TRITON_URL":
+                continue
             match = GRPC_TARGET.match(value)
             assert match, f"{name}={value}"
             assert match["namespace"] == "media"
@@ -204,7 +209,9 @@ def test_grpc_targets_name_headless_services_that_reach_a_grpc_container_port(sc
                 if labels_match(selector, workload["spec"]["template"]["metadata"]["labels"])
             ]
             assert len(backends) == 1
-            ports = {item["name"]: item["containerPort"] for item in containers_of(backends[0])[0]["ports"]}
+            ports = {
+                item["name"]: item["containerPort"] for served in containers_of(backends[0]) for item in served["ports"]
+            }
             assert ports[port["targetPort"]] == port["port"]
             targets += 1
     assert targets >= 9
@@ -212,16 +219,15 @@ def test_grpc_targets_name_headless_services_that_reach_a_grpc_container_port(sc
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_pods_outlive_the_prestop_sleep_and_the_drain(scenario: str) -> None:
-    for workload in workloads(scenario_objects(scenario)):
+    for workload, container in all_containers(scenario_objects(scenario)):
         pod = workload["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
         command = container["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep"
         sleep = int(command[1])
         assert sleep > 0
         env = env_values(container)
         drain = next((float(value) for key, value in env.items() if key.endswith("_DRAIN_SECONDS")), None)
-        if component(workload) == "triton":
+        if container["name"] == "triton":
             timeout = next(arg for arg in container["args"] if arg.startswith("--exit-timeout-secs="))
             drain = float(timeout.split("=")[1])
         assert pod["terminationGracePeriodSeconds"] > sleep + (drain or 0)

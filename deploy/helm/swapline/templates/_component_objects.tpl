@@ -31,7 +31,7 @@ spec:
       port: {{ $port }}
       targetPort: {{ $name }}
       protocol: TCP
-      {{- if has $name (list "grpc" "internal") }}
+      {{- if has $name (list "grpc" "internal" "residency") }}
       appProtocol: grpc
       {{- else }}
       appProtocol: http

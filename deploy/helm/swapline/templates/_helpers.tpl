@@ -64,16 +64,19 @@ app.kubernetes.io/part-of: swapline
 {{- end }}
 {{- end }}
 
-{{/* "repository:tag" of a component: its own image fields, else the global swapline image's. */}}
+{{/*
+"repository:tag" of a component: its own image fields, else the global swapline image's. Optional argument:
+values (the values block holding `image`, for a sidecar; default the component's).
+*/}}
 {{- define "swapline.image" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- $repository := default .root.Values.image.repository $values.image.repository }}
 {{- $tag := default (default .root.Chart.AppVersion .root.Values.image.tag) $values.image.tag }}
 {{- printf "%s:%s" $repository $tag }}
 {{- end }}
 
 {{- define "swapline.imagePullPolicy" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- default .root.Values.image.pullPolicy $values.image.pullPolicy }}
 {{- end }}
 
@@ -89,6 +92,12 @@ services/common/grpc_channel.py balances round-robin across them.
 {{- define "swapline.grpcTarget" -}}
 {{- $values := index .root.Values .component }}
 {{- printf "dns:///%s:%d" (include "swapline.serviceHost" .) (int $values.ports.grpc) }}
+{{- end }}
+
+{{/* The workers' target of the model residency sidecars: the Triton Service's residency port. */}}
+{{- define "swapline.residencyTarget" -}}
+{{- $context := dict "root" . "component" "triton" }}
+{{- printf "dns:///%s:%d" (include "swapline.serviceHost" $context) (int .Values.triton.residency.port) }}
 {{- end }}
 
 {{/* The workers' target: the gateway's internal Service and port (the chunk queue). */}}
@@ -158,6 +167,17 @@ nodeAffinity:
 {{- if and .Values.autoscaling.engine (eq .Values.autoscaling.engine "hpa") .Values.triton.autoscaling.enabled (eq .Values.triton.autoscaling.signal "queueRatio") }}
 {{- fail "triton.autoscaling.signal queueRatio needs autoscaling.engine keda; with hpa use pendingRequests or advisor" }}
 {{- end }}
+{{- $residency := .Values.triton.residency }}
+{{- if and $residency.enabled (gt (int64 $residency.memoryBudgetBytes) 0) (ne .Values.triton.modelRepository.source "pvc") }}
+{{- fail "triton.residency.memoryBudgetBytes needs triton.modelRepository.source pvc: the residency sidecar estimates models never loaded from the repository's files, which object storage does not give it" }}
+{{- end }}
+{{- if $residency.enabled }}
+{{- range .Values.triton.extraArgs }}
+{{- if hasPrefix "--model-control-mode" . }}
+{{- fail "triton.extraArgs: with triton.residency.enabled the chart sets --model-control-mode=explicit itself" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $component := list "worker" "triton" }}
 {{- $autoscaling := (index $.Values $component).autoscaling }}
 {{- if and $autoscaling.enabled (eq $autoscaling.signal "advisor") (not $.Values.advisor.enabled) }}
@@ -198,11 +218,17 @@ Security of the swapline gRPC services. Fixed mount paths: the settings name the
 {{- if .Values.security.openMode }}plaintext{{ else }}{{ .Values.security.transportSecurity }}{{ end }}
 {{- end }}
 
-{{/* The Python services that serve gRPC, hence carry a certificate and the internal token. */}}
+{{/*
+The Python services that serve gRPC, hence carry a certificate and the internal token; "triton" stands for
+the model residency sidecar of the Triton pods, which answers at the Triton Service's names.
+*/}}
 {{- define "swapline.tlsComponents" -}}
 {{- $components := list "gateway" "worker" "decoder" "detector" "encoder" }}
 {{- if .Values.advisor.enabled }}
 {{- $components = append $components "advisor" }}
+{{- end }}
+{{- if .Values.triton.residency.enabled }}
+{{- $components = append $components "triton" }}
 {{- end }}
 {{- toJson $components }}
 {{- end }}
@@ -296,12 +322,12 @@ context: the one kept in <fullname>-tls-ca when it exists, else a new one.
 {{- end }}
 
 {{/*
-What a Python gRPC service adds for security (dict root, component, tenantTokens): env, volumes and
-volumeMounts, as YAML. Open mode sets plaintext and open and mounts nothing.
+What a Python gRPC service adds for security (dict root, component, tenantTokens; optional envPrefix, default
+the component's): env, volumes and volumeMounts, as YAML. Open mode sets plaintext and open and mounts nothing.
 */}}
 {{- define "swapline.securityParts" -}}
 {{- $root := .root }}
-{{- $prefix := include "swapline.envPrefix" .component }}
+{{- $prefix := default (include "swapline.envPrefix" .component) .envPrefix }}
 {{- $security := $root.Values.security }}
 {{- $env := list
   (dict "name" (printf "%sTRANSPORT_SECURITY" $prefix) "value" (include "swapline.transportSecurity" $root))
@@ -344,9 +370,12 @@ list it; given ones must, as the tls values say, since the component's callers d
 {{- include "swapline.serviceHost" . }}
 {{- end }}
 
-{{/* "true" when a component's metrics endpoint speaks HTTPS: a swapline gRPC service outside open mode. */}}
+{{/*
+"true" when a component's metrics endpoint speaks HTTPS: a swapline gRPC service outside open mode. Triton's
+metrics are Triton's own, plain HTTP, whatever its residency sidecar serves.
+*/}}
 {{- define "swapline.metricsTls" -}}
-{{- if and (not .root.Values.security.openMode) (has .component (include "swapline.tlsComponents" .root | fromJsonArray)) }}true{{ end }}
+{{- if and (not .root.Values.security.openMode) (ne .component "triton") (has .component (include "swapline.tlsComponents" .root | fromJsonArray)) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -356,22 +385,24 @@ services.common.health_probe: it reads the service's own SWAPLINE_<SERVICE>_ set
 env, checks the server on 127.0.0.1 at PORT (the gateway's public port; the only port of the others) against
 ca.crt by the name swapline.tlsServerName, and shows the service's own certificate under mtls. Its health
 call gets probes.timeoutSeconds, so raising that value gives a slow server longer.
+Optional arguments, for a sidecar: envPrefix, port and probes (defaults: the component's).
 */}}
 {{- define "swapline.grpcProbeHandler" -}}
 {{- $values := index .root.Values .component }}
+{{- $probes := default $values.probes .probes }}
 {{- if .root.Values.security.openMode }}
 grpc:
-  port: {{ $values.ports.grpc }}
+  port: {{ default $values.ports.grpc .port }}
 {{- else }}
 exec:
   command:
     - python
     - -m
     - services.common.health_probe
-    - {{ include "swapline.envPrefix" .component }}
+    - {{ default (include "swapline.envPrefix" .component) .envPrefix }}
     - --server-name
     - {{ include "swapline.tlsServerName" . }}
     - --timeout
-    - {{ include "swapline.envValue" $values.probes.timeoutSeconds | quote }}
+    - {{ include "swapline.envValue" $probes.timeoutSeconds | quote }}
 {{- end }}
 {{- end }}
