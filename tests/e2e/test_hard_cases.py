@@ -10,6 +10,7 @@ place is within 0.5 of the source and at least 0.15 closer to the source than to
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -36,6 +37,9 @@ from tests.support.identity_judge import (
 SourceKind = Literal["photo", "112px"]
 SOURCE_KINDS: tuple[SourceKind, ...] = get_args(SourceKind)
 FRAME_COUNT = 3
+# The swapper judged: the built-in one, or a model set's a user imported into triton_models to check its
+# quality with this judge (docs/models.md, "Checking quality with your own model files").
+JUDGED_SWAPPER = os.environ.get("SWAPLINE_JUDGED_SWAPPER", "")
 REQUIRED_SHARE = 0.95
 # The judge must see nearly every placed face in the originals (it may lose one whose mouth the edge
 # cuts off), or the shares below would say little.
@@ -76,6 +80,7 @@ def judged_swaps(client: JobClient, media: Path, tmp_path_factory: pytest.TempPa
             sample_media.encode_png(source_image(hard_scenes.other_portrait(scene), kind)),
             target_path=clip,
             selector="many",
+            swapper=JUDGED_SWAPPER,
         ).id
         for scene, clip in clips.items()
         for kind in SOURCE_KINDS
