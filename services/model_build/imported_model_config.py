@@ -65,8 +65,26 @@ def _tensors(values: Sequence[onnx.ValueInfoProto], batched: bool, name: str) ->
     return tensors
 
 
-def imported_config(name: str, model: onnx.ModelProto, precision: BuildPrecision) -> model_config_pb2.ModelConfig:
-    """The production config serving `model` (already rewritten for batching where it can be) as `name`."""
+def _warmup(config: model_config_pb2.ModelConfig, dynamic_side: int) -> None:
+    """One request of zeros when Triton loads the model: TensorRT builds (or reads from its cache) the
+    engines then, before the residency service reports the model ready, never on a job's first request.
+    Sides the graph leaves dynamic (SCRFD's, RetinaFace's canvas) take `dynamic_side`; a model Triton does
+    not batch gets a batch of 1."""
+    warmup = config.model_warmup.add(name=f"{config.name}_zeros", batch_size=1, count=1)
+    for tensor in config.input:
+        dims = list(tensor.dims)
+        if config.max_batch_size == 0 and dims and dims[0] < 0:
+            dims[0] = 1
+        warmup.inputs[tensor.name].data_type = tensor.data_type
+        warmup.inputs[tensor.name].dims.extend(dynamic_side if dim < 0 else dim for dim in dims)
+        warmup.inputs[tensor.name].zero_data = True
+
+
+def imported_config(
+    name: str, model: onnx.ModelProto, precision: BuildPrecision, dynamic_side: int
+) -> model_config_pb2.ModelConfig:
+    """The production config serving `model` (already rewritten for batching where it can be) as `name`,
+    warmed up at load with its dynamic image sides at `dynamic_side` (the contract's input size)."""
     if precision not in BUILD_PRECISIONS:
         raise InvalidArgument(f"build precision {precision!r} is not one of {', '.join(BUILD_PRECISIONS)}")
     batched = is_batched(model)
@@ -84,6 +102,7 @@ def imported_config(name: str, model: onnx.ModelProto, precision: BuildPrecision
     accelerator.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
     accelerator.parameters["trt_engine_cache_enable"] = "1"
     accelerator.parameters["trt_engine_cache_path"] = TRT_ENGINE_CACHE
+    _warmup(config, dynamic_side)
     return config
 
 

@@ -157,11 +157,12 @@ def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> Mod
     builds = _built(path, contract)
     note = f"Imported from {path.name} by `swapline models import`"
     served, twin = builds.served, builds.twin
-    _write_model(staging / name, served, config_text(imported_config(name, served, "fp16"), f"{note} (FP16)."))
+    side = contract.input_size
+    _write_model(staging / name, served, config_text(imported_config(name, served, "fp16", side), f"{note} (FP16)."))
     _write_model(
         staging / fp32_twin_name(name),
         twin,
-        config_text(imported_config(fp32_twin_name(name), twin, "fp32"), f"{note}: the FP32 twin of {name}."),
+        config_text(imported_config(fp32_twin_name(name), twin, "fp32", side), f"{note}: the FP32 twin of {name}."),
     )
     converter = ""
     if builds.converter is not None:
@@ -170,7 +171,7 @@ def _stage(staging: Path, name: str, path: Path, contract: ModelContract) -> Mod
         _write_model(
             staging / converter,
             builds.converter,
-            config_text(imported_config(converter, builds.converter, "fp32"), text),
+            config_text(imported_config(converter, builds.converter, "fp32", side), text),
         )
     return ModelEntry(
         name,

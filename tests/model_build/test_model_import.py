@@ -76,9 +76,18 @@ def test_a_folder_installs_as_a_set_with_fp16_builds_and_fp32_twins(facefusion_f
     assert twin.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP32"
     assert FP16 in _weight_types(repository, "inswapper_128")
     assert FP16 not in _weight_types(repository, "inswapper_128_fp32")
+    # Warmed up with zeros as it loads: TensorRT's engines are built then, not on a job's first request.
+    (warmup,) = swapper.model_warmup
+    assert {name: (list(tensor.dims), tensor.zero_data) for name, tensor in warmup.inputs.items()} == {
+        "target": ([3, 128, 128], True),
+        "source": ([512], True),
+    }
     # SCRFD's per-stride outputs have no batch axis: served a request at a time, with whole shapes.
     detector = read_model_config(repository, "scrfd_2.5g")
     assert detector.max_batch_size == 0 and len(detector.output) == 9
+    # Its canvas is dynamic in the file: the warm-up request fills FaceFusion's 640.
+    (canvas,) = detector.model_warmup[0].inputs.values()
+    assert list(canvas.dims) == [1, 3, 640, 640]
     assert not any(path.name.startswith(".triton_models-import") for path in tmp_path.iterdir())
 
 
