@@ -36,6 +36,7 @@ from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, ge
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.common.torch_catalog import BUILT_IN_FACTORIES
+from services.model_build.model_import import default_set_models
 from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
 from services.triton.settings import gpu_instances_from_env
@@ -224,9 +225,9 @@ class EmbeddedStack:
             intra_op_threads=options.triton_intra_op_threads,
             device=options.triton_device,
             gpu_instances=options.triton_gpu_instances,
-            # Explicit model control: the built-in models load with Triton; the residency service loads
-            # imported ones as jobs name them, within the GPU memory budget.
-            explicit_load=tuple(BUILT_IN_FACTORIES),
+            # Explicit model control: the built-in models and the sets marked default load with Triton; the
+            # residency service loads the other imported ones as jobs name them, within the GPU memory budget.
+            explicit_load=(*BUILT_IN_FACTORIES, *default_set_models(options.model_repository)),
         )
         try:
             triton_ready = self._starter.submit(self.triton.start)

@@ -23,6 +23,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     importing.add_argument("directory", type=Path, help="a folder of ONNX files named as FaceFusion names them")
     importing.add_argument("--set", dest="set_name", default="", help="the set's name (default: the folder's)")
     importing.add_argument("--repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    importing.add_argument(
+        "--default",
+        action="store_true",
+        help="load the set with the built-in one when Triton starts, and never unload it",
+    )
     importing.set_defaults(handler=import_command)
     listing = commands.add_parser("list", help="show the installed sets and their models")
     listing.add_argument("--repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
@@ -31,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    result = import_model_set(args.directory, args.repository, args.set_name or args.directory.resolve().name)
+    name = args.set_name or args.directory.resolve().name
+    result = import_model_set(args.directory, args.repository, name, args.default)
     for entry in result.model_set.models:
         notes = ", batch 1 rewritten for batching" if entry.batch_rewritten else ""
         print(f"installed {entry.name} ({entry.role}, from {entry.source_file}; FP32 twin {entry.twin}{notes})")
@@ -45,5 +51,6 @@ def list_command(args: argparse.Namespace) -> int:
     print(f"{BUILT_IN_SET.name} (built in): {', '.join(entry.name for entry in BUILT_IN_SET.models)}")
     for model_set in installed_sets(args.repository):
         models = ", ".join(f"{entry.name} ({entry.role})" for entry in model_set.models)
-        print(f"{model_set.name}: {models}")
+        marker = " (default: loaded with Triton)" if model_set.default else ""
+        print(f"{model_set.name}{marker}: {models}")
     return 0

@@ -63,6 +63,13 @@ class ModelEntry:
 class ModelSet:
     name: str
     models: tuple[ModelEntry, ...]
+    # Marked default by the operator: loaded and warmed with the built-in set when Triton starts, and never
+    # unloaded; the other sets load when a job names them.
+    default: bool = False
+
+    def served_models(self) -> tuple[str, ...]:
+        """Every Triton model the set installed: each model, its FP32 twin and any source converter."""
+        return tuple(name for entry in self.models for name in (entry.name, entry.twin, entry.source_converter) if name)
 
 
 @dataclass(frozen=True)
@@ -196,19 +203,27 @@ def read_manifest(repository: Path) -> dict[str, ModelSet]:
     if not path.is_file():
         return {}
     try:
-        sets = json.loads(path.read_text())["sets"]
-        return {name: ModelSet(name, tuple(ModelEntry(**entry) for entry in entries)) for name, entries in sets.items()}
+        record = json.loads(path.read_text())
+        defaults = set(record.get("default_sets", []))
+        return {
+            name: ModelSet(name, tuple(ModelEntry(**entry) for entry in entries), name in defaults)
+            for name, entries in record["sets"].items()
+        }
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(f"{MANIFEST_FILE} of {repository.name} does not parse: {error}") from None
 
 
 def _write_manifest(repository: Path, sets: dict[str, ModelSet]) -> None:
-    record = {"sets": {name: [dataclasses.asdict(entry) for entry in sets[name].models] for name in sorted(sets)}}
+    record = {
+        "sets": {name: [dataclasses.asdict(entry) for entry in sets[name].models] for name in sorted(sets)},
+        "default_sets": sorted(name for name, model_set in sets.items() if model_set.default),
+    }
     write_file(repository / MANIFEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def import_model_set(directory: Path, repository: Path, set_name: str) -> ImportResult:
-    """Checks and builds every recognised file of `directory`, then installs them as the set `set_name`."""
+def import_model_set(directory: Path, repository: Path, set_name: str, default: bool = False) -> ImportResult:
+    """Checks and builds every recognised file of `directory`, then installs them as the set `set_name`,
+    marked default (loaded with Triton) when `default`."""
     if not set_name or "/" in set_name or set_name.startswith("."):
         raise InvalidArgument(f"set name {set_name[:64]!r} must be a plain, non-empty name")
     if not repository.is_dir():
@@ -222,11 +237,10 @@ def import_model_set(directory: Path, repository: Path, set_name: str) -> Import
         sets = read_manifest(repository)
         trash = staging / "replaced"
         trash.mkdir()
-        for entry in entries:
-            for name in (entry.name, entry.twin, entry.source_converter):
-                if name:
-                    _swap_in(staging / name, repository / name, trash)
-        sets[set_name] = ModelSet(set_name, entries)
+        installed = ModelSet(set_name, entries, default)
+        for name in installed.served_models():
+            _swap_in(staging / name, repository / name, trash)
+        sets[set_name] = installed
         _write_manifest(repository, sets)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -237,3 +251,10 @@ def installed_sets(repository: Path) -> list[ModelSet]:
     """The imported sets, by name."""
     sets = read_manifest(repository)
     return [sets[name] for name in sorted(sets)]
+
+
+def default_set_models(repository: Path) -> tuple[str, ...]:
+    """The Triton models of the sets marked default: loaded with the built-in set when Triton starts."""
+    return tuple(
+        name for model_set in installed_sets(repository) if model_set.default for name in model_set.served_models()
+    )

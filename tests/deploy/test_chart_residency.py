@@ -198,7 +198,8 @@ def test_open_mode_probes_the_sidecar_port_with_the_kubelets_grpc_probe() -> Non
 
 
 def test_object_storage_gives_the_sidecar_no_repository_files() -> None:
-    objects = scenario_objects("object-storage")
+    storage = {"source": "objectStorage", "objectStorage": {"url": "s3://bucket/triton_models"}}
+    objects = objects_of(render({"triton": {"modelRepository": storage}}))
     container = sidecar(objects)
     assert f"{PREFIX}MODEL_REPOSITORY" not in env_values(container)
     assert [mount["name"] for mount in container["volumeMounts"]] == ["residency-tmp", "tls", "internal-token"]
@@ -267,3 +268,12 @@ def test_a_budget_needs_the_repository_files() -> None:
 def test_extra_args_cannot_choose_the_model_control_mode() -> None:
     message = render_error({"triton": {"extraArgs": ["--model-control-mode=poll"]}})
     assert "sets --model-control-mode=explicit itself" in message
+
+
+@pytest.mark.parametrize(
+    "triton", [{"replicaCount": 2}, {"autoscaling": {"enabled": True}}], ids=["two-replicas", "autoscaled"]
+)
+def test_the_sidecar_is_refused_with_several_triton_pods(triton: dict[str, Any]) -> None:
+    assert "With several Triton pods" in render_error({"triton": triton})
+    objects = objects_of(render({"triton": {**triton, "residency": {"enabled": False}}}))
+    assert [item["name"] for item in containers_of(workload_of(objects, "triton"))] == ["triton"]

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from services.cli.__main__ import main
 from services.common.errors import InvalidArgument
-from services.model_build.model_import import import_model_set, installed_sets
+from services.model_build.model_import import default_set_models, import_model_set, installed_sets
 from services.triton.model_config import read_model_config, repository_models
 from tests.model_build.standin_face_models import inswapper_standin, write_standin
 
@@ -172,6 +172,31 @@ def test_the_cli_imports_and_lists(facefusion_folder: Path, tmp_path: Path, caps
     assert listed[0] == "builtin (built in): face_swapper, mtcnn_cascade"
     assert listed[1] == "mine: arcface_w600k_r50 (embedder), inswapper_128 (swapper), scrfd_2.5g (detector)"
     assert main(["models", "import", str(tmp_path / "missing"), "--repository", str(repository)]) != 0
+
+
+def test_a_set_marked_default_loads_with_triton(facefusion_folder: Path, tmp_path: Path) -> None:
+    repository = _repository(tmp_path)
+    import_model_set(facefusion_folder, repository, "on-demand")
+    assert default_set_models(repository) == ()
+    assert (
+        main(
+            ["models", "import", str(facefusion_folder), "--set", "mine", "--default", "--repository", str(repository)]
+        )
+        == 0
+    )
+    assert [(model_set.name, model_set.default) for model_set in installed_sets(repository)] == [
+        ("mine", True),
+        ("on-demand", False),
+    ]
+    assert sorted(default_set_models(repository)) == [
+        "arcface_w600k_r50",
+        "arcface_w600k_r50_fp32",
+        "inswapper_128",
+        "inswapper_128_fp32",
+        "inswapper_128_source",
+        "scrfd_2.5g",
+        "scrfd_2.5g_fp32",
+    ]
 
 
 def test_an_embedding_swappers_source_is_made_by_the_model_served_beside_it(tmp_path: Path) -> None:

@@ -171,6 +171,9 @@ nodeAffinity:
 {{- if and $residency.enabled (gt (int64 $residency.memoryBudgetBytes) 0) (ne .Values.triton.modelRepository.source "pvc") }}
 {{- fail "triton.residency.memoryBudgetBytes needs triton.modelRepository.source pvc: the residency sidecar estimates models never loaded from the repository's files, which object storage does not give it" }}
 {{- end }}
+{{- if and $residency.enabled (or (gt (int .Values.triton.replicaCount) 1) .Values.triton.autoscaling.enabled) }}
+{{- fail "triton.residency.enabled manages one Triton pod's models: each sidecar loads a model on its own pod, while a worker's requests may reach another. With several Triton pods (triton.replicaCount above 1 or triton.autoscaling.enabled) set triton.residency.enabled false, so that every pod loads every model" }}
+{{- end }}
 {{- if $residency.enabled }}
 {{- range .Values.triton.extraArgs }}
 {{- if hasPrefix "--model-control-mode" . }}
