@@ -36,7 +36,7 @@ from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, ge
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.common.torch_catalog import BUILT_IN_FACTORIES
-from services.model_build.model_import import default_set_models
+from services.model_build.model_sets import default_set_models
 from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
 from services.triton.settings import gpu_instances_from_env

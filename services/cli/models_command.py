@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.embedded_stack import DEFAULT_MODEL_REPOSITORY
-from services.model_build.model_import import BUILT_IN_SET, import_model_set, installed_sets
+from services.model_build.model_sets import BUILT_IN_SET, installed_sets
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,6 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def import_command(args: argparse.Namespace) -> int:
+    # Imported here: the importer brings onnx and onnxconverter-common, which no other command needs.
+    from services.model_build.model_import import import_model_set
+
     name = args.set_name or args.directory.resolve().name
     result = import_model_set(args.directory, args.repository, name, args.default)
     for entry in result.model_set.models:

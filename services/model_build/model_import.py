@@ -18,8 +18,6 @@ folder are skipped and listed.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import uuid
@@ -31,14 +29,14 @@ import onnx
 from services.common.errors import InvalidArgument, NotFound, SwaplineError
 from services.common.face_model_catalog import fp32_twin_name, source_converter_name
 from services.common.media_paths import write_file
-from services.model_build.face_model_contracts import CONTRACTS, ModelContract, ModelRole
+from services.model_build.face_model_contracts import CONTRACTS, ModelContract
 from services.model_build.imported_model_config import config_text, imported_config, is_batched
+from services.model_build.model_sets import ModelEntry, ModelSet, read_manifest, write_manifest
 from services.model_build.onnx_contract_check import check_model
 from services.model_build.onnx_rewrite import batchable, fp16_twin, fp32_twin, is_fp16, verify_batch_equivalence
 from services.model_build.source_converter import emap_of, source_converter
 from services.triton.model_config import CONFIG_FILE, MODEL_FILE, MODEL_VERSION
 
-MANIFEST_FILE = "model_sets.json"
 ONNX_SUFFIX = ".onnx"
 # FaceFusion ships some models also as an FP16 file under the stem plus this; both serve one model.
 FP16_FILE_SUFFIX = "_fp16"
@@ -47,45 +45,9 @@ CHECK_BATCH = 2
 
 
 @dataclass(frozen=True)
-class ModelEntry:
-    name: str  # the served Triton model; its FP32 twin is `twin`
-    role: ModelRole
-    stem: str  # the contract's (FaceFusion's) stem of the file it came from
-    source_file: str
-    twin: str
-    batched: bool
-    batch_rewritten: bool
-    # An embedding swapper's `<name>_source` model (source_converter), which makes its source input.
-    source_converter: str = ""
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    name: str
-    models: tuple[ModelEntry, ...]
-    # Marked default by the operator: loaded and warmed with the built-in set when Triton starts, and never
-    # unloaded; the other sets load when a job names them.
-    default: bool = False
-
-    def served_models(self) -> tuple[str, ...]:
-        """Every Triton model the set installed: each model, its FP32 twin and any source converter."""
-        return tuple(name for entry in self.models for name in (entry.name, entry.twin, entry.source_converter) if name)
-
-
-@dataclass(frozen=True)
 class ImportResult:
     model_set: ModelSet
     skipped: tuple[str, ...]  # file name and why
-
-
-# What the repository serves without anything imported: the MTCNN cascade and the crop-to-crop swapper.
-BUILT_IN_SET = ModelSet(
-    "builtin",
-    (
-        ModelEntry("face_swapper", "swapper", "face_swapper", "make models", "face_swapper", True, False),
-        ModelEntry("mtcnn_cascade", "detector", "mtcnn_cascade", "make models", "mtcnn_cascade", True, False),
-    ),
-)
 
 
 def served_name(stem: str) -> str:
@@ -198,29 +160,6 @@ def _swap_in(staged: Path, target: Path, trash: Path) -> None:
     os.replace(staged, target)
 
 
-def read_manifest(repository: Path) -> dict[str, ModelSet]:
-    path = repository / MANIFEST_FILE
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-        defaults = set(record.get("default_sets", []))
-        return {
-            name: ModelSet(name, tuple(ModelEntry(**entry) for entry in entries), name in defaults)
-            for name, entries in record["sets"].items()
-        }
-    except (ValueError, KeyError, TypeError) as error:
-        raise InvalidArgument(f"{MANIFEST_FILE} of {repository.name} does not parse: {error}") from None
-
-
-def _write_manifest(repository: Path, sets: dict[str, ModelSet]) -> None:
-    record = {
-        "sets": {name: [dataclasses.asdict(entry) for entry in sets[name].models] for name in sorted(sets)},
-        "default_sets": sorted(name for name, model_set in sets.items() if model_set.default),
-    }
-    write_file(repository / MANIFEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
-
-
 def import_model_set(directory: Path, repository: Path, set_name: str, default: bool = False) -> ImportResult:
     """Checks and builds every recognised file of `directory`, then installs them as the set `set_name`,
     marked default (loaded with Triton) when `default`."""
@@ -241,20 +180,7 @@ def import_model_set(directory: Path, repository: Path, set_name: str, default: 
         for name in installed.served_models():
             _swap_in(staging / name, repository / name, trash)
         sets[set_name] = installed
-        _write_manifest(repository, sets)
+        write_manifest(repository, sets)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ImportResult(sets[set_name], tuple(skipped))
-
-
-def installed_sets(repository: Path) -> list[ModelSet]:
-    """The imported sets, by name."""
-    sets = read_manifest(repository)
-    return [sets[name] for name in sorted(sets)]
-
-
-def default_set_models(repository: Path) -> tuple[str, ...]:
-    """The Triton models of the sets marked default: loaded with the built-in set when Triton starts."""
-    return tuple(
-        name for model_set in installed_sets(repository) if model_set.default for name in model_set.served_models()
-    )

@@ -14,7 +14,8 @@ from tritonclient.grpc import model_config_pb2
 
 from services.cli.__main__ import main
 from services.common.errors import InvalidArgument
-from services.model_build.model_import import default_set_models, import_model_set, installed_sets
+from services.model_build.model_import import import_model_set
+from services.model_build.model_sets import default_set_models, installed_sets
 from services.triton.model_config import read_model_config, repository_models
 from tests.model_build.standin_face_models import inswapper_standin, write_standin
 
