@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.advisor.gateway_jobs import GatewayJobs
-from services.advisor.gpu_catalog import GpuCatalog, load_catalog
 from services.advisor.settings import AdvisorSettings
 from services.advisor.time_predictor import Calibration, load_calibration
+from services.common.gpu_catalog import GpuCatalog, load_catalog
 from swapline.jobs.v1 import jobs_pb2_grpc
 
 

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.advisor.gpu_catalog import GpuCatalog, load_catalog
 from services.advisor.job_profile import JobProfile, profile_from_report
 from services.advisor.time_predictor import (
     Calibration,
@@ -29,6 +28,7 @@ from services.advisor.time_predictor import (
     prior_calibration,
 )
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GpuCatalog, load_catalog
 
 
 @dataclass(frozen=True)

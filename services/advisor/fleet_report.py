@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.advisor.gpu_catalog import GpuCatalog
 from services.advisor.gpu_recommender import Recommendation, recommend_gpu
 from services.advisor.job_profile import JobProfile
 from services.advisor.time_predictor import Calibration
+from services.common.gpu_catalog import GpuCatalog
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from services.advisor.gpu_catalog import GIB, GpuCatalog, GpuSpec
 from services.advisor.job_profile import JobProfile
 from services.advisor.time_predictor import (
     Calibration,
@@ -14,6 +13,7 @@ from services.advisor.time_predictor import (
     predict_seconds,
 )
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GIB, GpuCatalog, GpuSpec
 
 
 @dataclass(frozen=True)

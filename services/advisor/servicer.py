@@ -8,7 +8,6 @@ import grpc
 
 from services.advisor.advisor_state import AdvisorState
 from services.advisor.fleet_report import FleetReport, build_fleet_report
-from services.advisor.gpu_catalog import GpuCatalog
 from services.advisor.gpu_recommender import Recommendation, recommend_gpu
 from services.advisor.job_profile import (
     JobProfile,
@@ -17,6 +16,7 @@ from services.advisor.job_profile import (
     validate_profile,
 )
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GpuCatalog
 from services.common.job_vocabulary import STAGE_NAMES
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from services.advisor.gpu_catalog import GIB, GpuCatalog, GpuSpec
 from services.advisor.job_profile import JobProfile
 from services.common.errors import InvalidArgument, NotFound
+from services.common.gpu_catalog import GIB, GpuCatalog, GpuSpec
 
 PACKAGED_CALIBRATION = Path(__file__).with_name("calibration.json")
 PRIOR_REFERENCE_GPU = "H100 80GB SXM"

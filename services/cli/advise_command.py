@@ -17,12 +17,12 @@ import grpc
 
 from services.advisor.fleet_report import build_fleet_report
 from services.advisor.gateway_jobs import GatewayJobs
-from services.advisor.gpu_catalog import load_catalog
 from services.advisor.job_profile import profiles_from_reports
 from services.advisor.servicer import fleet_report_to_proto
 from services.advisor.settings import DEFAULT_HEADROOM_FRACTION, DEFAULT_JOB_LIMIT
 from services.advisor.time_predictor import load_calibration
 from services.common.errors import InvalidArgument, from_rpc_error
+from services.common.gpu_catalog import load_catalog
 from services.common.grpc_channel import client_security_from_env, open_channel
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
 from swapline.jobs.v1 import jobs_pb2_grpc

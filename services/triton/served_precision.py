@@ -1,7 +1,7 @@
 """The precision the embedded Triton serves models in on a GPU: FP16, where Tensor Cores make it pay, or
 FP32 from the start where the GPU catalogue says a visible GPU has no fast FP16.
 
-The catalogue is the advisor's (`services/advisor/gpu_catalog.yaml`, or SWAPLINE_ADVISOR_CATALOG_PATH's
+The catalogue is the advisor's (`services/common/gpu_catalog.yaml`, or SWAPLINE_ADVISOR_CATALOG_PATH's
 override): an entry with `fast_fp16: false` names such a GPU. A GPU the catalogue lacks is taken to have
 fast FP16, as every GPU with Tensor Cores does, and the log says so.
 """
@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from services.advisor.gpu_catalog import GpuCatalog, load_catalog
+from services.common.gpu_catalog import GpuCatalog, load_catalog
 from services.common.gpu_telemetry import GpuUnavailable, NvmlReader
 from services.common.torch_catalog import TorchPrecision
 

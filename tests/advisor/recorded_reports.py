@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.advisor.gpu_catalog import GIB, GpuCatalog, catalog_from_data
 from services.advisor.time_predictor import Calibration, MemoryModel, WorkloadModel
+from services.common.gpu_catalog import GIB, GpuCatalog, catalog_from_data
 
 SOURCES = {
     "memory": "test datasheet",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.advisor.advisor_state import AdvisorState
-from services.advisor.gpu_catalog import load_catalog
 from services.cli import advise_command
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import load_catalog
 from swapline.advisor.v1 import advisor_pb2, advisor_pb2_grpc
 from tests.advisor.test_servicer import _run
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from services.advisor.fleet_report import build_fleet_report
-from services.advisor.gpu_catalog import GIB
 from services.advisor.job_profile import JobProfile, profile_from_report
+from services.common.gpu_catalog import GIB
 from tests.advisor.recorded_reports import catalog_of, gpu_entry, job_report, measured_calibration
 
 CATALOG = catalog_of(

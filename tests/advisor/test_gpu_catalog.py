@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from services.advisor.gpu_catalog import GIB, MIB, SOURCED_FIGURES, catalog_from_data, load_catalog
 from services.common.errors import InvalidArgument, NotFound
+from services.common.gpu_catalog import GIB, MIB, SOURCED_FIGURES, catalog_from_data, load_catalog
 from tests.advisor.recorded_reports import gpu_entry
 
 REQUIRED_GPUS = (

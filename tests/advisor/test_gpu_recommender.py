@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.advisor.gpu_catalog import GIB, load_catalog
 from services.advisor.gpu_recommender import recommend_gpu, recommendation_report_section
 from services.advisor.job_profile import JobProfile, profile_from_report
 from services.advisor.time_predictor import load_calibration
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GIB, load_catalog
 from tests.advisor.recorded_reports import catalog_of, gpu_entry, job_report, measured_calibration
 
 # Big ran the jobs. Fast is quicker than Cheap but costs five times as much per hour.

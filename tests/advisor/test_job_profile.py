@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from services.advisor.gpu_catalog import GIB
 from services.advisor.job_profile import profile_from_report, profiles_from_reports
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GIB
 from tests.advisor.recorded_reports import job_report
 
 

@@ -12,12 +12,12 @@ import pytest
 
 from services.advisor.advisor_state import AdvisorState
 from services.advisor.gateway_jobs import GatewayJobs
-from services.advisor.gpu_catalog import GIB
 from services.advisor.job_profile import profile_from_report
 from services.advisor.scaling_loop import refresh_scaling
 from services.advisor.servicer import SERVICE_NAME, AdvisorServicer, profile_to_proto
 from services.advisor.settings import AdvisorSettings
 from services.common.errors import NotFound
+from services.common.gpu_catalog import GIB
 from services.common.grpc_channel import PLAINTEXT, open_channel
 from services.common.grpc_server import ServiceBinding, start_server
 from services.common.server_settings import ServerSettings

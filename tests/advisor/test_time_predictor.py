@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from services.advisor.gpu_catalog import GIB, load_catalog
 from services.advisor.job_profile import JobProfile, profile_from_report
 from services.advisor.time_predictor import (
     calibration_from_data,
@@ -20,6 +19,7 @@ from services.advisor.time_predictor import (
     time_factor,
 )
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GIB, load_catalog
 from tests.advisor.recorded_reports import catalog_of, gpu_entry, job_report, measured_calibration
 
 CATALOG = catalog_of(

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from services.advisor.gpu_catalog import catalog_from_data
+from services.common.gpu_catalog import catalog_from_data
 from tests.deploy.chart_render import (
     GPU_RESOURCE,
     Manifest,

@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from services.advisor.gpu_catalog import GpuCatalog, catalog_from_data
 from services.common.errors import InvalidArgument
+from services.common.gpu_catalog import GpuCatalog, catalog_from_data
 from services.common.torch_catalog import PRECISION_PARAMETER
 from services.triton.embedded_repository import write_embedded_repository
 from services.triton.served_precision import precision_for_gpus
