@@ -88,7 +88,9 @@ async def run_job(
                 preset=EncoderSettings.default_preset,
             )
             with writer:
-                source = LocalFrameSource(video, chunk.frame_count, 8, chunk.start_frame, chunk.seek_pts, decoding)
+                source = LocalFrameSource(
+                    video, chunk.frame_count, 8, chunk.start_frame, chunk.seek_pts, decoding, warper.pixel_format
+                )
                 return await run_chunk_pipeline(
                     source, finder, swapper, identity, LocalSegmentSink(writer), selection, warper=warper
                 )

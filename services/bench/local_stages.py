@@ -9,6 +9,7 @@ from pathlib import Path
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.input_limits import DEFAULT_INPUT_LIMITS
+from services.common.pixel_formats import PixelFormat, describe_frames
 from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
 from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES
 from services.detector.face_detector import Detector
@@ -21,7 +22,8 @@ PYAV = BackendChoice(requested="cpu", active="cpu", reason="the in-process bench
 
 class LocalFrameSource:
     """A frame range decoded in this process with the decoder's own code, from frame 0 unless start_frame
-    and its seek_pts are given, on the backend the decoder service would choose (PyAV unless told)."""
+    and its seek_pts are given, on the backend the decoder service would choose (PyAV unless told), in the
+    pixel format a worker would ask for."""
 
     def __init__(
         self,
@@ -31,9 +33,11 @@ class LocalFrameSource:
         start_frame: int = 0,
         seek_pts: int = 0,
         backend: BackendChoice = PYAV,
+        pixel_format: PixelFormat = "rgb24",
     ) -> None:
         self._path, self._frame_count, self._batch_size = path, frame_count, batch_size
         self._start_frame, self._seek_pts, self._backend = start_frame, seek_pts, backend
+        self._pixel_format = pixel_format
 
     async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
         batches = iter_decoded_batches(
@@ -45,6 +49,7 @@ class LocalFrameSource:
             self._batch_size,
             DEFAULT_INPUT_LIMITS,
             DEFAULT_MAX_BATCH_BYTES,
+            pixel_format=self._pixel_format,
         )
         while True:
             batch = await asyncio.to_thread(next, batches, None)
@@ -61,7 +66,7 @@ class LocalFaceFinder:
         self._detector, self._max_side, self._shrink = detector, max_side, shrink
 
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
-        height, width = frames.shape[1:3]
+        _, width, height = describe_frames(frames)
         size = detection_size(width, height, self._max_side)
         small = await asyncio.to_thread(self._shrink, frames, size)
         found = await self._detector.detect(small)

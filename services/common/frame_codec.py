@@ -1,4 +1,4 @@
-"""Packs numpy RGB frames into FrameBatch messages and back, checking sizes on the way in.
+"""Packs numpy frames (RGB24 or NV12, pixel_formats) into FrameBatch messages and back, checking sizes on the way in.
 
 The frame streams (decode, encode) send FrameRuns through frame_wire's serialiser and receive
 FrameBatchViews; unpack_frames reads both those and generated FrameBatch messages.
@@ -13,9 +13,17 @@ from numpy.typing import NDArray
 
 from services.common.errors import InvalidArgument
 from services.common.frame_wire import FrameBatchView, FrameRun
+from services.common.pixel_formats import (
+    describe_frames,
+    frame_bytes,
+    frame_shape,
+    nv12_to_rgb,
+    pixel_format_from_proto,
+    pixel_format_to_proto,
+)
 from swapline.common.v1 import common_pb2
 
-Frames = NDArray[np.uint8]  # (count, height, width, 3) RGB
+Frames = NDArray[np.uint8]  # (count, height, width, 3) RGB24 or (count, height * 3 / 2, width) NV12
 
 # Streams carry frames in messages of about this size (one 720p frame), so the receiver works on one
 # frame while the next is on the wire, and regroups them into the batches the models want.
@@ -23,14 +31,13 @@ STREAM_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def pack_frames(frames: Frames, indices: Sequence[int], pts: Sequence[int] | None = None) -> common_pb2.FrameBatch:
-    if frames.ndim != 4 or frames.shape[3] != 3:
-        raise InvalidArgument(f"frames must be (count, height, width, 3), got {frames.shape}")
+    pixel_format, width, height = describe_frames(frames)
     if len(indices) != frames.shape[0]:
         raise InvalidArgument(f"{frames.shape[0]} frames but {len(indices)} indices")
     stamps = pts if pts is not None else [0] * len(indices)
-    batch = common_pb2.FrameBatch(width=int(frames.shape[2]), height=int(frames.shape[1]))
+    batch = common_pb2.FrameBatch(width=width, height=height, pixel_format=pixel_format_to_proto(pixel_format))
     for frame, index, stamp in zip(frames, indices, stamps, strict=True):
-        batch.frames.add(index=int(index), pts=int(stamp), rgb=np.ascontiguousarray(frame).tobytes())
+        batch.frames.add(index=int(index), pts=int(stamp), pixels=np.ascontiguousarray(frame).tobytes())
     return batch
 
 
@@ -78,20 +85,33 @@ def unpack_frames(
     receivers that only read (the encoder) or copy anyway (regroup_frames).
     """
     width, height = batch.width, batch.height
-    if not batch.frames:
-        return np.zeros((0, max(height, 0), max(width, 0), 3), np.uint8), [], []
-    if width <= 0 or height <= 0:
+    pixel_format = (
+        batch.pixel_format if isinstance(batch, FrameBatchView) else pixel_format_from_proto(batch.pixel_format)
+    )
+    if width < 0 or height < 0 or (batch.frames and (width == 0 or height == 0)):
         raise InvalidArgument(f"frame batch has invalid size {width}x{height}")
-    expected = width * height * 3
+    shape = frame_shape(pixel_format, width, height)
+    if not batch.frames:
+        return np.zeros((0, *shape), np.uint8), [], []
+    expected = frame_bytes(pixel_format, width, height)
     for frame in batch.frames:
-        if len(frame.rgb) != expected:
+        if len(frame.pixels) != expected:
             raise InvalidArgument(
-                f"frame {frame.index} has {len(frame.rgb)} bytes, expected {expected} for {width}x{height} RGB"
+                f"frame {frame.index} has {len(frame.pixels)} bytes, expected {expected} for {width}x{height} "
+                f"{pixel_format}"
             )
     indices, stamps = [f.index for f in batch.frames], [f.pts for f in batch.frames]
     if not copy and len(batch.frames) == 1:
-        return np.frombuffer(batch.frames[0].rgb, np.uint8).reshape(1, height, width, 3), indices, stamps
-    buffer = np.empty((len(batch.frames), height, width, 3), np.uint8)
-    for slot, pixels in enumerate(frame.rgb for frame in batch.frames):
-        buffer[slot] = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)
+        return np.frombuffer(batch.frames[0].pixels, np.uint8).reshape(1, *shape), indices, stamps
+    buffer = np.empty((len(batch.frames), *shape), np.uint8)
+    for slot, pixels in enumerate(frame.pixels for frame in batch.frames):
+        buffer[slot] = np.frombuffer(pixels, np.uint8).reshape(shape)
     return buffer, indices, stamps
+
+
+def unpack_rgb_frames(batch: common_pb2.FrameBatch | FrameBatchView) -> tuple[Frames, list[int], list[int]]:
+    """unpack_frames's frames as (n, H, W, 3) RGB whatever the batch carried, for receivers that read colours."""
+    frames, indices, stamps = unpack_frames(batch)
+    if batch.frames and describe_frames(frames)[0] == "nv12":
+        frames = nv12_to_rgb(frames)
+    return frames, indices, stamps

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.common.pixel_formats import PixelFormat, describe_frames, pixel_format_from_proto, pixel_format_to_proto
 from swapline.common.v1 import common_pb2
 
 _BATCH_FIELDS = common_pb2.FrameBatch.DESCRIPTOR.fields_by_name
-_BATCH_WIDTH, _BATCH_HEIGHT, _BATCH_FRAMES = (_BATCH_FIELDS[name].number for name in ("width", "height", "frames"))
+_BATCH_WIDTH, _BATCH_HEIGHT, _BATCH_FRAMES, _BATCH_FORMAT = (
+    _BATCH_FIELDS[name].number for name in ("width", "height", "frames", "pixel_format")
+)
 _FRAME_FIELDS = common_pb2.Frame.DESCRIPTOR.fields_by_name
-_FRAME_INDEX, _FRAME_PTS, _FRAME_RGB = (_FRAME_FIELDS[name].number for name in ("index", "pts", "rgb"))
+_FRAME_INDEX, _FRAME_PTS, _FRAME_PIXELS = (_FRAME_FIELDS[name].number for name in ("index", "pts", "pixels"))
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 _UINT64 = 1 << 64
 
@@ -30,7 +33,8 @@ Buffer = bytes | memoryview
 
 @dataclass(frozen=True)
 class FrameRun:
-    """Frames to send as one FrameBatch: (n, H, W, 3) uint8 RGB with their indices and timestamps."""
+    """Frames to send as one FrameBatch: (n, H, W, 3) uint8 RGB or (n, H * 3 / 2, W) NV12 (pixel_formats), with their
+    indices and timestamps."""
 
     frames: np.ndarray
     indices: Sequence[int]
@@ -41,7 +45,7 @@ class FrameRun:
 class FrameView:
     index: int
     pts: int
-    rgb: memoryview
+    pixels: memoryview
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class FrameBatchView:
     width: int
     height: int
     frames: list[FrameView]
+    pixel_format: PixelFormat = "rgb24"
 
 
 def _varint(value: int) -> bytes:
@@ -79,18 +84,18 @@ def _length_prefix(field: int, length: int) -> bytes:
 def frame_batch_parts(run: FrameRun) -> tuple[list[Buffer], int]:
     """The serialised FrameBatch as pieces to join (the pixels uncopied) and its total length."""
     frames = run.frames
-    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
-        raise InvalidArgument(f"frames must be (count, height, width, 3) uint8, got {frames.shape} {frames.dtype}")
+    pixel_format, width, height = describe_frames(frames)
     if len(run.indices) != len(frames):
         raise InvalidArgument(f"{len(frames)} frames but {len(run.indices)} indices")
     stamps = run.pts if run.pts is not None else [0] * len(frames)
-    height, width = frames.shape[1:3]
     parts: list[Buffer] = [_varint_field(_BATCH_WIDTH, width) + _varint_field(_BATCH_HEIGHT, height)]
     for frame, index, stamp in zip(frames, run.indices, stamps, strict=True):
         pixels = np.ascontiguousarray(frame).reshape(-1).data
         head = _varint_field(_FRAME_INDEX, int(index)) + _varint_field(_FRAME_PTS, int(stamp))
-        head += _length_prefix(_FRAME_RGB, len(pixels)) if len(pixels) else b""
+        head += _length_prefix(_FRAME_PIXELS, len(pixels)) if len(pixels) else b""
         parts += [_length_prefix(_BATCH_FRAMES, len(head) + len(pixels)) + head, pixels]
+    # After the frames, in field order, as the generated serialiser writes it.
+    parts.append(_varint_field(_BATCH_FORMAT, pixel_format_to_proto(pixel_format)))
     return parts, sum(len(part) for part in parts)
 
 
@@ -157,28 +162,30 @@ def iter_fields(data: Buffer) -> Iterator[tuple[int, int | memoryview]]:
 
 def _parse_frame(data: memoryview) -> FrameView:
     index = pts = 0
-    rgb = memoryview(b"")
+    pixels = memoryview(b"")
     for field, value in iter_fields(data):
         if field == _FRAME_INDEX and isinstance(value, int):
             index = _signed64(value)
         elif field == _FRAME_PTS and isinstance(value, int):
             pts = _signed64(value)
-        elif field == _FRAME_RGB and isinstance(value, memoryview):
-            rgb = value
-    return FrameView(index=index, pts=pts, rgb=rgb)
+        elif field == _FRAME_PIXELS and isinstance(value, memoryview):
+            pixels = value
+    return FrameView(index=index, pts=pts, pixels=pixels)
 
 
 def parse_frame_batch(data: Buffer) -> FrameBatchView:
-    width = height = 0
+    width = height = pixel_format = 0
     frames: list[FrameView] = []
     for field, value in iter_fields(data):
         if field == _BATCH_WIDTH and isinstance(value, int):
             width = _signed64(value)
         elif field == _BATCH_HEIGHT and isinstance(value, int):
             height = _signed64(value)
+        elif field == _BATCH_FORMAT and isinstance(value, int):
+            pixel_format = value
         elif field == _BATCH_FRAMES and isinstance(value, memoryview):
             frames.append(_parse_frame(value))
-    return FrameBatchView(width=width, height=height, frames=frames)
+    return FrameBatchView(width, height, frames, pixel_format_from_proto(pixel_format))
 
 
 def split_frame_batch_field(field: int, data: Buffer) -> tuple[FrameBatchView | None, bytes]:

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.errors import FailedPrecondition
 from services.common.input_limits import InputLimits
+from services.common.pixel_formats import PixelFormat
 from services.decoder.frame_reader import FrameBatch, iter_frame_batches
 from services.decoder.nvdec_reader import (
     NVDEC_MODULE,
@@ -177,6 +178,7 @@ def iter_decoded_batches(
     limits: InputLimits,
     max_batch_bytes: int,
     *,
+    pixel_format: PixelFormat = "rgb24",
     gpu_id: int = 0,
     open_decoder: NvdecOpener = open_simple_decoder,
 ) -> Generator[FrameBatch, None, None]:
@@ -187,9 +189,9 @@ def iter_decoded_batches(
     """
     pyav = (path, start_frame, seek_pts, frame_count, batch_size, limits, max_batch_bytes)
     if backend.active == "cpu":
-        yield from iter_frame_batches(*pyav)
+        yield from iter_frame_batches(*pyav, pixel_format=pixel_format)
         return
-    nvdec = iter_nvdec_frame_batches(*pyav, gpu_id=gpu_id, open_decoder=open_decoder)
+    nvdec = iter_nvdec_frame_batches(*pyav, pixel_format=pixel_format, gpu_id=gpu_id, open_decoder=open_decoder)
     if backend.requested == "nvdec":
         yield from nvdec
         return
@@ -206,7 +208,7 @@ def iter_decoded_batches(
                 # The failure's message names the file.
                 log.log(level, "decoding with PyAV instead of NVDEC (%s): %s", reason, failure)
                 PYAV_FALLBACKS.labels(reason).inc()
-                yield from _without_first(iter_frame_batches(*pyav), delivered)
+                yield from _without_first(iter_frame_batches(*pyav, pixel_format=pixel_format), delivered)
                 return
             delivered += len(batch[1])
             yield batch

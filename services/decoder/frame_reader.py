@@ -1,4 +1,4 @@
-"""Decodes one keyframe-aligned frame range of a media file into batches of RGB frames."""
+"""Decodes one keyframe-aligned frame range of a media file into batches of RGB or NV12 frames (pixel_formats)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
+from services.common.pixel_formats import PixelFormat, fits_nv12, frame_bytes, frame_shape
 from services.decoder.media_probe import (
     check_picture_size,
     opening_options,
@@ -23,7 +24,7 @@ from services.decoder.media_probe import (
 # A batch of frames is at most this large unless a single frame is larger.
 DEFAULT_MAX_BATCH_BYTES = 256 * 1024 * 1024
 
-FrameBatch = tuple[Frames, list[int], list[int]]  # (frames (n, H, W, 3) RGB, indices, pts)
+FrameBatch = tuple[Frames, list[int], list[int]]  # (frames in one pixel format, indices, pts)
 
 
 def _decoded_frames(
@@ -52,6 +53,11 @@ def ends_short_message(name: str, next_index: int, end_index: int, frame_count: 
     )
 
 
+def served_format(asked: PixelFormat, width: int, height: int) -> PixelFormat:
+    """The layout a request's frames come in: as asked, except RGB for a picture NV12 cannot hold (odd sides)."""
+    return asked if asked == "rgb24" or fits_nv12(width, height) else "rgb24"
+
+
 def batch_frames(batch_size: int, frame_count: int, frame_bytes: int, max_batch_bytes: int) -> int:
     """Frames per batch: as asked, but never past the range, nor past max_batch_bytes (at least one)."""
     return max(1, min(batch_size, frame_count, max_batch_bytes // max(1, frame_bytes)))
@@ -65,8 +71,10 @@ def iter_frame_batches(
     batch_size: int,
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    pixel_format: PixelFormat = "rgb24",
 ) -> Generator[FrameBatch, None, None]:
-    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time.
+    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, in pixel_format
+    (served_format: RGB where NV12 does not fit the picture).
 
     seek_pts is the presentation timestamp of start_frame as Probe reported it: decoding seeks
     back to the keyframe at or before it, and frames before it are dropped, so a range may start
@@ -83,13 +91,14 @@ def iter_frame_batches(
         stream.codec_context.options = {"max_pixels": str(picture_pixel_limit(container, limits))}
         stream.thread_type = "AUTO"
         width, height = stream.codec_context.width, stream.codec_context.height
-        frames_per_batch = batch_frames(batch_size, frame_count, width * height * 3, max_batch_bytes)
+        served = served_format(pixel_format, width, height)
+        frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes(served, width, height), max_batch_bytes)
         next_index = start_frame
         end_index = start_frame + frame_count
         try:
             if start_frame > 0:
                 container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
-            buffer = np.empty((frames_per_batch, height, width, 3), np.uint8)
+            buffer = np.empty((frames_per_batch, *frame_shape(served, width, height)), np.uint8)
             indices: list[int] = []
             stamps: list[int] = []
             for frame in _decoded_frames(container, stream):
@@ -102,7 +111,9 @@ def iter_frame_batches(
                     raise InvalidArgument(
                         f"{name} changes size at frame {next_index} ({width}x{height} -> {frame.width}x{frame.height})"
                     )
-                buffer[len(indices)] = frame.to_ndarray(format="rgb24")
+                # NV12 is limited range whatever the source's (a JPEG-range yuvj420p clip, a PNG): what the
+                # worker and the encoder read it as. The RGB conversion takes the source's range into account.
+                buffer[len(indices)] = frame.to_ndarray(format=served, dst_color_range="MPEG")
                 indices.append(next_index)
                 stamps.append(pts)
                 next_index += 1

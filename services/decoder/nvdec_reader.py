@@ -1,4 +1,4 @@
-"""Decodes one keyframe-aligned frame range on NVDEC (PyNvVideoCodec) into batches of RGB frames in host memory.
+"""Decodes one keyframe-aligned frame range on NVDEC (PyNvVideoCodec) into batches of RGB or NV12 frames in host memory.
 
 The contract is frame_reader.iter_frame_batches's: the same arguments, the same checks, the same
 (frames (n, H, W, 3) RGB, indices, pts) batches and the same messages. The headers are read with PyAV
@@ -7,7 +7,9 @@ refused (NvdecUnsupported) without opening a decoder session.
 
 Written against PyNvVideoCodec 2.2's SimpleDecoder, as documented in the API reference
 (https://docs.nvidia.com/video-technologies/pynvvideocodec/pynvc-api-reference/index.html, "SimpleDecoder"):
-- output_color_type=OutputColorType.RGB gives interleaved RGB (H, W, 3) frames, converted on the GPU;
+- output_color_type=OutputColorType.RGB gives interleaved RGB (H, W, 3) frames, converted on the GPU, and
+  OutputColorType.NATIVE the decoder's own NV12 surface (H * 3 / 2 rows of W bytes, 1.5 bytes a pixel: seen on
+  the H200 machine), which halves the copy to the host and needs no conversion;
 - use_device_memory=False copies each converted frame to host memory, which is read through
   DecodedFrame.GetPtrToPlane(0) and framesize(), as the library's SimpleDecoder samples read host frames;
 - seek_to_index(i) then get_batch_frames(n) returns frames i .. i + n - 1 (fewer at the end of the stream),
@@ -16,7 +18,11 @@ Written against PyNvVideoCodec 2.2's SimpleDecoder, as documented in the API ref
   NVDEC's units where PyAV says 0 (seen on the H200 machine, 2026-12-01). The reader therefore maps
   NVDEC's timestamps onto PyAV's by the stream's own shift: the stream's start time in the headers
   less NVDEC's timestamp of frame 0;
-- a frame's memory belongs to the decoder and is reused by its next call, so it is copied out at once.
+- a frame's memory belongs to the decoder and is reused by its next call, so it is copied out at once;
+- reconfigure_decoder(path) points an open decoder at another file, keeping its NVDEC session. A new session
+  costs its first decode about 80 ms (25 frames of 1080p: 147 ms in a new session, 69 ms in a reconfigured one,
+  `python -m services.bench.nvdec_profile` on the H200 machine), a third of a one-second chunk's decode, so
+  finished decoders wait in a pool (DecoderPool) for the next request.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
+from services.common.pixel_formats import PixelFormat, frame_bytes, frame_shape
 from services.decoder.frame_reader import (
     DEFAULT_MAX_BATCH_BYTES,
     FrameBatch,
@@ -41,6 +48,7 @@ from services.decoder.frame_reader import (
     check_frame_range,
     ends_short_message,
     seek_mismatch_message,
+    served_format,
 )
 from services.decoder.media_probe import check_picture_size, opening_options, video_stream
 
@@ -50,6 +58,8 @@ NVDEC_CODECS = frozenset({"h264", "hevc", "av1"})
 # 8-bit 4:2:0 decodes to NV12 surfaces, whose RGB conversion gives uint8 frames like PyAV's rgb24; 10-bit,
 # 4:2:2 and 4:4:4 streams stay on PyAV rather than depend on how each GPU generation converts them.
 NVDEC_PIXEL_FORMATS = frozenset({"yuv420p", "yuvj420p"})
+# FFmpeg's AVCOL_RANGE_JPEG, as PyAV's codec context gives color_range.
+FULL_RANGE = 2
 
 ResultT = TypeVar("ResultT")
 ArgumentsP = ParamSpec("ArgumentsP")
@@ -68,7 +78,7 @@ class NvdecDecodeError(InvalidArgument):
 
 
 class NvdecFrame(Protocol):
-    """The part of PyNvVideoCodec's DecodedFrame this reader uses (host memory, RGB)."""
+    """The part of PyNvVideoCodec's DecodedFrame this reader uses (host memory, RGB or NV12)."""
 
     @property
     def timestamp(self) -> int: ...
@@ -87,17 +97,72 @@ class NvdecSource(Protocol):
 
     def get_batch_frames(self, batch_size: int) -> Sequence[NvdecFrame]: ...
 
-
-# (path, gpu_id) -> an open decoder; tests hand in one that serves PyAV's frames.
-NvdecOpener = Callable[[Path, int], NvdecSource]
+    def reconfigure_decoder(self, new_source: str) -> None: ...
 
 
-def open_simple_decoder(path: Path, gpu_id: int) -> NvdecSource:
+# (path, gpu_id, pixel format) -> an open decoder; tests hand in one that serves PyAV's frames.
+NvdecOpener = Callable[[Path, int, PixelFormat], NvdecSource]
+# PyNvVideoCodec's OutputColorType member for each layout.
+_OUTPUT_COLOURS: dict[PixelFormat, str] = {"rgb24": "RGB", "nv12": "NATIVE"}
+
+
+def open_simple_decoder(path: Path, gpu_id: int, pixel_format: PixelFormat) -> NvdecSource:
     nvc = importlib.import_module(NVDEC_MODULE)
-    source: NvdecSource = nvc.SimpleDecoder(
-        str(path), gpu_id=gpu_id, use_device_memory=False, output_color_type=nvc.OutputColorType.RGB
-    )
+    colour = getattr(nvc.OutputColorType, _OUTPUT_COLOURS[pixel_format])
+    source: NvdecSource = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=False, output_color_type=colour)
     return source
+
+
+# Idle decoders kept per GPU and layout: a decoder process serves about this many chunks at once.
+POOLED_DECODERS = 16
+PoolKey = tuple[int, PixelFormat]
+
+
+class DecoderPool:
+    """Decoders that finished a request cleanly, kept with their NVDEC sessions for the next one.
+
+    A request takes one and points it at its file (reconfigure_decoder), or opens a new one when none waits or
+    repointing fails; only a decoder whose request ran to its end comes back, so one left mid-stream by an error
+    or a cancelled call is dropped with its state.
+    """
+
+    def __init__(self, size: int = POOLED_DECODERS) -> None:
+        self._size = size
+        self._idle: dict[PoolKey, list[NvdecSource]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, path: Path, gpu_id: int, pixel_format: PixelFormat, open_decoder: NvdecOpener) -> NvdecSource:
+        name = shown_name(path)
+        with self._lock:
+            idle = self._idle.get((gpu_id, pixel_format), [])
+            source = idle.pop() if idle else None
+        if source is not None:
+            try:
+                source.reconfigure_decoder(str(path))
+                return source
+            except Exception:  # the library's own classes; a fresh session below gets the file's real verdict
+                source = None
+        opened: NvdecSource = _calling_nvdec(
+            NvdecOpenError, f"{name}: NVDEC on GPU {gpu_id} could not open it", open_decoder, path, gpu_id, pixel_format
+        )
+        return opened
+
+    def keep(self, source: NvdecSource, gpu_id: int, pixel_format: PixelFormat) -> None:
+        with self._lock:
+            idle = self._idle.setdefault((gpu_id, pixel_format), [])
+            if len(idle) < self._size:
+                idle.append(source)
+
+    def idle(self) -> int:
+        with self._lock:
+            return sum(len(sources) for sources in self._idle.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+DECODERS = DecoderPool()
 
 
 @dataclass(frozen=True)
@@ -108,6 +173,8 @@ class StreamHeader:
     pixel_format: str | None
     # The first frame's presentation timestamp as PyAV gives it (edit list applied); None when unknown.
     start_pts: int | None = None
+    # JPEG-range luma and chroma (yuvj420p, or a stream tagged full range), which NVDEC's NV12 keeps as it is.
+    full_range: bool = False
 
 
 def read_stream_header(path: Path, limits: InputLimits) -> StreamHeader:
@@ -117,16 +184,22 @@ def read_stream_header(path: Path, limits: InputLimits) -> StreamHeader:
         check_picture_size(container, stream, path, limits)
         context = stream.codec_context
         pixel_format = context.format.name if context.format is not None else None
-        start = stream.start_time
-        return StreamHeader(context.width, context.height, context.name, pixel_format, start)
+        full_range = pixel_format == "yuvj420p" or context.color_range == FULL_RANGE
+        return StreamHeader(context.width, context.height, context.name, pixel_format, stream.start_time, full_range)
 
 
-def nvdec_refusal(codec: str, pixel_format: str | None) -> str | None:
-    """Why NVDEC does not take a stream of this codec and pixel format, or None when it does."""
+def nvdec_refusal(
+    codec: str, pixel_format: str | None, full_range: bool = False, served: PixelFormat = "rgb24"
+) -> str | None:
+    """Why NVDEC does not take a stream of this codec and pixel format for frames served as `served`, or None when
+    it does."""
     if codec not in NVDEC_CODECS:
         return f"its codec is {codec}; NVDEC here decodes {', '.join(sorted(NVDEC_CODECS))}"
     if pixel_format not in NVDEC_PIXEL_FORMATS:
         return f"its pixel format is {pixel_format}; NVDEC here decodes 8-bit 4:2:0 only"
+    if full_range and served == "nv12":
+        # NV12 between services is limited range (common.proto); PyAV converts the range, NVDEC's surface keeps it.
+        return "it is full range, and NV12 frames are served in limited range"
     return None
 
 
@@ -148,10 +221,10 @@ def _calling_nvdec(
         raise error(f"{message} ({type(failure).__name__}: {failure})") from None
 
 
-def _host_frame(frame: NvdecFrame, frame_bytes: int) -> np.ndarray:
+def _host_frame(frame: NvdecFrame, size: int) -> np.ndarray:
     """A view of a host-memory frame: valid only until the decoder's next call."""
     address = frame.GetPtrToPlane(0)
-    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), shape=(frame_bytes,))
+    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), shape=(size,))
 
 
 SHIFT_CACHE_SIZE = 256
@@ -243,10 +316,13 @@ def iter_nvdec_frame_batches(
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     *,
+    pixel_format: PixelFormat = "rgb24",
     gpu_id: int = 0,
     open_decoder: NvdecOpener = open_simple_decoder,
+    pool: DecoderPool = DECODERS,
 ) -> Generator[FrameBatch, None, None]:
-    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, from NVDEC.
+    """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, from NVDEC, in
+    pixel_format (frame_reader.served_format: RGB where NV12 does not fit the picture).
 
     Raises NvdecUnsupported or NvdecOpenError before the first frame when NVDEC cannot take the file,
     NvdecDecodeError (an InvalidArgument) when decoding fails or ends short, and InvalidArgument for a bad
@@ -255,16 +331,31 @@ def iter_nvdec_frame_batches(
     check_frame_range(start_frame, frame_count, batch_size)
     name = shown_name(path)
     header = read_stream_header(path, limits)
-    refusal = nvdec_refusal(header.codec, header.pixel_format)
+    width, height = header.width, header.height
+    served = served_format(pixel_format, width, height)
+    refusal = nvdec_refusal(header.codec, header.pixel_format, header.full_range, served)
     if refusal is not None:
         raise NvdecUnsupported(f"{name} cannot be decoded on NVDEC: {refusal}")
+    frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes(served, width, height), max_batch_bytes)
+    source = pool.take(path, gpu_id, served, open_decoder)
+    yield from _decoded_range(source, header, path, start_frame, seek_pts, frame_count, frames_per_batch, served)
+    pool.keep(source, gpu_id, served)
+
+
+def _decoded_range(
+    source: NvdecSource,
+    header: StreamHeader,
+    path: Path,
+    start_frame: int,
+    seek_pts: int,
+    frame_count: int,
+    frames_per_batch: int,
+    served: PixelFormat,
+) -> Generator[FrameBatch, None, None]:
+    name = shown_name(path)
     width, height = header.width, header.height
-    frame_bytes = width * height * 3
-    frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes, max_batch_bytes)
+    size, shape = frame_bytes(served, width, height), frame_shape(served, width, height)
     end_index = start_frame + frame_count
-    source = _calling_nvdec(
-        NvdecOpenError, f"{name}: NVDEC on GPU {gpu_id} could not open it", open_decoder, path, gpu_id
-    )
     available = _calling_nvdec(NvdecOpenError, f"{name}: NVDEC could not count its frames", len, source)
     if start_frame >= available:
         raise NvdecDecodeError(ends_short_message(name, start_frame, end_index, frame_count))
@@ -284,7 +375,7 @@ def iter_nvdec_frame_batches(
         )
         if len(decoded) < wanted:
             raise NvdecDecodeError(ends_short_message(name, next_index + len(decoded), end_index, frame_count))
-        buffer = np.empty((wanted, height, width, 3), np.uint8)
+        buffer = np.empty((wanted, *shape), np.uint8)
         indices: list[int] = []
         stamps: list[int] = []
         for frame in decoded[:wanted]:
@@ -295,12 +386,12 @@ def iter_nvdec_frame_batches(
                 raise NvdecDecodeError(
                     f"{name} is truncated or corrupt at frame {next_index}: NVDEC gave pts {pts} after {previous_pts}"
                 )
-            if frame.framesize() != frame_bytes:
+            if frame.framesize() != size:
                 raise NvdecDecodeError(
-                    f"{name} changes size at frame {next_index} ({width}x{height} RGB is {frame_bytes} bytes, "
+                    f"{name} changes size at frame {next_index} ({width}x{height} {served} is {size} bytes, "
                     f"NVDEC gave {frame.framesize()})"
                 )
-            buffer[len(indices)] = _host_frame(frame, frame_bytes).reshape(height, width, 3)
+            buffer[len(indices)] = _host_frame(frame, size).reshape(shape)
             indices.append(next_index)
             stamps.append(pts)
             previous_pts = pts

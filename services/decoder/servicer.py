@@ -12,6 +12,7 @@ from services.common.frame_codec import frame_runs
 from services.common.frame_wire import FrameRun
 from services.common.media_info import MediaInfo, media_info_to_proto
 from services.common.media_paths import existing_media_path
+from services.common.pixel_formats import pixel_format_from_proto
 from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
 from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import NvdecOpener, open_simple_decoder
@@ -49,6 +50,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[FrameRun]:
         """FrameRuns, which frame_streams.register_decoder writes as FrameBatch messages."""
+        pixel_format = pixel_format_from_proto(request.pixel_format)
         path = await asyncio.to_thread(self._media_path, request.uri)
         batches = iter_decoded_batches(
             self._backend,
@@ -59,6 +61,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             batch_size=request.batch_size or self._settings.default_batch_size,
             limits=self._limits,
             max_batch_bytes=self._settings.max_batch_bytes,
+            pixel_format=pixel_format,
             gpu_id=self._settings.gpu_id,
             open_decoder=self._open_decoder,
         )

@@ -10,7 +10,7 @@ import grpc
 
 from services.common.errors import InvalidArgument
 from services.common.face_types import frames_faces_to_proto
-from services.common.frame_codec import unpack_frames
+from services.common.frame_codec import unpack_rgb_frames
 from services.common.frame_streams import DetectFrames, register_detector
 from services.common.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
@@ -35,7 +35,7 @@ class DetectorServicer(detector_pb2_grpc.DetectorServiceServicer):
         if options.min_score < 0:
             raise InvalidArgument(f"min_score {options.min_score} is negative")
         detector = await self._for_model(options.model)
-        frames, indices, _ = unpack_frames(request.frames)
+        frames, indices, _ = unpack_rgb_frames(request.frames)
         tally = FallbackTally()
         token = REQUEST_FALLBACKS.set(tally)
         try:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Protocol
 
 import av
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from services.common.encode_options import MAX_FRAME_PIXELS, X264Preset
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.media_opener import shown_name
-from services.encoder.segment_writer import SegmentWriter, VideoTrack, is_image_path, rgb_to_i420
+from services.common.pixel_formats import rgb_to_nv12
+from services.encoder.segment_writer import SegmentWriter, VideoTrack, is_image_path
 
 NVENC_MODULE = "PyNvVideoCodec"
 # NVENC's H.264 encoder takes frames up to 4096 on each side.
@@ -93,19 +93,6 @@ def open_session(
     return nvenc.CreateEncoder(width, height, "NV12", True, **nvenc_options(rate, crf, preset))
 
 
-def rgb_to_nv12(frame: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """NV12 as one flat array: the Y plane, then U and V interleaved at half size, as NVENC takes from host memory."""
-    height, width = frame.shape[:2]
-    i420 = rgb_to_i420(frame)
-    nv12 = np.empty_like(i420)
-    nv12[:height] = i420[:height]
-    # Below the luma rows I420 holds the U plane, then the V plane; NV12 holds them pairwise, U first.
-    # cv2.merge interleaves them ten times faster than a numpy transpose.
-    u, v = i420[height:].reshape(2, height // 2, width // 2)
-    nv12[height:].reshape(height // 2, width // 2, 2)[:] = cv2.merge([u, v])
-    return nv12.reshape(-1)
-
-
 class NvencTrack:
     """An NVENC session feeding an MP4 stream; its bitstream is cut into frames by FFmpeg's H.264 parser."""
 
@@ -119,7 +106,9 @@ class NvencTrack:
         self._muxed = 0
 
     def add(self, frame: NDArray[np.uint8], index: int) -> None:
-        self._mux(self._session.Encode(rgb_to_nv12(frame)))
+        # NVENC takes NV12 from host memory as one flat array.
+        nv12 = frame if frame.ndim == 2 else rgb_to_nv12(frame)
+        self._mux(self._session.Encode(nv12.reshape(-1)))
 
     def _mux(self, bitstream: bytes | None) -> None:
         """Muxes the whole frames in `bitstream`; None flushes the parser's last frame."""

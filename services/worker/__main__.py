@@ -13,13 +13,13 @@ from services.common.frame_streams import decoder_stub, detector_stub, encoder_s
 from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import configure_logging, serve
 from services.common.residency_client import ResidencyClient
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.common.triton_client import TritonClient
 from services.worker.arcface_embedder import ArcFaceEmbedder
 from services.worker.chunk_runner import ChunkRunner, StageStubs, face_warper_for
 from services.worker.face_swapper import FACE_SWAPPER_MODEL, CropTransferSwapper
 from services.worker.lease_loop import LeaseLoop, LeaseLoopSettings
-from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_warp_device
+from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_frame_format, resolve_warp_device
 from services.worker.source_face import JobFaceCache
 from services.worker.swapper_registry import SwapperRegistry
 from swapline.chunks.v1 import chunks_pb2_grpc
@@ -33,6 +33,8 @@ async def run_worker(settings: WorkerSettings) -> None:
     configure_logging(settings.log_level)
     warp_device = resolve_warp_device(settings.device)
     log.info("faces are aligned and pasted back on %s (device setting %s)", warp_device, settings.device)
+    frame_format = resolve_frame_format(settings.frame_format, warp_device)
+    log.info("frames come from the decoder as %s (frame format setting %s)", frame_format, settings.frame_format)
     security = channel_security(settings)
     channels = {
         name: open_channel(target, security, settings.max_message_bytes)
@@ -57,7 +59,7 @@ async def run_worker(settings: WorkerSettings) -> None:
     if settings.residency_target:
         channels["residency"] = open_channel(settings.residency_target, security, settings.max_message_bytes)
         residency = ResidencyClient(channels["residency"])
-    runner = ChunkRunner(settings, stubs, swappers, arcface, residency, JobFaceCache(), warper)
+    runner = ChunkRunner(settings, stubs, swappers, arcface, residency, JobFaceCache(), warper, frame_format)
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)
@@ -83,8 +85,9 @@ async def run_worker(settings: WorkerSettings) -> None:
 
 
 def main() -> None:
+    settings = service_settings("worker", WorkerSettings, SETTINGS_PREFIX)
     keep_frame_buffers()
-    asyncio.run(run_worker(load_settings(WorkerSettings, SETTINGS_PREFIX)))
+    asyncio.run(run_worker(settings))
 
 
 if __name__ == "__main__":

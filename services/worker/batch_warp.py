@@ -14,6 +14,11 @@ Where the frames are on a GPU, the detector's downscaled copy is made there too 
 the same upload that alignment then uses, and crops stay there between alignment and paste-back: the
 swapper's FP16 tensors are made from them and turned back into them on the device (DeviceCropCodec).
 
+Frames may come as NV12 (pixel_formats), as NVDEC decodes and x264 encodes them: half RGB's bytes on the wire
+and up the link. They are turned into RGB on the device after the upload, and only the pasted faces' regions are
+turned back and come down, into the host frame's luma and chroma rows; the rest of the frame stays the decoder's
+bytes.
+
 This module imports torch; the worker imports it only when it warps on CUDA (chunk_runner.face_warper_for).
 """
 
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.common.frame_codec import Frames
+from services.common.pixel_formats import PixelFormat, describe_frames
 from services.worker.face_aligner import HostAlignedFaces, paste_region
 from services.worker.face_swapper import non_finite_outputs
 
@@ -39,6 +45,42 @@ RESIDENT_BATCHES = 8
 # cv2.blendLinear adds this to the weight sum; face_aligner.paste_back floors 1 - alpha at ALPHA_FLOOR.
 BLEND_EPSILON = 1e-5
 ALPHA_FLOOR = 1e-6
+
+
+# BT.601 limited range in OpenCV's 20-bit fixed-point coefficients, so that the device converts as cv2 and the
+# encoder's RGB path do (pixel_formats): luma from RGB, chroma from RGB, and RGB from luma and chroma.
+_FIXED_ONE = float(1 << 20)
+_RGB_TO_Y = torch.tensor([269484, 528482, 102760]) / _FIXED_ONE
+_RGB_TO_U = torch.tensor([-155188, -305135, 460324]) / _FIXED_ONE
+_RGB_TO_V = torch.tensor([460324, -385875, -74448]) / _FIXED_ONE
+_LUMA_SCALE = 1220542 / _FIXED_ONE
+_V_TO_R, _U_TO_G, _V_TO_G, _U_TO_B = (value / _FIXED_ONE for value in (1673527, -409993, -852492, 2116026))
+
+
+def nv12_to_rgb_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """(n, H * 3 / 2, W) uint8 NV12 -> (n, H, W, 3) uint8 RGB on the frames' device, as cv2's COLOR_YUV2RGB_NV12:
+    each chroma pair serves its 2x2 block, and luma below 16 counts as 16."""
+    count, rows, width = frames.shape
+    height = rows * 2 // 3
+    luma = (frames[:, :height].float() - 16.0).clamp_min_(0.0).mul_(_LUMA_SCALE)
+    chroma = frames[:, height:].reshape(count, height // 2, width // 2, 2).float() - 128.0
+    chroma = chroma.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    u, v = chroma.unbind(-1)
+    rgb = torch.stack([luma + _V_TO_R * v, luma + _U_TO_G * u + _V_TO_G * v, luma + _U_TO_B * u], dim=-1)
+    return _to_uint8(rgb)
+
+
+def rgb_to_nv12_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """(n, H, W, 3) uint8 RGB (even H and W) -> (n, H * 3 / 2, W) uint8 NV12 on the frames' device, as cv2's
+    COLOR_RGB2YUV_I420 with its chroma interleaved: chroma from each 2x2 block's top-left pixel."""
+    count, height, width, _ = frames.shape
+    rgb = frames.float()
+    # Weighted sums elementwise, not matrix products, which TF32 would round (see the module's note).
+    weights = [table.to(frames.device) for table in (_RGB_TO_Y, _RGB_TO_U, _RGB_TO_V)]
+    luma = (rgb * weights[0]).sum(-1) + 16.0
+    corners = rgb[:, ::2, ::2]
+    chroma = torch.stack([(corners * weights[1]).sum(-1), (corners * weights[2]).sum(-1)], dim=-1) + 128.0
+    return _to_uint8(torch.cat([luma, chroma.reshape(count, height // 2, width)], dim=1))
 
 
 def _check_frames(frames: torch.Tensor) -> None:
@@ -197,19 +239,35 @@ def paste_batch(
     return frames
 
 
+def _even_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The box grown to even corners, so that it covers whole NV12 chroma pairs (the frame's sides are even)."""
+    x0, y0, x1, y1 = box
+    return x0 - x0 % 2, y0 - y0 % 2, x1 + x1 % 2, y1 + y1 % 2
+
+
 def _download_boxes(frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, size: int, host: Frames) -> None:
-    """Copies each face's paste region of `frames` into `host` in one transfer: nothing else of a frame changed."""
-    height, width = frames.shape[1:3]
+    """Copies each face's paste region of the RGB `frames` into `host` (RGB, or NV12: converted on the device first)
+    in one transfer: nothing else of a frame changed."""
+    pixel_format, width, height = describe_frames(host)
     placed = [(slot, paste_region(matrix, size, height, width)) for slot, matrix in zip(slots, matrices, strict=True)]
-    boxes = [(slot, box) for slot, box in placed if box is not None]
+    boxes = [(slot, box if pixel_format == "rgb24" else _even_box(box)) for slot, box in placed if box is not None]
     if not boxes:
         return
-    pieces = [frames[slot, y0:y1, x0:x1].reshape(-1) for slot, (x0, y0, x1, y1) in boxes]
-    values = torch.cat(pieces).cpu().numpy()
+    regions = [frames[slot : slot + 1, y0:y1, x0:x1] for slot, (x0, y0, x1, y1) in boxes]
+    if pixel_format == "nv12":
+        regions = [rgb_to_nv12_tensor(region) for region in regions]
+    values = torch.cat([region.reshape(-1) for region in regions]).cpu().numpy()
     start = 0
     for slot, (x0, y0, x1, y1) in boxes:
-        end = start + (y1 - y0) * (x1 - x0) * 3
-        host[slot, y0:y1, x0:x1] = values[start:end].reshape(y1 - y0, x1 - x0, 3)
+        box_height, box_width = y1 - y0, x1 - x0
+        if pixel_format == "rgb24":
+            end = start + box_height * box_width * 3
+            host[slot, y0:y1, x0:x1] = values[start:end].reshape(box_height, box_width, 3)
+        else:
+            middle, end = start + box_height * box_width, start + box_height * box_width * 3 // 2
+            host[slot, y0:y1, x0:x1] = values[start:middle].reshape(box_height, box_width)
+            chroma_rows = slice(height + y0 // 2, height + y1 // 2)
+            host[slot, chroma_rows, x0:x1] = values[middle:end].reshape(box_height // 2, box_width)
         start = end
 
 
@@ -263,7 +321,9 @@ class DeviceAlignedFaces:
 class TorchFaceWarper:
     """shrink_batch, align_batch and paste_batch on one device: a batch's frames go up once (for detection),
     its crops stay there for the swapper's conversions, and after the paste only the faces' regions come
-    back into the host frames."""
+    back into the host frames. It takes RGB and NV12 frames, and asks for NV12."""
+
+    pixel_format: PixelFormat = "nv12"
 
     def __init__(self, device: str | torch.device, resident_batches: int = RESIDENT_BATCHES) -> None:
         self.device = torch.device(device)
@@ -279,8 +339,8 @@ class TorchFaceWarper:
             return len(self._resident)
 
     def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
-        width, height = size
-        if (height, width) == frames.shape[1:3]:
+        pixel_format, width, height = describe_frames(frames)
+        if pixel_format == "rgb24" and (width, height) == size:
             return frames
         on_device = self._upload(frames)
         with self._lock:
@@ -303,9 +363,12 @@ class TorchFaceWarper:
         return DeviceAlignedFaces(host, on_device, slots, matrices, align_batch(on_device, slots, matrices, size))
 
     def _upload(self, frames: Frames) -> torch.Tensor:
+        """The frames on the device as (n, H, W, 3) RGB."""
         tensor = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
             # From page-locked memory the copy runs at the link's full speed, beside the thread's next work.
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        # A copy even on the CPU, so the host frames change only where faces are copied back, as on a GPU.
-        return tensor.to(self.device, copy=True)
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        elif frames.ndim == 4:
+            # A copy even on the CPU, so the host frames change only where faces are copied back, as on a GPU.
+            tensor = tensor.to(self.device, copy=True)
+        return nv12_to_rgb_tensor(tensor) if frames.ndim == 3 else tensor

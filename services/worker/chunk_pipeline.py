@@ -30,6 +30,7 @@ from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.job_vocabulary import STAGE_NAMES, StageName
+from services.common.pixel_formats import PixelFormat
 from services.worker.face_aligner import Cv2FaceWarper, alignment_matrix
 from services.worker.face_selector import FaceSelection, select_batch
 from services.worker.face_swapper import CropCodec, FaceSwapper, SourceIdentity
@@ -40,7 +41,7 @@ HOST_WARPER = Cv2FaceWarper()
 
 
 class FrameSource(Protocol):
-    """Batches of (frames (n, H, W, 3) uint8 RGB, their frame indices), in order."""
+    """Batches of (frames in one pixel format (pixel_formats: RGB or NV12), their frame indices), in order."""
 
     def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]: ...
 
@@ -68,12 +69,17 @@ class AlignedFaces(Protocol):
 
 class FaceWarper(Protocol):
     @property
+    def pixel_format(self) -> PixelFormat:
+        """The layout it would rather have frames in; it takes RGB whatever this says."""
+        ...
+
+    @property
     def crop_codec(self) -> CropCodec:
         """Where crops live between `align` and `paste`; the swapper converts them there."""
         ...
 
     def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
-        """The frames resized to (width, height) on the host, for detection. A warper that works on a device
+        """The frames resized to (width, height) as RGB on the host, for detection. A warper that works on a device
         may keep the frames it uploaded for this until they are aligned."""
         ...
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.common.errors import NotFound
 from services.common.face_model_catalog import ARCFACE, imported_models_of, job_models
 from services.common.job_vocabulary import selector_mode_from_proto
+from services.common.pixel_formats import PixelFormat
 from services.common.residency_client import ResidencyClient
 from services.worker.arcface_embedder import SAME_PERSON_DISTANCE, ArcFaceEmbedder
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
@@ -47,8 +48,11 @@ class ChunkRunner:
         residency: ResidencyClient | None,
         faces: JobFaceCache,
         warper: FaceWarper,
+        frame_format: PixelFormat = "rgb24",
     ) -> None:
         self._settings = settings
+        # What the decoder is asked for (settings.resolve_frame_format); the encoder gets what the worker holds.
+        self._frame_format = frame_format
         self._stubs = stubs
         self._swappers = swappers
         self._arcface = arcface
@@ -107,6 +111,7 @@ class ChunkRunner:
             frame_count=lease.frame_count,
             batch_size=self._settings.batch_size,
             timeout_seconds=self._stage_timeout,
+            pixel_format=self._frame_format,
         )
         async with EncoderSegmentSink(
             self._stubs.encoder, segment_header(lease), self._stage_timeout, first_index=lease.start_frame

@@ -15,6 +15,7 @@ import numpy as np
 
 from services.common.face_geometry import CROP_SIZE, FIVE_POINT_TEMPLATE, template_points
 from services.common.frame_codec import Frames
+from services.common.pixel_formats import PixelFormat
 from services.worker.face_swapper import HOST_CROPS, HostCropCodec
 
 # (frames, (width, height)) -> the frames resized to that size, for detection.
@@ -115,6 +116,8 @@ class Cv2FaceWarper:
     """OpenCV, one face at a time on the host: the faster choice where there is no GPU."""
 
     crop_codec: HostCropCodec = HOST_CROPS
+    # OpenCV warps RGB; the worker refuses NV12 frames for it at start-up (settings.frame_format_for).
+    pixel_format: PixelFormat = "rgb24"
 
     def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
         return downscale_frames(frames, size)

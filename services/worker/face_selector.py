@@ -17,6 +17,7 @@ from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
 from services.common.job_vocabulary import SelectorMode
+from services.common.pixel_formats import describe_frames, nv12_to_rgb
 from services.worker.arcface_embedder import ArcFaceEmbedder, identity_distance, unit_length
 from services.worker.face_aligner import align_face
 from services.worker.face_embedder import SAME_FACE_DISTANCE, descriptor_distance, face_descriptor
@@ -87,6 +88,9 @@ async def select_batch(
 ) -> list[list[DetectedFace]]:
     """select_faces over a batch; by ArcFace, the batch's faces go to the recogniser in one request."""
     embedder, reference = selection.arcface, selection.reference
+    if selection.mode == "reference" and len(frames) and describe_frames(frames)[0] == "nv12":
+        # Faces are compared on the host, in RGB.
+        frames = await asyncio.to_thread(nv12_to_rgb, frames)
     if selection.mode != "reference" or embedder is None or reference is None:
         return await asyncio.to_thread(_select_each, frames, faces, selection)
     placed, crops = await asyncio.to_thread(_faces_cut, frames, faces, embedder.layout)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.common.errors import FailedPrecondition
+from services.common.pixel_formats import PixelFormat
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
 
@@ -18,6 +19,10 @@ SETTINGS_PREFIX = "SWAPLINE_WORKER_"
 WarpDevice = Literal["cpu", "cuda"]
 # "auto": CUDA where torch imports and sees a GPU, the host otherwise.
 WarpDeviceSetting = Literal["auto", WarpDevice]
+# How frames cross from the decoder, through the worker, to the encoder (pixel_formats). "auto": NV12 where faces
+# are warped on a GPU (half RGB's bytes each hop, no colour conversion in the decoder or the encoder), RGB where
+# OpenCV warps them on the host.
+FrameFormatSetting = Literal["auto", PixelFormat]
 # The NVIDIA driver's control device, present on every machine and container that can reach a GPU.
 NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")
 
@@ -54,6 +59,7 @@ class WorkerSettings(ServerSettings):
     # Where faces are aligned and pasted back. Without a GPU, OpenCV is the faster way: at 1080p it took
     # 1.8 ms a frame with one face and 6.8 with six, torch on the same CPU 14 and 35 (2-core VM).
     device: WarpDeviceSetting = "auto"
+    frame_format: FrameFormatSetting = "auto"
 
 
 def cuda_unavailable_reason() -> str:
@@ -81,3 +87,15 @@ def resolve_warp_device(setting: WarpDeviceSetting) -> WarpDevice:
     if setting == "cuda" and reason:
         raise FailedPrecondition(f"{SETTINGS_PREFIX}DEVICE=cuda, but {reason}")
     return "cpu" if reason else "cuda"
+
+
+def resolve_frame_format(setting: FrameFormatSetting, device: WarpDevice) -> PixelFormat:
+    """The layout the worker asks the decoder for, checked at start-up: OpenCV on the host warps RGB only."""
+    if setting == "auto":
+        return "nv12" if device == "cuda" else "rgb24"
+    if setting == "nv12" and device == "cpu":
+        raise FailedPrecondition(
+            f"{SETTINGS_PREFIX}FRAME_FORMAT=nv12 needs faces warped on a GPU ({SETTINGS_PREFIX}DEVICE=cuda): "
+            "NV12 frames are turned into RGB where faces are warped; set it to rgb24 or auto"
+        )
+    return setting

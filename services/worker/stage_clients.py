@@ -25,6 +25,7 @@ from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpa
 from services.common.frame_streams import DetectFrames
 from services.common.frame_wire import FrameRun
 from services.common.input_limits import excerpt
+from services.common.pixel_formats import PixelFormat, describe_frames, pixel_format_to_proto
 from services.worker.face_aligner import FrameShrinker, downscale_frames
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
@@ -58,7 +59,8 @@ def stage_error(service: str, error: grpc.aio.AioRpcError) -> SwaplineError:
 
 
 class DecoderFrameSource:
-    """Streams one frame range from DecoderService.Decode (frame_streams.decoder_stub) as (frames, indices) batches."""
+    """Streams one frame range from DecoderService.Decode (frame_streams.decoder_stub) as (frames, indices) batches,
+    asking for `pixel_format` (the decoder may answer RGB: the frames' shape says which they are)."""
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class DecoderFrameSource:
         frame_count: int,
         batch_size: int,
         timeout_seconds: float,
+        pixel_format: PixelFormat = "rgb24",
     ) -> None:
         self._stub = stub
         self._timeout_seconds = timeout_seconds
@@ -78,6 +81,7 @@ class DecoderFrameSource:
             seek_pts=seek_pts,
             frame_count=frame_count,
             batch_size=batch_size,
+            pixel_format=pixel_format_to_proto(pixel_format),
         )
 
     async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
@@ -151,11 +155,12 @@ class DetectorFaceFinder:
         self._shrink = shrink
 
     async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
-        count, height, width = frames.shape[:3]
+        count = len(frames)
         if count == 0:
             return []
+        _, width, height = describe_frames(frames)
         small_width, small_height = detection_size(width, height, self._max_side)
-        request = await asyncio.to_thread(self._request, frames, (small_width, small_height))
+        request = await asyncio.to_thread(self._request, frames, width, (small_width, small_height))
         try:
             response = await self._stub.Detect(request, timeout=self._timeout_seconds, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
@@ -169,11 +174,11 @@ class DetectorFaceFinder:
             found[message.frame_index] = [scale_face(face, scale_x, scale_y) for face in faces]
         return found
 
-    def _request(self, frames: Frames, size: tuple[int, int]) -> DetectFrames[FrameRun]:
+    def _request(self, frames: Frames, width: int, size: tuple[int, int]) -> DetectFrames[FrameRun]:
         small = self._shrink(frames, size)
         min_face = self._min_face_size
         if min_face > 0:
-            min_face = max(1, round(min_face * size[0] / frames.shape[2]))
+            min_face = max(1, round(min_face * size[0] / width))
         return DetectFrames(
             FrameRun(small, list(range(len(small)))),
             detector_pb2.DetectRequest(min_face_size=min_face, model=self._model),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,7 +14,10 @@ from services.common.frame_codec import (
     pack_frames,
     regroup_frames,
     unpack_frames,
+    unpack_rgb_frames,
 )
+from services.common.pixel_formats import rgb_to_nv12
+from swapline.common.v1 import common_pb2
 
 
 def numbered_frames(count: int, height: int = 4, width: int = 6) -> Frames:
@@ -28,9 +32,107 @@ def test_pack_and_unpack_round_trip() -> None:
 
 def test_a_frame_with_the_wrong_byte_count_is_rejected() -> None:
     batch = pack_frames(numbered_frames(1), [0])
-    batch.frames[0].rgb = batch.frames[0].rgb[:-1]
+    batch.frames[0].pixels = batch.frames[0].pixels[:-1]
     with pytest.raises(InvalidArgument, match="frame 0 has 71 bytes, expected 72"):
         unpack_frames(batch)
+
+
+def nv12_frames(count: int, height: int = 4, width: int = 6) -> Frames:
+    """Frames with distinct bytes throughout, luma and chroma, so a misplaced byte shows."""
+    values = np.arange(count * height * 3 // 2 * width, dtype=np.uint64) * 7
+    return values.astype(np.uint8).reshape(count, height * 3 // 2, width)
+
+
+def test_nv12_frames_pack_as_an_nv12_batch_of_the_picture_size_and_unpack_unchanged() -> None:
+    frames = nv12_frames(3)
+    batch = pack_frames(frames, [7, 8, 9], [70, 80, 90])
+    assert (batch.width, batch.height, batch.pixel_format) == (6, 4, common_pb2.PIXEL_FORMAT_NV12)
+    assert [len(frame.pixels) for frame in batch.frames] == [36, 36, 36]
+    unpacked, indices, stamps = unpack_frames(batch)
+    assert unpacked.shape == (3, 6, 6)
+    assert np.array_equal(unpacked, frames) and indices == [7, 8, 9] and stamps == [70, 80, 90]
+
+
+def test_rgb_frames_pack_as_the_batches_receivers_knew_before_nv12() -> None:
+    frames = numbered_frames(1)
+    batch = pack_frames(frames, [3], [30])
+    assert batch.pixel_format == common_pb2.PIXEL_FORMAT_RGB24
+    before = common_pb2.FrameBatch(width=6, height=4)
+    before.frames.add(index=3, pts=30, pixels=frames[0].tobytes())
+    assert batch.SerializeToString() == before.SerializeToString()
+
+
+def test_a_single_uncopied_nv12_frame_has_its_layout() -> None:
+    frames, _, _ = unpack_frames(pack_frames(nv12_frames(1), [0]), copy=False)
+    assert frames.shape == (1, 6, 6) and np.array_equal(frames, nv12_frames(1))
+
+
+def test_an_nv12_frame_with_the_wrong_byte_count_is_rejected() -> None:
+    batch = pack_frames(nv12_frames(2), [0, 1])
+    batch.frames[1].pixels = batch.frames[1].pixels[:-1]
+    with pytest.raises(InvalidArgument, match="frame 1 has 35 bytes, expected 36 for 6x4 nv12"):
+        unpack_frames(batch)
+
+
+def test_rgb_bytes_in_a_batch_marked_nv12_are_rejected() -> None:
+    batch = pack_frames(numbered_frames(1), [0])
+    batch.pixel_format = common_pb2.PIXEL_FORMAT_NV12
+    with pytest.raises(InvalidArgument, match="frame 0 has 72 bytes, expected 36 for 6x4 nv12"):
+        unpack_frames(batch)
+
+
+def test_an_nv12_batch_of_odd_size_is_rejected() -> None:
+    batch = pack_frames(nv12_frames(1), [0])
+    batch.width = 5
+    with pytest.raises(InvalidArgument, match="a 5x4 picture has no NV12 layout"):
+        unpack_frames(batch)
+
+
+def test_an_unknown_pixel_format_is_rejected() -> None:
+    batch = pack_frames(numbered_frames(1), [0])
+    batch.pixel_format = 7  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument, match="unknown pixel format 7"):
+        unpack_frames(batch)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        np.zeros((1, 4, 6, 4), np.uint8),
+        np.zeros((1, 5, 6), np.uint8),
+        np.zeros((1, 6, 5), np.uint8),
+        np.zeros((6, 6), np.uint8),
+        np.zeros((1, 4, 6, 3), np.float32),
+        np.zeros((1, 6, 6), np.uint16),
+    ],
+    ids=["rgba", "rows not a multiple of 3", "odd width", "no count", "float rgb", "16-bit nv12"],
+)
+def test_arrays_of_other_shapes_or_dtypes_are_not_packed(frames: np.ndarray) -> None:
+    with pytest.raises(InvalidArgument, match="frames must be"):
+        pack_frames(frames, list(range(len(frames))))
+
+
+def test_unpack_rgb_frames_converts_nv12_as_opencv_does() -> None:
+    rng = np.random.default_rng(11)
+    pictures = rng.integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
+    frames = np.stack([rgb_to_nv12(picture) for picture in pictures])
+    rgb, indices, stamps = unpack_rgb_frames(pack_frames(frames, [4, 5], [40, 50]))
+    assert rgb.shape == (2, 8, 12, 3) and (indices, stamps) == ([4, 5], [40, 50])
+    for frame, converted in zip(frames, rgb, strict=True):
+        assert np.array_equal(converted, cv2.cvtColor(frame, cv2.COLOR_YUV2RGB_NV12))
+
+
+def test_unpack_rgb_frames_leaves_rgb_as_it_is() -> None:
+    frames = numbered_frames(2)
+    rgb, _, _ = unpack_rgb_frames(pack_frames(frames, [0, 1]))
+    assert np.array_equal(rgb, frames)
+
+
+def test_nv12_stream_messages_are_sized_by_nv12_bytes() -> None:
+    frames = nv12_frames(5)
+    runs = list(frame_runs(frames, list(range(5)), message_bytes=2 * frames[0].nbytes))
+    assert [len(run.frames) for run in runs] == [2, 2, 1]
+    assert all(run.frames.shape[1:] == (6, 6) for run in runs)
 
 
 def test_stream_messages_stay_under_the_size_and_keep_the_order() -> None:

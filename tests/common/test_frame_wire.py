@@ -24,6 +24,12 @@ def frames(count: int, height: int = 4, width: int = 6) -> np.ndarray:
     return np.arange(count * height * width * 3, dtype=np.uint64).astype(np.uint8).reshape(count, height, width, 3)
 
 
+def nv12_frames(count: int, height: int = 4, width: int = 6) -> np.ndarray:
+    """(count, height * 3 / 2, width) NV12 frames, every byte of a frame different from its neighbours."""
+    values = np.arange(count * height * 3 // 2 * width, dtype=np.uint64) * 5 + 1
+    return values.astype(np.uint8).reshape(count, height * 3 // 2, width)
+
+
 @pytest.mark.parametrize(
     ("indices", "pts"),
     [([0], None), ([7, 8, 9], [70, 80, 90]), ([2**40], [-3]), ([0, 1], [0, -(2**62)])],
@@ -32,6 +38,88 @@ def test_the_bytes_are_the_generated_serialisers(indices: list[int], pts: list[i
     batch = frames(len(indices))
     expected = pack_frames(batch, indices, pts).SerializeToString()
     assert serialize_frame_batch(FrameRun(batch, indices, pts)) == expected
+
+
+@pytest.mark.parametrize(
+    ("indices", "pts"),
+    [([0], None), ([7, 8, 9], [70, 80, 90]), ([2**40], [-3])],
+)
+def test_nv12_bytes_are_the_generated_serialisers(indices: list[int], pts: list[int] | None) -> None:
+    batch = nv12_frames(len(indices))
+    expected = pack_frames(batch, indices, pts).SerializeToString()
+    assert serialize_frame_batch(FrameRun(batch, indices, pts)) == expected
+
+
+def test_nv12_frames_parse_back_with_their_layout_size_indices_and_stamps() -> None:
+    batch = nv12_frames(3, height=8, width=10)
+    view = parse_frame_batch(serialize_frame_batch(FrameRun(batch, [5, 6, 7], [-1, 0, 2**40])))
+    assert (view.width, view.height, view.pixel_format) == (10, 8, "nv12")
+    assert [len(frame.pixels) for frame in view.frames] == [120, 120, 120]
+    unpacked, indices, stamps = unpack_frames(view)
+    assert unpacked.shape == (3, 12, 10)
+    assert unpacked.tobytes() == batch.tobytes()
+    assert (indices, stamps) == ([5, 6, 7], [-1, 0, 2**40])
+
+
+def test_generated_nv12_bytes_parse_and_frame_wire_bytes_read_as_generated_nv12() -> None:
+    batch = nv12_frames(2)
+    generated = parse_frame_batch(pack_frames(batch, [1, 2], [10, 20]).SerializeToString())
+    assert generated.pixel_format == "nv12" and np.array_equal(unpack_frames(generated)[0], batch)
+    written = common_pb2.FrameBatch.FromString(serialize_frame_batch(FrameRun(batch, [1, 2], [10, 20])))
+    assert written.pixel_format == common_pb2.PIXEL_FORMAT_NV12
+    assert (written.width, written.height) == (6, 4)
+    unpacked, indices, stamps = unpack_frames(written)
+    assert np.array_equal(unpacked, batch) and (indices, stamps) == ([1, 2], [10, 20])
+
+
+def test_rgb_batches_parse_as_rgb() -> None:
+    assert parse_frame_batch(serialize_frame_batch(FrameRun(frames(1), [0]))).pixel_format == "rgb24"
+
+
+def test_a_single_nv12_frame_is_a_view_of_the_received_bytes() -> None:
+    data = serialize_frame_batch(FrameRun(nv12_frames(1), [0]))
+    unpacked, _, _ = unpack_frames(parse_frame_batch(data), copy=False)
+    assert unpacked.shape == (1, 6, 6)
+    assert np.shares_memory(unpacked, np.frombuffer(data, np.uint8))
+
+
+def test_an_nv12_frame_of_the_wrong_size_is_invalid_after_parsing() -> None:
+    view = parse_frame_batch(serialize_frame_batch(FrameRun(nv12_frames(1), [0])))
+    wrong = FrameBatchView(width=view.width + 2, height=view.height, frames=view.frames, pixel_format="nv12")
+    with pytest.raises(InvalidArgument, match="frame 0 has 36 bytes, expected 48 for 8x4 nv12"):
+        unpack_frames(wrong)
+
+
+def test_rgb_bytes_marked_nv12_are_invalid_after_parsing() -> None:
+    generated = pack_frames(frames(1), [0])
+    generated.pixel_format = common_pb2.PIXEL_FORMAT_NV12
+    view = parse_frame_batch(generated.SerializeToString())
+    with pytest.raises(InvalidArgument, match="frame 0 has 72 bytes, expected 36 for 6x4 nv12"):
+        unpack_frames(view)
+
+
+def test_an_unknown_pixel_format_is_invalid() -> None:
+    generated = pack_frames(frames(1), [0])
+    generated.pixel_format = 7  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument, match="unknown pixel format 7"):
+        parse_frame_batch(generated.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((1, 4, 6, 4), np.uint8),
+        np.zeros((1, 5, 6), np.uint8),
+        np.zeros((1, 6, 5), np.uint8),
+        np.zeros((4, 6, 3), np.uint8),
+        np.zeros((1, 4, 6, 3), np.float32),
+        np.zeros((1, 6, 6), np.int8),
+    ],
+    ids=["rgba", "rows not a multiple of 3", "odd width", "no count", "float rgb", "int8 nv12"],
+)
+def test_arrays_of_other_shapes_or_dtypes_are_not_serialised(array: np.ndarray) -> None:
+    with pytest.raises(InvalidArgument, match="frames must be"):
+        serialize_frame_batch(FrameRun(array, list(range(len(array)))))
 
 
 def test_an_empty_run_is_an_empty_batch_of_its_size() -> None:
@@ -83,6 +171,17 @@ def test_frames_of_the_encode_stream_round_trip_through_the_generated_message() 
     assert np.array_equal(unpack_frames(generated.frames)[0], batch)
     parsed = parse_encode_segment_request(data)
     assert isinstance(parsed, FrameBatchView)
+    assert np.array_equal(unpack_frames(parsed)[0], batch)
+
+
+def test_nv12_frames_of_the_encode_stream_round_trip_through_the_generated_message() -> None:
+    batch = nv12_frames(2)
+    data = serialize_encode_segment_request(FrameRun(batch, [4, 5]))
+    generated = encoder_pb2.EncodeSegmentRequest.FromString(data)
+    assert generated.frames.pixel_format == common_pb2.PIXEL_FORMAT_NV12
+    assert np.array_equal(unpack_frames(generated.frames)[0], batch)
+    parsed = parse_encode_segment_request(data)
+    assert isinstance(parsed, FrameBatchView) and parsed.pixel_format == "nv12"
     assert np.array_equal(unpack_frames(parsed)[0], batch)
 
 

@@ -1,7 +1,8 @@
-"""A stand-in for PyNvVideoCodec's SimpleDecoder on the CPU: PyAV's RGB frames behind the same calls.
+"""A stand-in for PyNvVideoCodec's SimpleDecoder on the CPU: PyAV's RGB or NV12 frames behind the same calls.
 
 It serves frames the way the documented API does (host memory read through GetPtrToPlane(0) and
-framesize(), timestamps in DecodedFrame.timestamp, seek_to_index then get_batch_frames), so the NVDEC
+framesize(), timestamps in DecodedFrame.timestamp, seek_to_index then get_batch_frames, reconfigure_decoder to
+point it at another file), so the NVDEC
 reader's own logic runs here; only the GPU's decoding is replaced.
 """
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from services.common.pixel_formats import PixelFormat
 
 
 @dataclass
@@ -39,6 +42,10 @@ class FakeSimpleDecoder:
     seeking_start: threading.Event = field(default_factory=threading.Event)
     _position: int = 0
 
+    def reconfigure_decoder(self, new_source: str) -> None:
+        self.calls.append(("reconfigure_decoder", 0))
+        self._position = 0
+
     def __len__(self) -> int:
         return len(self.frames)
 
@@ -61,29 +68,36 @@ class FakeSimpleDecoder:
         return batch
 
 
-def pyav_frames(path: Path) -> list[FakeDecodedFrame]:
+def pyav_frames(path: Path, pixel_format: PixelFormat = "rgb24") -> list[FakeDecodedFrame]:
     with av.open(str(path)) as container:
         return [
-            FakeDecodedFrame(np.ascontiguousarray(frame.to_ndarray(format="rgb24")), frame.pts or 0)
+            FakeDecodedFrame(np.ascontiguousarray(frame.to_ndarray(format=pixel_format)), frame.pts or 0)
             for frame in container.decode(video=0)
         ]
 
 
 @dataclass
 class FakeOpener:
-    """Opens FakeSimpleDecoders over the same frames and keeps them, to look at their calls."""
+    """Opens FakeSimpleDecoders over the same frames (those of the layout asked for) and keeps them, to look at their
+    calls."""
 
     frames: list[FakeDecodedFrame]
     fail_after: int | None = None
     opened: list[FakeSimpleDecoder] = field(default_factory=list)
     # Given to the first decoder opened: see FakeSimpleDecoder.hold_start.
     hold_first_start: threading.Event | None = None
+    # The frames served to a decoder opened for NV12.
+    nv12_frames: list[FakeDecodedFrame] | None = None
+    asked: list[PixelFormat] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
-    def __call__(self, path: Path, gpu_id: int) -> FakeSimpleDecoder:
+    def __call__(self, path: Path, gpu_id: int, pixel_format: PixelFormat) -> FakeSimpleDecoder:
+        frames = self.frames if pixel_format == "rgb24" else self.nv12_frames
+        assert frames is not None, f"the test gave no {pixel_format} frames"
         with self._changed:
             hold = self.hold_first_start if not self.opened else None
-            decoder = FakeSimpleDecoder(self.frames, self.fail_after, hold_start=hold)
+            decoder = FakeSimpleDecoder(frames, self.fail_after, hold_start=hold)
+            self.asked.append(pixel_format)
             self.opened.append(decoder)
             self._changed.notify_all()
         return decoder
@@ -103,6 +117,6 @@ class FakeOpenerFailure:
     error: Exception
     attempts: int = 0
 
-    def __call__(self, path: Path, gpu_id: int) -> FakeSimpleDecoder:
+    def __call__(self, path: Path, gpu_id: int, pixel_format: PixelFormat) -> FakeSimpleDecoder:
         self.attempts += 1
         raise self.error

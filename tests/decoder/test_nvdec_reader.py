@@ -12,23 +12,28 @@ import pytest
 
 from services.cli import sample_media
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.input_limits import DEFAULT_INPUT_LIMITS
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import (
     SHIFTS,
+    DecoderPool,
     NvdecDecodeError,
     NvdecOpenError,
     NvdecUnsupported,
     forget_timestamp_shifts,
     iter_nvdec_frame_batches,
     nvdec_refusal,
+    read_stream_header,
 )
+from tests.decoder.conftest import SMALL_SIZE
 from tests.decoder.fake_nvdec import (
     FakeDecodedFrame,
     FakeOpener,
     FakeOpenerFailure,
     pyav_frames,
 )
+from tests.decoder.test_frame_reader import write_full_range_video
 
 Batches = list[tuple[np.ndarray, list[int], list[int]]]
 
@@ -72,10 +77,88 @@ def test_the_shift_is_measured_once_per_file(small_video: Path, small_frames: li
     keyframe = probe_media(small_video).keyframes[1]
     opener = FakeOpener(small_frames)
     for _ in range(2):
-        list(iter_nvdec_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 4, 4, open_decoder=opener))
+        list(
+            iter_nvdec_frame_batches(
+                small_video, keyframe.frame_index, keyframe.pts, 4, 4, open_decoder=opener, pool=DecoderPool(0)
+            )
+        )
     first, second = opener.opened
     assert first.calls[0] == ("seek_to_index", 0)
     assert second.calls == [("seek_to_index", keyframe.frame_index), ("get_batch_frames", 4)]
+
+
+def test_a_finished_decoder_serves_the_next_request_pointed_at_its_file(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    keyframe = probe_media(small_video).keyframes[1]
+    opener, pool = FakeOpener(small_frames), DecoderPool()
+    batches = [
+        joined(
+            list(
+                iter_nvdec_frame_batches(
+                    small_video, keyframe.frame_index, keyframe.pts, 4, 4, open_decoder=opener, pool=pool
+                )
+            )
+        )
+        for _ in range(2)
+    ]
+    (decoder,) = opener.opened
+    assert decoder.calls[-3:] == [
+        ("reconfigure_decoder", 0),
+        ("seek_to_index", keyframe.frame_index),
+        ("get_batch_frames", 4),
+    ]
+    assert np.array_equal(batches[0][0], batches[1][0]) and batches[0][1:] == batches[1][1:]
+    assert pool.idle() == 1
+
+
+def test_a_decoder_left_by_a_failure_or_a_cancelled_call_is_not_reused(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    pool = DecoderPool()
+    failing = FakeOpener(small_frames, fail_after=6)
+    with pytest.raises(NvdecDecodeError):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 12, 4, open_decoder=failing, pool=pool))
+    stopped = iter_nvdec_frame_batches(small_video, 0, 0, 12, 4, open_decoder=FakeOpener(small_frames), pool=pool)
+    next(stopped)
+    stopped.close()
+    assert pool.idle() == 0
+
+
+def test_the_pool_keeps_at_most_its_size(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
+    pool = DecoderPool(1)
+    opener = FakeOpener(small_frames)
+    for _ in range(2):
+        pool.keep(opener(small_video, 0, "rgb24"), 0, "rgb24")
+    assert pool.idle() == 1
+
+
+def test_nv12_frames_are_pyavs_nv12_and_decoders_are_pooled_per_layout(small_video: Path) -> None:
+    keyframe = probe_media(small_video).keyframes[1]
+    opener = FakeOpener(pyav_frames(small_video), nv12_frames=pyav_frames(small_video, "nv12"))
+    pool = DecoderPool()
+    for pixel_format in ("nv12", "rgb24", "nv12"):
+        nvdec = joined(
+            list(
+                iter_nvdec_frame_batches(
+                    small_video,
+                    keyframe.frame_index,
+                    keyframe.pts,
+                    6,
+                    4,
+                    pixel_format=pixel_format,
+                    open_decoder=opener,
+                    pool=pool,
+                )
+            )
+        )
+        pyav = joined(
+            list(iter_frame_batches(small_video, keyframe.frame_index, keyframe.pts, 6, 4, pixel_format=pixel_format))
+        )
+        assert np.array_equal(nvdec[0], pyav[0]) and nvdec[1:] == pyav[1:]
+    assert opener.asked == ["nv12", "rgb24"]
+    width, height = SMALL_SIZE
+    assert nvdec[0].shape[1:] == (height * 3 // 2, width)
 
 
 def test_chunks_of_one_file_arriving_together_measure_the_shift_once(
@@ -164,7 +247,7 @@ def test_timestamps_that_do_not_rise_are_refused(small_video: Path, small_frames
 def test_a_frame_of_another_size_is_refused(small_video: Path, small_frames: list[FakeDecodedFrame]) -> None:
     shrunk = FakeDecodedFrame(np.zeros((120, 160, 3), np.uint8), small_frames[1].timestamp)
     frames = [small_frames[0], shrunk, *small_frames[2:]]
-    with pytest.raises(NvdecDecodeError, match=r"changes size at frame 1 \(320x240 RGB is 230400 bytes"):
+    with pytest.raises(NvdecDecodeError, match=r"changes size at frame 1 \(320x240 rgb24 is 230400 bytes"):
         list(iter_nvdec_frame_batches(small_video, 0, 0, 4, 8, open_decoder=FakeOpener(frames)))
 
 
@@ -227,3 +310,18 @@ def test_nvdec_takes_8_bit_420_h264_hevc_and_av1(codec: str, pixel_format: str |
         assert found is None
     else:
         assert found is not None and found.startswith(refusal), found
+
+
+def test_a_full_range_stream_asked_for_nv12_is_left_to_pyav(tmp_path: Path, small_video: Path) -> None:
+    path = write_full_range_video(tmp_path / "full.mp4")
+    assert read_stream_header(path, DEFAULT_INPUT_LIMITS).full_range
+    assert not read_stream_header(small_video, DEFAULT_INPUT_LIMITS).full_range
+    opener = FakeOpenerFailure(AssertionError("a full-range NV12 request must not open NVDEC"))
+    with pytest.raises(NvdecUnsupported, match="full range"):
+        list(iter_nvdec_frame_batches(path, 0, 0, 1, 1, pixel_format="nv12", open_decoder=opener))
+
+
+def test_nvdec_refuses_full_range_for_nv12_only() -> None:
+    assert nvdec_refusal("h264", "yuvj420p", full_range=True, served="rgb24") is None
+    assert nvdec_refusal("h264", "yuv420p", full_range=True, served="nv12") is not None
+    assert nvdec_refusal("h264", "yuv420p", full_range=False, served="nv12") is None

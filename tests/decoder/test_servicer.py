@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import av
 import grpc
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.media_probe import probe_media
 from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import DecoderSettings
+from swapline.common.v1 import common_pb2
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from tests.decoder.fake_nvdec import FakeOpenerFailure
 from tests.decoder.in_process_server import serving
@@ -162,3 +164,60 @@ def test_an_auto_decoder_without_nvdec_streams_pyavs_frames(media_root: Path, sm
     assert opener.attempts == 1
     assert [indices for _, indices, _ in batches] == [indices for _, indices, _ in expected]
     assert np.array_equal(np.concatenate([f for f, _, _ in batches]), np.concatenate([f for f, _, _ in expected]))
+
+
+def pyav_frames(path: Path, pixel_format: str) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format=pixel_format) for frame in container.decode(video=0)])
+
+
+def test_decode_asked_for_nv12_streams_nv12_batches_of_pyavs_frames(
+    stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path
+) -> None:
+    keyframe = probe_media(small_video).keyframes[1]
+    start = keyframe.frame_index
+    request = decoder_pb2.DecodeRequest(
+        uri=small_video.name,
+        start_frame=start,
+        seek_pts=keyframe.pts,
+        frame_count=10,
+        pixel_format=common_pb2.PIXEL_FORMAT_NV12,
+    )
+    answers = list(stub.Decode(request))
+    assert [batch.pixel_format for batch in answers] == [common_pb2.PIXEL_FORMAT_NV12] * 3
+    assert all((batch.width, batch.height) == (320, 240) for batch in answers)
+    assert all(len(frame.pixels) == 320 * 240 * 3 // 2 for batch in answers for frame in batch.frames)
+    batches = [unpack_frames(batch) for batch in answers]
+    assert [index for _, indices, _ in batches for index in indices] == list(range(start, start + 10))
+    frames = np.concatenate([frames for frames, _, _ in batches])
+    assert frames.shape == (10, 360, 320)
+    assert np.array_equal(frames, pyav_frames(small_video, "nv12")[start : start + 10])
+
+
+def test_decode_without_a_pixel_format_streams_rgb_as_before(
+    stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path
+) -> None:
+    answers = list(stub.Decode(decoder_pb2.DecodeRequest(uri=small_video.name, frame_count=6)))
+    assert [batch.pixel_format for batch in answers] == [common_pb2.PIXEL_FORMAT_RGB24] * 2
+    frames = np.concatenate([unpack_frames(batch)[0] for batch in answers])
+    assert frames.shape == (6, 240, 320, 3)
+    assert np.array_equal(frames, pyav_frames(small_video, "rgb24")[:6])
+
+
+def test_decode_asked_for_nv12_of_an_odd_sized_picture_streams_rgb(
+    stub: decoder_pb2_grpc.DecoderServiceStub, media_root: Path
+) -> None:
+    image = sample_media.make_two_person_image(media_root / "odd-sided.png", size=(321, 181))
+    request = decoder_pb2.DecodeRequest(uri="odd-sided.png", frame_count=1, pixel_format=common_pb2.PIXEL_FORMAT_NV12)
+    (answer,) = list(stub.Decode(request))
+    assert (answer.pixel_format, answer.width, answer.height) == (common_pb2.PIXEL_FORMAT_RGB24, 321, 181)
+    assert np.array_equal(unpack_frames(answer)[0][0], image)
+
+
+def test_decode_asked_for_an_unknown_pixel_format_is_invalid(
+    stub: decoder_pb2_grpc.DecoderServiceStub, small_video: Path
+) -> None:
+    request = decoder_pb2.DecodeRequest(uri=small_video.name, frame_count=1, pixel_format=7)  # type: ignore[arg-type]
+    code, details = call_code(lambda: list(stub.Decode(request)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown pixel format 7" in details

@@ -83,7 +83,7 @@ def test_empty_batch_has_empty_answer(local_models: LocalModels) -> None:
 
 def test_wrong_byte_count_is_invalid_argument(local_models: LocalModels) -> None:
     batch = common_pb2.FrameBatch(width=64, height=48)
-    batch.frames.add(index=0, rgb=b"\0" * (64 * 48 * 3 - 1))
+    batch.frames.add(index=0, pixels=b"\0" * (64 * 48 * 3 - 1))
     code, details = status_of(local_models, detector_pb2.DetectRequest(frames=batch))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected 9216" in details
 

@@ -10,11 +10,12 @@ import pytest
 
 from services.common.encode_options import X264_PRESETS
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.pixel_formats import rgb_to_nv12
 from services.decoder.media_probe import probe_media
-from services.encoder.nvenc_writer import NVENC_PRESETS, NvencSegmentWriter, nvenc_quality, rgb_to_nv12
+from services.encoder.nvenc_writer import NVENC_PRESETS, NvencSegmentWriter, nvenc_quality
 from services.encoder.segment_writer import rgb_to_i420
 from tests.encoder.conftest import FPS, SIZE, decoded_frames
-from tests.encoder.fake_nvenc import FakeNvenc
+from tests.encoder.fake_nvenc import FakeNvenc, X264Session
 
 
 def files_in(folder: Path) -> list[str]:
@@ -89,10 +90,8 @@ def test_nv12_is_the_i420_planes_with_u_and_v_interleaved(original_frames: np.nd
     frame = original_frames[5]
     height, width = frame.shape[:2]
     nv12 = rgb_to_nv12(frame)
-    assert nv12.shape == (height * width * 3 // 2,)
-    as_i420 = av.VideoFrame.from_ndarray(nv12.reshape(height * 3 // 2, width), format="nv12").to_ndarray(
-        format="yuv420p"
-    )
+    assert nv12.shape == (height * 3 // 2, width)
+    as_i420 = av.VideoFrame.from_ndarray(nv12, format="nv12").to_ndarray(format="yuv420p")
     assert np.array_equal(as_i420, rgb_to_i420(frame))
 
 
@@ -133,3 +132,71 @@ def test_a_still_image_is_written_without_nvenc(tmp_path: Path, original_frames:
         writer.write(original_frames[:1])
     written = cv2.cvtColor(cv2.imread(str(tmp_path / "still.png")), cv2.COLOR_BGR2RGB)
     assert np.array_equal(written, original_frames[0]) and nvenc.created == []
+
+
+def recorded_session_frames(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Copies of the frames every fake session is handed, in order."""
+    handed: list[np.ndarray] = []
+    encode = X264Session.Encode
+
+    def recording(session: X264Session, frame: np.ndarray) -> bytes:
+        handed.append(frame.copy())
+        return encode(session, frame)
+
+    monkeypatch.setattr(X264Session, "Encode", recording)
+    return handed
+
+
+def test_nv12_frames_reach_the_session_unchanged_and_flat(
+    tmp_path: Path, original_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed = recorded_session_frames(monkeypatch)
+    frames = np.stack([rgb_to_nv12(frame) for frame in original_frames[:12]])
+    with nvenc_writer(tmp_path / "s.mp4", FakeNvenc()) as writer:
+        writer.write(frames[:5])
+        writer.write(frames[5:])
+    assert writer.close() == 12
+    assert len(handed) == 12
+    assert all(sent.shape == (frame.size,) for sent, frame in zip(handed, frames, strict=True))
+    assert all(np.array_equal(sent, frame.reshape(-1)) for sent, frame in zip(handed, frames, strict=True))
+    assert probe_media(tmp_path / "s.mp4").frame_count == 12
+
+
+def test_rgb_frames_reach_the_session_as_their_nv12(
+    tmp_path: Path, original_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed = recorded_session_frames(monkeypatch)
+    with nvenc_writer(tmp_path / "s.mp4", FakeNvenc()) as writer:
+        writer.write(original_frames[:4])
+    assert len(handed) == 4
+    for sent, frame in zip(handed, original_frames[:4], strict=True):
+        assert np.array_equal(sent, rgb_to_nv12(frame).reshape(-1))
+
+
+def test_an_nvenc_segment_of_nv12_frames_decodes_close_to_the_originals(
+    tmp_path: Path, original_frames: np.ndarray
+) -> None:
+    path = tmp_path / "segment.mp4"
+    with nvenc_writer(path, FakeNvenc()) as writer:
+        writer.write(np.stack([rgb_to_nv12(frame) for frame in original_frames[:20]]))
+    decoded = decoded_frames(path)
+    assert decoded.shape == original_frames[:20].shape
+    assert np.abs(decoded.astype(np.int16) - original_frames[:20].astype(np.int16)).mean() < 4.0
+
+
+def test_an_nvenc_segment_refuses_a_change_of_layout(tmp_path: Path, original_frames: np.ndarray) -> None:
+    writer = nvenc_writer(tmp_path / "s.mp4", FakeNvenc())
+    writer.write(np.stack([rgb_to_nv12(frame) for frame in original_frames[:2]]))
+    with pytest.raises(InvalidArgument, match="was started with nv12 frames, got rgb24"):
+        writer.write(original_frames[2:4])
+    writer.discard()
+    assert files_in(tmp_path) == []
+
+
+def test_a_still_image_from_an_nv12_frame_is_written_without_nvenc(tmp_path: Path, original_frames: np.ndarray) -> None:
+    nvenc = FakeNvenc()
+    frame = rgb_to_nv12(original_frames[0])
+    with nvenc_writer(tmp_path / "still.png", nvenc) as writer:
+        writer.write(frame[None])
+    written = cv2.cvtColor(cv2.imread(str(tmp_path / "still.png")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(written, cv2.cvtColor(frame, cv2.COLOR_YUV2RGB_NV12)) and nvenc.created == []

@@ -12,13 +12,17 @@ import numpy as np
 import pytest
 
 from services.common.errors import Cancelled, InvalidArgument
+from services.common.pixel_formats import rgb_to_nv12
 from services.decoder.media_probe import probe_media
 from services.encoder.segment_writer import SegmentWriter
 from tests.encoder.conftest import FPS, SIZE, decoded_frames
 
 
-def write_segment(path: Path, frames: np.ndarray, fps: float = FPS, crf: int = 18) -> int:
-    height, width = frames.shape[1:3]
+def write_segment(
+    path: Path, frames: np.ndarray, fps: float = FPS, crf: int = 18, size: tuple[int, int] | None = None
+) -> int:
+    """Writes frames 7 at a time; `size` (width, height) is needed for NV12 frames, whose shape is not it."""
+    width, height = size or (frames.shape[2], frames.shape[1])
     with SegmentWriter(path, fps, width, height, crf=crf, preset="veryfast") as writer:
         for start in range(0, len(frames), 7):
             writer.write(frames[start : start + 7])
@@ -70,7 +74,7 @@ def test_odd_size_is_refused(tmp_path: Path) -> None:
 def test_wrong_frame_size_is_refused_and_nothing_is_left(tmp_path: Path, original_frames: np.ndarray) -> None:
     path = tmp_path / "wrong.mp4"
     with (
-        pytest.raises(InvalidArgument, match=r"takes \(120, 160, 3\)"),
+        pytest.raises(InvalidArgument, match="takes 160x120 frames"),
         SegmentWriter(path, FPS, 160, 120, crf=20, preset="veryfast") as writer,
     ):
         writer.write(original_frames[:2])
@@ -189,3 +193,87 @@ def test_a_close_cancelled_before_the_rename_leaves_nothing(tmp_path: Path, orig
     with pytest.raises(Cancelled, match=r"'seg\.mp4' was cancelled before it was complete"):
         writer.close(cancelled)
     assert files_in(tmp_path) == []
+
+
+def psnr(first: np.ndarray, second: np.ndarray) -> float:
+    error = np.mean((first.astype(np.float64) - second.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / error))
+
+
+def as_nv12(frames: np.ndarray) -> np.ndarray:
+    return np.stack([rgb_to_nv12(frame) for frame in frames])
+
+
+def test_a_segment_of_nv12_frames_holds_every_frame_as_the_rgb_path_does(
+    tmp_path: Path, original_frames: np.ndarray
+) -> None:
+    """Both paths hand x264 the same 4:2:0 picture (OpenCV's BT.601), so their segments match in quality.
+    Measured: 38.3 dB each at crf 18 (the decoded frames were identical); U and V swapped reads 13 dB."""
+    originals = original_frames[:20]
+    from_nv12, from_rgb = tmp_path / "nv12.mp4", tmp_path / "rgb.mp4"
+    assert write_segment(from_nv12, as_nv12(originals), size=SIZE) == 20
+    assert write_segment(from_rgb, originals) == 20
+    info = probe_media(from_nv12)
+    assert (info.frame_count, info.fps, info.width, info.height, info.video_codec) == (20, FPS, *SIZE, "h264")
+    decoded = decoded_frames(from_nv12)
+    assert decoded.shape == originals.shape
+    nv12_quality, rgb_quality = psnr(decoded, originals), psnr(decoded_frames(from_rgb), originals)
+    assert nv12_quality > 35
+    assert abs(nv12_quality - rgb_quality) < 0.5
+
+
+def test_nv12_frames_reach_x264_as_nv12(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pictures: list[tuple[str, np.ndarray]] = []
+    encode = av.video.stream.VideoStream.encode
+
+    def recording_encode(stream: av.video.stream.VideoStream, frame: av.VideoFrame | None = None) -> list[av.Packet]:
+        if frame is not None:
+            pictures.append((frame.format.name, frame.to_ndarray()))
+        return encode(stream, frame)
+
+    monkeypatch.setattr(av.video.stream.VideoStream, "encode", recording_encode)
+    frames = np.random.default_rng(2).integers(0, 256, (2, SIZE[1] * 3 // 2, SIZE[0]), dtype=np.uint8)
+    with SegmentWriter(tmp_path / "s.mp4", FPS, *SIZE, crf=20, preset="veryfast", threads=1) as writer:
+        writer.write(frames)
+    assert [name for name, _ in pictures] == ["nv12", "nv12"]
+    assert all(np.array_equal(picture, frame) for (_, picture), frame in zip(pictures, frames, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        ("nv12", "rgb", "was started with nv12 frames, got rgb24"),
+        ("rgb", "nv12", "was started with rgb24 frames, got nv12"),
+    ],
+)
+def test_a_segment_keeps_the_layout_it_started_with(
+    tmp_path: Path, original_frames: np.ndarray, first: str, then: str, message: str
+) -> None:
+    layouts = {"rgb": original_frames[:4], "nv12": as_nv12(original_frames[:4])}
+    writer = SegmentWriter(tmp_path / "mixed.mp4", FPS, *SIZE, crf=20, preset="veryfast")
+    writer.write(layouts[first][:2])
+    with pytest.raises(InvalidArgument, match=rf"'mixed\.mp4' {message}"):
+        writer.write(layouts[then][2:])
+    assert writer.frames_written == 2
+    writer.discard()
+    assert files_in(tmp_path) == []
+
+
+def test_nv12_frames_of_the_wrong_size_are_refused(tmp_path: Path, original_frames: np.ndarray) -> None:
+    with (
+        pytest.raises(InvalidArgument, match="takes 160x120 frames, got 320x240"),
+        SegmentWriter(tmp_path / "small.mp4", FPS, 160, 120, crf=20, preset="veryfast") as writer,
+    ):
+        writer.write(as_nv12(original_frames[:1]))
+    assert files_in(tmp_path) == []
+
+
+def test_an_image_written_from_an_nv12_frame_holds_its_rgb_picture(tmp_path: Path, original_frames: np.ndarray) -> None:
+    path = tmp_path / "still.png"
+    frame = rgb_to_nv12(original_frames[0])
+    assert write_segment(path, frame[None], size=SIZE) == 1
+    written = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert written.shape == (SIZE[1], SIZE[0], 3)
+    assert np.array_equal(written, cv2.cvtColor(frame, cv2.COLOR_YUV2RGB_NV12))
+    # Measured 51.8 dB: the picture, not its luma or its bytes read as RGB.
+    assert psnr(written, original_frames[0]) > 40

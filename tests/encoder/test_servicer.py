@@ -16,12 +16,14 @@ import pytest
 
 from services.cli import sample_media
 from services.common.frame_codec import pack_frames
+from services.common.pixel_formats import rgb_to_nv12
 from services.decoder.media_probe import probe_media
 from services.encoder.__main__ import binding
 from services.encoder.encode_backend import BackendChoice, choose_backend
 from services.encoder.segment_writer import SegmentWriter
 from services.encoder.servicer import in_thread_to_the_end
 from services.encoder.settings import EncoderSettings
+from swapline.common.v1 import common_pb2
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.decoder.in_process_server import serving
 from tests.encoder.conftest import FPS, SIZE, decoded_frames, encoder_process
@@ -449,3 +451,57 @@ def test_on_nvenc_the_servicer_writes_segments_that_join(
     assert len(nvenc.sessions) == 2 and files_under(tmp_path / "gpu") == ["out.mp4", "seg-0.mp4", "seg-1.mp4"]
     error = np.abs(decoded_frames(tmp_path / "gpu/out.mp4").astype(np.int16) - original_frames[:40]).mean()
     assert error < 4.0
+
+
+def as_nv12(frames: np.ndarray) -> np.ndarray:
+    return np.stack([rgb_to_nv12(frame) for frame in frames])
+
+
+def test_a_segment_streamed_as_nv12_batches_is_encoded(
+    stub: encoder_pb2_grpc.EncoderServiceStub, media_root: Path, original_frames: np.ndarray
+) -> None:
+    requests = [header("nv12/seg.mp4", expected_frames=20), *batches(as_nv12(original_frames[:20]), 0, 8)]
+    assert all(request.frames.pixel_format == common_pb2.PIXEL_FORMAT_NV12 for request in requests[1:])
+    answer = stub.EncodeSegment(iter(requests))
+    assert (answer.output_uri, answer.frames) == ("nv12/seg.mp4", 20)
+    info = probe_media(media_root / "nv12/seg.mp4")
+    assert (info.frame_count, info.width, info.height) == (20, *SIZE)
+    decoded = decoded_frames(media_root / "nv12/seg.mp4")
+    assert decoded.shape == original_frames[:20].shape
+    assert np.abs(decoded.astype(np.int16) - original_frames[:20].astype(np.int16)).mean() < 4.0
+
+
+def test_a_segment_stream_that_changes_layout_is_invalid_and_leaves_nothing(
+    stub: encoder_pb2_grpc.EncoderServiceStub, media_root: Path, original_frames: np.ndarray
+) -> None:
+    requests = [header("switched/seg.mp4"), *batches(as_nv12(original_frames[:2]), 0, 2)]
+    requests += batches(original_frames[2:4], 2, 2)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.EncodeSegment(iter(requests))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "was started with nv12 frames, got rgb24" in caught.value.details()
+    assert files_under(media_root / "switched") == []
+
+
+def test_an_nv12_batch_of_another_size_than_the_headers_is_invalid(
+    stub: encoder_pb2_grpc.EncoderServiceStub, media_root: Path, original_frames: np.ndarray
+) -> None:
+    small = as_nv12(np.ascontiguousarray(original_frames[:2, :120, :160]))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.EncodeSegment(iter([header("nv12-mismatch.mp4"), *batches(small, 0, 2)]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frame batch is 160x120, the header says 320x240" in caught.value.details()
+    assert not (media_root / "nv12-mismatch.mp4").exists()
+
+
+def test_on_nvenc_the_servicer_encodes_nv12_batches(tmp_path: Path, original_frames: np.ndarray) -> None:
+    nvenc = FakeNvenc()
+    settings = encoder_settings(tmp_path)
+    with serving(settings, [binding(settings, BackendChoice("auto", "nvenc", "a session encoded", nvenc))]) as channel:
+        stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+        requests = [header("gpu/nv12.mp4", expected_frames=12), *batches(as_nv12(original_frames[:12]), 0, 5)]
+        answer = stub.EncodeSegment(iter(requests))
+    assert answer.frames == 12 and len(nvenc.sessions) == 1
+    decoded = decoded_frames(tmp_path / "gpu/nv12.mp4")
+    assert decoded.shape == original_frames[:12].shape
+    assert np.abs(decoded.astype(np.int16) - original_frames[:12].astype(np.int16)).mean() < 4.0

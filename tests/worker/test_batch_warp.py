@@ -14,13 +14,16 @@ import torch
 from services.common.errors import Internal, InvalidArgument
 from services.common.face_types import DetectedFace
 from services.common.frame_codec import Frames
+from services.common.pixel_formats import nv12_to_rgb, rgb_to_nv12
 from services.worker.batch_warp import (
     DeviceAlignedFaces,
     DeviceCropCodec,
     TorchFaceWarper,
     align_batch,
     crop_to_frame,
+    nv12_to_rgb_tensor,
     paste_batch,
+    rgb_to_nv12_tensor,
     shrink_batch,
 )
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
@@ -392,3 +395,113 @@ def test_crops_map_back_to_frames_by_opencvs_inverse() -> None:
     _, _, matrices = _scenes()
     expected = np.stack([cv2.invertAffineTransform(matrix.astype(np.float64)) for matrix in matrices])
     np.testing.assert_allclose(crop_to_frame(matrices), expected, rtol=1e-9, atol=1e-9)
+
+
+def _as_nv12(frames: np.ndarray) -> np.ndarray:
+    return np.stack([rgb_to_nv12(frame) for frame in frames])
+
+
+def test_device_colour_conversions_are_opencvs() -> None:
+    frames, _, _ = _scenes()
+    nv12 = _as_nv12(frames)
+
+    to_rgb = nv12_to_rgb_tensor(torch.from_numpy(nv12)).numpy()
+    to_nv12 = rgb_to_nv12_tensor(torch.from_numpy(frames)).numpy()
+
+    # The same fixed-point coefficients in float: at most a rounding step from OpenCV, and almost always none.
+    for on_torch, by_cv2 in ((to_rgb, nv12_to_rgb(nv12)), (to_nv12, nv12)):
+        assert on_torch.shape == by_cv2.shape
+        difference = np.abs(on_torch.astype(int) - by_cv2.astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def _even_region_mask(nv12: np.ndarray, slots: list[int], matrices: np.ndarray) -> np.ndarray:
+    """(n, H * 3 / 2, W) True on the luma and chroma bytes of each face's paste region grown to even corners."""
+    height, width = nv12.shape[1] * 2 // 3, nv12.shape[2]
+    inside = np.zeros(nv12.shape, bool)
+    for slot, matrix in zip(slots, matrices, strict=True):
+        box = paste_region(matrix, SIZE, height, width)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            x0, y0, x1, y1 = x0 - x0 % 2, y0 - y0 % 2, x1 + x1 % 2, y1 + y1 % 2
+            inside[slot, y0:y1, x0:x1] = True
+            inside[slot, height + y0 // 2 : height + y1 // 2, x0:x1] = True
+    return inside
+
+
+def test_the_torch_warper_pastes_into_nv12_frames_only_where_faces_are() -> None:
+    frames, _, _ = _scenes()
+    slots, matrices = _overlapping_faces()
+    crops, masks = _swapped_crops(len(slots))
+    nv12 = _as_nv12(frames)
+    host = nv12.copy()
+    rgb = nv12_to_rgb_tensor(torch.from_numpy(nv12))
+
+    aligned = TorchFaceWarper("cpu").align(host, slots, matrices, SIZE)
+    pasted = aligned.paste(crops, masks)
+
+    assert pasted is host and isinstance(aligned, DeviceAlignedFaces)
+    np.testing.assert_array_equal(aligned.crops.numpy(), align_batch(rgb, slots, matrices, SIZE).numpy())
+    expected = rgb_to_nv12_tensor(
+        paste_batch(rgb.clone(), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks))
+    ).numpy()
+    inside = _even_region_mask(nv12, slots, matrices)
+    np.testing.assert_array_equal(pasted[inside], expected[inside])
+    np.testing.assert_array_equal(pasted[~inside], nv12[~inside])
+    assert not np.array_equal(pasted[inside], nv12[inside])
+
+
+def test_the_torch_warper_shrinks_nv12_frames_as_their_rgb() -> None:
+    frames, _, _ = _scenes()
+    nv12 = _as_nv12(frames)
+    warper = TorchFaceWarper("cpu")
+    expected = shrink_batch(nv12_to_rgb_tensor(torch.from_numpy(nv12)), (256, 150)).numpy()
+
+    np.testing.assert_array_equal(warper.shrink(nv12, (256, 150)), expected)
+    # At full size the detector still gets RGB.
+    assert warper.shrink(nv12, (1024, 600)).shape == (5, 600, 1024, 3)
+    assert (warper.pixel_format, HOST_WARPER.pixel_format) == ("nv12", "rgb24")
+
+
+class _NV12PanningClip:
+    async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
+        async for frames, indices in _PanningClip():
+            yield _as_nv12(frames), indices
+
+
+class _BothFacesInOrder:
+    """_BothFaces for frames that cannot carry their index: batches come to detection in order."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    async def detect(self, frames: Frames) -> list[list[DetectedFace]]:
+        indices = range(self._next, self._next + len(frames))
+        self._next += len(frames)
+        return [
+            [] if index == FACELESS_FRAME else [face_from_landmarks(points) for points in _pipeline_scene(index)[1]]
+            for index in indices
+        ]
+
+
+def test_the_chunk_pipeline_swaps_nv12_frames_as_it_swaps_their_rgb() -> None:
+    warper = TorchFaceWarper("cpu")
+    sink = _Collected()
+    identity = SourceIdentity(crop=np.zeros((SIZE, SIZE, 3), np.uint8))
+    swapper = CropTransferSwapper(_InvertingModel(), size=SIZE, crops=warper.crop_codec)
+    pipeline = run_chunk_pipeline(
+        _NV12PanningClip(), _BothFacesInOrder(), swapper, identity, sink, FaceSelection("many"), warper=warper
+    )
+    stats = asyncio.run(asyncio.wait_for(pipeline, timeout=30))
+    _, rgb_frames = _run_pipeline(TorchFaceWarper("cpu"))
+
+    assert (stats.frames, stats.faces) == (PIPELINE_FRAMES, 12)
+    for index, (nv12, rgb) in enumerate(zip(sink.frames, rgb_frames, strict=True)):
+        original = rgb_to_nv12(_pipeline_scene(index)[0])
+        if index == FACELESS_FRAME:
+            np.testing.assert_array_equal(nv12, original)
+            continue
+        assert nv12.shape == original.shape
+        # Compared as NV12: the RGB run's frames keep the chroma detail that NV12 frames never had.
+        assert psnr(nv12, rgb_to_nv12(rgb)) > 40.0, f"frame {index}"
+        assert psnr(nv12, original) < 25.0, f"frame {index} was not swapped"

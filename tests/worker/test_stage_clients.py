@@ -64,7 +64,9 @@ class _Decoder(decoder_pb2_grpc.DecoderServiceServicer):
     async def Decode(self, request: decoder_pb2.DecodeRequest, context: Any) -> AsyncIterator[common_pb2.FrameBatch]:
         for start in range(request.start_frame, request.start_frame + request.frame_count, request.batch_size):
             indices = list(range(start, min(start + request.batch_size, request.start_frame + request.frame_count)))
-            frames = np.stack([np.full((4, 6, 3), index, np.uint8) for index in indices])
+            # What the request asks for: 6x4 pictures as RGB, or as NV12 (six rows of six bytes).
+            shape = (6, 6) if request.pixel_format == common_pb2.PIXEL_FORMAT_NV12 else (4, 6, 3)
+            frames = np.stack([np.full(shape, index, np.uint8) for index in indices])
             yield pack_frames(frames, indices)
         if request.uri == "truncated.mp4":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "video ends early")
@@ -166,6 +168,33 @@ def test_decoder_source_streams_batches_and_maps_errors() -> None:
         _serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body)
     )
     assert batches == [[10, 11], [12, 13], [14]]
+
+
+def test_decoder_source_asks_for_the_workers_pixel_format() -> None:
+    async def body(channel: grpc.aio.Channel) -> list[tuple[int, ...]]:
+        source = DecoderFrameSource(decoder_stub(channel), "clip.mp4", 0, 0, 3, 2, TIMEOUT_SECONDS, "nv12")
+        return [frames.shape async for frames, _ in source]
+
+    shapes = asyncio.run(_serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body))
+    assert shapes == [(2, 6, 6), (1, 6, 6)]
+
+
+def test_detector_finder_shrinks_nv12_frames_by_their_picture_size() -> None:
+    detector = _Detector()
+    asked: list[tuple[tuple[int, ...], tuple[int, int]]] = []
+
+    def shrink(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        asked.append((frames.shape, size))
+        return np.zeros((len(frames), size[1], size[0], 3), np.uint8)
+
+    async def body(channel: grpc.aio.Channel) -> list[list[DetectedFace]]:
+        finder = DetectorFaceFinder(detector_stub(channel), 320, 40, TIMEOUT_SECONDS, shrink)
+        return await finder.detect(np.zeros((2, 720, 1280), np.uint8))
+
+    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    # 1280x480 NV12 is 720 rows: shrunk by its picture's width, and the smallest face with it.
+    assert asked == [((2, 720, 1280), (320, 120))]
+    assert detector.requests[0].min_face_size == 10
 
 
 def _header() -> encoder_pb2.SegmentHeader:

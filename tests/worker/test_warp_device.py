@@ -15,7 +15,7 @@ from services.worker import settings as worker_settings
 from services.worker.batch_warp import TorchFaceWarper
 from services.worker.chunk_pipeline import HOST_WARPER
 from services.worker.chunk_runner import face_warper_for
-from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_warp_device
+from services.worker.settings import SETTINGS_PREFIX, WorkerSettings, resolve_frame_format, resolve_warp_device
 
 REQUIRED = {
     f"{SETTINGS_PREFIX}{name}": "127.0.0.1:1"
@@ -96,3 +96,21 @@ def test_the_worker_starts_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["cpu", "Cv2FaceWarper", "False"]
+
+
+def test_frames_come_as_nv12_where_faces_are_warped_on_a_gpu_and_as_rgb_on_the_host() -> None:
+    assert resolve_frame_format("auto", "cuda") == "nv12"
+    assert resolve_frame_format("auto", "cpu") == "rgb24"
+    assert resolve_frame_format("rgb24", "cuda") == "rgb24"
+    assert resolve_frame_format("nv12", "cuda") == "nv12"
+
+
+def test_nv12_frames_for_a_host_warper_are_refused_at_start() -> None:
+    with pytest.raises(FailedPrecondition, match="FRAME_FORMAT=nv12 needs faces warped on a GPU"):
+        resolve_frame_format("nv12", "cpu")
+
+
+def test_the_frame_format_setting_takes_its_choices_only() -> None:
+    assert load_settings(WorkerSettings, SETTINGS_PREFIX, REQUIRED).frame_format == "auto"
+    with pytest.raises(SettingsError, match="SWAPLINE_WORKER_FRAME_FORMAT='yuv' is not one of auto, rgb24, nv12"):
+        load_settings(WorkerSettings, SETTINGS_PREFIX, {**REQUIRED, f"{SETTINGS_PREFIX}FRAME_FORMAT": "yuv"})
