@@ -28,19 +28,21 @@ $(VENV)/.system-packages: FORCE
 
 FORCE:
 
-$(INSTALLED): pyproject.toml $(VENV)/.system-packages
+# constraints.txt pins every package, the wheel's build requirements too (grpcio-tools writes the protos'
+# code), as in the image's Dockerfile. The pinned pip comes first: a new venv's own may not know
+# --build-constraint.
+$(INSTALLED): pyproject.toml constraints.txt $(VENV)/.system-packages
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q --constraint constraints.txt --upgrade pip
+	$(PY) -m pip install -q --constraint constraints.txt --build-constraint constraints.txt \
+		-e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 install: $(INSTALLED)
 
-$(PROTO_STAMP): $(INSTALLED) $(PROTOS)
-	rm -rf $(PROTO_OUT)
-	mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
-	find $(PROTO_OUT) -type d -exec touch {}/__init__.py \;
+# The wheel's build writes the same package into the wheel (protos/generate.py is its build_py).
+$(PROTO_STAMP): $(INSTALLED) $(PROTOS) protos/generate.py
+	$(PY) protos/generate.py .
 	touch $@
 
 protos: $(PROTO_STAMP)
@@ -63,7 +65,7 @@ test: $(MODELS_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(PROTO_STAMP)
-	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff check services tests protos
 	$(VENV)/bin/mypy
 
 bench: $(MODELS_STAMP)

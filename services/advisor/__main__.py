@@ -10,7 +10,7 @@ from services.advisor.servicer import SERVICE_NAME, AdvisorServicer
 from services.advisor.settings import ENV_PREFIX, AdvisorSettings
 from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import ServiceBinding, serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from swapline.advisor.v1 import advisor_pb2_grpc
 from swapline.jobs.v1 import jobs_pb2_grpc
 
@@ -31,7 +31,7 @@ async def run(settings: AdvisorSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(AdvisorSettings, ENV_PREFIX)))
+    asyncio.run(run(service_settings("advisor", AdvisorSettings, ENV_PREFIX)))
 
 
 if __name__ == "__main__":

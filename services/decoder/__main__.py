@@ -7,7 +7,7 @@ import asyncio
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding, configure_logging, serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.decoder.decode_backend import BackendChoice, select_backend
 from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import ENV_PREFIX, DecoderSettings
@@ -18,7 +18,7 @@ def binding(settings: DecoderSettings, backend: BackendChoice) -> ServiceBinding
 
 
 def main() -> None:
-    settings = load_settings(DecoderSettings, ENV_PREFIX)
+    settings = service_settings("decoder", DecoderSettings, ENV_PREFIX)
     # Before the backend is chosen, so the choice and its reason reach the log.
     configure_logging(settings.log_level)
     backend = select_backend(settings.backend, settings.gpu_id)

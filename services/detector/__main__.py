@@ -7,7 +7,7 @@ import asyncio
 
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.grpc_server import serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.common.triton_client import TritonClient
 from services.detector.detector_choice import ChosenDetector, TritonReadinessProbe
 from services.detector.servicer import detector_binding
@@ -32,7 +32,7 @@ async def run(settings: DetectorSettings) -> None:
 
 
 def main() -> None:
-    settings = load_settings(DetectorSettings, ENV_PREFIX)
+    settings = service_settings("detector", DetectorSettings, ENV_PREFIX)
     keep_frame_buffers()
     asyncio.run(run(settings))
 

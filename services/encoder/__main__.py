@@ -8,7 +8,7 @@ import logging
 from services.common.frame_allocator import keep_frame_buffers
 from services.common.frame_streams import register_encoder
 from services.common.grpc_server import ServiceBinding, configure_logging, serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.encoder.encode_backend import BackendChoice, select_backend
 from services.encoder.servicer import SERVICE_NAME, EncoderServicer
 from services.encoder.settings import ENV_PREFIX, EncoderSettings
@@ -24,7 +24,7 @@ def binding(settings: EncoderSettings, backend: BackendChoice, cores: int | None
 
 
 def main() -> None:
-    settings = load_settings(EncoderSettings, ENV_PREFIX)
+    settings = service_settings("encoder", EncoderSettings, ENV_PREFIX)
     # Before the backend is chosen, so the choice and its reason reach the log.
     configure_logging(settings.log_level)
     backend = select_backend(settings.backend)

@@ -6,12 +6,13 @@ import logging
 import signal
 from types import FrameType
 
+from services.common.settings_check import service_settings
 from services.exporter.exporter_runtime import start_exporter
-from services.exporter.settings import load_exporter_settings
+from services.exporter.settings import ENV_PREFIX, ExporterSettings
 
 
 def main() -> None:
-    settings = load_exporter_settings()
+    settings = service_settings("exporter", ExporterSettings, ENV_PREFIX)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exporter = start_exporter(settings)
 

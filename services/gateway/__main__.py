@@ -7,10 +7,11 @@ import asyncio
 from services.common.frame_allocator import return_large_blocks
 from services.common.grpc_channel import channel_security
 from services.common.grpc_server import serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.gateway.gateway_parts import assemble_gateway
 from services.gateway.job_store import open_job_store
 from services.gateway.media_clients import GrpcMediaServices
+from services.gateway.media_retention import MediaRetention
 from services.gateway.settings import ENV_PREFIX, GatewaySettings
 
 
@@ -29,12 +30,19 @@ async def run(settings: GatewaySettings) -> None:
         settings.max_message_bytes,
     )
     parts = assemble_gateway(settings, store, media)
+    retention = MediaRetention(settings.retention_policy(), store, settings.media_root)
     try:
         await serve(
             settings,
             parts.bindings(),
             "gateway",
-            background=[parts.queue.reap_forever, lambda: parts.coordinator.resume_joins(joining)],
+            background=[
+                parts.queue.reap_forever,
+                lambda: parts.coordinator.resume_joins(joining),
+                parts.jobs.follow_other_gateways,
+                retention.sweep_forever,
+                lambda: parts.coordinator.refresh_counts_forever(settings.store_counts_refresh_seconds),
+            ],
         )
     finally:
         await media.close()
@@ -42,7 +50,7 @@ async def run(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    settings = load_settings(GatewaySettings, ENV_PREFIX)
+    settings = service_settings("gateway", GatewaySettings, ENV_PREFIX)
     return_large_blocks()
     asyncio.run(run(settings))
 

@@ -7,8 +7,8 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -24,11 +24,14 @@ from services.gateway.job_gpu_trend import JobTrendRecorder
 from services.gateway.job_images import work_area, write_media_file
 from services.gateway.job_recommendation import JobAdvisor, NoAdvisor
 from services.gateway.job_records import (
+    CHUNK_STATES,
     ENDED_JOB_STATES,
     JOB_STATES,
     JOINING_ONLY,
     LIVE_JOB_STATES,
+    OPEN_CHUNK_STATES,
     UNFINISHED_JOB_STATES,
+    ChunkState,
     JobError,
     JobRecord,
     JobState,
@@ -41,15 +44,30 @@ from services.gateway.retry_policy import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-JOBS_BY_STATE = Gauge("swapline_gateway_jobs", "Jobs in the store, by state.", ["state"])
-# The autoscaling signal for workers: chunks waiting for a lease.
-CHUNKS_PENDING = Gauge("swapline_gateway_chunks_pending", "Chunks of live jobs waiting for a worker.")
+# Both gauges count the whole store, which gateway replicas share: every replica reports the same counts,
+# so queries take the max across replicas, never the sum (the chart's swapline.openChunksQuery).
+JOBS_BY_STATE = Gauge("swapline_gateway_jobs", "Jobs in the shared job store, by state.", ["state"])
+# The workers' autoscaling signal: the open backlog. Leased chunks count as well as pending ones, so that
+# the workers holding them are not scaled in.
+CHUNKS_OPEN = Gauge(
+    "swapline_gateway_chunks_open",
+    "Open chunks of live jobs in the shared job store, by state: PENDING (waiting for a worker) and LEASED "
+    "(held by one).",
+    ["state"],
+)
+OPEN_CHUNK_STATE_LABELS: tuple[ChunkState, ...] = tuple(state for state in CHUNK_STATES if state in OPEN_CHUNK_STATES)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 # The ids this gateway hands out are 16 hex digits; anything unlike an id is looked up nowhere.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    jobs_by_state: Mapping[JobState, int]
+    open_chunks_by_state: Mapping[ChunkState, int]
 
 
 class JobCoordinator:
@@ -79,14 +97,36 @@ class JobCoordinator:
     def now(self) -> float:
         return self._clock()
 
+    def _read_counts(self) -> StoreCounts:
+        return StoreCounts(self.store.count_jobs_by_state(), self.store.count_open_chunks_by_state())
+
+    @staticmethod
+    def _publish(counts: StoreCounts) -> None:
+        for job_state in JOB_STATES:
+            JOBS_BY_STATE.labels(job_state).set(counts.jobs_by_state.get(job_state, 0))
+        for chunk_state in OPEN_CHUNK_STATE_LABELS:
+            CHUNKS_OPEN.labels(chunk_state).set(counts.open_chunks_by_state.get(chunk_state, 0))
+
     def publish_counts(self) -> None:
-        counts = self.store.count_jobs_by_state()
-        for state in JOB_STATES:
-            JOBS_BY_STATE.labels(state).set(counts.get(state, 0))
-        CHUNKS_PENDING.set(self.store.count_pending_chunks())
+        """Sets the gauges from the store, blocking: only while the gateway is assembled, before it serves."""
+        self._publish(self._read_counts())
+
+    async def refresh_counts(self) -> None:
+        """Sets the gauges from the store, read on the store's thread while the event loop goes on serving."""
+        self._publish(await self.store.run(self._read_counts))
+
+    async def refresh_counts_forever(self, interval_seconds: float) -> None:
+        """Refreshes the gauges every interval: the other gateways' changes to the shared store (a lease
+        granted by another replica, a job submitted there) reach this replica's gauges too."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.refresh_counts()
+            except Exception:
+                log.exception("refreshing the job and open-chunk gauges from the store failed")
 
     async def changed(self, job_id: str) -> None:
-        self.publish_counts()
+        await self.refresh_counts()
         await self.feed.notify(job_id)
 
     def require_job(self, job_id: str, tenant: str | None = None) -> JobRecord:

@@ -93,6 +93,35 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class JobSummary:
+    """What retention needs of a stored job: whose it is and whether, and when, it ended."""
+
+    id: str
+    tenant: str
+    state: JobState
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class TenantStorage:
+    """A tenant's stored media in bytes, as last measured plus what it uploaded since, and its limit.
+
+    max_bytes 0: no limit. The store keeps one row under DEFAULT_STORAGE_TENANT for tenants without one.
+    """
+
+    tenant: str
+    used_bytes: int
+    max_bytes: int
+
+    def is_full(self, adding_bytes: int = 0) -> bool:
+        return self.max_bytes > 0 and self.used_bytes + adding_bytes >= self.max_bytes
+
+
+# Not a valid tenant name (TENANT_NAME), so it never meets a real tenant's row.
+DEFAULT_STORAGE_TENANT = ""
+
+
+@dataclass(frozen=True)
 class RetrySchedule:
     """How a failed chunk goes back to the queue: not leased before not_before, its run of failures so far."""
 

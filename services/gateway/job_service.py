@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.encode_options import checked_crf, checked_preset
-from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SwaplineError, code_value
 from services.common.face_model_catalog import job_models
 from services.common.image_codec import decode_rgb_image
 from services.common.input_limits import InputLimits, check_media, check_text, excerpt, image_size
@@ -36,6 +36,7 @@ from services.gateway.job_records import (
     JobRecord,
     JobRequest,
     JobState,
+    TenantStorage,
 )
 from services.gateway.media_clients import MediaServices, downscaled
 from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area, resolve_target
@@ -47,7 +48,11 @@ MAX_LIST_LIMIT = 1000
 RUNNING_JOB_STATES: frozenset[JobState] = frozenset({"RUNNING", "JOINING"})
 _UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 # An upload is written under this name in its job's folder, and renamed once it is whole.
-_PARTIAL_UPLOAD_NAME = ".upload-in-progress"
+PARTIAL_UPLOAD_NAME = ".upload-in-progress"
+# A watch sends the job's progress at least this often, changed or not: the client sees the watch is
+# alive, and a wake-up missed (another gateway's change while this one's listener reconnected) delays
+# an event by no more than this.
+WATCH_KEEPALIVE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class JobService:
         new_id: Callable[[], str] = new_job_id,
         gpu_usage: CurrentGpuUsage | None = None,
         max_concurrent_image_checks: int = DEFAULT_CONCURRENT_IMAGE_CHECKS,
+        watch_keepalive_seconds: float = WATCH_KEEPALIVE_SECONDS,
     ) -> None:
         self._coordinator = coordinator
         # Decoding images and counting their faces (on the detector and Triton) costs memory per request:
@@ -136,6 +142,7 @@ class JobService:
         self._limits = limits
         self._new_id = new_id
         self._gpu_usage = gpu_usage or CurrentGpuUsage(NoTrendSource())
+        self._watch_keepalive_seconds = watch_keepalive_seconds
 
     async def submit(self, request: JobRequest, upload: AsyncIterator[bytes], tenant: str | None) -> JobRecord:
         """Validates everything a worker would trip over, then stores the images and queues the chunks.
@@ -164,13 +171,13 @@ class JobService:
         )
         accepted = False
         try:
-            job = await self._validate(job, request, upload)
+            job, uploaded_bytes = await self._validate(job, request, upload)
             chunks = plan_chunks(job_id, job.target, self._chunk_seconds) if job.target else []
             if not chunks:
                 raise InvalidArgument(f"target {excerpt(job.target_uri)} has no video frames")
             job = replace(job, frames_total=sum(chunk.frame_count for chunk in chunks), chunks_total=len(chunks))
             job = await self._store_images(job, request)
-            self._store.add_job(job, chunks)
+            await self._store.run(self._store.add_job, job, chunks, uploaded_bytes)
             accepted = True
         except SwaplineError as error:
             message = f"job {job_id}: {error.message}"
@@ -182,7 +189,7 @@ class JobService:
                 source_image_uri="",
                 reference_image_uri="",
             )
-            self._store.add_job(failed, [])
+            await self._store.run(self._store.add_job, failed, [])
             await self._coordinator.changed(job_id)
             raise type(error)(message) from error
         finally:
@@ -190,7 +197,7 @@ class JobService:
                 await asyncio.to_thread(self._remove_job_files, owner, job_id)
         await self._coordinator.changed(job_id)
         await self._queue.work_added()
-        return self._coordinator.require_job(job_id)
+        return await self._store.run(self._coordinator.require_job, job_id)
 
     def _remove_job_files(self, tenant: str, job_id: str) -> None:
         for area in (in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{job_id}"), work_area(job_id)):
@@ -226,11 +233,21 @@ class JobService:
             )
         return source, reference
 
-    async def _validate(self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]) -> JobRecord:
+    async def _validate(
+        self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]
+    ) -> tuple[JobRecord, int]:
+        """The job with its checked target; the bytes uploaded for it (0 for a named target)."""
         self._check_strings(request)
+        storage = await self._store.run(self._store.storage_of, job.tenant)
+        if storage.is_full():
+            raise ResourceExhausted(
+                f"the media storage of tenant {job.tenant} is full ({storage.used_bytes} of {storage.max_bytes} "
+                "bytes): no new jobs until retention removes ended ones or the limit is raised"
+            )
         job = replace(job, encode=request.encode, models=job_models(request.swapper, request.detector))
         async with self._image_checks:
             source, reference = await self._decoded_images(request)
+        uploaded_bytes = 0
         if request.target_uri:
             if await anext(upload, None) is not None:
                 raise InvalidArgument("the spec names a target_uri and also uploads a target; send one of them")
@@ -238,7 +255,7 @@ class JobService:
             check_media_uri(request.target_uri, self._limits)
             target_uri = await asyncio.to_thread(resolve_target, self._media_root, job.tenant, request.target_uri)
         elif request.target_filename:
-            target_uri = await self._receive_upload(job, request.target_filename, upload)
+            target_uri, uploaded_bytes = await self._receive_upload(job, request.target_filename, upload, storage)
         else:
             raise InvalidArgument("the spec needs a target_uri, or a target_filename followed by the uploaded target")
         job = replace(job, target_uri=target_uri)
@@ -251,7 +268,7 @@ class JobService:
                 raise FailedPrecondition("no face found in the source image")
             if reference is not None and await self._media.count_faces(reference) == 0:
                 raise FailedPrecondition("no face found in the reference image")
-        return job
+        return job, uploaded_bytes
 
     @staticmethod
     def _check_target(named: str, target: MediaInfo) -> None:
@@ -269,12 +286,14 @@ class JobService:
             await asyncio.to_thread(write_media_file, self._media_root, reference_uri, request.reference_image)
         return replace(job, source_image_uri=source_uri, reference_image_uri=reference_uri)
 
-    async def _receive_upload(self, job: JobRecord, filename: str, upload: AsyncIterator[bytes]) -> str:
+    async def _receive_upload(
+        self, job: JobRecord, filename: str, upload: AsyncIterator[bytes], storage: TenantStorage
+    ) -> tuple[str, int]:
         """Streams the upload to disk as it arrives, so a large target never sits in memory; the file gets
-        its name only once it is whole."""
+        its name only once it is whole. Its URI and size."""
         uri = in_tenant_area(job.tenant, f"{UPLOADS_FOLDER}/{job.id}/{sanitised_filename(filename)}")
         path = await asyncio.to_thread(writable_media_path, self._media_root, uri)
-        partial = path.with_name(_PARTIAL_UPLOAD_NAME)
+        partial = path.with_name(PARTIAL_UPLOAD_NAME)
         received = 0
         file = await asyncio.to_thread(partial.open, "wb")
         try:
@@ -282,25 +301,33 @@ class JobService:
                 received += len(piece)
                 if received > self._max_upload_bytes:
                     raise InvalidArgument(f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes")
+                if storage.is_full(received):
+                    raise ResourceExhausted(
+                        f"the upload fills the media storage of tenant {job.tenant} ({storage.used_bytes} of "
+                        f"{storage.max_bytes} bytes used before it)"
+                    )
                 await asyncio.to_thread(file.write, piece)
         finally:
             await asyncio.to_thread(file.close)
         if received == 0:
             raise InvalidArgument("uploaded target is empty")
         await asyncio.to_thread(os.replace, partial, path)
-        return uri
+        return uri, received
 
-    def get(self, job_id: str, tenant: str | None) -> JobRecord:
-        return self._coordinator.require_job(job_id, tenant)
+    async def get(self, job_id: str, tenant: str | None) -> JobRecord:
+        return await self._store.run(self._coordinator.require_job, job_id, tenant)
 
-    def list(self, limit: int, state: JobState | None, tenant: str | None) -> list[JobRecord]:
+    async def list(self, limit: int, state: JobState | None, tenant: str | None) -> list[JobRecord]:
         bounded = DEFAULT_LIST_LIMIT if limit <= 0 else min(limit, MAX_LIST_LIMIT)
-        return self._store.list_jobs(bounded, state, tenant)
+        return await self._store.run(self._store.list_jobs, bounded, state, tenant)
 
     async def cancel(self, job_id: str, tenant: str | None) -> JobRecord:
         return await self._coordinator.cancel_job(job_id, tenant)
 
-    def progress(self, job_id: str, tenant: str | None) -> JobProgress:
+    async def progress(self, job_id: str, tenant: str | None) -> JobProgress:
+        return await self._store.run(self._read_progress, job_id, tenant)
+
+    def _read_progress(self, job_id: str, tenant: str | None) -> JobProgress:
         job = self._coordinator.require_job(job_id, tenant)
         leased = [chunk.stage for chunk in self._store.list_chunks(job_id) if chunk.state == "LEASED"]
         now = self._coordinator.now()
@@ -309,25 +336,41 @@ class JobService:
 
     async def _progress_with_gpu(self, job_id: str, tenant: str | None) -> JobProgress:
         """While chunks run or segments join, the event also carries the GPUs' current usage."""
-        progress = self.progress(job_id, tenant)
+        progress = await self.progress(job_id, tenant)
         if progress.job.state not in RUNNING_JOB_STATES:
             return progress
         return replace(progress, gpu=await self._gpu_usage.read())
 
     async def watch(self, job_id: str, tenant: str | None) -> AsyncIterator[JobProgress]:
-        """The current state at once, then one event per change, ending after the terminal state."""
-        feed = self._coordinator.feed
-        seen = feed.version(job_id)
-        progress = await self._progress_with_gpu(job_id, tenant)
-        yield progress
-        while progress.job.state not in ENDED_JOB_STATES:
-            seen = await feed.wait_past(job_id, seen)
+        """The current state at once, then an event per change, ending after the terminal state.
+
+        Changes made through any gateway wake the watch (follow_other_gateways hears the others). However
+        quiet the job, an event read afresh from the store comes at least every keepalive, so no wait is
+        unbounded: the client gets progress or the end, and a job deleted meanwhile ends the watch with
+        NOT_FOUND.
+        """
+        loop = asyncio.get_running_loop()
+        with self._coordinator.feed.watching(job_id) as changes:
             progress = await self._progress_with_gpu(job_id, tenant)
             yield progress
+            sent_at = loop.time()
+            while progress.job.state not in ENDED_JOB_STATES:
+                keepalive_at = sent_at + self._watch_keepalive_seconds
+                await changes.changed_within(keepalive_at - loop.time())
+                latest = await self._progress_with_gpu(job_id, tenant)
+                if _same_state(latest, progress) and loop.time() < keepalive_at:
+                    continue
+                progress = latest
+                yield progress
+                sent_at = loop.time()
+
+    async def follow_other_gateways(self) -> None:
+        """Runs beside the server: wakes this gateway's watches for the changes other gateways make."""
+        await self._store.follow_changes(self._coordinator.feed.notify)
 
     async def artifact(self, job_id: str, kind: ArtifactKind, tenant: str | None) -> ArtifactFile:
         """The output exists once the job SUCCEEDED; the report and GPU trend once it ended at all."""
-        job = self._coordinator.require_job(job_id, tenant)
+        job = await self._store.run(self._coordinator.require_job, job_id, tenant)
         if kind == "output" and job.state != "SUCCEEDED":
             raise FailedPrecondition(f"job {job_id} is {job.state}; its output exists once it has SUCCEEDED")
         if job.state not in ENDED_JOB_STATES:
@@ -341,6 +384,11 @@ class JobService:
         if kind in ("gpu_trend_chart", "gpu_trend_csv") and job.started_at is None:
             raise FailedPrecondition(f"job {job_id} ended before it started; it has no GPU trend")
         return await asyncio.to_thread(_artifact_file, self._media_root, uris[kind])
+
+
+def _same_state(latest: JobProgress, sent: JobProgress) -> bool:
+    """Nothing a client would see has changed but the clock (rates, time, GPU usage follow from it)."""
+    return latest.job == sent.job and latest.stage == sent.stage
 
 
 def _artifact_file(media_root: Path, uri: str) -> ArtifactFile:

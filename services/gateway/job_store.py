@@ -1,15 +1,15 @@
 """Durable jobs and chunks: the embedded SQLite store and the choice of store by database URL.
 
-SQLite serves one gateway process: one connection, used only from the event loop, every call a
-short transaction, WAL so readers (a backup, the CLI) never block it. PostgreSQL
-(postgres_job_store.py) serves a cluster of gateways sharing one database.
+SQLite serves one gateway process: one connection, whose callers take turns (the store's own thread
+serves the event loop), every call a short transaction, WAL so readers (a backup, the CLI) never
+block it. PostgreSQL (postgres_job_store.py) serves a cluster of gateways sharing one database.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -19,6 +19,7 @@ from services.gateway.sql_job_store import (
     JOINING_JOB_IDS,
     REQUEUE_LEASED_CHUNKS,
     STOP_STALL_CLOCKS,
+    JobChanged,
     Row,
     SqlDialect,
     SqlJobStore,
@@ -48,7 +49,9 @@ class SqliteJobStore(SqlJobStore):
 
     def __init__(self, path: Path | str, media_root: Path) -> None:
         """media_root: where a store from an earlier version has its jobs' images moved when opened."""
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+        super().__init__()
+        # Used from the store's thread and from callers on other threads; the store's lock keeps them apart.
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -59,16 +62,17 @@ class SqliteJobStore(SqlJobStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._exclusive():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _reading(self) -> AbstractContextManager[None]:
-        return nullcontext()
+        return self._exclusive()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
         rows: list[Row] = self._db.execute(sql, params).fetchall()
@@ -86,6 +90,12 @@ class SqliteJobStore(SqlJobStore):
     def _claim_join(self, job_id: str) -> None:
         """Nothing to claim: no other gateway uses the file."""
 
+    def _announce(self, job_id: str) -> None:
+        """No other gateway to tell: this one's own change feed hears of every change."""
+
+    async def follow_changes(self, changed: JobChanged) -> None:
+        """No other gateway writes the file."""
+
     def _job_left_joining(self, job_id: str) -> None:
         """Nothing was claimed."""
 
@@ -97,7 +107,9 @@ class SqliteJobStore(SqlJobStore):
         return [row["id"] for row in rows]
 
     def close(self) -> None:
-        self._db.close()
+        self._stop_thread()
+        with self._exclusive():
+            self._db.close()
 
 
 def sqlite_path(database_url: str, media_root: Path) -> Path | str:

@@ -1,7 +1,7 @@
 """The job store of a cluster: one PostgreSQL database shared by every gateway replica.
 
-As with SQLite, each gateway has one connection, used only from the event loop, and every call is one
-short explicit transaction (autocommit off). What sharing the database changes:
+As with SQLite, each gateway has one connection for its operations, whose calls take turns, and every
+call is one short explicit transaction (autocommit off). What sharing the database changes:
 - Leasing locks the chosen chunk with FOR UPDATE SKIP LOCKED, so gateways leasing at once take
   different chunks instead of waiting for, or overwriting, each other.
 - A lease belongs to its worker, not to the gateway that granted it (heartbeats reach any replica), so
@@ -12,10 +12,15 @@ short explicit transaction (autocommit off). What sharing the database changes:
   those whose gateway is gone. Limitation: a join orphaned while every other gateway keeps running waits
   for the next gateway start (the dead pod's replacement); and a gateway that loses its connection loses
   its claims, so a gateway starting meanwhile may join the same job again.
+- Every transaction that changes a job sends its id on a NOTIFY channel when it commits; each gateway
+  LISTENs on a second connection (follow_changes), so a watch on one gateway hears what the others do.
+  Notifications sent while a gateway's listener reconnects are lost: its watches read the store again
+  on their keepalive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +35,7 @@ from services.common.errors import Unavailable
 from services.gateway.sql_job_store import (
     JOB_STATE,
     JOINING_JOB_IDS,
+    JobChanged,
     Row,
     SqlDialect,
     SqlJobStore,
@@ -57,6 +63,12 @@ _CLAIM_JOIN = "SELECT pg_try_advisory_lock(?, hashtext(?)) AS claimed"
 _RELEASE_JOIN = "SELECT pg_advisory_unlock(?, hashtext(?)) AS released"
 _COLUMN_NAMES = """SELECT column_name FROM information_schema.columns
     WHERE table_schema = current_schema() AND table_name = ?"""
+# The channel job changes are announced on; a payload is one job id.
+JOB_CHANGES_CHANNEL = "swapline_job_changes"
+_ANNOUNCE = "SELECT pg_notify(?, ?)"
+_LISTEN = f"LISTEN {JOB_CHANGES_CHANNEL}"
+# The pause before a lost listener connection is opened again.
+RELISTEN_SECONDS = 2.0
 
 
 @functools.cache
@@ -76,6 +88,7 @@ class PostgresJobStore(SqlJobStore):
 
     def __init__(self, url: str, media_root: Path, connect_timeout_seconds: int = 10) -> None:
         """media_root: where a database from an earlier version has its jobs' images moved when opened."""
+        super().__init__()
         self._url = libpq_url(url)
         self._connect_timeout_seconds = connect_timeout_seconds
         self._claimed_joins: set[str] = set()
@@ -99,18 +112,19 @@ class PostgresJobStore(SqlJobStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        if self._db.broken:
-            # The session and its advisory locks are gone with the old connection.
-            self._claimed_joins.clear()
-            self._db = self._connect()
-        try:
-            with self._db.transaction():
-                yield
-        except psycopg.OperationalError as error:
-            # Lost connections, deadlocks and the like: the caller may try again. The details (hosts,
-            # statements) go to the log; callers of the public API see only that the store failed.
-            log.warning("the PostgreSQL job store failed: %s", error)
-            raise Unavailable("the job store is unavailable; try again") from error
+        with self._exclusive():
+            if self._db.broken:
+                # The session and its advisory locks are gone with the old connection.
+                self._claimed_joins.clear()
+                self._db = self._connect()
+            try:
+                with self._db.transaction():
+                    yield
+            except psycopg.OperationalError as error:
+                # Lost connections, deadlocks and the like: the caller may try again. The details (hosts,
+                # statements) go to the log; callers of the public API see only that the store failed.
+                log.warning("the PostgreSQL job store failed: %s", error)
+                raise Unavailable("the job store is unavailable; try again") from error
 
     def _reading(self) -> AbstractContextManager[None]:
         # Reads commit too, so no connection sits idle in a transaction holding its snapshot.
@@ -128,6 +142,26 @@ class PostgresJobStore(SqlJobStore):
 
     def _column_names(self, table: str) -> set[str]:
         return {row["column_name"] for row in self._rows(_COLUMN_NAMES, (table,))}
+
+    def _announce(self, job_id: str) -> None:
+        # Delivered when the transaction commits, and not at all if it rolls back.
+        self._rows(_ANNOUNCE, (JOB_CHANGES_CHANNEL, job_id))
+
+    async def follow_changes(self, changed: JobChanged) -> None:
+        """LISTENs on its own connection (asynchronous: the event loop never waits on it) until cancelled;
+        a lost connection is opened again after RELISTEN_SECONDS."""
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=self._connect_timeout_seconds
+                )
+                async with connection:
+                    await connection.execute(_LISTEN)
+                    async for notification in connection.notifies():
+                        await changed(notification.payload)
+            except psycopg.OperationalError as error:
+                log.warning("listening for other gateways' job changes failed (%s); listening again", error)
+            await asyncio.sleep(RELISTEN_SECONDS)
 
     def _claim_join(self, job_id: str) -> None:
         if job_id in self._claimed_joins:
@@ -163,4 +197,6 @@ class PostgresJobStore(SqlJobStore):
         return recovered
 
     def close(self) -> None:
-        self._db.close()
+        self._stop_thread()
+        with self._exclusive():
+            self._db.close()

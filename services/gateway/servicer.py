@@ -137,7 +137,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return job_to_proto(job)
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        return job_to_proto(self._jobs.get(request.job_id, caller_tenant()))
+        return job_to_proto(await self._jobs.get(request.job_id, caller_tenant()))
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -154,7 +154,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         state = JOB_STATE_FROM_PROTO.get(request.state) if request.state else None
         if request.state and state is None:
             raise InvalidArgument(f"unknown job state {request.state}")
-        jobs = self._jobs.list(request.limit, state, caller_tenant())
+        jobs = await self._jobs.list(request.limit, state, caller_tenant())
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
 
     async def FetchArtifact(

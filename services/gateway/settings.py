@@ -19,6 +19,7 @@ from services.common.input_limits import (
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import SettingsError, ranged
 from services.gateway.gpu_trend_source import GpuTrendSourceKind
+from services.gateway.retention_policy import RetentionLimits, RetentionPolicy, tenant_limits
 from services.gateway.retry_policy import RetryPolicy
 
 ENV_PREFIX = "SWAPLINE_GATEWAY_"
@@ -47,6 +48,10 @@ class GatewaySettings(ServerSettings):
     # fails with DEADLINE_EXCEEDED; time with no chunk leased (queued, workers waiting for Triton's
     # models) is not counted. 0: no deadline.
     stall_deadline_seconds: float = ranged(300.0, ge=0.0, le=86400.0)
+    # Seconds between reads of the store's job and open-chunk counts (the swapline_gateway_jobs and
+    # swapline_gateway_chunks_open gauges, the workers' autoscaling signal). Each gateway also reads them after
+    # its own changes; this bounds how long other gateways' changes take to show.
+    store_counts_refresh_seconds: float = ranged(5.0, ge=0.5, le=300.0)
     max_upload_bytes: int = ranged(4 * 1024**3, ge=1)
     # Submissions whose images are decoded and face-counted at once; the rest of a burst waits its turn.
     max_concurrent_image_checks: int = ranged(4, ge=1, le=256)
@@ -74,9 +79,20 @@ class GatewaySettings(ServerSettings):
     # The advisor service that adds a GPU recommendation to succeeded jobs' reports; empty for none.
     advisor_target: str = ""
     advisor_timeout_seconds: float = ranged(10.0, gt=0.0)
+    # Retention (media_retention.py): ended jobs are deleted with their files once they ended
+    # retention_max_age_seconds ago (0 keeps them); at retention_max_bytes of stored media (0: no limit)
+    # a tenant's submissions are refused with RESOURCE_EXHAUSTED. retention_tenant_limits sets both for
+    # named tenants: comma-separated tenant:max_age_seconds:max_bytes entries.
+    retention_max_age_seconds: float = ranged(7 * 86400.0, ge=0.0)
+    retention_max_bytes: int = ranged(0, ge=0)
+    retention_tenant_limits: tuple[str, ...] = ranged((), max_length=10000)
+    # Partial uploads and folders of submissions that never reached the store go once untouched this long.
+    retention_interrupted_seconds: float = ranged(3600.0, ge=60.0, le=30 * 86400.0)
+    retention_sweep_interval_seconds: float = ranged(300.0, ge=1.0, le=86400.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.retention_policy()
         if self.retry_max_backoff_seconds < self.retry_initial_backoff_seconds:
             raise SettingsError(
                 f"retry_max_backoff_seconds={self.retry_max_backoff_seconds:g} must be at least "
@@ -94,3 +110,11 @@ class GatewaySettings(ServerSettings):
 
     def input_limits(self) -> InputLimits:
         return limits_from(self)
+
+    def retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            default=RetentionLimits(self.retention_max_age_seconds, self.retention_max_bytes),
+            tenants=tenant_limits(self.retention_tenant_limits),
+            interrupted_seconds=self.retention_interrupted_seconds,
+            sweep_interval_seconds=self.retention_sweep_interval_seconds,
+        )

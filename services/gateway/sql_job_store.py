@@ -5,39 +5,53 @@ A store supplies its connection handling (transactions, running a statement), it
 lock clauses (SqlDialect), and restart recovery, which differs because a PostgreSQL database may be
 shared by several gateways. Statements are written with ? placeholders; the PostgreSQL store rewrites
 them to %s.
+
+The store's methods block on the database. Async code runs them with `run`, on the store's own thread, so
+the event loop never waits on a query; a lock lets calls from any thread take turns on the one connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPPER, job_models
 from services.common.media_info import Keyframe, MediaInfo
 from services.common.tenant_context import LOCAL_TENANT
 from services.gateway.job_images import reference_image_uri, source_image_uri, write_media_file
 from services.gateway.job_records import (
+    DEFAULT_STORAGE_TENANT,
     ENDED_JOB_STATES,
     ChunkRecord,
+    ChunkState,
     ChunkStats,
     EncodeOptions,
     FaceCountChange,
     JobError,
     JobRecord,
     JobState,
+    JobSummary,
     JoinOutcome,
     PlannedChunk,
     RetrySchedule,
     StalledJob,
+    TenantStorage,
 )
 
 Row = Mapping[str, Any]
+ResultT = TypeVar("ResultT")
+ArgumentsP = ParamSpec("ArgumentsP")
+# Called with a job's id each time any gateway changes it.
+JobChanged = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,11 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
 CREATE INDEX IF NOT EXISTS chunks_by_lease ON chunks (lease_id);
+CREATE TABLE IF NOT EXISTS tenant_storage (
+    tenant TEXT PRIMARY KEY,
+    used_bytes {integer} NOT NULL,
+    max_bytes {integer} NOT NULL
+);
 """
 
 # Columns a store created by an earlier version lacks, added when it is opened. Jobs from before tenants
@@ -236,8 +255,25 @@ STOP_STALL_CLOCKS = "UPDATE jobs SET stall_started_at = NULL WHERE stall_started
 JOINING_JOB_IDS = "SELECT id FROM jobs WHERE state = 'JOINING' ORDER BY seq"
 JOB_STATE = "SELECT state FROM jobs WHERE id = ?"
 _COUNT_JOBS_BY_STATE = "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"
-_COUNT_PENDING_CHUNKS = f"""SELECT COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
-    WHERE c.state = 'PENDING' AND {_LIVE_JOB}"""
+_COUNT_OPEN_CHUNKS_BY_STATE = f"""SELECT c.state, COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state IN ('PENDING', 'LEASED') AND {_LIVE_JOB} GROUP BY c.state"""
+_ENDED_STATES = tuple(sorted(ENDED_JOB_STATES))
+_ENDED_STATE_PLACEHOLDERS = ", ".join("?" for _ in _ENDED_STATES)
+_JOB_SUMMARIES = "SELECT id, tenant, state, finished_at FROM jobs ORDER BY seq"
+# A job never leaves an ended state, and ending it cancelled its open chunks: no lease holds its rows.
+# Chunks before the job, the order leasing locks them in.
+_DELETE_ENDED_JOB_CHUNKS = f"""DELETE FROM chunks WHERE job_id = ?
+    AND EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state IN ({_ENDED_STATE_PLACEHOLDERS}))"""
+_DELETE_ENDED_JOB = f"DELETE FROM jobs WHERE id = ? AND state IN ({_ENDED_STATE_PLACEHOLDERS})"
+_FORGET_STORAGE = "DELETE FROM tenant_storage WHERE tenant NOT IN ({tenants})"
+# Upserts, so gateways measuring at once never collide on a tenant's row.
+_RECORD_STORAGE = """INSERT INTO tenant_storage (tenant, used_bytes, max_bytes) VALUES (?, ?, ?)
+    ON CONFLICT (tenant) DO UPDATE SET used_bytes = excluded.used_bytes, max_bytes = excluded.max_bytes"""
+_ADD_STORED_BYTES = """INSERT INTO tenant_storage (tenant, used_bytes, max_bytes) VALUES (?, ?, ?)
+    ON CONFLICT (tenant) DO UPDATE SET used_bytes = tenant_storage.used_bytes + excluded.used_bytes"""
+# The tenant's own row sorts after the default row, whose name is empty.
+_STORAGE_OF = """SELECT tenant, used_bytes, max_bytes FROM tenant_storage WHERE tenant IN (?, ?)
+    ORDER BY tenant DESC LIMIT 1"""
 _LEGACY_IMAGES = f"""SELECT j.id, j.source_image, j.reference_image FROM jobs j WHERE {_LIVE_JOB}"""
 _SET_IMAGE_URIS = "UPDATE jobs SET source_image_uri = ?, reference_image_uri = ? WHERE id = ?"
 
@@ -355,6 +391,41 @@ class SqlJobStore(ABC):
 
     dialect: ClassVar[SqlDialect]
 
+    def __init__(self) -> None:
+        # Reentrant: an operation run through `run` holds it while its transactions take it again.
+        self._lock = threading.RLock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Held by every transaction and read: one thread at a time uses the connection."""
+        with self._lock:
+            yield
+
+    async def run(
+        self, operation: Callable[ArgumentsP, ResultT], *args: ArgumentsP.args, **kwargs: ArgumentsP.kwargs
+    ) -> ResultT:
+        """Runs a blocking operation on the store (a method, or code that calls several) on the store's
+        thread, while the event loop goes on serving."""
+
+        def exclusively() -> ResultT:
+            with self._lock:
+                return operation(*args, **kwargs)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, exclusively)
+
+    def _stop_thread(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    @abstractmethod
+    def _announce(self, job_id: str) -> None:
+        """Called inside each transaction that changes a job: tells the other gateways, where there are any."""
+
+    @abstractmethod
+    async def follow_changes(self, changed: JobChanged) -> None:
+        """Calls `changed` for each job another gateway changes, until cancelled; returns at once where no
+        other gateway shares the store."""
+
     @abstractmethod
     def _transaction(self) -> AbstractContextManager[None]:
         """Commits when the block ends, rolls back when it raises; nothing else is open meanwhile."""
@@ -426,9 +497,13 @@ class SqlJobStore(ABC):
                 write_media_file(media_root, reference_uri, reference)
             self._change(_SET_IMAGE_URIS, (source_uri, reference_uri, job_id))
 
-    def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk]) -> None:
+    def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk], stored_bytes: int = 0) -> None:
+        """stored_bytes: media stored for the job (its upload), counted to its tenant's storage at once."""
         with self._transaction():
             self._change(_INSERT_JOB, _job_values(job))
+            self._announce(job.id)
+            if stored_bytes:
+                self._count_stored_bytes(job.tenant, stored_bytes)
             self._change_many(
                 _INSERT_CHUNK,
                 [
@@ -479,6 +554,7 @@ class SqlJobStore(ABC):
             self._change(_LEASE_CHUNK, (lease_id, expires_at, worker_id, now, job_id, index))
             self._change(_START_JOB, (now, job_id))
             self._change(_RUN_STALL_CLOCK, (now, job_id))
+            self._announce(job_id)
         return self.chunk_for_lease(lease_id)
 
     def next_due_at(self, now: float) -> float | None:
@@ -497,6 +573,7 @@ class SqlJobStore(ABC):
             self._change(_RECORD_PROGRESS, (expires_at, frames_done, stage, faces, lease_id))
             if progressed:
                 self._change(_RESET_STALL_CLOCK, (now, job_id))
+            self._announce(job_id)
 
     def finish_chunk(
         self, job_id: str, index: int, lease_id: str, segment_uri: str, stats: ChunkStats, now: float
@@ -510,6 +587,7 @@ class SqlJobStore(ABC):
             if not finished:
                 return None
             self._change(_RESET_STALL_CLOCK, (now, job_id))
+            self._announce(job_id)
             remaining = self._rows(_COUNT_UNFINISHED_CHUNKS, (job_id,))[0]["n"]
         return int(remaining)
 
@@ -530,6 +608,7 @@ class SqlJobStore(ABC):
                 ),
             )
             self._change(_PAUSE_STALL_CLOCK, (now, chunk.job_id))
+            self._announce(chunk.job_id)
         return requeued == 1
 
     def fail_chunk(self, chunk: ChunkRecord, error: JobError, now: float) -> bool:
@@ -537,6 +616,7 @@ class SqlJobStore(ABC):
         with self._transaction():
             failed = self._change(_FAIL_CHUNK, (error.code, error.message, chunk.job_id, chunk.index, chunk.lease_id))
             self._change(_PAUSE_STALL_CLOCK, (now, chunk.job_id))
+            self._announce(chunk.job_id)
         return failed == 1
 
     def lapsed_leases(self, now: float) -> list[ChunkRecord]:
@@ -602,6 +682,8 @@ class SqlJobStore(ABC):
                 )
                 == 1
             )
+            if changed:
+                self._announce(job_id)
             if changed and ended:
                 self._change(_CANCEL_OPEN_CHUNKS, (job_id,))
             if changed and to_state == "JOINING":
@@ -615,7 +697,54 @@ class SqlJobStore(ABC):
             rows = self._rows(_COUNT_JOBS_BY_STATE)
         return {cast(JobState, row["state"]): int(row["n"]) for row in rows}
 
-    def count_pending_chunks(self) -> int:
+    def count_open_chunks_by_state(self) -> dict[ChunkState, int]:
+        """The open chunks (PENDING and LEASED) of live jobs, by state; a state without chunks is absent."""
         with self._reading():
-            rows = self._rows(_COUNT_PENDING_CHUNKS)
-        return int(rows[0]["n"])
+            rows = self._rows(_COUNT_OPEN_CHUNKS_BY_STATE)
+        return {cast(ChunkState, row["state"]): int(row["n"]) for row in rows}
+
+    def count_pending_chunks(self) -> int:
+        return self.count_open_chunks_by_state().get("PENDING", 0)
+
+    def job_summaries(self) -> list[JobSummary]:
+        """Every stored job, oldest first: its tenant, state and end."""
+        with self._reading():
+            rows = self._rows(_JOB_SUMMARIES)
+        return [JobSummary(row["id"], row["tenant"], row["state"], row["finished_at"]) for row in rows]
+
+    def delete_ended_jobs(self, job_ids: Iterable[str]) -> list[str]:
+        """Deletes those of the jobs that have ended, with their chunks; the ids it deleted."""
+        deleted: list[str] = []
+        with self._transaction():
+            for job_id in job_ids:
+                self._change(_DELETE_ENDED_JOB_CHUNKS, (job_id, job_id, *_ENDED_STATES))
+                if self._change(_DELETE_ENDED_JOB, (job_id, *_ENDED_STATES)) == 1:
+                    self._announce(job_id)
+                    deleted.append(job_id)
+        return deleted
+
+    def record_storage(self, storage: Collection[TenantStorage]) -> None:
+        """Replaces every tenant's measured storage and limit. `storage` holds a row under
+        DEFAULT_STORAGE_TENANT, the limit of tenants without a row of their own."""
+        tenants = [row.tenant for row in storage]
+        with self._transaction():
+            self._change(_FORGET_STORAGE.format(tenants=_placeholders(tenants)), tenants)
+            self._change_many(_RECORD_STORAGE, [(row.tenant, row.used_bytes, row.max_bytes) for row in storage])
+
+    def storage_of(self, tenant: str) -> TenantStorage:
+        """The tenant's storage as last recorded; a tenant without a row has used nothing yet and the default
+        limit, and with no rows at all (nothing measured yet) there is no limit."""
+        with self._reading():
+            rows = self._rows(_STORAGE_OF, (tenant, DEFAULT_STORAGE_TENANT))
+        if not rows:
+            return TenantStorage(tenant, 0, 0)
+        row = rows[0]
+        used = int(row["used_bytes"]) if row["tenant"] == tenant else 0
+        return TenantStorage(tenant, used, int(row["max_bytes"]))
+
+    def _count_stored_bytes(self, tenant: str, stored_bytes: int) -> None:
+        """Counts media the tenant stored since the last measurement, so its next submission sees it."""
+        rows = self._rows(_STORAGE_OF, (tenant, DEFAULT_STORAGE_TENANT))
+        # With nothing recorded yet, the first measurement will count it.
+        if rows:
+            self._change(_ADD_STORED_BYTES, (tenant, stored_bytes, int(rows[0]["max_bytes"])))

@@ -17,9 +17,13 @@ from services.common.tenant_context import LOCAL_TENANT, TENANT_NAME
 
 TENANTS_FOLDER = "tenants"
 UPLOADS_FOLDER = "uploads"
-# Top-level names of the media root a local target_uri may not reach: chunk segments and job images
-# (work), outputs and reports, the tenants' folders, and the default SQLite job store with its journals.
-GATEWAY_FOLDERS = frozenset({"work", "outputs", TENANTS_FOLDER})
+# Chunk segments and job images, in a folder per job.
+WORK_FOLDER = "work"
+# Outputs, reports and GPU trends, in a folder per job.
+OUTPUTS_FOLDER = "outputs"
+# Top-level names of the media root a local target_uri may not reach: the work and outputs folders, the
+# tenants' folders, and the default SQLite job store with its journals.
+GATEWAY_FOLDERS = frozenset({WORK_FOLDER, OUTPUTS_FOLDER, TENANTS_FOLDER})
 GATEWAY_FILE_PREFIX = "swapline.db"
 # The token file's alphabet; never "." or "..", which would name a folder above.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.common.grpc_server import configure_logging, serve
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.residency.gpu_memory import gpu_memory_reader
 from services.residency.model_residency import ModelResidency
 from services.residency.servicer import residency_binding
@@ -40,7 +40,7 @@ async def run(settings: ResidencySettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(ResidencySettings, ENV_PREFIX)))
+    asyncio.run(run(service_settings("residency", ResidencySettings, ENV_PREFIX)))
 
 
 if __name__ == "__main__":

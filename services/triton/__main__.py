@@ -6,13 +6,13 @@ import signal
 import threading
 from types import FrameType
 
-from services.common.settings_loader import load_settings
+from services.common.settings_check import service_settings
 from services.triton.server_process import EmbeddedTriton
 from services.triton.settings import ENV_PREFIX, TritonSettings
 
 
 def main() -> None:
-    settings = load_settings(TritonSettings, ENV_PREFIX)
+    settings = service_settings("triton", TritonSettings, ENV_PREFIX)
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

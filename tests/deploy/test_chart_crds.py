@@ -46,7 +46,7 @@ KEY_USAGES = {"digital signature", "key encipherment", "server auth", "client au
 DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 # The series the autoscaling queries may use: what the gateway, Triton and the advisor export.
 SCALING_SERIES = {
-    "swapline_gateway_chunks_pending",
+    "swapline_gateway_chunks_open",
     "swapline_advisor_desired_worker_replicas",
     "swapline_advisor_desired_triton_replicas",
     "nv_inference_queue_duration_us",
@@ -107,7 +107,9 @@ def test_scaled_objects(scenario: str) -> None:
             assert all(isinstance(value, str) for value in metadata.values())
             if trigger["type"] == "prometheus":
                 assert trigger["metricType"] in {"AverageValue", "Value"}
-                assert set(metadata) == {"serverAddress", "query", "threshold"}
+                assert set(metadata) == {"serverAddress", "ignoreNullValues", "query", "threshold"}
+                # An unscraped signal is an error on the ScaledObject, not a zero that pins minReplicas.
+                assert metadata["ignoreNullValues"] == "false"
                 assert metadata["serverAddress"].startswith(("http://", "https://"))
                 assert float(metadata["threshold"]) > 0
                 series = query_series(metadata["query"])
@@ -120,7 +122,7 @@ def test_scaled_objects(scenario: str) -> None:
                 assert "cpu" in container["resources"]["requests"]
 
 
-def test_workers_scale_on_pending_chunks_and_triton_on_its_queue() -> None:
+def test_workers_scale_on_open_chunks_and_triton_on_its_queue() -> None:
     objects = scenario_objects("gpu-keda")
     scaled = {item["spec"]["scaleTargetRef"]["name"]: item for item in of_kind(objects, "ScaledObject")}
     worker_queries = [
@@ -128,7 +130,7 @@ def test_workers_scale_on_pending_chunks_and_triton_on_its_queue() -> None:
         for t in scaled[component_name("worker")]["spec"]["triggers"]
         if t["type"] == "prometheus"
     ]
-    assert worker_queries == ['sum(swapline_gateway_chunks_pending{namespace="media"})']
+    assert worker_queries == ['sum(max by (state) (swapline_gateway_chunks_open{namespace="media"}))']
     triton_series = {
         series
         for trigger in scaled[component_name("triton")]["spec"]["triggers"]

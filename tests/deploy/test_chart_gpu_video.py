@@ -134,3 +134,15 @@ def test_the_gpu_block_is_closed_and_counts_whole_gpus() -> None:
         {"encoder": {"gpu": {"count": 1, "products": [], "resourceName": "nvidia.com/mig-1g.10gb"}}}
     )
     assert "/worker/gpu/count" in render_error({"worker": {"gpu": {"count": -1, "products": []}}})
+
+
+@pytest.mark.parametrize(("frame_format", "scenario"), [("auto", "gpu-video"), ("auto", None), ("rgb24", None)])
+def test_workers_get_the_frame_format_their_deployment_chooses(frame_format: str, scenario: str | None) -> None:
+    values = {} if frame_format == "auto" else {"worker": {"frameFormat": frame_format}}
+    objects = scenario_objects(scenario) if scenario else objects_of(render(values))
+    (container,) = containers_of(workload_of(objects, "worker"))
+    assert env_values(container)["SWAPLINE_WORKER_FRAME_FORMAT"] == frame_format
+
+
+def test_a_frame_format_the_worker_does_not_know_is_refused() -> None:
+    assert "frameFormat" in render_error({"worker": {"frameFormat": "yuv444"}})

@@ -274,6 +274,8 @@ def test_extra_args_cannot_choose_the_model_control_mode() -> None:
     "triton", [{"replicaCount": 2}, {"autoscaling": {"enabled": True}}], ids=["two-replicas", "autoscaled"]
 )
 def test_the_sidecar_is_refused_with_several_triton_pods(triton: dict[str, Any]) -> None:
-    assert "With several Triton pods" in render_error({"triton": triton})
-    objects = objects_of(render({"triton": {**triton, "residency": {"enabled": False}}}))
+    # Autoscaling needs its metrics scraped; a Prometheus of the user's own does here.
+    scrape = {"autoscaling": {"prometheusScrape": "external"}}
+    assert "With several Triton pods" in render_error({"triton": triton, **scrape})
+    objects = objects_of(render({"triton": {**triton, "residency": {"enabled": False}}, **scrape}))
     assert [item["name"] for item in containers_of(workload_of(objects, "triton"))] == ["triton"]

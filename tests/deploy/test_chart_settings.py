@@ -11,12 +11,16 @@ from typing import Any
 import pytest
 
 from services.common.settings_loader import all_env_names, load_settings, required_env_names
+from services.gateway.retention_policy import RetentionLimits
+from services.gateway.settings import GatewaySettings
 from tests.deploy.chart_render import (
     CHART_DIR,
     DOCKERFILE,
     PYTHON_SERVICES,
     containers_of,
     env_values,
+    objects_of,
+    render,
     scenario_names,
     scenario_objects,
     workload_of,
@@ -160,6 +164,17 @@ def test_settings_values_become_prefixed_variables() -> None:
     assert environment["SWAPLINE_WORKER_CONCURRENCY"] == "2"
     assert environment["SWAPLINE_WORKER_BATCH_SIZE"] == "16"
     assert environment["SWAPLINE_WORKER_MAX_MESSAGE_BYTES"] == "268435456"
+
+
+def test_retention_values_become_the_gateways_retention_policy() -> None:
+    tenants = [{"tenant": "acme", "maxAgeSeconds": 86400, "maxBytes": 107374182400}]
+    retention = {"maxAgeSeconds": 3600, "maxBytes": 10737418240, "interruptedSeconds": 600, "tenants": tenants}
+    (container,) = containers_of(workload_of(objects_of(render({"gateway": {"retention": retention}})), "gateway"))
+    settings = load_settings(GatewaySettings, prefix_of("gateway"), runtime_environment(container))
+    policy = settings.retention_policy()
+    assert policy.default == RetentionLimits(3600.0, 10737418240)
+    assert policy.tenants == {"acme": RetentionLimits(86400.0, 107374182400)}
+    assert (policy.interrupted_seconds, policy.sweep_interval_seconds) == (600.0, 300.0)
 
 
 def test_whole_numbers_are_rendered_without_an_exponent() -> None:

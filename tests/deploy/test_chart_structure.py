@@ -74,6 +74,18 @@ def test_pods_run_as_non_root_except_the_exporter(scenario: str) -> None:
             assert container["securityContext"].get("runAsNonRoot", True) is True
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_with_an_fs_group_reown_volumes_only_on_a_root_mismatch(scenario: str) -> None:
+    # Kubernetes' default (Always) walks the whole media volume at every pod start.
+    grouped = [
+        workload["spec"]["template"]["spec"]["securityContext"]
+        for workload in workloads(scenario_objects(scenario))
+        if "fsGroup" in workload["spec"]["template"]["spec"]["securityContext"]
+    ]
+    assert grouped
+    assert all(context.get("fsGroupChangePolicy") == "OnRootMismatch" for context in grouped)
+
+
 # Components with a `gpu` block and its default count; no other component ever asks for a GPU.
 GPU_COUNT_DEFAULTS = {"triton": 1, "decoder": 0, "encoder": 0, "worker": 0}
 
@@ -338,7 +350,7 @@ def test_autoscaled_deployments_leave_replicas_to_the_autoscaler() -> None:
     for name in targets:
         assert "replicas" not in named(objects, "Deployment", name)["spec"]
     worker_metrics = {item["type"]: item for item in targets[component_name("worker")]["spec"]["metrics"]}
-    assert worker_metrics["External"]["external"]["metric"]["name"] == "swapline_gateway_chunks_pending"
+    assert worker_metrics["External"]["external"]["metric"]["name"] == "swapline_gateway_chunks_open"
     triton_metrics = {item["type"]: item for item in targets[component_name("triton")]["spec"]["metrics"]}
     assert set(triton_metrics) == {"Pods"}
     assert triton_metrics["Pods"]["pods"]["metric"]["name"] == "nv_inference_pending_request_count"

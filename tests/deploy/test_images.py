@@ -57,7 +57,7 @@ def test_models_and_build_outputs_stay_out_of_the_image() -> None:
     patterns = DOCKERIGNORE.read_text().splitlines()
     assert patterns[patterns.index("*") :][:1] == ["*"]
     allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "protos", "services"}
+    assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "protos", "services"}
     # What the build copies is what the context lets in.
     sources = {
         source

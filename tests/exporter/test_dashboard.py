@@ -95,7 +95,7 @@ REQUIRED_ON_DASHBOARD = frozenset(
         "nv_inference_request_success",
         "nv_inference_queue_duration_us",
         "nv_inference_compute_infer_duration_us",
-        "swapline_gateway_chunks_pending",
+        "swapline_gateway_chunks_open",
         "swapline_rpc_seconds_bucket",
     }
 )

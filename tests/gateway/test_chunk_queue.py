@@ -94,8 +94,8 @@ def run(
     asyncio.run(main())
 
 
-def pending_gauge() -> float | None:
-    return REGISTRY.get_sample_value("swapline_gateway_chunks_pending")
+def open_chunks_gauge(state: str) -> float | None:
+    return REGISTRY.get_sample_value("swapline_gateway_chunks_open", {"state": state})
 
 
 def test_lease_waits_for_work_and_is_woken_by_a_new_chunk(tmp_path: Path) -> None:
@@ -123,12 +123,12 @@ def test_lease_without_work_gives_up_after_its_wait(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
-def test_pending_gauge_follows_leases(tmp_path: Path) -> None:
+def test_open_chunks_gauge_follows_leases(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         await h.add_job("a", [10, 10, 10])
-        assert pending_gauge() == 3
+        assert (open_chunks_gauge("PENDING"), open_chunks_gauge("LEASED")) == (3, 0)
         await h.queue.lease("w1", 0)
-        assert pending_gauge() == 2
+        assert (open_chunks_gauge("PENDING"), open_chunks_gauge("LEASED")) == (2, 1)
 
     run(tmp_path, scenario)
 

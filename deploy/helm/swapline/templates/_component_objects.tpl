@@ -242,8 +242,19 @@ spec:
 {{- end }}
 
 {{/*
-KEDA ScaledObject. Triggers: the component's signal (worker: pending chunks, Triton: queue versus compute
-time or pending requests, or the advisor's desired replicas) and CPU where a target is set.
+The workers' backlog as PromQL: the open chunks (pending and leased) of the shared job store. Every gateway
+replica exports the whole store's counts, so the replicas' series are collapsed with max per state before
+the states are summed: the backlog counts once however many gateways run. The argument is the label
+matchers of the series (e.g. namespace="media", or prometheus-adapter's <<.LabelMatchers>>).
+*/}}
+{{- define "swapline.openChunksQuery" -}}
+sum(max by (state) (swapline_gateway_chunks_open{ {{- . -}} }))
+{{- end }}
+
+{{/*
+KEDA ScaledObject. Triggers: the component's signal (worker: the open backlog, Triton: queue versus compute
+time or pending requests, or the advisor's desired replicas) and CPU where a target is set. An empty answer
+from Prometheus is an error (ignoreNullValues false), not a zero that keeps the component at minReplicas.
 */}}
 {{- define "swapline.scaledObject" -}}
 {{- $root := .root }}
@@ -274,12 +285,13 @@ spec:
       metricType: AverageValue
       metadata:
         serverAddress: {{ $prometheus }}
+        ignoreNullValues: "false"
         {{- if eq $auto.signal "advisor" }}
         query: max(swapline_advisor_desired_worker_replicas{namespace="{{ $namespace }}"})
         threshold: "1"
         {{- else }}
-        query: sum(swapline_gateway_chunks_pending{namespace="{{ $namespace }}"})
-        threshold: {{ include "swapline.envValue" $auto.pendingChunksPerReplica | quote }}
+        query: {{ include "swapline.openChunksQuery" (printf "namespace=%q" $namespace) }}
+        threshold: {{ include "swapline.envValue" $auto.openChunksPerReplica | quote }}
         {{- end }}
     {{- else if eq .component "triton" }}
     {{- if eq $auto.signal "queueRatio" }}
@@ -288,6 +300,7 @@ spec:
       metricType: Value
       metadata:
         serverAddress: {{ $prometheus }}
+        ignoreNullValues: "false"
         query: sum(rate(nv_inference_queue_duration_us{namespace="{{ $namespace }}"}[1m])) / clamp_min(sum(rate(nv_inference_compute_infer_duration_us{namespace="{{ $namespace }}"}[1m])), 1)
         threshold: {{ include "swapline.envValue" $auto.queueToComputeRatio | quote }}
     {{- else if eq $auto.signal "pendingRequests" }}
@@ -295,6 +308,7 @@ spec:
       metricType: AverageValue
       metadata:
         serverAddress: {{ $prometheus }}
+        ignoreNullValues: "false"
         query: sum(nv_inference_pending_request_count{namespace="{{ $namespace }}"})
         threshold: {{ include "swapline.envValue" $auto.pendingRequestsPerReplica | quote }}
     {{- else }}
@@ -302,6 +316,7 @@ spec:
       metricType: AverageValue
       metadata:
         serverAddress: {{ $prometheus }}
+        ignoreNullValues: "false"
         query: max(swapline_advisor_desired_triton_replicas{namespace="{{ $namespace }}"})
         threshold: "1"
     {{- end }}
@@ -317,7 +332,8 @@ spec:
 
 {{/*
 autoscaling/v2 HPA for clusters without KEDA. CPU comes from metrics-server; the worker's and Triton's
-signals are External/Pods metrics that prometheus-adapter must serve under the Prometheus series' names.
+signals are External/Pods metrics that prometheus-adapter serves under the Prometheus series' names, by
+the rules of prometheus-adapter-configmap.yaml.
 */}}
 {{- define "swapline.horizontalPodAutoscaler" -}}
 {{- $root := .root }}
@@ -349,10 +365,10 @@ spec:
           type: AverageValue
           averageValue: "1"
           {{- else }}
-          name: swapline_gateway_chunks_pending
+          name: swapline_gateway_chunks_open
         target:
           type: AverageValue
-          averageValue: {{ include "swapline.envValue" $auto.pendingChunksPerReplica | quote }}
+          averageValue: {{ include "swapline.envValue" $auto.openChunksPerReplica | quote }}
           {{- end }}
     {{- else if eq .component "triton" }}
     {{- if eq $auto.signal "advisor" }}

@@ -181,11 +181,25 @@ nodeAffinity:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- $readingPrometheus := list }}
 {{- range $component := list "worker" "triton" }}
 {{- $autoscaling := (index $.Values $component).autoscaling }}
 {{- if and $autoscaling.enabled (eq $autoscaling.signal "advisor") (not $.Values.advisor.enabled) }}
 {{- fail (printf "%s.autoscaling.signal advisor needs advisor.enabled" $component) }}
 {{- end }}
+{{- if $autoscaling.enabled }}
+{{- $readingPrometheus = append $readingPrometheus $component }}
+{{- end }}
+{{- end }}
+{{- $monitored := or .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled }}
+{{- if and $readingPrometheus (eq .Values.autoscaling.prometheusScrape "monitors") (not $monitored) }}
+{{- fail (printf "%s autoscaling reads its signal from Prometheus, which scrapes nothing of swapline without a monitor (an unscraped signal reads as no load): enable monitoring.serviceMonitor or monitoring.podMonitor, or set autoscaling.prometheusScrape external if a Prometheus of your own configuration scrapes the metrics ports" (join " and " $readingPrometheus)) }}
+{{- end }}
+{{- $worker := .Values.worker }}
+{{- /* The workers' own default concurrency (services/worker/settings.py) where the values leave it unset. */}}
+{{- $concurrency := int (default 1 $worker.settings.concurrency) }}
+{{- if and $worker.autoscaling.enabled (eq $worker.autoscaling.signal "openChunks") (gt (int $worker.autoscaling.openChunksPerReplica) $concurrency) }}
+{{- fail (printf "worker.autoscaling.openChunksPerReplica %d is above the workers' concurrency %d: the chunks busy workers hold would ask for fewer workers than hold them, and busy workers would be scaled in; set it to at most worker.settings.concurrency" (int $worker.autoscaling.openChunksPerReplica) $concurrency) }}
 {{- end }}
 {{- if and .Values.tls.certManager.enabled .Values.tls.existingSecret }}
 {{- fail "tls.existingSecret and tls.certManager.enabled both provide every component's certificate; keep one" }}
