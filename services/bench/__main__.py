@@ -39,7 +39,7 @@ from services.cli.embedded_stack import (
     StackOptions,
 )
 from services.cli.job_client import JobClient
-from services.common.frame_allocator import keep_frame_buffers
+from services.common.frames.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import write_file
 from services.decoder.frame_reader import iter_frame_batches

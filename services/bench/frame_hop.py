@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import grpc
 
-from services.common.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
-from services.common.frame_wire import FrameRun, parse_frame_batch, serialize_frame_batch
+from services.common.frames.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
+from services.common.frames.frame_wire import FrameRun, parse_frame_batch, serialize_frame_batch
 from swapline.common.v1 import common_pb2
 
 HopCodec = Literal["generated", "frame_wire"]

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from services.common.face_types import DetectedFace
-from services.common.frame_codec import Frames
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import PixelFormat, describe_frames
 from services.common.input_limits import DEFAULT_INPUT_LIMITS
-from services.common.pixel_formats import PixelFormat, describe_frames
 from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
 from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES
 from services.detector.face_detector import Detector

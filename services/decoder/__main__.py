@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.frame_allocator import keep_frame_buffers
-from services.common.frame_streams import register_decoder
+from services.common.frames.frame_allocator import keep_frame_buffers
+from services.common.frames.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding, configure_logging, serve
 from services.common.settings_check import service_settings
 from services.decoder.decode_backend import BackendChoice, select_backend

@@ -25,8 +25,8 @@ import pynvml
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import FailedPrecondition
+from services.common.frames.pixel_formats import PixelFormat
 from services.common.input_limits import InputLimits
-from services.common.pixel_formats import PixelFormat
 from services.decoder.frame_reader import FrameBatch, iter_frame_batches
 from services.decoder.nvdec_reader import (
     NVDEC_MODULE,

@@ -38,9 +38,9 @@ from typing import ParamSpec, Protocol, TypeVar
 import numpy as np
 
 from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError
+from services.common.frames.pixel_formats import PixelFormat, frame_bytes, frame_shape
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
-from services.common.pixel_formats import PixelFormat, frame_bytes, frame_shape
 from services.decoder.frame_reader import (
     DEFAULT_MAX_BATCH_BYTES,
     FrameBatch,

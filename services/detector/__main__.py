@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.frame_allocator import keep_frame_buffers
+from services.common.frames.frame_allocator import keep_frame_buffers
 from services.common.grpc_server import serve
 from services.common.settings_check import service_settings
 from services.common.triton_client import TritonClient

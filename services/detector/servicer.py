@@ -10,9 +10,9 @@ import grpc
 
 from services.common.errors import InvalidArgument
 from services.common.face_types import frames_faces_to_proto
-from services.common.frame_codec import unpack_rgb_frames
-from services.common.frame_streams import DetectFrames, register_detector
-from services.common.frame_wire import FrameBatchView
+from services.common.frames.frame_codec import unpack_rgb_frames
+from services.common.frames.frame_streams import DetectFrames, register_detector
+from services.common.frames.frame_wire import FrameBatchView
 from services.common.grpc_server import ServiceBinding
 from services.detector.detector_choice import DetectorSet
 from services.detector.face_detector import Detector

@@ -21,8 +21,8 @@ from numpy.typing import NDArray
 
 from services.common.encode_options import MAX_FRAME_PIXELS, X264Preset
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.frames.pixel_formats import rgb_to_nv12
 from services.common.media_opener import shown_name
-from services.common.pixel_formats import rgb_to_nv12
 from services.encoder.segment_writer import SegmentWriter, VideoTrack, is_image_path
 
 NVENC_MODULE = "PyNvVideoCodec"

@@ -29,11 +29,11 @@ from services.common.encode_options import (
     checked_preset,
 )
 from services.common.errors import Cancelled, Internal, InvalidArgument
-from services.common.frame_codec import Frames
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import PixelFormat, describe_frames, nv12_to_rgb
 from services.common.input_limits import DEFAULT_MAX_FILENAME_LENGTH
 from services.common.media_opener import open_media, shown_name
 from services.common.media_paths import temporary_path
-from services.common.pixel_formats import PixelFormat, describe_frames, nv12_to_rgb
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 

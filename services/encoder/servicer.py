@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.errors import InvalidArgument
-from services.common.frame_codec import Frames, unpack_frames
-from services.common.frame_streams import EncodeSegmentMessage
-from services.common.frame_wire import FrameBatchView
+from services.common.frames.frame_codec import Frames, unpack_frames
+from services.common.frames.frame_streams import EncodeSegmentMessage
+from services.common.frames.frame_wire import FrameBatchView
 from services.common.input_limits import excerpt
 from services.common.media_paths import existing_media_path, relative_uri, resolve_media_path, writable_media_path
 from services.encoder.encode_backend import BackendChoice

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.frame_allocator import return_large_blocks
+from services.common.frames.frame_allocator import return_large_blocks
 from services.common.grpc_channel import channel_security
 from services.common.grpc_server import serve
 from services.common.settings_check import service_settings

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from services.common.errors import from_rpc_error
-from services.common.frame_codec import pack_frames
+from services.common.frames.frame_codec import pack_frames
 from services.common.grpc_channel import ChannelSecurity, open_channel
 from services.common.media_info import MediaInfo, media_info_from_proto
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common.frame_allocator import keep_frame_buffers
-from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
+from services.common.frames.frame_allocator import keep_frame_buffers
+from services.common.frames.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import channel_security, open_channel
 from services.common.grpc_server import configure_logging, serve
 from services.common.residency_client import ResidencyClient

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
-from services.common.frame_codec import Frames
-from services.common.pixel_formats import PixelFormat, describe_frames
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import PixelFormat, describe_frames
 from services.worker.face_aligner import HostAlignedFaces, paste_region
 from services.worker.face_swapper import non_finite_outputs
 

@@ -28,9 +28,9 @@ import numpy as np
 from services.common.errors import Internal
 from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
-from services.common.frame_codec import Frames
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import PixelFormat
 from services.common.job_vocabulary import STAGE_NAMES, StageName
-from services.common.pixel_formats import PixelFormat
 from services.worker.face_aligner import Cv2FaceWarper, alignment_matrix
 from services.worker.face_selector import FaceSelection, select_batch
 from services.worker.face_swapper import CropCodec, FaceSwapper, SourceIdentity

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from services.common.errors import NotFound
 from services.common.face_model_catalog import ARCFACE, imported_models_of, job_models
+from services.common.frames.pixel_formats import PixelFormat
 from services.common.job_vocabulary import selector_mode_from_proto
-from services.common.pixel_formats import PixelFormat
 from services.common.residency_client import ResidencyClient
 from services.worker.arcface_embedder import SAME_PERSON_DISTANCE, ArcFaceEmbedder
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 from services.common.face_geometry import CROP_SIZE, FIVE_POINT_TEMPLATE, template_points
-from services.common.frame_codec import Frames
-from services.common.pixel_formats import PixelFormat
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import PixelFormat
 from services.worker.face_swapper import HOST_CROPS, HostCropCodec
 
 # (frames, (width, height)) -> the frames resized to that size, for detection.

@@ -15,9 +15,9 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
-from services.common.frame_codec import Frames
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import describe_frames, nv12_to_rgb
 from services.common.job_vocabulary import SelectorMode
-from services.common.pixel_formats import describe_frames, nv12_to_rgb
 from services.worker.arcface_embedder import ArcFaceEmbedder, identity_distance, unit_length
 from services.worker.face_aligner import align_face
 from services.worker.face_embedder import SAME_FACE_DISTANCE, descriptor_distance, face_descriptor

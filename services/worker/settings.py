@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.common.errors import FailedPrecondition
-from services.common.pixel_formats import PixelFormat
+from services.common.frames.pixel_formats import PixelFormat
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
 

@@ -21,11 +21,11 @@ import numpy as np
 
 from services.common.errors import DeadlineExceeded, Internal, SwaplineError, Unavailable, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
-from services.common.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
-from services.common.frame_streams import DetectFrames
-from services.common.frame_wire import FrameRun
+from services.common.frames.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
+from services.common.frames.frame_streams import DetectFrames
+from services.common.frames.frame_wire import FrameRun
+from services.common.frames.pixel_formats import PixelFormat, describe_frames, pixel_format_to_proto
 from services.common.input_limits import excerpt
-from services.common.pixel_formats import PixelFormat, describe_frames, pixel_format_to_proto
 from services.worker.face_aligner import FrameShrinker, downscale_frames
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc

@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from services.common.frame_allocator import MMAP_THRESHOLD_BYTES
+from services.common.frames.frame_allocator import MMAP_THRESHOLD_BYTES
 
 # Run in a child process: the settings are process-wide and cannot be undone.
 _COUNT_MAPPED_BLOCKS = """
 import ctypes, sys
-from services.common.frame_allocator import keep_frame_buffers, return_large_blocks
+from services.common.frames.frame_allocator import keep_frame_buffers, return_large_blocks
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

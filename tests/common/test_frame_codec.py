@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.common.frame_codec import (
+from services.common.frames.frame_codec import (
     Frames,
     frame_runs,
     pack_frames,
@@ -16,7 +16,7 @@ from services.common.frame_codec import (
     unpack_frames,
     unpack_rgb_frames,
 )
-from services.common.pixel_formats import rgb_to_nv12
+from services.common.frames.pixel_formats import rgb_to_nv12
 from swapline.common.v1 import common_pb2
 
 

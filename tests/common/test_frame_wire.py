@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.common.frame_codec import pack_frames, unpack_frames
-from services.common.frame_streams import (
+from services.common.frames.frame_codec import pack_frames, unpack_frames
+from services.common.frames.frame_streams import (
     DetectFrames,
     parse_detect_request,
     parse_encode_segment_request,
     serialize_detect_request,
     serialize_encode_segment_request,
 )
-from services.common.frame_wire import FrameBatchView, FrameRun, parse_frame_batch, serialize_frame_batch
+from services.common.frames.frame_wire import FrameBatchView, FrameRun, parse_frame_batch, serialize_frame_batch
 from swapline.common.v1 import common_pb2
 from swapline.detector.v1 import detector_pb2
 from swapline.encoder.v1 import encoder_pb2

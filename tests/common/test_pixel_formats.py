@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.common.pixel_formats import (
+from services.common.frames.pixel_formats import (
     PIXEL_FORMATS,
     describe_frames,
     fits_nv12,

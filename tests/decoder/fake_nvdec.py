@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from services.common.pixel_formats import PixelFormat
+from services.common.frames.pixel_formats import PixelFormat
 
 
 @dataclass

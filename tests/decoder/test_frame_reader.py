@@ -11,8 +11,8 @@ import pytest
 
 from services.cli import sample_media
 from services.common.errors import InvalidArgument
+from services.common.frames.pixel_formats import PixelFormat
 from services.common.input_limits import InputLimits
-from services.common.pixel_formats import PixelFormat
 from services.decoder.frame_reader import iter_frame_batches, served_format
 from services.decoder.media_probe import probe_media
 

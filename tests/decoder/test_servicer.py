@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from services.cli import sample_media
-from services.common.frame_codec import unpack_frames
-from services.common.frame_streams import register_decoder
+from services.common.frames.frame_codec import unpack_frames
+from services.common.frames.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding
 from services.common.input_limits import InputLimits
 from services.common.media_paths import existing_media_path

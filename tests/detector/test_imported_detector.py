@@ -13,8 +13,8 @@ import pytest
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.face_detector_models import DETECTOR_MODELS
 from services.common.face_model_catalog import DETECTOR_NAMES
-from services.common.frame_codec import pack_frames
-from services.common.frame_streams import parse_detect_request
+from services.common.frames.frame_codec import pack_frames
+from services.common.frames.frame_streams import parse_detect_request
 from services.detector.detector_choice import ChosenDetector
 from services.detector.face_detector import CASCADE_MODEL, PNET_MODEL, FaceDetector
 from services.detector.imported_detector import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.common.face_types import frames_faces_from_proto
-from services.common.frame_codec import pack_frames
+from services.common.frames.frame_codec import pack_frames
 from services.common.grpc_server import server_options, start_server
 from services.detector.face_detector import CASCADE_OPTIONS, CascadeFaceDetector, Detector, FaceDetector
 from services.detector.servicer import detector_binding

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.encode_options import X264_PRESETS
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.pixel_formats import rgb_to_nv12
+from services.common.frames.pixel_formats import rgb_to_nv12
 from services.decoder.media_probe import probe_media
 from services.encoder.nvenc_writer import NVENC_PRESETS, NvencSegmentWriter, nvenc_quality
 from services.encoder.segment_writer import rgb_to_i420

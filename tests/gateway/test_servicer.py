@@ -24,7 +24,7 @@ import pytest
 from skimage import data as skimage_data
 
 from services.common.errors import InvalidArgument, code_value
-from services.common.frame_codec import unpack_frames
+from services.common.frames.frame_codec import unpack_frames
 from services.common.grpc_channel import PLAINTEXT, ChannelSecurity, StaticToken, open_channel
 from services.common.grpc_server import ServiceBinding, start_server
 from services.common.image_codec import decode_rgb_image

@@ -13,8 +13,8 @@ import torch
 
 from services.common.errors import Internal, InvalidArgument
 from services.common.face_types import DetectedFace
-from services.common.frame_codec import Frames
-from services.common.pixel_formats import nv12_to_rgb, rgb_to_nv12
+from services.common.frames.frame_codec import Frames
+from services.common.frames.pixel_formats import nv12_to_rgb, rgb_to_nv12
 from services.worker.batch_warp import (
     DeviceAlignedFaces,
     DeviceCropCodec,

@@ -10,7 +10,7 @@ import pytest
 from services.common.errors import Unavailable
 from services.common.face_geometry import CropLayout
 from services.common.face_types import DetectedFace
-from services.common.frame_codec import Frames
+from services.common.frames.frame_codec import Frames
 from services.worker.chunk_pipeline import STAGE_NAMES, ChunkStats, run_chunk_pipeline
 from services.worker.face_aligner import alignment_matrix
 from services.worker.face_selector import FaceSelection

@@ -19,8 +19,8 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.face_types import DetectedFace, frames_faces_to_proto
-from services.common.frame_codec import pack_frames, unpack_frames
-from services.common.frame_streams import decoder_stub, detector_stub, encoder_stub
+from services.common.frames.frame_codec import pack_frames, unpack_frames
+from services.common.frames.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.worker.stage_clients import (
     DecoderFrameSource,
     DetectorFaceFinder,

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.common.pixel_formats import PixelFormat, describe_frames, pixel_format_from_proto, pixel_format_to_proto
+from services.common.frames.pixel_formats import (
+    PixelFormat,
+    describe_frames,
+    pixel_format_from_proto,
+    pixel_format_to_proto,
+)
 from swapline.common.v1 import common_pb2
 
 _BATCH_FIELDS = common_pb2.FrameBatch.DESCRIPTOR.fields_by_name

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from services.common.frame_wire import (
+from services.common.frames.frame_wire import (
     FrameBatchView,
     FrameRun,
     parse_frame_batch,

@@ -12,8 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from services.common.errors import InvalidArgument
-from services.common.frame_wire import FrameBatchView, FrameRun
-from services.common.pixel_formats import (
+from services.common.frames.frame_wire import FrameBatchView, FrameRun
+from services.common.frames.pixel_formats import (
     describe_frames,
     frame_bytes,
     frame_shape,
