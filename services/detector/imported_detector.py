@@ -44,6 +44,7 @@ from services.common.face_detector_models import (
 )
 from services.common.face_model_catalog import fp32_twin_name
 from services.common.face_types import DetectedFace
+from services.common.fp32_fallback import NonFiniteOutputs, infer_with_fp32_twin
 from services.common.model_runner import ModelRunner
 from services.detector.box_ops import FloatArray, box_heights, box_widths, nms
 from services.detector.face_detector import MAX_REQUEST_BYTES, Frames, validate_frames
@@ -165,10 +166,6 @@ def frame_faces(candidates: Candidates, width: int, height: int, min_face_size: 
     ]
 
 
-class NonFiniteOutputs(FailedPrecondition):
-    """An answer held NaN or Inf: an FP16 build's is asked again of its FP32 twin."""
-
-
 @dataclass
 class FallbackTally:
     """Requests one DetectRequest ran again on an FP32 twin; the servicer reports it to the worker."""
@@ -187,23 +184,17 @@ async def with_fp32_fallback(
     runner: ModelRunner,
     decode: Callable[[Mapping[str, np.ndarray | None]], ResultT],
 ) -> ResultT:
-    """`decode` of the model's answer, or, where it holds NaN or Inf, of its FP32 twin's (counted in the
-    request's tally); a twin that overflows too fails the request, naming it."""
-    answer: Mapping[str, np.ndarray | None] = await runner.infer(model, inputs, outputs)
-    try:
+    """`decode` of the model's answer, off the event loop, or of its FP32 twin's where it holds NaN or Inf
+    (fp32_fallback; counted in the request's tally)."""
+
+    async def read(_: str, answer: Mapping[str, np.ndarray]) -> ResultT:
         return await asyncio.to_thread(decode, answer)
-    except NonFiniteOutputs:
-        twin = fp32_twin_name(model)
-    log.warning("model %s answered NaN or Inf; asking %s", model, twin)
+
+    result, on_twin = await infer_with_fp32_twin(runner, model, fp32_twin_name(model), inputs, outputs, read)
     tally = REQUEST_FALLBACKS.get()
-    if tally is not None:
+    if on_twin and tally is not None:
         tally.count += 1
-    answer = await runner.infer(twin, inputs, outputs)
-    try:
-        return await asyncio.to_thread(decode, answer)
-    except NonFiniteOutputs:
-        message = f"model {twin} returned NaN or infinite values, as its FP16 build {model} did"
-        raise FailedPrecondition(message) from None
+    return result
 
 
 def check_yolo_output(model: str, output: np.ndarray | None, count: int) -> FloatArray:

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
+from services.common.fp32_fallback import non_finite_outputs
 from services.common.frames.frame_codec import Frames
 from services.common.frames.pixel_formats import PixelFormat, describe_frames
 from services.worker.face_aligner import HostAlignedFaces, paste_region
-from services.worker.face_swapper import non_finite_outputs
 
 # Batches uploaded for detection and kept for their alignment, per warper; older ones are dropped (and
 # uploaded again if they are aligned after all). A chunk has at most a few batches between the two stages.

@@ -28,6 +28,7 @@ from services.common.face_model_catalog import (
     fp32_twin_name,
     source_converter_name,
 )
+from services.common.fp32_fallback import infer_with_fp32_twin, non_finite_outputs
 from services.common.model_runner import ModelCatalog, ModelRunner
 from services.worker.arcface_embedder import ArcFaceEmbedder, scaled_pixels
 from services.worker.face_swapper import (
@@ -39,8 +40,6 @@ from services.worker.face_swapper import (
     check_crops,
     joined_parts,
     no_faces,
-    non_finite_outputs,
-    run_with_fp32_fallback,
 )
 
 TARGET_INPUT = "target"
@@ -148,9 +147,10 @@ class EmbeddingSwapper:
             async def unpacked(model: str, answer: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
                 return await asyncio.to_thread(self._unpack, model, answer[output], target.shape)
 
-            return await run_with_fp32_fallback(
+            (crops, masks), on_twin = await infer_with_fp32_twin(
                 self._models, self._spec.name, fp32_twin_name(self._spec.name), inputs, (output,), unpacked
             )
+            return crops, masks, int(on_twin)
 
         return joined_parts(await self._batches.run(count, swap_part), self._crops)
 

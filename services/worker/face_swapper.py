@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from services.common.adaptive_batch import AdaptiveBatch
-from services.common.errors import FailedPrecondition, Internal, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.face_geometry import CROP_SIZE, CropLayout
+from services.common.fp32_fallback import infer_with_fp32_twin, non_finite_outputs
 from services.common.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ class FaceSwapper(Protocol):
         ...
 
 
-class NonFiniteOutputs(Internal):
-    """A swapper's answer held NaN or Inf; the swapper that asked names the model."""
-
-
 class CropCodec(Protocol):
     """Where crops live between the face warper and the swapper, and the conversions done there: crops to
     the model's FP16 `target` tensor, and the model's outputs back to crops and masks."""
@@ -106,10 +103,6 @@ _FP16_FINITE = np.isfinite(_FP16_VALUES)
 with np.errstate(invalid="ignore", over="ignore"):
     _FP16_TO_PIXEL = np.clip(np.nan_to_num(_FP16_VALUES) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     _FP16_TO_WEIGHT = np.clip(np.nan_to_num(_FP16_VALUES), 0.0, 1.0).astype(np.float32)
-
-
-def non_finite_outputs() -> NonFiniteOutputs:
-    return NonFiniteOutputs("the answer holds NaN or Inf values")
 
 
 class HostCropCodec:
@@ -198,33 +191,6 @@ def joined_parts(parts: Sequence[tuple[Any, Any, int]], crops: CropCodec) -> Swa
     )
 
 
-async def run_with_fp32_fallback(
-    models: ModelRunner,
-    model: str,
-    fallback_model: str,
-    inputs: Mapping[str, np.ndarray],
-    outputs: Sequence[str],
-    unpacked: Callable[[str, Mapping[str, np.ndarray]], Awaitable[tuple[Any, Any]]],
-) -> tuple[Any, Any, int]:
-    """One swapper request: (crops, masks, 1 if it ran on the FP32 twin else 0).
-
-    `unpacked(model, answer)` turns an answer into crops and masks and raises NonFiniteOutputs on NaN or
-    Inf; such an FP16 answer is asked again of `fallback_model` with FP32 inputs, and only an FP32
-    answer that overflows too fails, naming the model: pasting garbage into a video silently is worse.
-    """
-    answer = await models.infer(model, inputs, outputs)
-    try:
-        return (*await unpacked(model, answer), 0)
-    except NonFiniteOutputs:
-        log.warning("model %s overflowed on a batch of faces; running it on %s", model, fallback_model)
-    wide = {name: tensor.astype(np.float32) for name, tensor in inputs.items()}
-    answer = await models.infer(fallback_model, wide, outputs)
-    try:
-        return (*await unpacked(fallback_model, answer), 1)
-    except NonFiniteOutputs:
-        raise Internal(f"model {fallback_model} returned NaN or Inf values, in FP32 as its FP16 twin did") from None
-
-
 class CropTransferSwapper:
     """The default swapper: Triton's `face_swapper` relights and blends the source crop onto each target.
 
@@ -280,9 +246,10 @@ class CropTransferSwapper:
             async def unpacked(model: str, outputs: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
                 return await self._unpacked(model, outputs, target.shape)
 
-            return await run_with_fp32_fallback(
+            (crops, masks), on_twin = await infer_with_fp32_twin(
                 self._models, self._model, self._fallback_model, inputs, SWAPPER_OUTPUTS, unpacked
             )
+            return crops, masks, int(on_twin)
 
         return joined_parts(await self._batches.run(count, swap_part), self._crops)
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.errors import Internal, InvalidArgument
+from services.common.errors import InvalidArgument
 from services.common.face_types import DetectedFace
+from services.common.fp32_fallback import NonFiniteOutputs
 from services.common.frames.frame_codec import Frames
 from services.common.frames.pixel_formats import nv12_to_rgb, rgb_to_nv12
 from services.worker.batch_warp import (
@@ -387,7 +388,7 @@ def test_the_device_codec_refuses_nan_and_inf_naming_the_model(bad: float) -> No
     swapped = np.zeros((2, 3, 4, 4), np.float16)
     mask = np.ones((2, 1, 4, 4), np.float16)
     mask[1, 0, 2, 2] = bad
-    with pytest.raises(Internal, match="NaN or Inf"):
+    with pytest.raises(NonFiniteOutputs, match="NaN or infinite"):
         DeviceCropCodec(torch.device("cpu")).unpack(swapped, mask)
 
 

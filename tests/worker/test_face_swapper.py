@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from services.common.errors import FailedPrecondition, Internal, ResourceExhausted
+from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.fp32_fallback import NonFiniteOutputs
 from services.common.model_runner import ModelRunner
 from services.worker.face_swapper import (
     FACE_SWAPPER_MODEL,
@@ -55,7 +56,7 @@ def test_unpack_round_trips_packed_crops() -> None:
 def test_unpack_rejects_nan_and_inf(bad: float) -> None:
     swapped = np.zeros((2, 3, SIZE, SIZE), np.float16)
     swapped[1, 2, 5, 5] = bad
-    with pytest.raises(Internal, match="NaN or Inf"):
+    with pytest.raises(NonFiniteOutputs, match="NaN or infinite"):
         unpack_swapper_outputs({"swapped": swapped, "mask": np.ones((2, 1, SIZE, SIZE), np.float16)})
 
 
@@ -194,7 +195,7 @@ def test_packing_gives_what_the_arithmetic_gives_for_every_pixel_value() -> None
 def test_one_nan_among_fp16_outputs_is_still_found() -> None:
     swapped = np.zeros((1, 3, SIZE, SIZE), np.float16)
     swapped[0, 2, 5, 7] = np.nan
-    with pytest.raises(Internal, match="NaN or Inf"):
+    with pytest.raises(NonFiniteOutputs, match="NaN or infinite"):
         unpack_swapper_outputs({"swapped": swapped, "mask": np.ones((1, 1, SIZE, SIZE), np.float16)})
 
 
@@ -238,5 +239,7 @@ def test_an_overflow_in_the_fp32_twin_too_fails_naming_it() -> None:
     crops = _crops(3)
     crops[:, 0, 0, 0] = 100
     crops[1, 0, 0, 0] = 7
-    with pytest.raises(Internal, match="model face_swapper_fp32 returned NaN or Inf values, in FP32 as"):
+    with pytest.raises(
+        FailedPrecondition, match="model face_swapper_fp32 returned NaN or infinite values, as its FP16 build"
+    ):
         _swap(_OverflowingModels(poison=7, twin_overflows=True), crops)
