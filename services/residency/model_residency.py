@@ -177,6 +177,9 @@ class ModelResidency:
         # The loaded models with the clock's time of their last use, least recently used first.
         self._last_used: dict[str, float] = {}
         self._measured: dict[str, int] = {}
+        # Estimates from the model folders, by folder and its modification time: a plan reads every resident
+        # model's footprint, and walking each folder's files for it on every request was wasted work on the loop.
+        self._estimates: dict[str, tuple[int, int]] = {}
 
     @property
     def budget_bytes(self) -> int | None:
@@ -308,4 +311,8 @@ class ModelResidency:
                 f"model {name} has no folder {model_dir} to estimate its GPU memory from; "
                 "model_repository must be the repository Triton serves"
             )
-        return ModelFootprint(name, estimated_bytes(model_dir), False)
+        changed = model_dir.stat().st_mtime_ns
+        known = self._estimates.get(name)
+        if known is None or known[0] != changed:
+            known = self._estimates[name] = (changed, estimated_bytes(model_dir))
+        return ModelFootprint(name, known[1], False)

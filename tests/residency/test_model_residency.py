@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import NotFound, ResourceExhausted
+from services.residency import model_residency
 from services.residency.model_residency import (
     EnsureOutcome,
     ModelFootprint,
@@ -14,7 +15,7 @@ from services.residency.model_residency import (
     estimated_bytes,
     plan_unloads,
 )
-from tests.residency.fakes import FakeRepository, ManualClock, SimulatedMemory, write_model_files
+from tests.residency.fakes import READY, FakeRepository, ManualClock, SimulatedMemory, write_model_files
 
 A, B, C = (ModelFootprint(name, 100, True) for name in "abc")
 BUDGET = 250
@@ -203,3 +204,24 @@ def test_concurrent_requests_plan_one_after_the_other(tmp_path: Path) -> None:
 
     asyncio.run(both())
     assert repository.ready() == {"c", "d"}
+
+
+def test_a_model_never_measured_has_its_folder_walked_once_until_the_folder_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    residency, repository = residency_over(tmp_path, {"started": 50, "a": 50, "b": 50, "c": 50}, file_bytes=10)
+    # Loaded when Triton started (--load-model): its load was never measured, so every plan estimates it.
+    repository.state["started"] = READY
+    walked: list[str] = []
+
+    def counting(model_dir: Path) -> int:
+        walked.append(model_dir.name)
+        return estimated_bytes(model_dir)
+
+    monkeypatch.setattr(model_residency, "estimated_bytes", counting)
+    ensure_each(residency, ["a"], ["b"], ["a"])
+    assert walked.count("started") == 1
+    (tmp_path / "started" / "2").mkdir()
+    ensure_each(residency, ["c"])
+    assert walked.count("started") == 2
+    assert repository.ready() == {"started", "a", "b", "c"}
