@@ -1,9 +1,11 @@
-"""What the servicer and the scaling loop share: settings, catalog, calibration and the gateway's jobs."""
+"""What the servicer and the refresh loops share: settings, catalog, calibration, the gateway's jobs and the
+cluster's GPUs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.advisor.cluster_inventory import LatestInventory
 from services.advisor.gateway_jobs import GatewayJobs
 from services.advisor.settings import AdvisorSettings
 from services.advisor.time_predictor import Calibration, load_calibration
@@ -17,6 +19,8 @@ class AdvisorState:
     catalog: GpuCatalog
     calibration: Calibration
     jobs: GatewayJobs
+    # Filled by cluster_nodes.refresh_cluster_forever where SWAPLINE_ADVISOR_CLUSTER_NODES reads the cluster.
+    cluster: LatestInventory = field(default_factory=lambda: LatestInventory(enabled=False))
 
     @classmethod
     def from_settings(cls, settings: AdvisorSettings, stub: jobs_pb2_grpc.JobServiceStub) -> AdvisorState:
@@ -26,6 +30,7 @@ class AdvisorState:
             catalog=load_catalog(settings.catalog_path),
             calibration=load_calibration(settings.calibration_path),
             jobs=GatewayJobs(stub),
+            cluster=LatestInventory(enabled=settings.cluster_nodes != "off"),
         )
 
     def job_limit(self, requested: int) -> int:

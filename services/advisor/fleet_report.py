@@ -1,10 +1,14 @@
-"""Over many job profiles: the share of jobs each GPU fits, and cost as run against cost as recommended."""
+"""Over many job profiles: the share of jobs each GPU fits, and cost as run against cost as recommended.
+
+Every catalog GPU has a row; the cluster's GPUs, where the advisor reads them, are counted beside the rows.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.advisor.cluster_inventory import NO_CLUSTER, ClusterInventory
 from services.advisor.gpu_recommender import Recommendation, recommend_gpu
 from services.advisor.job_profile import JobProfile
 from services.advisor.time_predictor import Calibration
@@ -22,6 +26,8 @@ class FleetGpuRow:
     recommended_cost_usd: float
     jobs_run: int
     as_run_cost_usd: float
+    # GPUs of this model on the cluster's nodes; 0 when it has none or the cluster is not read.
+    cluster_gpus: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class FleetReport:
     jobs_unpriced: int
     jobs_without_recommendation: int
     skipped: tuple[str, ...]
+    cluster: ClusterInventory
 
 
 def as_run_cost_usd(profile: JobProfile, catalog: GpuCatalog) -> float | None:
@@ -51,9 +58,11 @@ def build_fleet_report(
     headroom_fraction: float,
     deadline_seconds: float | None = None,
     skipped: Sequence[str] = (),
+    cluster: ClusterInventory = NO_CLUSTER,
 ) -> FleetReport:
     recommendations: list[Recommendation] = [
-        recommend_gpu(profile, catalog, calibration, headroom_fraction, deadline_seconds) for profile in profiles
+        recommend_gpu(profile, catalog, calibration, headroom_fraction, deadline_seconds, cluster)
+        for profile in profiles
     ]
     rows = []
     for gpu in catalog.gpus:
@@ -77,6 +86,7 @@ def build_fleet_report(
                 recommended_cost_usd=sum(r.recommended.cost_usd for r in chosen if r.recommended is not None),
                 jobs_run=len(ran_here),
                 as_run_cost_usd=sum(profile.wall_seconds for profile in ran_here) * gpu.price_per_hour_usd / 3600.0,
+                cluster_gpus=cluster.gpus_of(gpu.name),
             )
         )
     as_run_total = 0.0
@@ -102,4 +112,5 @@ def build_fleet_report(
         jobs_unpriced=unpriced,
         jobs_without_recommendation=sum(1 for r in recommendations if r.recommended is None),
         skipped=tuple(skipped),
+        cluster=cluster,
     )

@@ -1,4 +1,8 @@
-"""Per job: each catalog GPU's predicted time, cost and fit; the cheapest that fits and meets a deadline."""
+"""Per job: each catalog GPU's predicted time, cost and fit; the cheapest that fits and meets a deadline.
+
+Every catalog GPU is an option whether or not the cluster has it (node pools may scale to zero); the cluster's
+GPUs, where the advisor reads them, are shown beside: per option, and in the reason of the one recommended.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from services.advisor.cluster_inventory import NO_CLUSTER, ClusterInventory
 from services.advisor.job_profile import JobProfile
 from services.advisor.time_predictor import (
     Calibration,
@@ -25,6 +30,8 @@ class GpuOption:
     memory_needed_bytes: int
     meets_deadline: bool
     calibrated: bool
+    # GPUs of this model on the cluster's nodes; 0 when it has none or the cluster is not read.
+    cluster_gpus: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,12 @@ class Recommendation:
     deadline_seconds: float | None
     # True when the job ran without a GPU and its memory comes from the calibration's memory model.
     memory_estimated: bool
+    cluster: ClusterInventory
+
+    @property
+    def recommended_in_cluster(self) -> bool:
+        """Whether the cluster already has GPUs of the recommended model."""
+        return self.recommended is not None and self.recommended.cluster_gpus > 0
 
 
 def _seconds(value: float) -> str:
@@ -66,6 +79,7 @@ def gpu_options(
     calibration: Calibration,
     headroom_fraction: float,
     deadline_seconds: float | None = None,
+    cluster: ClusterInventory = NO_CLUSTER,
 ) -> tuple[GpuOption, ...]:
     if not math.isfinite(headroom_fraction) or headroom_fraction < 0:
         raise InvalidArgument(f"headroom_fraction must be a non-negative number, got {headroom_fraction}")
@@ -84,12 +98,15 @@ def gpu_options(
                 memory_needed_bytes=needed,
                 meets_deadline=deadline is None or seconds <= deadline,
                 calibrated=calibration.is_measured(gpu),
+                cluster_gpus=cluster.gpus_of(gpu.name),
             )
         )
     return tuple(sorted(options, key=lambda option: (option.cost_usd, option.predicted_seconds, option.gpu.name)))
 
 
-def _chosen_reason(option: GpuOption, headroom_fraction: float, deadline: float | None, estimated: bool) -> str:
+def _chosen_reason(
+    option: GpuOption, headroom_fraction: float, deadline: float | None, estimated: bool, cluster: ClusterInventory
+) -> str:
     peak = _gib(option.memory_needed_bytes / (1.0 + headroom_fraction))
     note = ", memory estimated: the job ran without a GPU" if estimated else ""
     memory = f"fits ({peak} of {_gib(option.gpu.memory_bytes)} GiB with {headroom_fraction:.0%} headroom{note})"
@@ -99,7 +116,9 @@ def _chosen_reason(option: GpuOption, headroom_fraction: float, deadline: float 
         why = "cheapest that fits and meets the deadline"
     else:
         why = "cheapest that fits"
-    return f"{option.gpu.name}: {memory}, {timing}, {_dollars(option.cost_usd)} — {why}"
+    reason = f"{option.gpu.name}: {memory}, {timing}, {_dollars(option.cost_usd)} — {why}"
+    note = cluster.note_on(option.gpu.name)
+    return f"{reason}; {note}" if note else reason
 
 
 def _refusal_reason(options: tuple[GpuOption, ...], headroom_fraction: float, deadline: float | None) -> str:
@@ -126,17 +145,18 @@ def recommend_gpu(
     calibration: Calibration,
     headroom_fraction: float,
     deadline_seconds: float | None = None,
+    cluster: ClusterInventory = NO_CLUSTER,
 ) -> Recommendation:
     deadline = validate_deadline(deadline_seconds)
-    options = gpu_options(profile, catalog, calibration, headroom_fraction, deadline)
+    options = gpu_options(profile, catalog, calibration, headroom_fraction, deadline, cluster)
     estimated = not (profile.gpu_model and profile.memory_peak_bytes > 0)
     chosen = next((option for option in options if option.fits and option.meets_deadline), None)
     reason = (
-        _chosen_reason(chosen, headroom_fraction, deadline, estimated)
+        _chosen_reason(chosen, headroom_fraction, deadline, estimated, cluster)
         if chosen is not None
         else _refusal_reason(options, headroom_fraction, deadline)
     )
-    return Recommendation(profile, options, chosen, reason, deadline, estimated)
+    return Recommendation(profile, options, chosen, reason, deadline, estimated, cluster)
 
 
 def recommendation_report_section(recommendation: Recommendation) -> dict[str, Any]:
@@ -147,6 +167,7 @@ def recommendation_report_section(recommendation: Recommendation) -> dict[str, A
         "reason": recommendation.reason,
         "deadline_seconds": recommendation.deadline_seconds,
         "memory_estimated": recommendation.memory_estimated,
+        "recommended_in_cluster": recommendation.recommended_in_cluster,
         "options": [
             {
                 "gpu": option.gpu.name,
@@ -157,6 +178,7 @@ def recommendation_report_section(recommendation: Recommendation) -> dict[str, A
                 "memory_bytes": option.gpu.memory_bytes,
                 "meets_deadline": option.meets_deadline,
                 "calibrated": option.calibrated,
+                "cluster_gpus": option.cluster_gpus,
             }
             for option in recommendation.options
         ],

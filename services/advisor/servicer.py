@@ -7,6 +7,7 @@ import json
 import grpc
 
 from services.advisor.advisor_state import AdvisorState
+from services.advisor.cluster_inventory import ClusterInventory
 from services.advisor.fleet_report import FleetReport, build_fleet_report
 from services.advisor.gpu_recommender import Recommendation, recommend_gpu
 from services.advisor.job_profile import (
@@ -58,6 +59,28 @@ def profile_from_proto(message: advisor_pb2.JobProfile) -> JobProfile:
     )
 
 
+def cluster_to_proto(inventory: ClusterInventory) -> advisor_pb2.ClusterInventory | None:
+    """None (the field left unset) where the advisor does not read the cluster: job reports stay as they were."""
+    if not inventory.enabled:
+        return None
+    return advisor_pb2.ClusterInventory(
+        enabled=inventory.enabled,
+        gpus=[
+            advisor_pb2.ClusterGpus(
+                product=group.product,
+                catalog_gpu=group.catalog_gpu,
+                nodes=group.nodes,
+                capacity=group.capacity,
+                allocatable=group.allocatable,
+                summary=group.summary,
+            )
+            for group in inventory.gpus
+        ],
+        read_at_unix_seconds=inventory.read_at,
+        error=inventory.error,
+    )
+
+
 def recommendation_to_proto(recommendation: Recommendation) -> advisor_pb2.Recommendation:
     return advisor_pb2.Recommendation(
         job_id=recommendation.profile.job_id,
@@ -72,12 +95,15 @@ def recommendation_to_proto(recommendation: Recommendation) -> advisor_pb2.Recom
                 memory_bytes=option.gpu.memory_bytes,
                 meets_deadline=option.meets_deadline,
                 calibrated=option.calibrated,
+                cluster_gpus=option.cluster_gpus,
             )
             for option in recommendation.options
         ],
         recommended_gpu=recommendation.recommended.gpu.name if recommendation.recommended else "",
         reason=recommendation.reason,
         deadline_seconds=recommendation.deadline_seconds or 0.0,
+        recommended_gpu_in_cluster=recommendation.recommended_in_cluster,
+        cluster=cluster_to_proto(recommendation.cluster),
     )
 
 
@@ -94,6 +120,7 @@ def fleet_report_to_proto(report: FleetReport) -> advisor_pb2.FleetReportRespons
                 jobs_recommended=row.jobs_recommended,
                 as_run_cost_usd=row.as_run_cost_usd,
                 jobs_run=row.jobs_run,
+                cluster_gpus=row.cluster_gpus,
             )
             for row in report.rows
         ],
@@ -104,6 +131,7 @@ def fleet_report_to_proto(report: FleetReport) -> advisor_pb2.FleetReportRespons
         jobs_unpriced=report.jobs_unpriced,
         jobs_without_recommendation=report.jobs_without_recommendation,
         skipped=list(report.skipped),
+        cluster=cluster_to_proto(report.cluster),
     )
 
 
@@ -132,7 +160,12 @@ class AdvisorServicer(advisor_pb2_grpc.AdvisorServiceServicer):
     def _recommend(self, profile: JobProfile, deadline_seconds: float) -> advisor_pb2.Recommendation:
         state = self._state
         recommendation = recommend_gpu(
-            profile, state.catalog, state.calibration, state.settings.headroom_fraction, deadline_seconds
+            profile,
+            state.catalog,
+            state.calibration,
+            state.settings.headroom_fraction,
+            deadline_seconds,
+            state.cluster.inventory,
         )
         return recommendation_to_proto(recommendation)
 
@@ -171,6 +204,7 @@ class AdvisorServicer(advisor_pb2_grpc.AdvisorServiceServicer):
             state.settings.headroom_fraction,
             request.deadline_seconds,
             [*unreadable, *malformed],
+            state.cluster.inventory,
         )
         return fleet_report_to_proto(report)
 

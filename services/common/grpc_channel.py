@@ -150,6 +150,19 @@ class _StreamStreamBearer(_BearerMetadata, grpc.aio.StreamStreamClientIntercepto
 
 # (first, longest) wait between attempts to reach a server that is down.
 RECONNECT_BACKOFF_MS = (500, 2000)
+# The shortest wait between two DNS resolutions of a channel's name. A client resolves again when a connection
+# closes (a server's max connection age, a pod gone); at gRPC's default of 30 s a pod replacing the only one
+# (a Recreate update: a new address) could wait half a minute for its first call.
+MIN_RESOLUTION_INTERVAL_MS = RECONNECT_BACKOFF_MS[1]
+
+
+def balancing_options() -> list[tuple[str, Any]]:
+    """A `dns:///` name's calls spread over every address it resolves to (a headless Service's pods), and its
+    addresses resolved again soon after a connection closes, so pods added since are found."""
+    return [
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.dns_min_time_between_resolutions_ms", MIN_RESOLUTION_INTERVAL_MS),
+    ]
 
 
 def channel_options(
@@ -184,11 +197,11 @@ def open_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     keepalive: KeepalivePolicy = KEEPALIVE,
 ) -> grpc.aio.Channel:
-    """`dns:///name:port` targets are balanced round-robin across a headless Service's pods.
+    """`dns:///name:port` targets are balanced round-robin across a headless Service's pods (balancing_options).
 
     `unix:` targets stay plaintext (a unix socket is protected by file permissions) but carry the token.
     """
-    options = [*channel_options(max_message_bytes, keepalive), ("grpc.lb_policy_name", "round_robin")]
+    options = [*channel_options(max_message_bytes, keepalive), *balancing_options()]
     if security.tls and not target.startswith(_UNIX_SCHEMES):
         return grpc.aio.secure_channel(target, channel_credentials(security), options=options)
     interceptors: list[Any] = []

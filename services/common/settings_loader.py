@@ -1,13 +1,17 @@
 """Reads a frozen settings dataclass from environment variables named PREFIX + FIELD in upper case.
 
-Every numeric or string field may carry its allowed range (`ranged(...)`); a settings class that derives
-from ValidatedSettings checks them when it is built, so a service refuses to start on `BATCH_SIZE=0`
-whether the value came from the environment, a test or the chart.
+Every numeric or string field may carry its allowed range (`ranged(...)`), and every enumerated field is a
+Literal type; a settings class that derives from ValidatedSettings checks both when it is built, so a
+service refuses to start on `BATCH_SIZE=0` (or a backend it does not know) whether the value came from the
+environment, a test or the chart. No number is NaN or infinite: NaN passes every comparison, and a float
+field's range is bounded by being finite where it names no maximum. Int fields name their maximum, since
+the values end in C types, protobuf fields and BIGINT columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -48,6 +52,8 @@ class Bounds:
         if isinstance(value, bool) or value is None:
             return ""
         if isinstance(value, int | float):
+            if not math.isfinite(value):
+                return "must be a finite number"
             if self.ge is not None and value < self.ge:
                 return f"must be at least {self.ge:g}"
             if self.gt is not None and value <= self.gt:
@@ -88,11 +94,35 @@ def check_ranges(settings: Any) -> None:
             raise SettingsError(f"{field.name}={shown} {problem}", field.name)
 
 
+def literal_choices(kind: Any) -> tuple[Any, ...]:
+    """The values a Literal type (or an optional one) allows; () for any other type."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        return typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        return tuple(choice for arg in typing.get_args(kind) for choice in literal_choices(arg))
+    return ()
+
+
+def _field_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    hints = typing.get_type_hints(cls)
+    return {field.name: choices for field in dataclasses.fields(cls) if (choices := literal_choices(hints[field.name]))}
+
+
+def check_choices(settings: Any) -> None:
+    """Raises SettingsError for the first enumerated (Literal) field holding a value it does not allow."""
+    for name, choices in _field_choices(type(settings)).items():
+        value = getattr(settings, name)
+        if value is not None and value not in choices:
+            raise SettingsError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}", name)
+
+
 class ValidatedSettings:
-    """Mixin for frozen settings dataclasses: ranges are checked as soon as an instance exists."""
+    """Mixin for frozen settings dataclasses: ranges and choices are checked as soon as an instance exists."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_choices(self)
 
 
 def env_name(prefix: str, field_name: str) -> str:

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.face_detector_models import UNBATCHED_MODELS
-from services.common.grpc_channel import RECONNECT_BACKOFF_MS
+from services.common.grpc_channel import RECONNECT_BACKOFF_MS, balancing_options
 from services.common.server_settings import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.triton_shared_memory import (
     Placement,
@@ -105,9 +105,10 @@ class TritonClient:
         channel_args = [
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            # With a headless Service name (dns:///...) calls spread over every Triton pod.
-            ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+            # With a headless Service name (dns:///...) calls spread over every Triton pod, and pods added
+            # later are found when Triton's --grpc-max-connection-age (the chart's) closes a connection.
+            *balancing_options(),
         ]
         self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
         self._shared_memory = SharedMemoryPool(self._client, timeout_seconds, pool_limits) if shared_memory else None

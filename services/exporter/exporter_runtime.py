@@ -13,7 +13,7 @@ from services.common.gpu_trend_log import TrendLog
 from services.exporter.gpu_metrics import exporter_registry
 from services.exporter.gpu_sampler import GpuSampler
 from services.exporter.http_server import ExporterHttpServer
-from services.exporter.pod_attribution import PodAttributor, attributor_for_cluster
+from services.exporter.pod_attribution import PodAttributor, attributor_for_node
 from services.exporter.settings import ExporterSettings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ def reader_for(settings: ExporterSettings) -> GpuReader:
 
 
 class RunningExporter:
-    """A started exporter; `stop()` ends the loop, the server, the trend log and the reader, in that order."""
+    """A started exporter; `stop()` ends the loop, the server, the trend log, the reader and the kubelet
+    client, in that order."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class RunningExporter:
     ) -> None:
         node = node_name(settings)
         self.reader = reader
+        self.attributor = attributor
         self.trend_log = TrendLog(settings.trend_dir, node, settings.retention_days)
         self.sampler = GpuSampler(
             reader,
@@ -81,8 +83,10 @@ class RunningExporter:
         self._loop.join()
         self.trend_log.close()
         self.reader.close()
+        if self.attributor is not None:
+            self.attributor.close()
 
 
 def start_exporter(settings: ExporterSettings, reader: GpuReader | None = None) -> RunningExporter:
-    attributor = attributor_for_cluster(settings.kubernetes_attribution, node_name(settings))
+    attributor = attributor_for_node(settings.kubernetes_attribution, settings.pod_resources_socket)
     return RunningExporter(settings, reader if reader is not None else reader_for(settings), attributor).start()

@@ -39,6 +39,7 @@ CLOCK_EVENT_BITS: dict[ClockEventReason, int] = {
 }
 
 GPU_LABELS = ("gpu", "uuid", "model", "node")
+POD_LABELS = ("namespace", "pod", "container")
 PROCESS_LABELS = ("gpu", "uuid", "node", "pid", "pod", "namespace", "container")
 
 # (metric name, help, GpuSample field) for every plain per-GPU gauge.
@@ -101,6 +102,7 @@ class GpuMetricsCollector(Collector):
         snapshot = self._snapshot()
         yield from self._health(snapshot)
         yield from self._gpus(snapshot)
+        yield from self._allocations(snapshot)
         yield from self._processes(snapshot)
         yield from self._xids(snapshot)
         yield from self._exporter(snapshot)
@@ -145,6 +147,24 @@ class GpuMetricsCollector(Collector):
         yield from gauges
         yield clock_events
         yield ecc
+
+    def _allocations(self, snapshot: SweepSnapshot) -> Iterator[Metric]:
+        """One series per container holding a GPU, to join the per-GPU series with by uuid and node.
+
+        An info series rather than pod labels on every GPU series: under time-slicing several containers
+        hold one GPU, and a GPU's utilisation repeated once per holder would add up to more than the GPU.
+        """
+        holding = GaugeMetricFamily(
+            "swapline_gpu_pod_info",
+            "A pod container the kubelet allocated this GPU to (pod-resources API); always 1.",
+            labels=[*GPU_LABELS, *POD_LABELS],
+        )
+        by_index = {sample.index: sample for sample in snapshot.samples}
+        for allocation in snapshot.allocations:
+            pod = allocation.pod
+            labels = gpu_label_values(by_index[allocation.gpu_index], self._node)
+            holding.add_metric([*labels, pod.namespace, pod.pod, pod.container], 1.0)
+        yield holding
 
     def _processes(self, snapshot: SweepSnapshot) -> Iterator[Metric]:
         memory = GaugeMetricFamily(

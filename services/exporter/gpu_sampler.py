@@ -21,7 +21,7 @@ from services.common.gpu_telemetry import (
     GpuUnavailable,
 )
 from services.common.gpu_trend_log import TrendLog
-from services.exporter.pod_attribution import NO_POD, PodAttributor, PodRef
+from services.exporter.pod_attribution import NO_POD, GpuHolders, PodAttributor, PodRef, holders_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ MAX_XID_SERIES = 1024
 class ProcessUsage:
     process: GpuProcess
     gpu_uuid: str
+    # The container holding the process's GPU; NO_POD where none does, or where several share it.
+    pod: PodRef
+
+
+@dataclass(frozen=True)
+class GpuAllocation:
+    """One container holding one GPU; under time-slicing several hold the same GPU."""
+
+    gpu_index: int
     pod: PodRef
 
 
@@ -53,6 +62,7 @@ class SweepSnapshot:
     driver_version: str = ""
     samples: tuple[GpuSample, ...] = ()
     processes: tuple[ProcessUsage, ...] = ()
+    allocations: tuple[GpuAllocation, ...] = ()
     # (gpu index, xid) -> events seen since the exporter started
     xid_counts: tuple[tuple[tuple[int, int], int], ...] = ()
     sweeps_total: int = 0
@@ -146,12 +156,16 @@ class GpuSampler:
             self._logged_reason = None
         previous = self._snapshot
         driver_version = self._reader.driver_version() if isinstance(self._reader, DriverVersionSource) else ""
+        holders = self._holders()
         self._snapshot = SweepSnapshot(
             nvml_up=True,
             reason="",
             driver_version=driver_version,
             samples=tuple(samples),
-            processes=self._attribute(samples, processes),
+            processes=self._attribute(samples, processes, holders),
+            allocations=tuple(
+                GpuAllocation(sample.index, pod) for sample in samples for pod in holders_of(holders, sample)
+            ),
             xid_counts=self._count_xids(xid_events, previous.xid_counts),
             sweeps_total=previous.sweeps_total + 1,
             nvml_errors_total=previous.nvml_errors_total,
@@ -175,18 +189,28 @@ class GpuSampler:
             sweep_seconds=previous.sweep_seconds,
         )
 
-    def _attribute(self, samples: list[GpuSample], processes: list[GpuProcess]) -> tuple[ProcessUsage, ...]:
-        uuids = {sample.index: sample.uuid for sample in samples}
-        refs: dict[int, PodRef] = {}
-        if self._attributor is not None and processes:
-            try:
-                refs = self._attributor.attribute({process.pid for process in processes})
-            except Exception as error:  # attribution is a nicety; the metrics go out without it
-                self._log_side_error(f"pod attribution failed: {type(error).__name__}: {error}")
-        return tuple(
-            ProcessUsage(process=process, gpu_uuid=uuids.get(process.gpu_index, ""), pod=refs.get(process.pid, NO_POD))
-            for process in processes
-        )
+    def _holders(self) -> GpuHolders:
+        # The attributor answers {} itself when the kubelet cannot answer.
+        return self._attributor.holders() if self._attributor is not None else {}
+
+    @staticmethod
+    def _attribute(
+        samples: list[GpuSample], processes: list[GpuProcess], holders: GpuHolders
+    ) -> tuple[ProcessUsage, ...]:
+        """Each process with its GPU's UUID and, where exactly one container holds that GPU, that container."""
+        by_index = {sample.index: sample for sample in samples}
+        usages = []
+        for process in processes:
+            sample = by_index.get(process.gpu_index)
+            gpu_holders = holders_of(holders, sample) if sample is not None else ()
+            usages.append(
+                ProcessUsage(
+                    process=process,
+                    gpu_uuid=sample.uuid if sample is not None else "",
+                    pod=gpu_holders[0] if len(gpu_holders) == 1 else NO_POD,
+                )
+            )
+        return tuple(usages)
 
     def _count_xids(
         self, events: list[tuple[int, int]], previous: tuple[tuple[tuple[int, int], int], ...]

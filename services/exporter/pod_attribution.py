@@ -1,200 +1,158 @@
-"""Which pod, namespace and container a GPU process belongs to: PID -> cgroup -> pod UID -> Kubernetes API.
+"""Which pod containers hold each GPU: the kubelet's pod-resources API (v1.PodResourcesLister/List).
 
-The exporter needs `hostPID: true` for host PIDs to appear under /proc; without it, or outside
-Kubernetes, every process keeps empty pod labels.
+The kubelet lists, for every container of its node, the device ids each device plugin allocated to it; the
+NVIDIA device plugin's ids for `nvidia.com/gpu` are the GPUs' UUIDs, which NVML reports too. dcgm-exporter
+attributes GPUs the same way. The API is a Unix socket under /var/lib/kubelet/pod-resources, which the chart
+mounts read-only: the exporter needs neither the host's PID namespace nor access to the Kubernetes API.
+
+A GPU shared by time-slicing is listed once per container holding a replica of it ("<uuid>::<replica>"), so a
+GPU maps to every container holding it. MIG devices are listed by their own MIG UUIDs, which are not the
+GPUs' UUIDs, so a MIG-partitioned GPU shows no holder.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
+
+import grpc
+
+from services.common.gpu_telemetry import GpuSample
+from swapline.k8s.podresources.v1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-POD_REFRESH_SECONDS = 30.0
+# The NVIDIA device plugin's resource, and its name for time-sliced replicas under `renameByDefault`.
+GPU_RESOURCE_NAMES = frozenset({"nvidia.com/gpu", "nvidia.com/gpu.shared"})
+REPLICA_SEPARATOR = "::"
+# Pods change on the scale of seconds to minutes; a listing every 10 s costs the kubelet nothing.
+REFRESH_SECONDS = 10.0
+# The listing runs in the sampling thread: a kubelet that hangs may delay one sweep by this much at most.
+LIST_TIMEOUT_SECONDS = 1.0
+# gRPC waits up to 2 minutes between reconnection attempts by default; a restarted kubelet is back sooner.
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
-def _uid_pattern(separator: str) -> str:
-    return separator.join(f"[0-9a-f]{{{width}}}" for width in (8, 4, 4, 4, 12))
-
-
-# cgroup v1 (cgroupfs driver): .../kubepods/burstable/pod<uid>/<container id>
-_V1_POD = re.compile(rf"/kubepods(?:/[a-z]+)?/pod(?P<uid>{_uid_pattern('-')})")
-# cgroup v2 or the systemd driver: kubepods-burstable-pod<uid with underscores>.slice
-_SLICE_POD = re.compile(rf"kubepods(?:-[a-z]+)?-pod(?P<uid>{_uid_pattern('_')})\.slice")
-# The container: a bare 64-hex id (v1) or <runtime>-<id>.scope such as cri-containerd-<id>.scope.
-_CONTAINER_ID = re.compile(r"(?:^|/)(?:[a-z-]+-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class PodRef:
-    pod: str = ""
     namespace: str = ""
+    pod: str = ""
     container: str = ""
 
 
 NO_POD = PodRef()
 
-
-@dataclass(frozen=True)
-class CgroupPod:
-    pod_uid: str
-    container_id: str
+# Device id (a GPU UUID, or a GPU index under the device plugin's `index` id strategy) -> the containers
+# holding it, sorted.
+GpuHolders = Mapping[str, tuple[PodRef, ...]]
 
 
-@dataclass(frozen=True)
-class PodInfo:
-    uid: str
-    name: str
-    namespace: str
-    # container id (without the runtime:// prefix) -> container name
-    containers: tuple[tuple[str, str], ...] = ()
+class GpuHolderLister(Protocol):
+    def list_gpu_holders(self) -> GpuHolders: ...
+
+    def close(self) -> None: ...
 
 
-class PodLister(Protocol):
-    def list_pods(self) -> list[PodInfo]: ...
+def gpu_device_id(device_id: str) -> str:
+    """The GPU a device id names: a time-sliced replica "<uuid>::<n>" names the GPU <uuid>."""
+    return device_id.split(REPLICA_SEPARATOR, 1)[0]
 
 
-def pod_from_cgroup(cgroup_text: str) -> CgroupPod | None:
-    """The pod UID and container id named by a /proc/<pid>/cgroup file, or None outside Kubernetes."""
-    for line in cgroup_text.splitlines():
-        path = line.split(":", 2)[-1].strip()
-        v1 = _V1_POD.search(path)
-        uid = v1.group("uid") if v1 else None
-        if uid is None:
-            slice_match = _SLICE_POD.search(path)
-            uid = slice_match.group("uid").replace("_", "-") if slice_match else None
-        if uid is not None:
-            container = _CONTAINER_ID.search(path)
-            return CgroupPod(pod_uid=uid, container_id=container.group("id") if container else "")
-    return None
+def gpu_holders(response: api_pb2.ListPodResourcesResponse) -> dict[str, tuple[PodRef, ...]]:
+    """The GPU holders in one List answer; devices of other resources are left out."""
+    holders: dict[str, set[PodRef]] = {}
+    for pod in response.pod_resources:
+        for container in pod.containers:
+            holder = PodRef(namespace=pod.namespace, pod=pod.name, container=container.name)
+            for devices in container.devices:
+                if devices.resource_name not in GPU_RESOURCE_NAMES:
+                    continue
+                for device_id in devices.device_ids:
+                    holders.setdefault(gpu_device_id(device_id), set()).add(holder)
+    return {device: tuple(sorted(refs)) for device, refs in holders.items()}
 
 
-def _container_id(runtime_id: str) -> str:
-    return runtime_id.split("://", 1)[-1]
+def holders_of(holders: GpuHolders, sample: GpuSample) -> tuple[PodRef, ...]:
+    return holders.get(sample.uuid) or holders.get(str(sample.index)) or ()
 
 
-def pod_info_from_api(pod: Any) -> PodInfo:
-    statuses = (
-        [
-            *(pod.status.container_statuses or []),
-            *(pod.status.init_container_statuses or []),
-        ]
-        if pod.status is not None
-        else []
-    )
-    return PodInfo(
-        uid=pod.metadata.uid,
-        name=pod.metadata.name,
-        namespace=pod.metadata.namespace,
-        containers=tuple(
-            (_container_id(status.container_id), status.name) for status in statuses if status.container_id
-        ),
-    )
+class KubeletPodResources:
+    """A client of the kubelet's pod-resources socket; gRPC reconnects by itself after a kubelet restart."""
 
-
-class KubernetesPodLister:
-    """Lists this node's pods through the in-cluster API; the kubernetes client is imported only here."""
-
-    def __init__(self, node_name: str) -> None:
-        from kubernetes import client, config
-
-        config.load_incluster_config()
-        self._api = client.CoreV1Api()
-        self._node_name = node_name
-
-    def list_pods(self) -> list[PodInfo]:
-        pods = self._api.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={self._node_name}", _request_timeout=5
+    def __init__(self, socket_path: Path, timeout_seconds: float = LIST_TIMEOUT_SECONDS) -> None:
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket_path.absolute()}", options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
         )
-        return [pod_info_from_api(pod) for pod in pods.items]
+        self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
+        self._timeout = timeout_seconds
+
+    def list_gpu_holders(self) -> GpuHolders:
+        return gpu_holders(self._stub.List(api_pb2.ListPodResourcesRequest(), timeout=self._timeout))
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 class PodAttributor:
-    """Maps PIDs to pods; the pod list is cached and fetched again at most every 30 seconds."""
+    """The GPU holders, listed again at most every refresh_seconds.
+
+    When the kubelet cannot answer the holders are dropped rather than kept: a GPU without a pod is honest,
+    one labelled with a pod that may have gone is not. The reason is logged once.
+    """
 
     def __init__(
         self,
-        lister: PodLister,
+        lister: GpuHolderLister,
         *,
-        proc_root: Path = Path("/proc"),
         clock: Callable[[], float] = time.monotonic,
-        refresh_seconds: float = POD_REFRESH_SECONDS,
+        refresh_seconds: float = REFRESH_SECONDS,
     ) -> None:
         self._lister = lister
-        self._proc_root = proc_root
         self._clock = clock
         self._refresh_seconds = refresh_seconds
-        self._pods: dict[str, PodInfo] = {}
+        self._holders: GpuHolders = {}
         self._listed_at: float | None = None
         self._last_error = ""
 
-    def _cgroup_pod(self, pid: int) -> CgroupPod | None:
-        try:
-            # os.path rather than pathlib: new PIDs every sweep should not churn interned path strings.
-            with open(os.path.join(self._proc_root, str(pid), "cgroup"), encoding="utf-8", errors="replace") as cgroup:
-                text = cgroup.read()
-        except OSError:
-            return None
-        return pod_from_cgroup(text)
-
-    def _resolves(self, found: CgroupPod) -> bool:
-        pod = self._pods.get(found.pod_uid)
-        return pod is not None and (not found.container_id or found.container_id in dict(pod.containers))
-
-    def _refresh_if_due(self, wanted: Iterable[CgroupPod]) -> None:
-        """Lists the pods again when some process is in a pod or container the cache does not know yet."""
+    def holders(self) -> GpuHolders:
         now = self._clock()
-        if self._listed_at is not None and now - self._listed_at < self._refresh_seconds:
-            return
-        if all(self._resolves(found) for found in wanted):
-            return
-        self._listed_at = now
+        if self._listed_at is None or now - self._listed_at >= self._refresh_seconds:
+            self._listed_at = now
+            self._holders = self._list()
+        return self._holders
+
+    def _list(self) -> GpuHolders:
         try:
-            pods = self._lister.list_pods()
-        except Exception as error:  # the API being away must never stop the sampling
+            holders = self._lister.list_gpu_holders()
+        except Exception as error:  # the kubelet being away must never stop the sampling
             message = f"{type(error).__name__}: {error}"
             if message != self._last_error:
-                log.warning("listing this node's pods failed, keeping the last list: %s", message)
+                log.warning("the kubelet's pod-resources API did not answer, GPUs go without pods: %s", message)
                 self._last_error = message
-            return
-        self._last_error = ""
-        self._pods = {pod.uid: pod for pod in pods}
+            return {}
+        if self._last_error:
+            log.info("the kubelet's pod-resources API answers again")
+            self._last_error = ""
+        return holders
 
-    def attribute(self, pids: Iterable[int]) -> dict[int, PodRef]:
-        """PodRef per PID; PIDs outside pods (or not visible) map to NO_POD."""
-        cgroups = {pid: self._cgroup_pod(pid) for pid in pids}
-        wanted = [found for found in cgroups.values() if found is not None]
-        if wanted:
-            self._refresh_if_due(wanted)
-        refs: dict[int, PodRef] = {}
-        for pid, found in cgroups.items():
-            pod = self._pods.get(found.pod_uid) if found is not None else None
-            if found is None or pod is None:
-                refs[pid] = NO_POD
-                continue
-            container = dict(pod.containers).get(found.container_id, "")
-            refs[pid] = PodRef(pod=pod.name, namespace=pod.namespace, container=container)
-        return refs
+    def close(self) -> None:
+        self._lister.close()
 
 
-def attributor_for_cluster(enabled: bool, node_name: str) -> PodAttributor | None:
-    """The attributor when running in a cluster with attribution on; otherwise None, said once in the log."""
+def attributor_for_node(enabled: bool, socket_path: Path) -> PodAttributor | None:
+    """The attributor where the kubelet's pod-resources folder is mounted and attribution is on; else None.
+
+    The folder rather than the socket decides: the kubelet re-creates the socket when it restarts, and the
+    client reconnects to the new one.
+    """
     if not enabled:
         log.info("pod attribution is off (SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION=false)")
         return None
-    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        log.info("pod attribution is off: not running in a Kubernetes cluster")
+    if not socket_path.parent.is_dir():
+        log.info("pod attribution is off: no kubelet pod-resources folder for %s (not a Kubernetes node)", socket_path)
         return None
-    try:
-        lister = KubernetesPodLister(node_name)
-    except Exception as error:  # no client library, no service account: attribution off, exporter on
-        log.info("pod attribution is off: %s: %s", type(error).__name__, error)
-        return None
-    return PodAttributor(lister)
+    return PodAttributor(KubeletPodResources(socket_path))

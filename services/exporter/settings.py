@@ -23,7 +23,10 @@ class ExporterSettings(ServerSettings):
     retention_days: int = ranged(7, ge=1, le=3650)
     # Path of a recording (JSON lines) to replay instead of reading NVML; empty reads the GPUs.
     replay: str = ""
+    # Attributes each GPU to the pod containers it is allocated to, through the kubelet's pod-resources API
+    # on this Unix socket; where its folder is absent (not a Kubernetes node) GPUs go without pods.
     kubernetes_attribution: bool = True
+    pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
 
 
 def load_exporter_settings() -> ExporterSettings:

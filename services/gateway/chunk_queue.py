@@ -1,5 +1,8 @@
 """Hands chunks to workers under leases that lapse without heartbeats, and takes back their results.
 
+Every store call runs on the store's own thread (`store.run`), so a query waiting in the database never
+holds up the event loop.
+
 A failed attempt (or a lapsed lease) goes back to the queue after an exponential backoff, for as long as
 the retry budget lasts, counted from the first failure of the current run of failures: an outage of a
 stage service is waited out instead of spending every attempt while the channels reconnect. A job whose
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -95,24 +99,28 @@ class ChunkQueue:
         self.retry = retry
         self.stall_deadline_seconds = stall_deadline_seconds
         self._work = asyncio.Condition()
+        # Counts work_added calls: a waiter that saw it change while it looked in the store looks again.
+        self._work_generation = 0
 
     async def work_added(self) -> None:
-        """Wakes workers waiting in lease(); called whenever a chunk becomes PENDING."""
+        """Wakes workers waiting in lease(); called whenever a chunk becomes PENDING, through this gateway or
+        (heard through the store's change feed) another one."""
         async with self._work:
+            self._work_generation += 1
             self._work.notify_all()
 
-    def _try_lease(self, worker_id: str) -> ChunkRecord | None:
+    def _work_added_since(self, generation: int) -> bool:
+        return self._work_generation != generation
+
+    def _lease_or_next_due(self, worker_id: str) -> tuple[ChunkRecord | None, float | None]:
+        """On the store's thread: a leased chunk; else when the next chunk backing off becomes due (None: none)."""
         now = self._coordinator.now()
         chunk = self._store.lease_next_chunk(worker_id, uuid.uuid4().hex, now, now + self.lease_seconds)
         if chunk is not None:
             CHUNK_LEASES.inc()
-        return chunk
-
-    def _wake_limit(self, remaining: float) -> float:
-        """How long a waiter may sleep: at most until the next chunk backing off becomes due."""
-        now = self._coordinator.now()
+            return chunk, None
         due = self._store.next_due_at(now)
-        return remaining if due is None else min(remaining, due - now)
+        return None, None if due is None else due - now
 
     async def lease(self, worker_id: str, wait_seconds: float) -> ChunkLease | None:
         """The oldest live job's next due PENDING chunk, waiting up to wait_seconds for one."""
@@ -129,20 +137,26 @@ class ChunkQueue:
 
     async def _next_chunk(self, worker_id: str, deadline: float) -> ChunkRecord | None:
         loop = asyncio.get_running_loop()
-        async with self._work:
-            # No await between looking and waiting, so a chunk added meanwhile always wakes this waiter.
-            while (chunk := self._try_lease(worker_id)) is None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return None
+        while True:
+            looked_at = self._work_generation
+            chunk, due_in = await self._store.run(self._lease_or_next_due, worker_id)
+            if chunk is not None:
+                return chunk
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            # A chunk added while the store was asked has changed the generation: no wait then.
+            async with self._work:
                 # A timeout means a chunk came due or the wait is over: look again either way.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), self._wake_limit(remaining))
-            return chunk
+                    await asyncio.wait_for(
+                        self._work.wait_for(functools.partial(self._work_added_since, looked_at)),
+                        remaining if due_in is None else min(remaining, due_in),
+                    )
 
     async def _with_inputs(self, chunk: ChunkRecord) -> ChunkLease | None:
         """The lease with the job's images; None (the chunk given back) when they cannot be read."""
-        job = self._coordinator.require_job(chunk.job_id)
+        job = await self._coordinator.load_job(chunk.job_id)
         media_root = self._coordinator.media_root
         try:
             source = await asyncio.to_thread(read_media_file, media_root, job.source_image_uri)
@@ -166,23 +180,36 @@ class ChunkQueue:
             reference_image=reference,
         )
 
-    async def heartbeat(self, lease_id: str, frames_done: int, stage: str, faces: int) -> HeartbeatAnswer:
+    def _leased_chunk_and_job(self, lease_id: str) -> tuple[ChunkRecord | None, JobRecord | None]:
+        """On the store's thread: the lease's chunk and its job, read together."""
         chunk = self._store.chunk_for_lease(lease_id)
+        return chunk, None if chunk is None else self._store.get_job(chunk.job_id)
+
+    async def heartbeat(self, lease_id: str, frames_done: int, stage: str, faces: int) -> HeartbeatAnswer:
+        chunk, job = await self._store.run(self._leased_chunk_and_job, lease_id)
         if chunk is None:
             return HeartbeatAnswer(True, f"lease {excerpt(lease_id)} is unknown or has lapsed")
-        job = self._store.get_job(chunk.job_id)
         if job is None or job.state not in LIVE_JOB_STATES or chunk.state != "LEASED":
             return HeartbeatAnswer(True, _end_reason(job, chunk.job_id))
         now = self._coordinator.now()
         if chunk.lease_expires_at < now:
             await self._lapse(chunk)
             return HeartbeatAnswer(True, f"lease {excerpt(lease_id)} lapsed before this heartbeat")
-        self._store.record_progress(chunk.job_id, lease_id, now + self.lease_seconds, frames_done, stage, faces, now)
+        await self._store.run(
+            self._store.record_progress,
+            chunk.job_id,
+            lease_id,
+            now + self.lease_seconds,
+            frames_done,
+            stage,
+            faces,
+            now,
+        )
         await self._coordinator.feed.notify(chunk.job_id)
         return HeartbeatAnswer(False)
 
-    def _held_chunk(self, lease_id: str) -> ChunkRecord:
-        chunk = self._store.chunk_for_lease(lease_id)
+    async def _held_chunk(self, lease_id: str) -> ChunkRecord:
+        chunk = await self._store.run(self._store.chunk_for_lease, lease_id)
         if chunk is None:
             raise FailedPrecondition(
                 f"lease {excerpt(lease_id)} is unknown or has lapsed; the chunk went to another worker"
@@ -194,9 +221,11 @@ class ChunkQueue:
 
         A lapsed lease not yet given back still completes: nobody else holds the chunk, the segment is there.
         """
-        chunk = self._held_chunk(lease_id)
+        chunk = await self._held_chunk(lease_id)
         if chunk.state != "LEASED":
-            raise FailedPrecondition(_end_reason(self._store.get_job(chunk.job_id), chunk.job_id))
+            raise FailedPrecondition(
+                _end_reason(await self._store.run(self._store.get_job, chunk.job_id), chunk.job_id)
+            )
         leased_segment = attempt_segment_uri(chunk.segment_uri, chunk.attempts)
         if segment_uri and segment_uri != leased_segment:
             raise InvalidArgument(f"segment_uri {excerpt(segment_uri)} is not this lease's segment {leased_segment!r}")
@@ -205,8 +234,14 @@ class ChunkQueue:
             reason = f"the segment of chunk {chunk.index} holds {stats.frames} frames, not {chunk.frame_count}"
             await self._give_back(chunk, JobError(code_value(grpc.StatusCode.DATA_LOSS), reason), True)
             raise FailedPrecondition(f"{reason}; the completion is refused")
-        remaining = self._store.finish_chunk(
-            chunk.job_id, chunk.index, lease_id, leased_segment, stats, self._coordinator.now()
+        remaining = await self._store.run(
+            self._store.finish_chunk,
+            chunk.job_id,
+            chunk.index,
+            lease_id,
+            leased_segment,
+            stats,
+            self._coordinator.now(),
         )
         if remaining is None:
             raise FailedPrecondition(
@@ -219,7 +254,7 @@ class ChunkQueue:
             await self._coordinator.chunks_finished(chunk.job_id)
 
     async def fail(self, lease_id: str, error: JobError, retryable: bool) -> None:
-        chunk = self._held_chunk(lease_id)
+        chunk = await self._held_chunk(lease_id)
         if chunk.state == "LEASED":
             CHUNK_FAILURES.labels("retryable" if retryable else "fatal").inc()
             await self._give_back(chunk, error, retryable)
@@ -239,14 +274,15 @@ class ChunkQueue:
             failures = chunk.failure_streak + 1
             retry_at = self.retry.retry_at(failing_since, failures, chunk.attempts, now)
             if retry_at is not None:
-                if self._store.requeue_chunk(chunk, error, RetrySchedule(retry_at, failing_since, failures), now):
+                schedule = RetrySchedule(retry_at, failing_since, failures)
+                if await self._store.run(self._store.requeue_chunk, chunk, error, schedule, now):
                     await self._coordinator.changed(chunk.job_id)
                     await self.work_added()
                 return
             message = self._spent_message(chunk, error, failing_since, now)
         else:
             message = f"chunk {chunk.index} failed: {error.message}"
-        if self._store.fail_chunk(chunk, error, now):
+        if await self._store.run(self._store.fail_chunk, chunk, error, now):
             await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
 
     @staticmethod
@@ -258,7 +294,7 @@ class ChunkQueue:
 
     async def reap_lapsed(self) -> int:
         """Gives back every chunk whose lease has lapsed: queued again, or failed past the budget."""
-        lapsed = self._store.lapsed_leases(self._coordinator.now())
+        lapsed = await self._store.run(self._store.lapsed_leases, self._coordinator.now())
         for chunk in lapsed:
             await self._lapse(chunk)
         return len(lapsed)
@@ -273,11 +309,11 @@ class ChunkQueue:
         """
         now = self._coordinator.now()
         budget = self.retry.budget_seconds
-        spent = self._store.budget_spent_chunks(now - 2 * budget, now - self.lease_seconds)
+        spent = await self._store.run(self._store.budget_spent_chunks, now - 2 * budget, now - self.lease_seconds)
         for chunk in spent:
             error = chunk.last_error or JobError(code_value(grpc.StatusCode.UNAVAILABLE), "no worker took the chunk")
             failing_since = chunk.failing_since if chunk.failing_since is not None else now
-            if self._store.fail_chunk(chunk, error, now):
+            if await self._store.run(self._store.fail_chunk, chunk, error, now):
                 message = self._spent_message(chunk, error, failing_since, now)
                 await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
         return len(spent)
@@ -286,7 +322,7 @@ class ChunkQueue:
         """Fails RUNNING jobs whose leased chunks made no progress for the stall deadline (if one is set)."""
         if self.stall_deadline_seconds <= 0:
             return 0
-        stalled = self._store.stalled_jobs(self._coordinator.now(), self.stall_deadline_seconds)
+        stalled = await self._store.run(self._store.stalled_jobs, self._coordinator.now(), self.stall_deadline_seconds)
         for job in stalled:
             chunk = job.chunk
             where = (

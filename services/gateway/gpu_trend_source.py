@@ -124,6 +124,8 @@ PROMETHEUS_METRICS: dict[str, str] = {
     "swapline_gpu_memory_total_bytes": "memory_total_bytes",
     "swapline_gpu_temperature_celsius": "temperature_celsius",
     "swapline_gpu_power_watts": "power_watts",
+    "swapline_gpu_decoder_utilization_percent": "decoder_utilization_percent",
+    "swapline_gpu_encoder_utilization_percent": "encoder_utilization_percent",
 }
 _MEASUREMENTS = tuple(PROMETHEUS_METRICS.values())
 

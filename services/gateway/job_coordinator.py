@@ -1,4 +1,8 @@
-"""Job lifecycle after submission: joining finished chunks, failing, cancelling, reporting."""
+"""Job lifecycle after submission: joining finished chunks, failing, cancelling, reporting.
+
+Every store call of an async method runs on the store's own thread (`store.run`), so a query waiting in
+the database never holds up the event loop.
+"""
 
 from __future__ import annotations
 
@@ -130,7 +134,8 @@ class JobCoordinator:
         await self.feed.notify(job_id)
 
     def require_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
-        """The job, as the tenant may see it: another tenant's job is NOT_FOUND like a missing one.
+        """The job, as the tenant may see it: another tenant's job is NOT_FOUND like a missing one. Blocking:
+        async code calls load_job, or runs this inside its own `store.run`.
 
         tenant None: an internal caller, who sees every job.
         """
@@ -139,9 +144,13 @@ class JobCoordinator:
             raise NotFound(f"job {excerpt(job_id)} does not exist")
         return job
 
+    async def load_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """require_job, read on the store's thread."""
+        return await self.store.run(self.require_job, job_id, tenant)
+
     async def chunks_finished(self, job_id: str) -> None:
         """Every chunk is DONE: the job joins in the background so the last CompleteChunk returns at once."""
-        if self.store.transition_job(job_id, tuple(LIVE_JOB_STATES), "JOINING", self.now()):
+        if await self.store.run(self.store.transition_job, job_id, tuple(LIVE_JOB_STATES), "JOINING", self.now()):
             await self.changed(job_id)
             self.start_join(job_id)
 
@@ -163,8 +172,8 @@ class JobCoordinator:
     async def join(self, job_id: str) -> None:
         """Joins the segments; a retryable failure (the encoder restarting) is tried again with backoff
         while the retry budget lasts, counted from the first failure."""
-        job = self.require_job(job_id)
-        chunks = self.store.list_chunks(job_id)
+        job = await self.load_job(job_id)
+        chunks = await self.store.run(self.store.list_chunks, job_id)
         failing_since: float | None = None
         failures = 0
         while True:
@@ -187,7 +196,7 @@ class JobCoordinator:
                     return
                 log.warning("joining job %s failed (%s); trying again in %.1f s", job_id, error, retry_at - now)
                 await self._sleep(retry_at - now)
-                if self.require_job(job_id).state != "JOINING":
+                if (await self.load_job(job_id)).state != "JOINING":
                     return
             except Exception:
                 # Our bug: the details (paths among them) go to the log, not to the client.
@@ -229,16 +238,16 @@ class JobCoordinator:
         return failed
 
     async def cancel_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
-        job = self.require_job(job_id, tenant)
+        job = await self.load_job(job_id, tenant)
         if job.state in ENDED_JOB_STATES or not await self.end_job(
             job_id,
             UNFINISHED_JOB_STATES,
             "CANCELLED",
             error=JobError(code_value(grpc.StatusCode.CANCELLED), f"job {job_id} was cancelled"),
         ):
-            state = self.require_job(job_id).state
+            state = (await self.load_job(job_id)).state
             raise FailedPrecondition(f"job {job_id} has already ended ({state}); only a running job can be cancelled")
-        return self.require_job(job_id)
+        return await self.load_job(job_id)
 
     async def end_job(
         self,
@@ -249,11 +258,13 @@ class JobCoordinator:
         join: JoinOutcome | None = None,
     ) -> bool:
         """Ends a job with its report: rendered first, stored with the state change, then announced."""
-        job = self.require_job(job_id)
+        job = await self.load_job(job_id)
         at = self.now()
         ended = replace(job, state=to_state, finished_at=at, error=error or job.error, join=join or job.join)
         text = await self.render_report(ended)
-        if not self.store.transition_job(job_id, from_states, to_state, at, error=error, join=join, report_json=text):
+        if not await self.store.run(
+            self.store.transition_job, job_id, from_states, to_state, at, error=error, join=join, report_json=text
+        ):
             return False
         if text is not None:
             try:
@@ -267,7 +278,7 @@ class JobCoordinator:
         """The report of an ended job, with the GPU trend of a job that got to run; None before a probe."""
         if job.target is None:
             return None
-        report = build_report(job, self.store.list_chunks(job.id))
+        report = build_report(job, await self.store.run(self.store.list_chunks, job.id))
         if job.started_at is not None and job.finished_at is not None:
             trend = await self._trend_recorder.record(job.id, job.started_at, job.finished_at, report["events"])
             report = with_gpu_trend(report, trend.section, trend.warnings)

@@ -39,6 +39,7 @@ from services.gateway.job_records import (
     TenantStorage,
 )
 from services.gateway.media_clients import MediaServices, downscaled
+from services.gateway.sql_job_store import JobChange
 from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area, resolve_target
 
 DEFAULT_CONCURRENT_IMAGE_CHECKS = 4
@@ -197,7 +198,7 @@ class JobService:
                 await asyncio.to_thread(self._remove_job_files, owner, job_id)
         await self._coordinator.changed(job_id)
         await self._queue.work_added()
-        return await self._store.run(self._coordinator.require_job, job_id)
+        return await self._coordinator.load_job(job_id)
 
     def _remove_job_files(self, tenant: str, job_id: str) -> None:
         for area in (in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{job_id}"), work_area(job_id)):
@@ -315,7 +316,7 @@ class JobService:
         return uri, received
 
     async def get(self, job_id: str, tenant: str | None) -> JobRecord:
-        return await self._store.run(self._coordinator.require_job, job_id, tenant)
+        return await self._coordinator.load_job(job_id, tenant)
 
     async def list(self, limit: int, state: JobState | None, tenant: str | None) -> list[JobRecord]:
         bounded = DEFAULT_LIST_LIMIT if limit <= 0 else min(limit, MAX_LIST_LIMIT)
@@ -365,12 +366,18 @@ class JobService:
                 sent_at = loop.time()
 
     async def follow_other_gateways(self) -> None:
-        """Runs beside the server: wakes this gateway's watches for the changes other gateways make."""
-        await self._store.follow_changes(self._coordinator.feed.notify)
+        """Runs beside the server: wakes this gateway's watches for the changes other gateways make, and
+        its waiting leases for the work they add."""
+        await self._store.follow_changes(self._heard)
+
+    async def _heard(self, change: JobChange) -> None:
+        await self._coordinator.feed.notify(change.job_id)
+        if change.work_added:
+            await self._queue.work_added()
 
     async def artifact(self, job_id: str, kind: ArtifactKind, tenant: str | None) -> ArtifactFile:
         """The output exists once the job SUCCEEDED; the report and GPU trend once it ended at all."""
-        job = await self._store.run(self._coordinator.require_job, job_id, tenant)
+        job = await self._coordinator.load_job(job_id, tenant)
         if kind == "output" and job.state != "SUCCEEDED":
             raise FailedPrecondition(f"job {job_id} is {job.state}; its output exists once it has SUCCEEDED")
         if job.state not in ENDED_JOB_STATES:

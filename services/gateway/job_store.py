@@ -93,6 +93,9 @@ class SqliteJobStore(SqlJobStore):
     def _announce(self, job_id: str) -> None:
         """No other gateway to tell: this one's own change feed hears of every change."""
 
+    def _announce_work_added(self, job_id: str) -> None:
+        """No other gateway to tell: this one's own chunk queue is woken by the caller."""
+
     async def follow_changes(self, changed: JobChanged) -> None:
         """No other gateway writes the file."""
 

@@ -14,8 +14,10 @@ call is one short explicit transaction (autocommit off). What sharing the databa
   its claims, so a gateway starting meanwhile may join the same job again.
 - Every transaction that changes a job sends its id on a NOTIFY channel when it commits; each gateway
   LISTENs on a second connection (follow_changes), so a watch on one gateway hears what the others do.
-  Notifications sent while a gateway's listener reconnects are lost: its watches read the store again
-  on their keepalive.
+  A transaction that makes chunks PENDING (a submission, a chunk queued again) also sends the job's id
+  tagged as added work, which wakes the leases waiting on every gateway. Notifications sent while a
+  gateway's listener reconnects are lost: its watches read the store again on their keepalive, and its
+  waiting leases look again at the end of their wait.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from services.common.errors import Unavailable
 from services.gateway.sql_job_store import (
     JOB_STATE,
     JOINING_JOB_IDS,
+    JobChange,
     JobChanged,
     Row,
     SqlDialect,
@@ -63,8 +66,10 @@ _CLAIM_JOIN = "SELECT pg_try_advisory_lock(?, hashtext(?)) AS claimed"
 _RELEASE_JOIN = "SELECT pg_advisory_unlock(?, hashtext(?)) AS released"
 _COLUMN_NAMES = """SELECT column_name FROM information_schema.columns
     WHERE table_schema = current_schema() AND table_name = ?"""
-# The channel job changes are announced on; a payload is one job id.
+# The channel job changes are announced on; a payload is one job id, followed by WORK_ADDED_TAG (after a
+# space) when chunks of the job became PENDING.
 JOB_CHANGES_CHANNEL = "swapline_job_changes"
+WORK_ADDED_TAG = "work_added"
 _ANNOUNCE = "SELECT pg_notify(?, ?)"
 _LISTEN = f"LISTEN {JOB_CHANGES_CHANNEL}"
 # The pause before a lost listener connection is opened again.
@@ -75,6 +80,12 @@ RELISTEN_SECONDS = 2.0
 def _pyformat(statement: str) -> str:
     """The shared statements' ? placeholders as psycopg's %s; each statement is rewritten once."""
     return statement.replace("?", "%s")
+
+
+def job_change(payload: str) -> JobChange:
+    """The change a notification's payload announces."""
+    job_id, _, tag = payload.partition(" ")
+    return JobChange(job_id, work_added=tag == WORK_ADDED_TAG)
 
 
 def libpq_url(database_url: str) -> str:
@@ -147,6 +158,9 @@ class PostgresJobStore(SqlJobStore):
         # Delivered when the transaction commits, and not at all if it rolls back.
         self._rows(_ANNOUNCE, (JOB_CHANGES_CHANNEL, job_id))
 
+    def _announce_work_added(self, job_id: str) -> None:
+        self._rows(_ANNOUNCE, (JOB_CHANGES_CHANNEL, f"{job_id} {WORK_ADDED_TAG}"))
+
     async def follow_changes(self, changed: JobChanged) -> None:
         """LISTENs on its own connection (asynchronous: the event loop never waits on it) until cancelled;
         a lost connection is opened again after RELISTEN_SECONDS."""
@@ -158,7 +172,7 @@ class PostgresJobStore(SqlJobStore):
                 async with connection:
                     await connection.execute(_LISTEN)
                     async for notification in connection.notifies():
-                        await changed(notification.payload)
+                        await changed(job_change(notification.payload))
             except psycopg.OperationalError as error:
                 log.warning("listening for other gateways' job changes failed (%s); listening again", error)
             await asyncio.sleep(RELISTEN_SECONDS)

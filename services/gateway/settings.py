@@ -24,6 +24,13 @@ from services.gateway.retry_policy import RetryPolicy
 
 ENV_PREFIX = "SWAPLINE_GATEWAY_"
 
+# OpenCV refuses pictures past 2**30 pixels whatever it is told, FFmpeg a little later.
+_PIXEL_CEILING = 2**30
+# Images travel inside the SubmitJob spec message, which gRPC caps below 2 GiB.
+_IMAGE_BYTES_CEILING = 2**31 - 1
+# Byte counts end in BIGINT columns and float gauges: 2**53 (8 PiB) is the largest a double holds exactly.
+_BYTES_CEILING = 2**53
+
 
 @dataclass(frozen=True, kw_only=True)
 class GatewaySettings(ServerSettings):
@@ -52,16 +59,16 @@ class GatewaySettings(ServerSettings):
     # swapline_gateway_chunks_open gauges, the workers' autoscaling signal). Each gateway also reads them after
     # its own changes; this bounds how long other gateways' changes take to show.
     store_counts_refresh_seconds: float = ranged(5.0, ge=0.5, le=300.0)
-    max_upload_bytes: int = ranged(4 * 1024**3, ge=1)
+    max_upload_bytes: int = ranged(4 * 1024**3, ge=1, le=_BYTES_CEILING)
     # Submissions whose images are decoded and face-counted at once; the rest of a burst waits its turn.
     max_concurrent_image_checks: int = ranged(4, ge=1, le=256)
     # Checked at submit before anything large is allocated: the source and reference images (bytes, and
     # pixels read from their header), the target's frame size, frames and duration (from the probe), and
     # the lengths of target_uri and target_filename.
-    max_image_bytes: int = ranged(DEFAULT_MAX_IMAGE_BYTES, ge=1)
-    max_image_pixels: int = ranged(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
-    max_video_pixels: int = ranged(DEFAULT_MAX_VIDEO_PIXELS, ge=1)
-    max_frames: int = ranged(DEFAULT_MAX_FRAMES, ge=1)
+    max_image_bytes: int = ranged(DEFAULT_MAX_IMAGE_BYTES, ge=1, le=_IMAGE_BYTES_CEILING)
+    max_image_pixels: int = ranged(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=_PIXEL_CEILING)
+    max_video_pixels: int = ranged(DEFAULT_MAX_VIDEO_PIXELS, ge=1, le=_PIXEL_CEILING)
+    max_frames: int = ranged(DEFAULT_MAX_FRAMES, ge=1, le=100_000_000)
     max_duration_seconds: float = ranged(DEFAULT_MAX_DURATION_SECONDS, gt=0.0)
     max_uri_length: int = ranged(DEFAULT_MAX_URI_LENGTH, ge=1, le=4096)
     max_filename_length: int = ranged(DEFAULT_MAX_FILENAME_LENGTH, ge=1, le=DEFAULT_MAX_FILENAME_LENGTH)
@@ -84,7 +91,7 @@ class GatewaySettings(ServerSettings):
     # a tenant's submissions are refused with RESOURCE_EXHAUSTED. retention_tenant_limits sets both for
     # named tenants: comma-separated tenant:max_age_seconds:max_bytes entries.
     retention_max_age_seconds: float = ranged(7 * 86400.0, ge=0.0)
-    retention_max_bytes: int = ranged(0, ge=0)
+    retention_max_bytes: int = ranged(0, ge=0, le=_BYTES_CEILING)
     retention_tenant_limits: tuple[str, ...] = ranged((), max_length=10000)
     # Partial uploads and folders of submissions that never reached the store go once untouched this long.
     retention_interrupted_seconds: float = ranged(3600.0, ge=60.0, le=30 * 86400.0)

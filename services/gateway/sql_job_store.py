@@ -50,8 +50,20 @@ from services.gateway.job_records import (
 Row = Mapping[str, Any]
 ResultT = TypeVar("ResultT")
 ArgumentsP = ParamSpec("ArgumentsP")
-# Called with a job's id each time any gateway changes it.
-JobChanged = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """A change a gateway made to a job, as the store's change feed delivers it (to every gateway, its own too)."""
+
+    job_id: str
+    # Chunks of the job became PENDING (it was submitted, or a chunk was queued again): leases waiting on
+    # this gateway look again.
+    work_added: bool = False
+
+
+# Called for each change any gateway makes to a job.
+JobChanged = Callable[[JobChange], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -422,6 +434,11 @@ class SqlJobStore(ABC):
         """Called inside each transaction that changes a job: tells the other gateways, where there are any."""
 
     @abstractmethod
+    def _announce_work_added(self, job_id: str) -> None:
+        """Called inside each transaction that makes chunks of a job PENDING: tells the other gateways' waiting
+        leases, where there are any (this gateway's own are woken by the caller)."""
+
+    @abstractmethod
     async def follow_changes(self, changed: JobChanged) -> None:
         """Calls `changed` for each job another gateway changes, until cancelled; returns at once where no
         other gateway shares the store."""
@@ -502,6 +519,8 @@ class SqlJobStore(ABC):
         with self._transaction():
             self._change(_INSERT_JOB, _job_values(job))
             self._announce(job.id)
+            if chunks:
+                self._announce_work_added(job.id)
             if stored_bytes:
                 self._count_stored_bytes(job.tenant, stored_bytes)
             self._change_many(
@@ -609,6 +628,8 @@ class SqlJobStore(ABC):
             )
             self._change(_PAUSE_STALL_CLOCK, (now, chunk.job_id))
             self._announce(chunk.job_id)
+            if requeued:
+                self._announce_work_added(chunk.job_id)
         return requeued == 1
 
     def fail_chunk(self, chunk: ChunkRecord, error: JobError, now: float) -> bool:

@@ -1,5 +1,6 @@
 """Triton configs for an imported ONNX model: production's onnxruntime backend, TensorRT in the precision of
-the build (FP16 for the served model, FP32 for its twin), tensors read from the graph itself.
+the build (FP16 for the served model, FP32 for its twin) with the built-in models' profile and warm-up
+(services/triton/tensorrt_config.py), tensors read from the graph itself.
 
 A graph whose every input and output leads with a symbolic batch dimension (after onnx_rewrite.batchable)
 is served with dynamic batching; one that does not (SCRFD's and RetinaFace's per-stride outputs have no
@@ -9,7 +10,6 @@ batch dimension) is served a request at a time, with max_batch_size 0 and its wh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import onnx
 from google.protobuf import text_format
@@ -17,15 +17,11 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import InvalidArgument
 from services.model_build.onnx_rewrite import graph_inputs
+from services.triton.tensorrt_config import SideRange, TensorrtPrecision, with_tensorrt
 
-BuildPrecision = Literal["fp16", "fp32"]
-BUILD_PRECISIONS: tuple[BuildPrecision, ...] = get_args(BuildPrecision)
 # Faces (or frames) a request may carry; the swapper's built-in twin takes 64 as well.
 IMPORTED_MAX_BATCH = 64
 QUEUE_DELAY_MICROSECONDS = 2000
-# Where TensorRT keeps its engines: the chart mounts its engine cache here (deploy/helm).
-TRT_ENGINE_CACHE = "/cache/trt"
-TRT_WORKSPACE_BYTES = 1 << 30
 
 _TRITON_TYPES: dict[int, int] = {
     onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
@@ -65,28 +61,12 @@ def _tensors(values: Sequence[onnx.ValueInfoProto], batched: bool, name: str) ->
     return tensors
 
 
-def _warmup(config: model_config_pb2.ModelConfig, dynamic_side: int) -> None:
-    """One request of zeros when Triton loads the model: TensorRT builds (or reads from its cache) the
-    engines then, before the residency service reports the model ready, never on a job's first request.
-    Sides the graph leaves dynamic (SCRFD's, RetinaFace's canvas) take `dynamic_side`; a model Triton does
-    not batch gets a batch of 1."""
-    warmup = config.model_warmup.add(name=f"{config.name}_zeros", batch_size=1, count=1)
-    for tensor in config.input:
-        dims = list(tensor.dims)
-        if config.max_batch_size == 0 and dims and dims[0] < 0:
-            dims[0] = 1
-        warmup.inputs[tensor.name].data_type = tensor.data_type
-        warmup.inputs[tensor.name].dims.extend(dynamic_side if dim < 0 else dim for dim in dims)
-        warmup.inputs[tensor.name].zero_data = True
-
-
 def imported_config(
-    name: str, model: onnx.ModelProto, precision: BuildPrecision, dynamic_side: int
+    name: str, model: onnx.ModelProto, precision: TensorrtPrecision, dynamic_side: int
 ) -> model_config_pb2.ModelConfig:
-    """The production config serving `model` (already rewritten for batching where it can be) as `name`,
-    warmed up at load with its dynamic image sides at `dynamic_side` (the contract's input size)."""
-    if precision not in BUILD_PRECISIONS:
-        raise InvalidArgument(f"build precision {precision!r} is not one of {', '.join(BUILD_PRECISIONS)}")
+    """The production config serving `model` (already rewritten for batching where it can be) as `name`, its
+    dynamic image sides at `dynamic_side` (the contract's input size, which the services always send) in the
+    TensorRT profile and the warm-up request."""
     batched = is_batched(model)
     config = model_config_pb2.ModelConfig(name=name, backend="onnxruntime")
     config.max_batch_size = IMPORTED_MAX_BATCH if batched else 0
@@ -97,13 +77,7 @@ def imported_config(
     if batched:
         config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_MICROSECONDS
     config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1)
-    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-    accelerator.parameters["precision_mode"] = precision.upper()
-    accelerator.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
-    accelerator.parameters["trt_engine_cache_enable"] = "1"
-    accelerator.parameters["trt_engine_cache_path"] = TRT_ENGINE_CACHE
-    _warmup(config, dynamic_side)
-    return config
+    return with_tensorrt(config, precision, SideRange.fixed(dynamic_side))
 
 
 def config_text(config: model_config_pb2.ModelConfig, comment: str) -> str:

@@ -113,46 +113,6 @@ def test_cpu_minimal_requests_no_gpu_and_runs_no_exporter() -> None:
     assert "--allow-gpu-metrics=false" in triton["containers"][0]["args"]
 
 
-@pytest.mark.parametrize("scenario", [name for name in SCENARIOS if name != "cpu-minimal"])
-def test_the_exporter_lands_only_on_gpu_nodes(scenario: str) -> None:
-    objects = scenario_objects(scenario)
-    daemonset = workload_of(objects, "exporter")
-    assert daemonset["kind"] == "DaemonSet"
-    pod = daemonset["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    (container,) = pod["containers"]
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    node_name = next(item for item in container["env"] if item["name"] == "SWAPLINE_EXPORTER_NODE_NAME")
-    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    env = env_values(container)
-    assert env["SWAPLINE_EXPORTER_KUBERNETES_ATTRIBUTION"] == str(pod["hostPID"]).lower()
-    # Every writable path the exporter uses is a volume.
-    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
-    assert any(env["SWAPLINE_EXPORTER_TREND_DIR"].startswith(mount + "/") for mount in mounts)
-
-
-def test_host_pid_follows_the_values() -> None:
-    assert pod_spec(scenario_objects("default"), "exporter")["hostPID"] is False
-    assert pod_spec(scenario_objects("gpu-keda"), "exporter")["hostPID"] is True
-
-
-def test_the_exporter_may_read_pods_and_nothing_else() -> None:
-    objects = scenario_objects("default")
-    (role,) = of_kind(objects, "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    (binding,) = of_kind(objects, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    pod = pod_spec(objects, "exporter")
-    account_name = pod["serviceAccountName"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account_name, "namespace": "media"}]
-    account = named(objects, "ServiceAccount", pod["serviceAccountName"])
-    assert account["automountServiceAccountToken"] is True
-    for workload in workloads(objects):
-        if component(workload) != "exporter":
-            assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_triton_has_models_an_engine_cache_and_a_model_load_sized_startup(scenario: str) -> None:
     pod = workload_of(scenario_objects(scenario), "triton")["spec"]["template"]["spec"]

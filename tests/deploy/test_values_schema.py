@@ -86,11 +86,6 @@ def test_settings_names_are_field_names() -> None:
     assert "'Batch-Size' does not match pattern" in message
 
 
-def test_the_exporter_must_select_nodes() -> None:
-    message = render_error({"exporter": {"nodeSelector": {"nvidia.com/gpu.present": None}}})
-    assert "/exporter/nodeSelector" in message
-
-
 def test_settings_may_not_override_what_the_chart_sets() -> None:
     message = render_error({"gateway": {"settings": {"port": 1234}}})
     assert "gateway.settings.port" in message
@@ -189,7 +184,6 @@ def nested(path: str, leaf: Any) -> dict[str, Any]:
         "networkPolicy.postgresql",
         "networkPolicy.prometheus",
         "networkPolicy.objectStorage",
-        "networkPolicy.kubernetesApi",
     ],
 )
 def test_an_unknown_key_under_a_security_section_is_rejected(section: str) -> None:

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.common.gpu_telemetry import RecordedReader, RecordedSweep
 from services.exporter.gpu_metrics import exporter_registry
 from services.exporter.gpu_sampler import GpuSampler
-from services.exporter.pod_attribution import PodAttributor, PodInfo
+from services.exporter.pod_attribution import GpuHolders, PodAttributor, PodRef
 from tests.exporter.telemetry_fixtures import GIB, FakeClock, gpu_process, gpu_sample, outage, record, sweep
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -128,44 +128,76 @@ def test_nvdec_and_nvenc_series_are_absent_for_a_gpu_that_cannot_report_them(tmp
     assert series[("swapline_gpu_utilization_percent", gpu_labels(1))] == 88.0
 
 
-def test_process_series_with_pod_labels_and_no_series_for_gone_processes(tmp_path: Path) -> None:
-    uid = "1a2b3c4d-0000-4000-8000-00000000abcd"
-    proc = tmp_path / "proc"
-    (proc / "4242").mkdir(parents=True)
-    (proc / "4242" / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice\n")
+class FixedHolders:
+    """The kubelet's GPU allocations, as the pod-resources client returns them."""
 
-    class OnePod:
-        def list_pods(self) -> list[PodInfo]:
-            return [PodInfo(uid=uid, name="worker-0", namespace="swapline")]
+    def __init__(self, holders: GpuHolders) -> None:
+        self.holders = holders
 
-    attributor = PodAttributor(OnePod(), proc_root=proc, clock=FakeClock())
+    def list_gpu_holders(self) -> GpuHolders:
+        return self.holders
+
+    def close(self) -> None:
+        pass
+
+
+def test_gpus_and_their_processes_carry_the_pods_holding_them(tmp_path: Path) -> None:
+    triton = PodRef(namespace="swapline", pod="triton-0", container="triton")
+    worker = PodRef(namespace="swapline", pod="worker-a", container="worker")
+    notebook = PodRef(namespace="lab", pod="notebook", container="jupyter")
+    # GPU 0 is Triton's; GPU 1 is time-sliced between two containers; GPU 2 is nobody's.
+    holders = {gpu_sample(0).uuid: (triton,), gpu_sample(1).uuid: (notebook, worker)}
+    attributor = PodAttributor(FixedHolders(holders), clock=FakeClock())
+    samples = [gpu_sample(0), gpu_sample(1), gpu_sample(2)]
     sampler = sampler_over(
         tmp_path,
         [
-            sweep([gpu_sample(0)], [gpu_process(0, 4242, used_gib=3.0, sm=64.0), gpu_process(0, 777, sm=None)]),
-            sweep([gpu_sample(0)], [gpu_process(0, 777, sm=None)]),
+            sweep(samples, [gpu_process(0, 4242, used_gib=3.0, sm=64.0), gpu_process(1, 777, sm=None)]),
+            sweep(samples, [gpu_process(1, 777, sm=None)]),
         ],
         attributor,
     )
     sampler.sweep()
     series = scrape(sampler)
 
+    held = {dict(labels)["gpu"]: labels for name, labels in series if name == "swapline_gpu_pod_info"}
+    pod_info = sorted(labels for name, labels in series if name == "swapline_gpu_pod_info")
+    assert pod_info == sorted(
+        [
+            gpu_labels(0, namespace="swapline", pod="triton-0", container="triton"),
+            gpu_labels(1, namespace="swapline", pod="worker-a", container="worker"),
+            gpu_labels(1, namespace="lab", pod="notebook", container="jupyter"),
+        ]
+    )
+    assert "2" not in held
+    # The per-GPU series stay one per GPU, however many containers share it.
+    assert len([labels for name, labels in series if name == "swapline_gpu_utilization_percent"]) == 3
+
     in_pod = dict(
         gpu="0",
         uuid=gpu_sample(0).uuid,
         node=NODE,
         pid="4242",
-        pod="worker-0",
+        pod="triton-0",
         namespace="swapline",
-        container="",
+        container="triton",
     )
-    on_host = {**in_pod, "pid": "777", "pod": "", "namespace": ""}
+    # A process on a shared GPU could belong to either container: it names none.
+    shared = {
+        **in_pod,
+        "gpu": "1",
+        "uuid": gpu_sample(1).uuid,
+        "pid": "777",
+        "pod": "",
+        "namespace": "",
+        "container": "",
+    }
     memory = "swapline_gpu_process_memory_used_bytes"
     sm = "swapline_gpu_process_sm_utilization_percent"
     assert series[(memory, tuple(sorted(in_pod.items())))] == 3 * GIB
     assert series[(sm, tuple(sorted(in_pod.items())))] == 64.0
-    assert series[(memory, tuple(sorted(on_host.items())))] == 2 * GIB
-    assert (sm, tuple(sorted(on_host.items()))) not in series
+    assert series[(memory, tuple(sorted(shared.items())))] == 2 * GIB
+    assert (sm, tuple(sorted(shared.items()))) not in series
 
     sampler.sweep()
     pids = {dict(labels)["pid"] for name, labels in scrape(sampler) if name == memory}

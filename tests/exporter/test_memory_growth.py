@@ -13,7 +13,7 @@ from services.common.gpu_telemetry import RecordedReader
 from services.common.gpu_trend_log import TrendLog
 from services.exporter.gpu_metrics import exporter_registry
 from services.exporter.gpu_sampler import GpuSampler
-from services.exporter.pod_attribution import PodAttributor, PodInfo
+from services.exporter.pod_attribution import GpuHolders, PodAttributor, PodRef
 from tests.exporter.telemetry_fixtures import FakeClock, gpu_process, gpu_sample, outage, record, sweep
 
 WARM_UP_SWEEPS = 1_000
@@ -24,19 +24,23 @@ SECONDS_PER_SWEEP = 40.0
 SCRAPE_EVERY = 25
 ALLOWED_GROWTH_BYTES = 256 * 1024
 START = 1_710_000_000.0
-UID = "5f3c2a1b-9d8e-4f70-a1b2-c3d4e5f60718"
 
 
-class OnePod:
-    def list_pods(self) -> list[PodInfo]:
-        return [PodInfo(uid=UID, name="worker-0", namespace="swapline")]
+class RotatingHolders:
+    """A kubelet whose pods come and go: every listing names a new pod on GPU 0."""
+
+    def __init__(self) -> None:
+        self.listings = 0
+
+    def list_gpu_holders(self) -> GpuHolders:
+        self.listings += 1
+        return {gpu_sample(0).uuid: (PodRef(namespace="swapline", pod=f"worker-{self.listings}", container="worker"),)}
+
+    def close(self) -> None:
+        pass
 
 
 def test_ten_thousand_sweeps_do_not_grow_memory(tmp_path: Path) -> None:
-    proc = tmp_path / "proc"
-    for pid in range(1000, 1008):
-        (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice\n")
     # Processes come and go (new PIDs each sweep), GPUs come and go, NVML drops out now and then.
     sweeps = []
     for step in range(50):
@@ -50,7 +54,7 @@ def test_ten_thousand_sweeps_do_not_grow_memory(tmp_path: Path) -> None:
     reader = RecordedReader(record(tmp_path / "rec.jsonl", sweeps), clock=sample_time)
     clock = FakeClock()
     trend_log = TrendLog(tmp_path / "trend", node="n", retention_days=1)
-    attributor = PodAttributor(OnePod(), proc_root=proc, clock=clock)
+    attributor = PodAttributor(RotatingHolders(), clock=clock, refresh_seconds=10.0)
     sampler = GpuSampler(reader, node="n", trend_log=trend_log, attributor=attributor, clock=clock)
     registry = exporter_registry(lambda: sampler.snapshot, "n")
 

@@ -1,171 +1,135 @@
+"""GPU-to-pod attribution through the kubelet's pod-resources API, against a fake kubelet serving the real API."""
+
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from services.exporter.pod_attribution import (
-    NO_POD,
-    CgroupPod,
+    KubeletPodResources,
     PodAttributor,
-    PodInfo,
     PodRef,
-    attributor_for_cluster,
-    pod_from_cgroup,
-    pod_info_from_api,
+    attributor_for_node,
+    holders_of,
 )
-from tests.exporter.telemetry_fixtures import FakeClock
+from tests.exporter.fake_kubelet import Container, Devices, FakeKubelet, Pod, serving
+from tests.exporter.telemetry_fixtures import FakeClock, gpu_sample
 
-UID = "5f3c2a1b-9d8e-4f70-a1b2-c3d4e5f60718"
-CONTAINER = "b" * 64
-OTHER_CONTAINER = "c" * 64
+GPU_0 = gpu_sample(0).uuid
+GPU_1 = gpu_sample(1).uuid
+TRITON = PodRef(namespace="swapline", pod="triton-0", container="triton")
+WORKER = PodRef(namespace="swapline", pod="worker-a", container="worker")
+NOTEBOOK = PodRef(namespace="lab", pod="notebook", container="jupyter")
 
-# cgroup v1, cgroupfs driver (several hierarchies, all naming the same pod).
-V1_CGROUP = f"""12:pids:/kubepods/burstable/pod{UID}/{CONTAINER}
-11:memory:/kubepods/burstable/pod{UID}/{CONTAINER}
-1:name=systemd:/kubepods/burstable/pod{UID}/{CONTAINER}
-"""
-# cgroup v1, guaranteed QoS (no QoS folder).
-V1_GUARANTEED = f"4:devices:/kubepods/pod{UID}/{CONTAINER}\n"
-# cgroup v2, systemd driver, containerd.
-V2_CGROUP = (
-    "0::/kubepods.slice/kubepods-besteffort.slice/"
-    f"kubepods-besteffort-pod{UID.replace('-', '_')}.slice/cri-containerd-{CONTAINER}.scope\n"
-)
-HOST_CGROUP = "0::/user.slice/user-1000.slice/session-3.scope\n"
-
-
-@pytest.mark.parametrize("text", [V1_CGROUP, V1_GUARANTEED, V2_CGROUP])
-def test_pod_uid_and_container_from_cgroup_v1_and_v2(text: str) -> None:
-    assert pod_from_cgroup(text) == CgroupPod(pod_uid=UID, container_id=CONTAINER)
-
-
-def test_processes_outside_kubernetes_have_no_pod() -> None:
-    assert pod_from_cgroup(HOST_CGROUP) is None
-    assert pod_from_cgroup("") is None
-
-
-class FakeLister:
-    def __init__(self, pods: list[PodInfo]) -> None:
-        self.pods = pods
-        self.calls = 0
-        self.failure: Exception | None = None
-
-    def list_pods(self) -> list[PodInfo]:
-        self.calls += 1
-        if self.failure is not None:
-            raise self.failure
-        return list(self.pods)
-
-
-def write_proc(root: Path, pid: int, cgroup: str) -> None:
-    (root / str(pid)).mkdir(parents=True, exist_ok=True)
-    (root / str(pid) / "cgroup").write_text(cgroup)
-
-
-WORKER = PodInfo(uid=UID, name="worker-7", namespace="swapline", containers=((CONTAINER, "worker"),))
-
-
-def test_attributes_pids_through_cgroups_to_pod_namespace_and_container(tmp_path: Path) -> None:
-    write_proc(tmp_path, 100, V1_CGROUP)
-    write_proc(tmp_path, 200, V2_CGROUP)
-    write_proc(tmp_path, 300, HOST_CGROUP)
-    attributor = PodAttributor(FakeLister([WORKER]), proc_root=tmp_path, clock=FakeClock())
-
-    refs = attributor.attribute([100, 200, 300, 400])
-
-    expected = PodRef(pod="worker-7", namespace="swapline", container="worker")
-    assert refs == {100: expected, 200: expected, 300: NO_POD, 400: NO_POD}
-
-
-def test_pod_list_is_fetched_at_most_every_thirty_seconds(tmp_path: Path) -> None:
-    write_proc(tmp_path, 100, V2_CGROUP)
-    clock = FakeClock()
-    lister = FakeLister([])
-    attributor = PodAttributor(lister, proc_root=tmp_path, clock=clock)
-
-    assert attributor.attribute([100])[100] == NO_POD
-    lister.pods = [WORKER]
-    clock.advance(29.0)
-    assert attributor.attribute([100])[100] == NO_POD
-    assert lister.calls == 1
-
-    clock.advance(1.0)
-    assert attributor.attribute([100])[100].pod == "worker-7"
-    assert lister.calls == 2
-
-    clock.advance(300.0)
-    attributor.attribute([100])
-    assert lister.calls == 2  # every process resolves from the cache: no need to ask
-
-
-def test_a_restarted_container_is_looked_up_again(tmp_path: Path) -> None:
-    write_proc(tmp_path, 100, V2_CGROUP.replace(CONTAINER, OTHER_CONTAINER))
-    clock = FakeClock()
-    lister = FakeLister([WORKER])
-    attributor = PodAttributor(lister, proc_root=tmp_path, clock=clock)
-
-    assert attributor.attribute([100])[100] == PodRef(pod="worker-7", namespace="swapline", container="")
-    lister.pods = [PodInfo(uid=UID, name="worker-7", namespace="swapline", containers=((OTHER_CONTAINER, "worker"),))]
-    clock.advance(30.0)
-    assert attributor.attribute([100])[100].container == "worker"
-
-
-def test_api_failures_keep_the_old_list_and_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    write_proc(tmp_path, 100, V2_CGROUP)
-    write_proc(tmp_path, 101, V2_CGROUP.replace(UID.replace("-", "_"), "0" * 8 + "_0000_0000_0000_" + "0" * 12))
-    clock = FakeClock()
-    lister = FakeLister([WORKER])
-    attributor = PodAttributor(lister, proc_root=tmp_path, clock=clock)
-    attributor.attribute([100])
-    lister.failure = ConnectionError("apiserver unreachable")
-
-    with caplog.at_level(logging.WARNING, logger="services.exporter.pod_attribution"):
-        for _ in range(3):
-            clock.advance(30.0)
-            refs = attributor.attribute([100, 101])
-
-    assert refs[100].pod == "worker-7"
-    assert refs[101] == NO_POD
-    assert lister.calls == 4
-    assert len(caplog.records) == 1
-    assert "apiserver unreachable" in caplog.records[0].getMessage()
-
-
-def test_pod_info_from_api_objects_strips_the_runtime_prefix() -> None:
-    pod = SimpleNamespace(
-        metadata=SimpleNamespace(uid=UID, name="worker-7", namespace="swapline"),
-        status=SimpleNamespace(
-            container_statuses=[
-                SimpleNamespace(name="worker", container_id=f"containerd://{CONTAINER}"),
-                SimpleNamespace(name="starting", container_id=None),
-            ],
-            init_container_statuses=None,
+NODE_PODS = (
+    Pod(
+        "swapline",
+        "triton-0",
+        (Container("triton", (Devices("nvidia.com/gpu", (GPU_0,)),)), Container("residency")),
+    ),
+    # Two containers share GPU 1 by time-slicing: the device plugin names each replica <uuid>::<n>.
+    Pod("swapline", "worker-a", (Container("worker", (Devices("nvidia.com/gpu", (f"{GPU_1}::0",)),)),)),
+    Pod(
+        "lab",
+        "notebook",
+        (
+            Container(
+                "jupyter",
+                (Devices("nvidia.com/gpu.shared", (f"{GPU_1}::1",)), Devices("example.com/fpga", ("fpga-3",))),
+            ),
         ),
-    )
+    ),
+    # A MIG device is listed by its own UUID, and other resources by their own ids: no GPU of NVML's.
+    Pod("ml", "train", (Container("train", (Devices("nvidia.com/mig-1g.10gb", ("MIG-5c3e0d4a",)),)),)),
+    Pod("kube-system", "cpu-pinned", (Container("app", cpu_ids=(2, 3)),)),
+)
+EXPECTED_HOLDERS = {GPU_0: (TRITON,), GPU_1: (NOTEBOOK, WORKER)}
 
-    assert pod_info_from_api(pod) == WORKER
+
+def socket_in(tmp_path: Path) -> Path:
+    folder = tmp_path / "pod-resources"
+    folder.mkdir()
+    return folder / "kubelet.sock"
 
 
-def test_attribution_is_off_outside_a_cluster(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_the_kubelet_lists_gpus_by_uuid_with_every_container_holding_them(tmp_path: Path) -> None:
+    socket_path = socket_in(tmp_path)
+    client = KubeletPodResources(socket_path)
+    try:
+        with serving(FakeKubelet(NODE_PODS), socket_path):
+            holders = client.list_gpu_holders()
+    finally:
+        client.close()
+
+    assert holders == EXPECTED_HOLDERS
+
+
+def test_holders_are_matched_by_uuid_or_by_index() -> None:
+    # The device plugin's `index` id strategy names GPUs by their NVML index instead of their UUID.
+    assert holders_of({GPU_0: (TRITON,)}, gpu_sample(0)) == (TRITON,)
+    assert holders_of({"1": (WORKER,)}, gpu_sample(1)) == (WORKER,)
+    assert holders_of({"1": (WORKER,)}, gpu_sample(0)) == ()
+
+
+def test_the_kubelet_is_asked_again_only_after_the_refresh_interval(tmp_path: Path) -> None:
+    socket_path = socket_in(tmp_path)
+    clock = FakeClock()
+    attributor = PodAttributor(KubeletPodResources(socket_path), clock=clock, refresh_seconds=10.0)
+    try:
+        with serving(FakeKubelet(NODE_PODS[:1]), socket_path) as kubelet:
+            assert attributor.holders() == {GPU_0: (TRITON,)}
+            kubelet.pods = NODE_PODS
+            clock.advance(9.0)
+            assert attributor.holders() == {GPU_0: (TRITON,)}
+            assert kubelet.list_calls == 1
+
+            clock.advance(1.0)
+            assert attributor.holders() == EXPECTED_HOLDERS
+            assert kubelet.list_calls == 2
+    finally:
+        attributor.close()
+
+
+def test_without_the_kubelet_gpus_go_without_pods_until_it_answers_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    socket_path = socket_in(tmp_path)
+    clock = FakeClock()
+    attributor = PodAttributor(KubeletPodResources(socket_path), clock=clock, refresh_seconds=10.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.exporter.pod_attribution"):
+            for _ in range(3):
+                assert attributor.holders() == {}
+                clock.advance(10.0)
+        assert len(caplog.records) == 1
+        assert "pod-resources API did not answer" in caplog.records[0].getMessage()
+
+        # The kubelet (re)starts on the same socket: the client reconnects within its capped backoff.
+        with serving(FakeKubelet(NODE_PODS), socket_path):
+            deadline = time.monotonic() + 15.0
+            holders = attributor.holders()
+            while not holders and time.monotonic() < deadline:
+                clock.advance(10.0)
+                holders = attributor.holders()
+        assert holders == EXPECTED_HOLDERS
+    finally:
+        attributor.close()
+
+
+def test_attribution_is_off_when_disabled_or_off_a_kubernetes_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    socket_path = socket_in(tmp_path)
     with caplog.at_level(logging.INFO, logger="services.exporter.pod_attribution"):
-        assert attributor_for_cluster(True, "node-1") is None
-        assert attributor_for_cluster(False, "node-1") is None
+        assert attributor_for_node(False, socket_path) is None
+        assert attributor_for_node(True, tmp_path / "absent" / "kubelet.sock") is None
     assert len(caplog.records) == 2
-    assert "not running in a Kubernetes cluster" in caplog.records[0].getMessage()
+    assert all(record.getMessage().startswith("pod attribution is off") for record in caplog.records)
 
-
-def test_attribution_is_off_when_the_in_cluster_config_is_missing(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The variable says "cluster" but there is no service account token on this machine.
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    with caplog.at_level(logging.INFO, logger="services.exporter.pod_attribution"):
-        assert attributor_for_cluster(True, "node-1") is None
-    assert "pod attribution is off" in caplog.records[0].getMessage()
+    # On a node the folder is there even while the kubelet restarts and its socket is briefly gone.
+    attributor = attributor_for_node(True, socket_path)
+    assert attributor is not None
+    attributor.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from services.gateway.gpu_trend_source import PrometheusTrendSource, latest_per_gpu
 from tests.exporter.telemetry_fixtures import GIB, gpu_sample, record, sweep
 from tests.support.prometheus_server import (
     POLL_SECONDS,
@@ -46,6 +49,8 @@ IDLE = gpu_sample(
     memory_used_bytes=8 * GIB,
     memory_total_bytes=80 * GIB,
     temperature_celsius=41.0,
+    # A GPU without NVENC: the exporter leaves the series out.
+    encoder_utilization_percent=None,
 )
 RECORDED = (SATURATED, IDLE)
 
@@ -161,3 +166,26 @@ def test_rules_evaluate_on_the_exporters_series(prometheus: PrometheusServer) ->
         (str(SATURATED.index), SATURATED.uuid)
     ]
     assert prometheus.query('ALERTS{alertname="SwaplineGpuNvmlDown"}') == []
+
+
+def test_the_gateways_prometheus_source_reads_every_reading_a_job_report_charts(prometheus: PrometheusServer) -> None:
+    """Cluster job reports read the GPUs back from Prometheus: NVDEC and NVENC too, not only the SMs."""
+    prometheus.wait_for(
+        f'swapline_gpu_decoder_utilization_percent{{job="{EXPORTER_JOB}"}}',
+        lambda samples: len(samples) == len(RECORDED),
+        timeout_seconds=STARTUP_SECONDS,
+    )
+    source = PrometheusTrendSource(prometheus.base_url, f'job="{EXPORTER_JOB}"')
+    now = time.time()
+
+    latest = {row.gpu_index: row for row in latest_per_gpu(asyncio.run(source.window(now - 30.0, now)))}
+
+    assert sorted(latest) == [sample.index for sample in RECORDED]
+    for sample in RECORDED:
+        row = latest[sample.index]
+        assert (row.node, row.gpu_uuid, row.gpu_model) == (NODE, sample.uuid, sample.model)
+        assert row.utilization_percent == pytest.approx(sample.utilization_percent)
+        assert row.memory_used_bytes == sample.memory_used_bytes
+        assert row.decoder_utilization_percent == pytest.approx(sample.decoder_utilization_percent)
+    assert latest[SATURATED.index].encoder_utilization_percent == pytest.approx(SATURATED.encoder_utilization_percent)
+    assert math.isnan(latest[IDLE.index].encoder_utilization_percent)

@@ -92,6 +92,15 @@ def wait_for_value(prometheus: PrometheusServer, query: str, expected: float) ->
     prometheus.wait_for(query, lambda samples: value(samples) == expected, timeout_seconds=WAIT_SECONDS)
 
 
+def wait_for_every_gateway(prometheus: PrometheusServer, counts: dict[str, int]) -> None:
+    """Until every gateway's last scrape reports these counts by state: one that still reports an earlier state
+    of the store (its sum unchanged, chunks only moved from PENDING to LEASED) would make the max per state
+    count a chunk twice for a refresh interval."""
+    for state, count in counts.items():
+        query = f'count({OPEN_CHUNKS}{{namespace="{NAMESPACE}", state="{state}"}} == {count})'
+        wait_for_value(prometheus, query, GATEWAYS)
+
+
 @pytest.fixture(scope="module")
 def database(request: pytest.FixtureRequest) -> Iterator[str]:
     url = session_postgres(request.config).create_database(request.module.__name__)
@@ -163,14 +172,16 @@ def test_the_chart_queries_count_the_open_backlog_once(
             assert store.lease_next_chunk(worker, f"lease-{worker}", 10.0, LEASE_NEVER_LAPSES) is not None
 
         # Each gateway reports all 5 open chunks: summing the replicas would count them twice.
-        wait_for_value(prometheus, f'sum({OPEN_CHUNKS}{{namespace="{NAMESPACE}"}})', 2 * 5)
+        wait_for_every_gateway(prometheus, {"PENDING": 3, "LEASED": 2})
+        assert value(prometheus.query(f'sum({OPEN_CHUNKS}{{namespace="{NAMESPACE}"}})')) == 2 * 5
         results: dict[str, Any] = {name: value(prometheus.query(query)) for name, query in queries.items()}
         assert results == {name: 5 for name in queries}, queries
         assert by_state(prometheus.query(dashboard)) == {"PENDING": 3, "LEASED": 2}, dashboard
 
         # Job b is cancelled (on "another gateway"): its 2 pending chunks leave the backlog, the leases stay.
         assert store.transition_job("b", ("QUEUED", "RUNNING"), "CANCELLED", 11.0)
-        wait_for_value(prometheus, f'sum({OPEN_CHUNKS}{{namespace="{NAMESPACE}"}})', 2 * 3)
+        wait_for_every_gateway(prometheus, {"PENDING": 1, "LEASED": 2})
+        assert value(prometheus.query(f'sum({OPEN_CHUNKS}{{namespace="{NAMESPACE}"}})')) == 2 * 3
         results = {name: value(prometheus.query(query)) for name, query in queries.items()}
         assert results == {name: 3 for name in queries}, queries
         assert by_state(prometheus.query(dashboard)) == {"PENDING": 1, "LEASED": 2}, dashboard

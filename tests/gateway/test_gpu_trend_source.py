@@ -178,10 +178,12 @@ METRIC_VALUES = {
     "swapline_gpu_memory_total_bytes": 8e10,
     "swapline_gpu_temperature_celsius": 61.0,
     "swapline_gpu_power_watts": 300.0,
+    "swapline_gpu_decoder_utilization_percent": 7.0,
+    "swapline_gpu_encoder_utilization_percent": 12.0,
 }
 
 
-def test_prometheus_rows_join_the_five_metrics_per_gpu_and_instant() -> None:
+def test_prometheus_rows_join_the_exporters_metrics_per_gpu_and_instant() -> None:
     fake = FakePrometheus(dict(METRIC_VALUES))
     with serving(fake) as url:
         rows = asyncio.run(PrometheusTrendSource(url, 'node=~"gpu-node-.*"').window(1000.0, 1002.0))
@@ -197,6 +199,7 @@ def test_prometheus_rows_join_the_five_metrics_per_gpu_and_instant() -> None:
         8e10 + 1,
     )
     assert (second_gpu.temperature_celsius, second_gpu.power_watts) == (62.0, 301.0)
+    assert (second_gpu.decoder_utilization_percent, second_gpu.encoder_utilization_percent) == (8.0, 13.0)
     assert (second_gpu.node, second_gpu.gpu_uuid, second_gpu.gpu_model) == ("n1", "GPU-1", "H100")
 
 

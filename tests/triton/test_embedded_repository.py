@@ -64,6 +64,8 @@ def test_embedded_config_is_a_cpu_python_model_with_the_same_contract(model: str
     assert derived.dynamic_batching.max_queue_delay_microseconds == 0
     assert production.dynamic_batching.max_queue_delay_microseconds > 0
     assert production.HasField("optimization"), "deriving must not modify the production config"
+    # The warm-up is there for TensorRT's engines, which the twin has none of.
+    assert production.model_warmup and not derived.model_warmup
 
 
 def test_face_swapper_keeps_fp16_tensors() -> None:

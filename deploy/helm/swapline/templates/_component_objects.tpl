@@ -53,7 +53,9 @@ metadata:
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-automountServiceAccountToken: {{ eq .component "exporter" }}
+# Pods get no token by default; the one pod that calls the Kubernetes API mounts its own (the advisor, with
+# advisor.clusterNodes.enabled).
+automountServiceAccountToken: false
 {{- end }}
 {{- end }}
 

@@ -167,6 +167,11 @@ nodeAffinity:
 {{- if and .Values.autoscaling.engine (eq .Values.autoscaling.engine "hpa") .Values.triton.autoscaling.enabled (eq .Values.triton.autoscaling.signal "queueRatio") }}
 {{- fail "triton.autoscaling.signal queueRatio needs autoscaling.engine keda; with hpa use pendingRequests or advisor" }}
 {{- end }}
+{{- $engineCache := .Values.triton.engineCache.persistence }}
+{{- $cacheOnOneNode := or (has "ReadWriteOnce" $engineCache.accessModes) (has "ReadWriteOncePod" $engineCache.accessModes) }}
+{{- if and $engineCache.enabled $cacheOnOneNode (or (gt (int .Values.triton.replicaCount) 1) .Values.triton.autoscaling.enabled) }}
+{{- fail "triton.engineCache.persistence: a ReadWriteOnce (or ReadWriteOncePod) claim attaches to one node (or pod) at a time, so a second Triton pod (triton.replicaCount above 1 or triton.autoscaling.enabled), commonly on another GPU node, cannot start: set accessModes [ReadWriteMany], or persistence.enabled false for an engine cache per pod" }}
+{{- end }}
 {{- $residency := .Values.triton.residency }}
 {{- if and $residency.enabled (gt (int64 $residency.memoryBudgetBytes) 0) (ne .Values.triton.modelRepository.source "pvc") }}
 {{- fail "triton.residency.memoryBudgetBytes needs triton.modelRepository.source pvc: the residency sidecar estimates models never loaded from the repository's files, which object storage does not give it" }}
