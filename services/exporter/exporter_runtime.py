@@ -8,9 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.gpu_telemetry import GpuReader, NvmlReader, RecordedReader
+from services.common.gpu_telemetry import GpuReader, NvmlReader
 from services.common.gpu_trend_log import TrendLog
 from services.exporter.gpu_metrics import exporter_registry
+from services.exporter.gpu_recording import RecordedReader
 from services.exporter.gpu_sampler import GpuSampler
 from services.exporter.http_server import ExporterHttpServer
 from services.exporter.pod_attribution import PodAttributor, attributor_for_node

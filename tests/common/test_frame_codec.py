@@ -167,6 +167,12 @@ async def _regrouped(sizes: list[int], batch_size: int) -> list[tuple[Frames, li
     return [batch async for batch in regroup_frames(_pieces(sizes), batch_size)]
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_regrouping_into_batches_of_no_frames_is_refused_before_reading(batch_size: int) -> None:
+    with pytest.raises(InvalidArgument, match=f"at least one frame, got batch_size {batch_size}"):
+        asyncio.run(asyncio.wait_for(_regrouped([1, 1], batch_size), timeout=10))
+
+
 def test_regrouping_makes_full_writable_batches_in_order() -> None:
     batches = asyncio.run(_regrouped([1, 1, 3, 1, 1], batch_size=3))
     assert [indices for _, indices in batches] == [[0, 1, 2], [3, 4, 5], [6]]

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from services.common.gpu_telemetry import GpuProcess, GpuSample, RecordedSweep, write_recording
+from services.common.gpu_telemetry import GpuProcess, GpuSample
+from services.exporter.gpu_recording import RecordedSweep, write_recording
 
 GIB = 1024**3
 

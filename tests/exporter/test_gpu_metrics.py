@@ -5,8 +5,8 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.gpu_telemetry import RecordedReader, RecordedSweep
 from services.exporter.gpu_metrics import exporter_registry
+from services.exporter.gpu_recording import RecordedReader, RecordedSweep
 from services.exporter.gpu_sampler import GpuSampler
 from services.exporter.pod_attribution import GpuHolders, PodAttributor, PodRef
 from tests.exporter.telemetry_fixtures import GIB, FakeClock, gpu_process, gpu_sample, outage, record, sweep

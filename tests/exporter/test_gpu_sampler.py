@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.gpu_telemetry import GpuProcess, GpuSample, GpuUnavailable, RecordedReader
+from services.common.gpu_telemetry import GpuProcess, GpuSample, GpuUnavailable
 from services.common.gpu_trend_log import TrendLog
+from services.exporter.gpu_recording import RecordedReader
 from services.exporter.gpu_sampler import BACKOFF_MAX_SECONDS, GpuSampler, next_backoff, next_due
 from tests.exporter.telemetry_fixtures import FakeClock, gpu_sample, outage, record, sweep
 

@@ -6,7 +6,8 @@ import pynvml
 import pytest
 
 from services.common import gpu_telemetry
-from services.common.gpu_telemetry import GpuUnavailable, NvmlReader, RecordedReader
+from services.common.gpu_telemetry import GpuUnavailable, NvmlReader
+from services.exporter.gpu_recording import RecordedReader
 from tests.exporter.fake_nvml import FakeGpu, FakeNvml
 from tests.exporter.telemetry_fixtures import FakeClock, gpu_process, gpu_sample, outage, record, sweep
 

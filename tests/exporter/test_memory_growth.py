@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from services.common.gpu_telemetry import RecordedReader
 from services.common.gpu_trend_log import TrendLog
 from services.exporter.gpu_metrics import exporter_registry
+from services.exporter.gpu_recording import RecordedReader
 from services.exporter.gpu_sampler import GpuSampler
 from services.exporter.pod_attribution import GpuHolders, PodAttributor, PodRef
 from tests.exporter.telemetry_fixtures import FakeClock, gpu_process, gpu_sample, outage, record, sweep

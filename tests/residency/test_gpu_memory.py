@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.common.gpu_telemetry import GpuSample, RecordedReader, RecordedSweep, write_recording
+from services.common.gpu_telemetry import GpuSample
+from services.exporter.gpu_recording import RecordedReader, RecordedSweep, write_recording
 from services.residency.gpu_memory import gpu_memory_reader
 
 

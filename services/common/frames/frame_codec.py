@@ -62,6 +62,9 @@ async def regroup_frames(
 
     Each frame is copied exactly once, into its batch, so the pieces may be read-only views.
     """
+    if batch_size < 1:
+        # Below 1 every loop would yield an empty batch forever (a worker once started with BATCH_SIZE=0).
+        raise InvalidArgument(f"batches must hold at least one frame, got batch_size {batch_size}")
     pending: list[Frames] = []
     pending_indices: list[int] = []
     async for frames, indices in parts:
