@@ -110,7 +110,20 @@ def fleet_table(report: advisor_pb2.FleetReportResponse) -> str:
     if report.jobs_without_recommendation:
         totals.append(f"{report.jobs_without_recommendation} job(s) fit no GPU within the deadline")
     totals += [f"skipped {entry}" for entry in report.skipped]
+    totals += cluster_lines(report.cluster)
     return "\n".join([line(header), line(tuple("-" * width for width in widths)), *map(line, rows), *totals])
+
+
+def cluster_lines(cluster: advisor_pb2.ClusterInventory) -> list[str]:
+    """The GPUs the cluster's nodes have, where the advisor reads them: beside the catalog's rows, which they do not
+    filter (node pools that scale to zero list no nodes)."""
+    if not cluster.enabled:
+        return []
+    lines = ["", "the cluster's GPU nodes:" if cluster.gpus else "the cluster's nodes have no GPUs"]
+    lines += [f"  {group.summary}" for group in cluster.gpus]
+    if cluster.error:
+        lines.append(f"  (the latest read failed: {cluster.error})")
+    return lines
 
 
 def write_plot(report: advisor_pb2.FleetReportResponse, path: Path) -> Path:

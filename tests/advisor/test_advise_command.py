@@ -59,6 +59,24 @@ def test_the_table_aligns_its_columns_and_prints_the_totals() -> None:
     assert lines[-1] == "skipped job x: profile field 'frames' is missing"
 
 
+def test_the_table_lists_the_clusters_gpus_only_where_the_advisor_reads_them() -> None:
+    report = _report()
+    assert "cluster" not in advise_command.fleet_table(report)
+    report.cluster.CopyFrom(
+        advisor_pb2.ClusterInventory(
+            enabled=True,
+            gpus=[advisor_pb2.ClusterGpus(summary="8 x NVIDIA-L4 on 2 nodes (L4 in the catalog)")],
+            error="the API did not answer in 10 s",
+        )
+    )
+    lines = advise_command.fleet_table(report).splitlines()
+    assert lines[-3:] == [
+        "the cluster's GPU nodes:",
+        "  8 x NVIDIA-L4 on 2 nodes (L4 in the catalog)",
+        "  (the latest read failed: the API did not answer in 10 s)",
+    ]
+
+
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
     path = advise_command.write_plot(_report(), tmp_path / "plots" / "fleet.png")
 
