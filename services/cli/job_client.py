@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,11 @@ from swapline.encoder.v1 import encoder_pb2
 from swapline.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+# A submission the gateway did not answer (UNAVAILABLE: not reached, or the connection dropped) is sent again,
+# under the same idempotency key, after these pauses: a retry never makes a second job.
+SUBMIT_RETRY_PAUSES_SECONDS = (0.5, 2.0)
+# The page size `list` asks for; the gateway caps it at 1000.
+LIST_PAGE_SIZE = 500
 
 TERMINAL_STATES = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 
@@ -53,6 +60,7 @@ class JobClient:
         self._timeout = timeout_seconds
         # Metadata on each call works the same on plaintext and TLS channels (call credentials need TLS).
         self._metadata = bearer_metadata(token) if token else None
+        self._sleep: Callable[[float], None] = time.sleep
 
     @classmethod
     def from_env(
@@ -83,8 +91,14 @@ class JobClient:
         preset: str = "",
         swapper: str = "",
         detector: str = "",
+        idempotency_key: str = "",
     ) -> jobs_pb2.Job:
-        """Uploads `target_path`, or names `target_uri` under the gateway's media root."""
+        """Uploads `target_path`, or names `target_uri` under the gateway's media root.
+
+        The submission carries `idempotency_key`, a new UUID when empty, so each call makes at most one job:
+        when the gateway cannot be reached or the call is cut off (UNAVAILABLE), it is sent again with the
+        same key, and a gateway that had already accepted it returns the same job.
+        """
         spec = jobs_pb2.JobSpec(
             source_image=source_image,
             target_uri=target_uri,
@@ -94,11 +108,17 @@ class JobClient:
             encode=encoder_pb2.EncodeSettings(crf=crf, preset=preset),
             swapper=swapper,
             detector=detector,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
         )
-        try:
-            return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        pauses = iter(SUBMIT_RETRY_PAUSES_SECONDS)
+        while True:
+            try:
+                return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)
+            except grpc.RpcError as error:
+                pause = next(pauses, None)
+                if pause is None or not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(error) from None
+            self._sleep(pause)
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         try:
@@ -117,11 +137,31 @@ class JobClient:
             raise from_rpc_error(error) from None
 
     def list(self, limit: int = 50) -> list[jobs_pb2.Job]:
-        try:
-            request = jobs_pb2.ListJobsRequest(limit=limit)
-            return list(self._stub.ListJobs(request, timeout=self._timeout, metadata=self._metadata).jobs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        """The newest `limit` jobs, following the gateway's pages as far as needed."""
+        jobs: list[jobs_pb2.Job] = []
+        if limit <= 0:
+            return jobs
+        for job in self.jobs(page_size=min(limit, LIST_PAGE_SIZE)):
+            jobs.append(job)
+            if len(jobs) >= limit:
+                break
+        return jobs
+
+    def jobs(
+        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = LIST_PAGE_SIZE
+    ) -> Iterator[jobs_pb2.Job]:
+        """Every job (of `state` when set), newest first, a page at a time (next_page_token)."""
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(limit=page_size, state=state, page_token=token)  # type: ignore[arg-type]
+            try:
+                response = self._stub.ListJobs(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
+            yield from response.jobs
+            token = response.next_page_token
+            if not token:
+                return
 
     def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
         try:

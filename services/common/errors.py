@@ -25,6 +25,10 @@ class NotFound(SwaplineError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(SwaplineError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(SwaplineError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -64,6 +68,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SwaplineError]] = {
     for cls in (
         InvalidArgument,
         NotFound,
+        AlreadyExists,
         FailedPrecondition,
         PermissionDenied,
         Unauthenticated,

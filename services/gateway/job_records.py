@@ -53,6 +53,8 @@ class JobRequest:
     # The names as sent, checked when the job is validated; empty means the built-in model.
     swapper: str = ""
     detector: str = ""
+    # Empty: none. A retry with the same key gets the job the first submission created (job_idempotency.py).
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class JobRecord:
     chunks_done: int = 0
     frames_done: int = 0
     models: JobModels = BUILT_IN_MODELS
+    # The tenant's key for the submission that created the job (empty: none), and the fingerprint of that
+    # submission's request; only accepted jobs hold a key. Both go when retention deletes the job.
+    idempotency_key: str = ""
+    payload_fingerprint: str = ""
 
 
 @dataclass(frozen=True)

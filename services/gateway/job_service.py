@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,7 +28,10 @@ from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.gpu_trend_source import UNKNOWN_GPU_USAGE, CurrentGpuUsage, GpuUsage, NoTrendSource
 from services.gateway.job_coordinator import JobCoordinator
 from services.gateway.job_gpu_trend import gpu_trend_chart_uri, gpu_trend_csv_uri
+from services.gateway.job_idempotency import RequestFingerprint, checked_idempotency_key, replayed
 from services.gateway.job_images import reference_image_uri, source_image_uri, work_area, write_media_file
+from services.gateway.job_paging import cursor_of
+from services.gateway.job_paging import page_token as job_page_token
 from services.gateway.job_records import (
     ENDED_JOB_STATES,
     ArtifactKind,
@@ -150,8 +154,20 @@ class JobService:
 
         A job that fails validation is still recorded, FAILED with the reason, and the call fails with the
         same status; its message carries the job id.
+
+        A request with an idempotency key its tenant's stored job already holds is not validated again: the
+        call returns that job if the request is the same (spec and target), else fails ALREADY_EXISTS, and
+        records nothing either way. Only an accepted job holds its key, so a submission that failed may be
+        retried with the same key.
         """
         owner = LOCAL_TENANT if tenant is None else checked_tenant(tenant)
+        key = checked_idempotency_key(request.idempotency_key)
+        fingerprint = RequestFingerprint(request)
+        if key:
+            holder = await self._store.run(self._store.job_with_key, owner, key)
+            if holder is not None:
+                await self._fingerprint_upload(upload, fingerprint)
+                return replayed(holder, key, fingerprint.hexdigest())
         job_id = self._new_id()
         job = JobRecord(
             id=job_id,
@@ -171,15 +187,19 @@ class JobService:
             created_at=self._coordinator.now(),
         )
         accepted = False
+        holder_id = job_id
         try:
-            job, uploaded_bytes = await self._validate(job, request, upload)
+            job, uploaded_bytes = await self._validate(job, request, upload, fingerprint)
             chunks = plan_chunks(job_id, job.target, self._chunk_seconds) if job.target else []
             if not chunks:
                 raise InvalidArgument(f"target {excerpt(job.target_uri)} has no video frames")
             job = replace(job, frames_total=sum(chunk.frame_count for chunk in chunks), chunks_total=len(chunks))
             job = await self._store_images(job, request)
-            await self._store.run(self._store.add_job, job, chunks, uploaded_bytes)
-            accepted = True
+            # The key goes with the accepted job only: a failed job, recorded below, holds none.
+            keyed = replace(job, idempotency_key=key, payload_fingerprint=fingerprint.hexdigest())
+            holder_id = await self._store.run(self._store.add_job, keyed, chunks, uploaded_bytes)
+            # Another submission with the key was stored first (a concurrent retry): this one's files go.
+            accepted = holder_id == job_id
         except SwaplineError as error:
             message = f"job {job_id}: {error.message}"
             failed = replace(
@@ -196,9 +216,20 @@ class JobService:
         finally:
             if not accepted:
                 await asyncio.to_thread(self._remove_job_files, owner, job_id)
+        if holder_id != job_id:
+            return replayed(await self._coordinator.load_job(holder_id), key, fingerprint.hexdigest())
         await self._coordinator.changed(job_id)
         await self._queue.work_added()
         return await self._coordinator.load_job(job_id)
+
+    async def _fingerprint_upload(self, upload: AsyncIterator[bytes], fingerprint: RequestFingerprint) -> None:
+        """Reads a retried submission's upload into its fingerprint only: the job already has its target."""
+        received = 0
+        async for piece in upload:
+            received += len(piece)
+            if received > self._max_upload_bytes:
+                raise InvalidArgument(f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes")
+            await asyncio.to_thread(fingerprint.add_upload, piece)
 
     def _remove_job_files(self, tenant: str, job_id: str) -> None:
         for area in (in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{job_id}"), work_area(job_id)):
@@ -235,9 +266,10 @@ class JobService:
         return source, reference
 
     async def _validate(
-        self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes]
+        self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes], fingerprint: RequestFingerprint
     ) -> tuple[JobRecord, int]:
-        """The job with its checked target; the bytes uploaded for it (0 for a named target)."""
+        """The job with its checked target; the bytes uploaded for it (0 for a named target), which are also
+        fed to the fingerprint as they stream in."""
         self._check_strings(request)
         storage = await self._store.run(self._store.storage_of, job.tenant)
         if storage.is_full():
@@ -256,7 +288,9 @@ class JobService:
             check_media_uri(request.target_uri, self._limits)
             target_uri = await asyncio.to_thread(resolve_target, self._media_root, job.tenant, request.target_uri)
         elif request.target_filename:
-            target_uri, uploaded_bytes = await self._receive_upload(job, request.target_filename, upload, storage)
+            target_uri, uploaded_bytes = await self._receive_upload(
+                job, request.target_filename, upload, storage, fingerprint
+            )
         else:
             raise InvalidArgument("the spec needs a target_uri, or a target_filename followed by the uploaded target")
         job = replace(job, target_uri=target_uri)
@@ -288,7 +322,12 @@ class JobService:
         return replace(job, source_image_uri=source_uri, reference_image_uri=reference_uri)
 
     async def _receive_upload(
-        self, job: JobRecord, filename: str, upload: AsyncIterator[bytes], storage: TenantStorage
+        self,
+        job: JobRecord,
+        filename: str,
+        upload: AsyncIterator[bytes],
+        storage: TenantStorage,
+        fingerprint: RequestFingerprint,
     ) -> tuple[str, int]:
         """Streams the upload to disk as it arrives, so a large target never sits in memory; the file gets
         its name only once it is whole. Its URI and size."""
@@ -307,7 +346,7 @@ class JobService:
                         f"the upload fills the media storage of tenant {job.tenant} ({storage.used_bytes} of "
                         f"{storage.max_bytes} bytes used before it)"
                     )
-                await asyncio.to_thread(file.write, piece)
+                await asyncio.to_thread(_write_and_fingerprint, file, piece, fingerprint)
         finally:
             await asyncio.to_thread(file.close)
         if received == 0:
@@ -318,9 +357,14 @@ class JobService:
     async def get(self, job_id: str, tenant: str | None) -> JobRecord:
         return await self._coordinator.load_job(job_id, tenant)
 
-    async def list(self, limit: int, state: JobState | None, tenant: str | None) -> list[JobRecord]:
+    async def list(
+        self, limit: int, state: JobState | None, tenant: str | None, page_token: str = ""
+    ) -> tuple[list[JobRecord], str]:
+        """A page of the jobs, newest first (job_paging.py), and the token of the next page ("" if none)."""
         bounded = DEFAULT_LIST_LIMIT if limit <= 0 else min(limit, MAX_LIST_LIMIT)
-        return await self._store.run(self._store.list_jobs, bounded, state, tenant)
+        after = cursor_of(page_token, state, tenant)
+        jobs, last = await self._store.run(self._store.list_jobs_page, bounded, state, tenant, after)
+        return jobs, "" if last is None else job_page_token(last, state, tenant)
 
     async def cancel(self, job_id: str, tenant: str | None) -> JobRecord:
         return await self._coordinator.cancel_job(job_id, tenant)
@@ -396,6 +440,11 @@ class JobService:
 def _same_state(latest: JobProgress, sent: JobProgress) -> bool:
     """Nothing a client would see has changed but the clock (rates, time, GPU usage follow from it)."""
     return latest.job == sent.job and latest.stage == sent.stage
+
+
+def _write_and_fingerprint(file: BinaryIO, piece: bytes, fingerprint: RequestFingerprint) -> None:
+    file.write(piece)
+    fingerprint.add_upload(piece)
 
 
 def _artifact_file(media_root: Path, uri: str) -> ArtifactFile:

@@ -67,6 +67,7 @@ def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
         encode=EncodeOptions(crf=spec.encode.crf, preset=spec.encode.preset),
         swapper=spec.swapper,
         detector=spec.detector,
+        idempotency_key=spec.idempotency_key,
     )
 
 
@@ -154,8 +155,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         state = JOB_STATE_FROM_PROTO.get(request.state) if request.state else None
         if request.state and state is None:
             raise InvalidArgument(f"unknown job state {request.state}")
-        jobs = await self._jobs.list(request.limit, state, caller_tenant())
-        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
+        jobs, next_page_token = await self._jobs.list(request.limit, state, caller_tenant(), request.page_token)
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs], next_page_token=next_page_token)
 
     async def FetchArtifact(
         self, request: jobs_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext

@@ -28,6 +28,7 @@ from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPP
 from services.common.media_info import Keyframe, MediaInfo
 from services.common.tenant_context import LOCAL_TENANT
 from services.gateway.job_images import reference_image_uri, source_image_uri, write_media_file
+from services.gateway.job_paging import JobCursor
 from services.gateway.job_records import (
     DEFAULT_STORAGE_TENANT,
     ENDED_JOB_STATES,
@@ -103,7 +104,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     stall_started_at {real},
     stalled_before {real} NOT NULL DEFAULT 0,
     swapper TEXT NOT NULL DEFAULT '{built_in_swapper}',
-    detector TEXT NOT NULL DEFAULT '{built_in_detector}'
+    detector TEXT NOT NULL DEFAULT '{built_in_detector}',
+    idempotency_key TEXT,
+    payload_fingerprint TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -154,11 +157,21 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # Jobs from before model sets ran the built-in models.
     ("jobs", "swapper", "TEXT NOT NULL DEFAULT '{built_in_swapper}'"),
     ("jobs", "detector", "TEXT NOT NULL DEFAULT '{built_in_detector}'"),
+    # Jobs from before idempotency keys hold none (NULL: the unique index below lets any number share it).
+    ("jobs", "idempotency_key", "TEXT"),
+    ("jobs", "payload_fingerprint", "TEXT NOT NULL DEFAULT ''"),
 )
 # Earlier versions kept the images in the job table; opening such a store moves them to media storage.
 _LEGACY_IMAGE_COLUMNS = ("source_image", "reference_image")
 # Made after the columns they index exist, which a migrated store gets only once it is open.
-_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq)",)
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq)",
+    # One job per tenant and idempotency key, however many submissions race (on any gateway).
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key ON jobs (tenant, idempotency_key)",
+    # ListJobs' order and cursor (job_paging.py).
+    "CREATE INDEX IF NOT EXISTS jobs_by_created_id ON jobs (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_tenant_created_id ON jobs (tenant, created_at, id)",
+)
 
 
 def _dialect_values(dialect: SqlDialect) -> dict[str, str]:
@@ -193,14 +206,21 @@ _JOB_COLUMNS = """
 _LIVE_JOB = "j.state IN ('QUEUED', 'RUNNING')"
 _HAS_LEASED_CHUNK = "EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = jobs.id AND c.state = 'LEASED')"
 
+# A job whose tenant already has a job with its idempotency key is not inserted (no error: the caller reads
+# the holder). A job without a key (NULL) never conflicts.
 _INSERT_JOB = """INSERT INTO jobs (id, tenant, state, selector, target_uri, output_uri, source_image_uri,
         reference_image_uri, encode_crf, encode_preset, target_json, frames_total, chunks_total,
-        created_at, started_at, finished_at, error_code, error_message, join_json, report_json, swapper, detector)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)"""
+        created_at, started_at, finished_at, error_code, error_message, join_json, report_json, swapper, detector,
+        idempotency_key, payload_fingerprint)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)
+    ON CONFLICT (tenant, idempotency_key) DO NOTHING"""
+_JOB_WITH_KEY = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND idempotency_key = ?"
 _INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
     VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
 _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
-_LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs {{where}} ORDER BY seq DESC LIMIT ?"
+# Newest first, ties in the order stored: the order job_paging's cursor walks.
+_LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs {{where}} ORDER BY created_at DESC, id DESC LIMIT ?"
+_BEFORE_CURSOR = "(created_at < ? OR (created_at = ? AND id < ?))"
 _LIST_CHUNKS = "SELECT * FROM chunks WHERE job_id = ? ORDER BY idx"
 _SELECT_LEASED_CHUNK = "SELECT * FROM chunks WHERE lease_id = ?"
 _NEXT_PENDING_CHUNK = f"""SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id
@@ -340,6 +360,8 @@ def _job_from_row(row: Row) -> JobRecord:
         chunks_done=row["chunks_done"],
         frames_done=row["frames_done"],
         models=job_models(row["swapper"], row["detector"]),
+        idempotency_key=row["idempotency_key"] or "",
+        payload_fingerprint=row["payload_fingerprint"],
     )
 
 
@@ -391,6 +413,8 @@ def _job_values(job: JobRecord) -> tuple[Any, ...]:
         job.report_json,
         job.models.swapper,
         job.models.detector,
+        job.idempotency_key or None,
+        job.payload_fingerprint,
     )
 
 
@@ -514,10 +538,19 @@ class SqlJobStore(ABC):
                 write_media_file(media_root, reference_uri, reference)
             self._change(_SET_IMAGE_URIS, (source_uri, reference_uri, job_id))
 
-    def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk], stored_bytes: int = 0) -> None:
-        """stored_bytes: media stored for the job (its upload), counted to its tenant's storage at once."""
+    def add_job(self, job: JobRecord, chunks: Sequence[PlannedChunk], stored_bytes: int = 0) -> str:
+        """stored_bytes: media stored for the job (its upload), counted to its tenant's storage at once.
+
+        The id of the job stored under the job's idempotency key: job.id, unless its tenant already has a
+        job with that key (stored before, or by a submission that raced this one), whose id it is; then
+        nothing is added. A job without a key is always added.
+        """
         with self._transaction():
-            self._change(_INSERT_JOB, _job_values(job))
+            if not self._change(_INSERT_JOB, _job_values(job)):
+                # The conflicting row is committed (PostgreSQL waits for a racing insert to commit), and a
+                # statement of a READ COMMITTED transaction sees it.
+                holder = self._rows(_JOB_WITH_KEY, (job.tenant, job.idempotency_key))
+                return str(holder[0]["id"])
             self._announce(job.id)
             if chunks:
                 self._announce_work_added(job.id)
@@ -530,6 +563,13 @@ class SqlJobStore(ABC):
                     for chunk in chunks
                 ],
             )
+        return job.id
+
+    def job_with_key(self, tenant: str, idempotency_key: str) -> JobRecord | None:
+        """The tenant's job that holds the idempotency key, if it is still stored."""
+        with self._reading():
+            rows = self._rows(_JOB_WITH_KEY, (tenant, idempotency_key))
+        return _job_from_row(rows[0]) if rows else None
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self._reading():
@@ -538,8 +578,18 @@ class SqlJobStore(ABC):
 
     def list_jobs(self, limit: int, state: JobState | None = None, tenant: str | None = None) -> list[JobRecord]:
         """Newest first; only the tenant's jobs when a tenant is given."""
+        return self.list_jobs_page(limit, state, tenant)[0]
+
+    def list_jobs_page(
+        self, limit: int, state: JobState | None = None, tenant: str | None = None, after: JobCursor | None = None
+    ) -> tuple[list[JobRecord], JobCursor | None]:
+        """Up to `limit` jobs after the cursor (all from the newest when None), in ListJobs' order, and the
+        cursor of the last one if more jobs follow it (None on the last page)."""
         conditions: list[str] = []
         params: list[Any] = []
+        if after is not None:
+            conditions.append(_BEFORE_CURSOR)
+            params.extend((after.created_at, after.created_at, after.job_id))
         if state is not None:
             conditions.append("state = ?")
             params.append(state)
@@ -548,8 +598,12 @@ class SqlJobStore(ABC):
             params.append(tenant)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._reading():
-            rows = self._rows(_LIST_JOBS.format(where=where), (*params, limit))
-        return [_job_from_row(row) for row in rows]
+            # One more than the page: whether another page follows, without a final empty one.
+            rows = self._rows(_LIST_JOBS.format(where=where), (*params, limit + 1))
+        page = rows[:limit]
+        more = len(rows) > limit and bool(page)
+        cursor = JobCursor(float(page[-1]["created_at"]), str(page[-1]["id"])) if more else None
+        return [_job_from_row(row) for row in page], cursor
 
     def list_chunks(self, job_id: str) -> list[ChunkRecord]:
         with self._reading():

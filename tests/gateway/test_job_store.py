@@ -243,7 +243,8 @@ def _check_migrated(store: JobStore, media: Path, image_columns: set[str]) -> No
     queued, done = store.get_job("queued"), store.get_job("done")
     assert queued is not None and done is not None
     assert (queued.tenant, done.tenant) == ("local", "local")
-    assert [job.id for job in store.list_jobs(10, tenant="local")] == ["done", "queued"]
+    # Both old rows were created in the same instant: ids order them, descending.
+    assert [job.id for job in store.list_jobs(10, tenant="local")] == ["queued", "done"]
     # The queued job's images are files now; the ended job's are gone with the columns.
     assert (queued.source_image_uri, queued.reference_image_uri) == (
         "work/queued/source-image",
