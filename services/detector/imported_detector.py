@@ -17,7 +17,6 @@ request as FailedPrecondition naming the model, never as "no face found".
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,8 +47,6 @@ from services.common.fp32_fallback import NonFiniteOutputs, infer_with_fp32_twin
 from services.common.model_runner import ModelRunner
 from services.detector.box_ops import FloatArray, box_heights, box_widths, nms
 from services.detector.face_detector import MAX_REQUEST_BYTES, Frames, validate_frames
-
-log = logging.getLogger(__name__)
 
 ResultT = TypeVar("ResultT")
 
