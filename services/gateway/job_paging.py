@@ -37,21 +37,26 @@ class JobCursor:
     job_id: str
 
 
-def filter_digest(state: JobState | None, tenant: str | None) -> str:
-    """What a token is tied to: the state filter and whose jobs are listed (None: every tenant's)."""
-    described = json.dumps([state or "", tenant if tenant is not None else None])
+def filter_digest(state: JobState | None, tenant: str | None, batch_id: str = "") -> str:
+    """What a token is tied to: the state and batch filters and whose jobs are listed (None: every tenant's)."""
+    described = json.dumps([state or "", tenant if tenant is not None else None, batch_id])
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def page_token(cursor: JobCursor, state: JobState | None, tenant: str | None) -> str:
-    payload = {"v": _TOKEN_VERSION, "c": cursor.created_at, "i": cursor.job_id, "f": filter_digest(state, tenant)}
+def page_token(cursor: JobCursor, state: JobState | None, tenant: str | None, batch_id: str = "") -> str:
+    payload = {
+        "v": _TOKEN_VERSION,
+        "c": cursor.created_at,
+        "i": cursor.job_id,
+        "f": filter_digest(state, tenant, batch_id),
+    }
     return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
 _NOT_OURS = "page_token is not a token ListJobs gave; pass a response's next_page_token as it is"
 
 
-def cursor_of(token: str, state: JobState | None, tenant: str | None) -> JobCursor | None:
+def cursor_of(token: str, state: JobState | None, tenant: str | None, batch_id: str = "") -> JobCursor | None:
     """The cursor a token holds (None for the empty token: the first page); INVALID_ARGUMENT if the token
     is malformed or was made for another filter."""
     if not token:
@@ -69,9 +74,10 @@ def cursor_of(token: str, state: JobState | None, tenant: str | None) -> JobCurs
             raise ValueError("bad job id or filter")
     except (ValueError, KeyError, binascii.Error, UnicodeDecodeError) as error:
         raise InvalidArgument(_NOT_OURS) from error
-    if digest != filter_digest(state, tenant):
+    if digest != filter_digest(state, tenant, batch_id):
         raise InvalidArgument(
             "page_token was made for another filter than this request's (state "
-            f"{state or 'any'}); use it with the filter it came with, or start again without a page_token"
+            f"{state or 'any'}, batch {batch_id or 'any'}); use it with the filter it came with, or start again "
+            "without a page_token"
         )
     return JobCursor(float(created_at), job_id)

@@ -96,6 +96,40 @@ class JobRecord:
     # submission's request; only accepted jobs hold a key. Both go when retention deletes the job.
     idempotency_key: str = ""
     payload_fingerprint: str = ""
+    # The batch the job belongs to; empty for a job submitted on its own (which the scheduler runs first).
+    batch_id: str = ""
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """A pair of a batch, targets[target_index] with sources[source_index]: its job, or why it was skipped."""
+
+    target_index: int
+    source_index: int
+    # Empty when skipped.
+    job_id: str = ""
+    skip_reason: str = ""
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A batch as stored: fixed when submitted, except cancelled_at. Its jobs' states live in their own rows."""
+
+    id: str
+    tenant: str
+    name: str
+    created_at: float
+    # Names as the spec gave them (a URI under the tenant's area, or an upload's filename), by index.
+    target_names: tuple[str, ...]
+    source_names: tuple[str, ...]
+    entries: tuple[BatchEntry, ...]
+    cancelled_at: float | None = None
+    idempotency_key: str = ""
+    payload_fingerprint: str = ""
+
+    @property
+    def job_ids(self) -> tuple[str, ...]:
+        return tuple(entry.job_id for entry in self.entries if entry.job_id)
 
 
 @dataclass(frozen=True)

@@ -358,13 +358,14 @@ class JobService:
         return await self._coordinator.load_job(job_id, tenant)
 
     async def list(
-        self, limit: int, state: JobState | None, tenant: str | None, page_token: str = ""
+        self, limit: int, state: JobState | None, tenant: str | None, page_token: str = "", batch_id: str = ""
     ) -> tuple[list[JobRecord], str]:
-        """A page of the jobs, newest first (job_paging.py), and the token of the next page ("" if none)."""
+        """A page of the jobs (of the batch, when given), newest first (job_paging.py), and the token of the
+        next page ("" if none). A batch of another tenant lists nothing, as one that does not exist."""
         bounded = DEFAULT_LIST_LIMIT if limit <= 0 else min(limit, MAX_LIST_LIMIT)
-        after = cursor_of(page_token, state, tenant)
-        jobs, last = await self._store.run(self._store.list_jobs_page, bounded, state, tenant, after)
-        return jobs, "" if last is None else job_page_token(last, state, tenant)
+        after = cursor_of(page_token, state, tenant, batch_id)
+        jobs, last = await self._store.run(self._store.list_jobs_page, bounded, state, tenant, after, batch_id)
+        return jobs, "" if last is None else job_page_token(last, state, tenant, batch_id)
 
     async def cancel(self, job_id: str, tenant: str | None) -> JobRecord:
         return await self._coordinator.cancel_job(job_id, tenant)

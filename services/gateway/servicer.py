@@ -88,6 +88,7 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         report_json=job.report_json,
         swapper=job.models.swapper,
         detector=job.models.detector,
+        batch_id=job.batch_id,
     )
     if job.error is not None:
         message.error.CopyFrom(common_pb2.ErrorStatus(code=job.error.code, message=job.error.message))
@@ -155,7 +156,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         state = JOB_STATE_FROM_PROTO.get(request.state) if request.state else None
         if request.state and state is None:
             raise InvalidArgument(f"unknown job state {request.state}")
-        jobs, next_page_token = await self._jobs.list(request.limit, state, caller_tenant(), request.page_token)
+        jobs, next_page_token = await self._jobs.list(
+            request.limit, state, caller_tenant(), request.page_token, request.batch_id
+        )
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs], next_page_token=next_page_token)
 
     async def FetchArtifact(

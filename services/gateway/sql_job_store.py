@@ -31,6 +31,8 @@ from services.gateway.job_images import reference_image_uri, source_image_uri, w
 from services.gateway.job_paging import JobCursor
 from services.gateway.job_records import (
     DEFAULT_STORAGE_TENANT,
+    BatchEntry,
+    BatchRecord,
     ENDED_JOB_STATES,
     ChunkRecord,
     ChunkState,
@@ -106,7 +108,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     swapper TEXT NOT NULL DEFAULT '{built_in_swapper}',
     detector TEXT NOT NULL DEFAULT '{built_in_detector}',
     idempotency_key TEXT,
-    payload_fingerprint TEXT NOT NULL DEFAULT ''
+    payload_fingerprint TEXT NOT NULL DEFAULT '',
+    batch_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -135,6 +138,18 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
 CREATE INDEX IF NOT EXISTS chunks_by_lease ON chunks (lease_id);
+CREATE TABLE IF NOT EXISTS batches (
+    seq {serial_key},
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    cancelled_at {real},
+    idempotency_key TEXT,
+    payload_fingerprint TEXT NOT NULL DEFAULT '',
+    spec_json TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_by_idempotency_key ON batches (tenant, idempotency_key);
 CREATE TABLE IF NOT EXISTS tenant_storage (
     tenant TEXT PRIMARY KEY,
     used_bytes {integer} NOT NULL,
@@ -160,6 +175,8 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # Jobs from before idempotency keys hold none (NULL: the unique index below lets any number share it).
     ("jobs", "idempotency_key", "TEXT"),
     ("jobs", "payload_fingerprint", "TEXT NOT NULL DEFAULT ''"),
+    # Jobs from before batches belong to none.
+    ("jobs", "batch_id", "TEXT NOT NULL DEFAULT ''"),
 )
 # Earlier versions kept the images in the job table; opening such a store moves them to media storage.
 _LEGACY_IMAGE_COLUMNS = ("source_image", "reference_image")
@@ -171,6 +188,7 @@ _INDEXES = (
     # ListJobs' order and cursor (job_paging.py).
     "CREATE INDEX IF NOT EXISTS jobs_by_created_id ON jobs (created_at, id)",
     "CREATE INDEX IF NOT EXISTS jobs_by_tenant_created_id ON jobs (tenant, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch_id, created_at, id)",
 )
 
 
@@ -211,10 +229,24 @@ _HAS_LEASED_CHUNK = "EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = jobs.id AND
 _INSERT_JOB = """INSERT INTO jobs (id, tenant, state, selector, target_uri, output_uri, source_image_uri,
         reference_image_uri, encode_crf, encode_preset, target_json, frames_total, chunks_total,
         created_at, started_at, finished_at, error_code, error_message, join_json, report_json, swapper, detector,
-        idempotency_key, payload_fingerprint)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)
+        idempotency_key, payload_fingerprint, batch_id)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (tenant, idempotency_key) DO NOTHING"""
 _JOB_WITH_KEY = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND idempotency_key = ?"
+# As jobs, a batch whose tenant already has one with its key is not inserted.
+_INSERT_BATCH = """INSERT INTO batches (id, tenant, name, created_at, cancelled_at, idempotency_key,
+        payload_fingerprint, spec_json)
+    VALUES (?, ?, ?, ?, NULL, ?, ?, ?)
+    ON CONFLICT (tenant, idempotency_key) DO NOTHING"""
+_BATCH_WITH_KEY = "SELECT * FROM batches WHERE tenant = ? AND idempotency_key = ?"
+_SELECT_BATCH = "SELECT * FROM batches WHERE id = ?"
+_BATCH_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch_id = ? ORDER BY created_at, id"
+_CANCEL_BATCH = "UPDATE batches SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?"
+# A batch whose jobs retention has deleted, all of them, goes too (a batch of only skipped pairs once it is
+# older than the cutoff).
+_EMPTIED_BATCHES = """SELECT id, tenant FROM batches b
+    WHERE b.created_at < ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.id) ORDER BY seq"""
+_DELETE_BATCH = "DELETE FROM batches WHERE id = ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = ?)"
 _INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
     VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
 _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
@@ -362,6 +394,7 @@ def _job_from_row(row: Row) -> JobRecord:
         models=job_models(row["swapper"], row["detector"]),
         idempotency_key=row["idempotency_key"] or "",
         payload_fingerprint=row["payload_fingerprint"],
+        batch_id=row["batch_id"],
     )
 
 
@@ -415,6 +448,33 @@ def _job_values(job: JobRecord) -> tuple[Any, ...]:
         job.models.detector,
         job.idempotency_key or None,
         job.payload_fingerprint,
+        job.batch_id,
+    )
+
+
+def _batch_spec_json(batch: BatchRecord) -> str:
+    return json.dumps(
+        {
+            "targets": list(batch.target_names),
+            "sources": list(batch.source_names),
+            "entries": [dataclasses.asdict(entry) for entry in batch.entries],
+        }
+    )
+
+
+def _batch_from_row(row: Row) -> BatchRecord:
+    spec = json.loads(row["spec_json"])
+    return BatchRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        created_at=row["created_at"],
+        target_names=tuple(spec["targets"]),
+        source_names=tuple(spec["sources"]),
+        entries=tuple(BatchEntry(**entry) for entry in spec["entries"]),
+        cancelled_at=row["cancelled_at"],
+        idempotency_key=row["idempotency_key"] or "",
+        payload_fingerprint=row["payload_fingerprint"],
     )
 
 
@@ -551,19 +611,82 @@ class SqlJobStore(ABC):
                 # statement of a READ COMMITTED transaction sees it.
                 holder = self._rows(_JOB_WITH_KEY, (job.tenant, job.idempotency_key))
                 return str(holder[0]["id"])
-            self._announce(job.id)
-            if chunks:
-                self._announce_work_added(job.id)
+            self._insert_chunks(job, chunks)
             if stored_bytes:
                 self._count_stored_bytes(job.tenant, stored_bytes)
-            self._change_many(
-                _INSERT_CHUNK,
-                [
-                    (job.id, chunk.index, chunk.start_frame, chunk.seek_pts, chunk.frame_count, chunk.segment_uri)
-                    for chunk in chunks
-                ],
-            )
         return job.id
+
+    def _insert_chunks(self, job: JobRecord, chunks: Sequence[PlannedChunk]) -> None:
+        """Inside the transaction that inserted the job: its chunks, and the news of it."""
+        self._announce(job.id)
+        if chunks:
+            self._announce_work_added(job.id)
+        self._change_many(
+            _INSERT_CHUNK,
+            [
+                (job.id, chunk.index, chunk.start_frame, chunk.seek_pts, chunk.frame_count, chunk.segment_uri)
+                for chunk in chunks
+            ],
+        )
+
+    def add_batch(
+        self, batch: BatchRecord, jobs: Sequence[tuple[JobRecord, Sequence[PlannedChunk]]], stored_bytes: int = 0
+    ) -> str:
+        """Stores the batch with its jobs (each with the batch's id) and their chunks in one transaction, so no
+        reader sees part of a batch. As add_job: the id of the batch holding the key, batch.id unless its tenant
+        already has a batch with that key, whose id it is; then nothing is added."""
+        with self._transaction():
+            inserted = self._change(
+                _INSERT_BATCH,
+                (
+                    batch.id,
+                    batch.tenant,
+                    batch.name,
+                    batch.created_at,
+                    batch.idempotency_key or None,
+                    batch.payload_fingerprint,
+                    _batch_spec_json(batch),
+                ),
+            )
+            if not inserted:
+                holder = self._rows(_BATCH_WITH_KEY, (batch.tenant, batch.idempotency_key))
+                return str(holder[0]["id"])
+            for job, chunks in jobs:
+                self._change(_INSERT_JOB, _job_values(dataclasses.replace(job, batch_id=batch.id)))
+                self._insert_chunks(job, chunks)
+            if stored_bytes:
+                self._count_stored_bytes(batch.tenant, stored_bytes)
+        return batch.id
+
+    def batch_with_key(self, tenant: str, idempotency_key: str) -> BatchRecord | None:
+        with self._reading():
+            rows = self._rows(_BATCH_WITH_KEY, (tenant, idempotency_key))
+        return _batch_from_row(rows[0]) if rows else None
+
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        with self._reading():
+            rows = self._rows(_SELECT_BATCH, (batch_id,))
+        return _batch_from_row(rows[0]) if rows else None
+
+    def batch_jobs(self, batch_id: str) -> list[JobRecord]:
+        """The batch's jobs still stored, oldest first."""
+        with self._reading():
+            rows = self._rows(_BATCH_JOBS, (batch_id,))
+        return [_job_from_row(row) for row in rows]
+
+    def mark_batch_cancelled(self, batch_id: str, at: float) -> None:
+        """Records the cancellation (the first one's time); the caller cancels the jobs."""
+        with self._transaction():
+            self._change(_CANCEL_BATCH, (at, batch_id))
+
+    def delete_emptied_batches(self, created_before: float) -> list[tuple[str, str]]:
+        """Deletes batches created before the time that no longer have a stored job; their (id, tenant)."""
+        deleted: list[tuple[str, str]] = []
+        with self._transaction():
+            for row in self._rows(_EMPTIED_BATCHES, (created_before,)):
+                if self._change(_DELETE_BATCH, (row["id"], row["id"])) == 1:
+                    deleted.append((str(row["id"]), str(row["tenant"])))
+        return deleted
 
     def job_with_key(self, tenant: str, idempotency_key: str) -> JobRecord | None:
         """The tenant's job that holds the idempotency key, if it is still stored."""
@@ -581,12 +704,20 @@ class SqlJobStore(ABC):
         return self.list_jobs_page(limit, state, tenant)[0]
 
     def list_jobs_page(
-        self, limit: int, state: JobState | None = None, tenant: str | None = None, after: JobCursor | None = None
+        self,
+        limit: int,
+        state: JobState | None = None,
+        tenant: str | None = None,
+        after: JobCursor | None = None,
+        batch_id: str = "",
     ) -> tuple[list[JobRecord], JobCursor | None]:
         """Up to `limit` jobs after the cursor (all from the newest when None), in ListJobs' order, and the
-        cursor of the last one if more jobs follow it (None on the last page)."""
+        cursor of the last one if more jobs follow it (None on the last page). Only the batch's when given."""
         conditions: list[str] = []
         params: list[Any] = []
+        if batch_id:
+            conditions.append("batch_id = ?")
+            params.append(batch_id)
         if after is not None:
             conditions.append(_BEFORE_CURSOR)
             params.extend((after.created_at, after.created_at, after.job_id))
