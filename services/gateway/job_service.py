@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
-
-from services.common.encode_options import checked_crf, checked_preset
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SwaplineError, code_value
+from services.common.errors import FailedPrecondition, InvalidArgument, SwaplineError, code_value
 from services.common.face_model_catalog import job_models
-from services.common.image_codec import decode_rgb_image
-from services.common.input_limits import InputLimits, check_media, check_text, excerpt, image_size
+from services.common.input_limits import InputLimits, excerpt
 from services.common.job_vocabulary import STAGE_NAMES
-from services.common.media_info import MediaInfo
-from services.common.media_paths import check_media_uri, existing_media_path, resolve_media_path, writable_media_path
+from services.common.media_paths import existing_media_path, resolve_media_path
 from services.common.tenant_context import LOCAL_TENANT
 from services.gateway.chunk_planner import output_uri, plan_chunks, report_uri
 from services.gateway.chunk_queue import ChunkQueue
@@ -29,7 +21,8 @@ from services.gateway.gpu_trend_source import UNKNOWN_GPU_USAGE, CurrentGpuUsage
 from services.gateway.job_coordinator import JobCoordinator
 from services.gateway.job_gpu_trend import gpu_trend_chart_uri, gpu_trend_csv_uri
 from services.gateway.job_idempotency import RequestFingerprint, checked_idempotency_key, replayed
-from services.gateway.job_images import reference_image_uri, source_image_uri, work_area, write_media_file
+from services.gateway.job_images import work_area
+from services.gateway.job_intake import JobIntake, sanitised_filename
 from services.gateway.job_paging import cursor_of
 from services.gateway.job_paging import page_token as job_page_token
 from services.gateway.job_records import (
@@ -40,20 +33,16 @@ from services.gateway.job_records import (
     JobRecord,
     JobRequest,
     JobState,
-    TenantStorage,
 )
-from services.gateway.media_clients import MediaServices, downscaled
+from services.gateway.media_clients import MediaServices
 from services.gateway.sql_job_store import JobChange
-from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area, resolve_target
+from services.gateway.tenant_areas import UPLOADS_FOLDER, checked_tenant, in_tenant_area
 
 DEFAULT_CONCURRENT_IMAGE_CHECKS = 4
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 # Progress events carry GPU usage in these states only: before and after, the GPUs serve other jobs.
 RUNNING_JOB_STATES: frozenset[JobState] = frozenset({"RUNNING", "JOINING"})
-_UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
-# An upload is written under this name in its job's folder, and renamed once it is whole.
-PARTIAL_UPLOAD_NAME = ".upload-in-progress"
 # A watch sends the job's progress at least this often, changed or not: the client sees the watch is
 # alive, and a wake-up missed (another gateway's change while this one's listener reconnected) delays
 # an event by no more than this.
@@ -81,12 +70,6 @@ class ArtifactFile:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def sanitised_filename(name: str) -> str:
-    """The upload's base name, reduced to characters that are safe in any path; never empty or hidden."""
-    base = _UNSAFE_FILENAME_CHARACTERS.sub("_", Path(name.replace("\\", "/")).name).lstrip(".")
-    return base or "target"
 
 
 def current_stage(job: JobRecord, leased_stages: list[str]) -> str:
@@ -135,16 +118,14 @@ class JobService:
         watch_keepalive_seconds: float = WATCH_KEEPALIVE_SECONDS,
     ) -> None:
         self._coordinator = coordinator
-        # Decoding images and counting their faces (on the detector and Triton) costs memory per request:
-        # a burst of submissions takes turns here, so it peaks no higher than a few submissions do.
-        self._image_checks = asyncio.Semaphore(max_concurrent_image_checks)
         self._store = coordinator.store
+        # Shared with the batch service: their image checks take turns together.
+        self.intake = JobIntake(
+            coordinator.store, media, media_root, max_upload_bytes, limits, max_concurrent_image_checks
+        )
         self._queue = queue
-        self._media = media
         self._media_root = media_root
         self._chunk_seconds = chunk_seconds
-        self._max_upload_bytes = max_upload_bytes
-        self._limits = limits
         self._new_id = new_id
         self._gpu_usage = gpu_usage or CurrentGpuUsage(NoTrendSource())
         self._watch_keepalive_seconds = watch_keepalive_seconds
@@ -227,132 +208,56 @@ class JobService:
         received = 0
         async for piece in upload:
             received += len(piece)
-            if received > self._max_upload_bytes:
-                raise InvalidArgument(f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes")
+            if received > self.intake.max_upload_bytes:
+                raise InvalidArgument(f"uploaded target exceeds the limit of {self.intake.max_upload_bytes} bytes")
             await asyncio.to_thread(fingerprint.add_upload, piece)
 
     def _remove_job_files(self, tenant: str, job_id: str) -> None:
         for area in (in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{job_id}"), work_area(job_id)):
             shutil.rmtree(resolve_media_path(self._media_root, area), ignore_errors=True)
 
-    def _check_strings(self, request: JobRequest) -> None:
-        """Lengths and characters first: nothing else is looked at before they pass."""
-        check_text("target_uri", request.target_uri, self._limits.max_uri_length)
-        check_text("target_filename", request.target_filename, self._limits.max_filename_length)
-        # crf 0 and an empty preset ask for the encoder's defaults.
-        checked_crf(request.encode.crf)
-        if request.encode.preset:
-            checked_preset(request.encode.preset)
-
-    def _uses_reference(self, request: JobRequest) -> bool:
-        return request.selector == "reference"
-
-    async def _decoded_images(self, request: JobRequest) -> tuple[np.ndarray, np.ndarray | None]:
-        """The source (and reference) image, sized from the header before OpenCV allocates anything."""
-        limits = self._limits
-        image_size(request.source_image, "source image", limits)
-        if self._uses_reference(request):
-            if not request.reference_image:
-                raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
-            image_size(request.reference_image, "reference image", limits)
-        source = await asyncio.to_thread(
-            _decoded_for_detection, request.source_image, "source image", limits.max_image_pixels
-        )
-        reference = None
-        if self._uses_reference(request):
-            reference = await asyncio.to_thread(
-                _decoded_for_detection, request.reference_image, "reference image", limits.max_image_pixels
-            )
-        return source, reference
-
     async def _validate(
         self, job: JobRecord, request: JobRequest, upload: AsyncIterator[bytes], fingerprint: RequestFingerprint
     ) -> tuple[JobRecord, int]:
         """The job with its checked target; the bytes uploaded for it (0 for a named target), which are also
         fed to the fingerprint as they stream in."""
-        self._check_strings(request)
-        storage = await self._store.run(self._store.storage_of, job.tenant)
-        if storage.is_full():
-            raise ResourceExhausted(
-                f"the media storage of tenant {job.tenant} is full ({storage.used_bytes} of {storage.max_bytes} "
-                "bytes): no new jobs until retention removes ended ones or the limit is raised"
-            )
+        intake = self.intake
+        intake.check_target_names(request.target_uri, request.target_filename)
+        intake.check_encode(request.encode)
+        storage = await intake.storage_with_room(job.tenant)
         job = replace(job, encode=request.encode, models=job_models(request.swapper, request.detector))
-        async with self._image_checks:
-            source, reference = await self._decoded_images(request)
+        uses_reference = request.selector == "reference"
+        if uses_reference and not request.reference_image:
+            raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
+        source = await intake.decoded_image(request.source_image, "source image")
+        reference = await intake.decoded_image(request.reference_image, "reference image") if uses_reference else None
         uploaded_bytes = 0
         if request.target_uri:
             if await anext(upload, None) is not None:
                 raise InvalidArgument("the spec names a target_uri and also uploads a target; send one of them")
             job = replace(job, target_uri=request.target_uri)
-            check_media_uri(request.target_uri, self._limits)
-            target_uri = await asyncio.to_thread(resolve_target, self._media_root, job.tenant, request.target_uri)
+            target_uri = await intake.named_target(job.tenant, request.target_uri)
         elif request.target_filename:
-            target_uri, uploaded_bytes = await self._receive_upload(
-                job, request.target_filename, upload, storage, fingerprint
+            target_uri = in_tenant_area(
+                job.tenant, f"{UPLOADS_FOLDER}/{job.id}/{sanitised_filename(request.target_filename)}"
+            )
+            uploaded_bytes = await intake.receive_upload(
+                job.tenant, target_uri, upload, storage, fingerprint.add_upload
             )
         else:
             raise InvalidArgument("the spec needs a target_uri, or a target_filename followed by the uploaded target")
         job = replace(job, target_uri=target_uri)
-        target = await self._media.probe(target_uri)
+        target = await intake.probed_target(target_uri, request.target_uri or request.target_filename)
         job = replace(job, target=target, output_uri=output_uri(job.id, target.kind))
-        check_media(target, "target", self._limits)
-        self._check_target(request.target_uri or request.target_filename, target)
-        async with self._image_checks:
-            if await self._media.count_faces(source) == 0:
-                raise FailedPrecondition("no face found in the source image")
-            if reference is not None and await self._media.count_faces(reference) == 0:
-                raise FailedPrecondition("no face found in the reference image")
+        await intake.require_face(source, "source image")
+        if reference is not None:
+            await intake.require_face(reference, "reference image")
         return job, uploaded_bytes
 
-    @staticmethod
-    def _check_target(named: str, target: MediaInfo) -> None:
-        if target.width <= 0 or target.height <= 0:
-            raise InvalidArgument(f"target {excerpt(named)} has no picture size ({target.width}x{target.height})")
-        if target.kind == "video" and target.frame_count <= 0:
-            raise InvalidArgument(f"target {excerpt(named)} has no video frames")
-
     async def _store_images(self, job: JobRecord, request: JobRequest) -> JobRecord:
-        """The images go to media storage, written whole before the job that names them is stored."""
-        source_uri = source_image_uri(job.id)
-        reference_uri = reference_image_uri(job.id) if self._uses_reference(request) else ""
-        await asyncio.to_thread(write_media_file, self._media_root, source_uri, request.source_image)
-        if reference_uri:
-            await asyncio.to_thread(write_media_file, self._media_root, reference_uri, request.reference_image)
+        reference = request.reference_image if request.selector == "reference" else b""
+        source_uri, reference_uri = await self.intake.store_images(job.id, request.source_image, reference)
         return replace(job, source_image_uri=source_uri, reference_image_uri=reference_uri)
-
-    async def _receive_upload(
-        self,
-        job: JobRecord,
-        filename: str,
-        upload: AsyncIterator[bytes],
-        storage: TenantStorage,
-        fingerprint: RequestFingerprint,
-    ) -> tuple[str, int]:
-        """Streams the upload to disk as it arrives, so a large target never sits in memory; the file gets
-        its name only once it is whole. Its URI and size."""
-        uri = in_tenant_area(job.tenant, f"{UPLOADS_FOLDER}/{job.id}/{sanitised_filename(filename)}")
-        path = await asyncio.to_thread(writable_media_path, self._media_root, uri)
-        partial = path.with_name(PARTIAL_UPLOAD_NAME)
-        received = 0
-        file = await asyncio.to_thread(partial.open, "wb")
-        try:
-            async for piece in upload:
-                received += len(piece)
-                if received > self._max_upload_bytes:
-                    raise InvalidArgument(f"uploaded target exceeds the limit of {self._max_upload_bytes} bytes")
-                if storage.is_full(received):
-                    raise ResourceExhausted(
-                        f"the upload fills the media storage of tenant {job.tenant} ({storage.used_bytes} of "
-                        f"{storage.max_bytes} bytes used before it)"
-                    )
-                await asyncio.to_thread(_write_and_fingerprint, file, piece, fingerprint)
-        finally:
-            await asyncio.to_thread(file.close)
-        if received == 0:
-            raise InvalidArgument("uploaded target is empty")
-        await asyncio.to_thread(os.replace, partial, path)
-        return uri, received
 
     async def get(self, job_id: str, tenant: str | None) -> JobRecord:
         return await self._coordinator.load_job(job_id, tenant)
@@ -443,16 +348,6 @@ def _same_state(latest: JobProgress, sent: JobProgress) -> bool:
     return latest.job == sent.job and latest.stage == sent.stage
 
 
-def _write_and_fingerprint(file: BinaryIO, piece: bytes, fingerprint: RequestFingerprint) -> None:
-    file.write(piece)
-    fingerprint.add_upload(piece)
-
-
 def _artifact_file(media_root: Path, uri: str) -> ArtifactFile:
     path = existing_media_path(media_root, uri)
     return ArtifactFile(path=path, filename=path.name, size=path.stat().st_size)
-
-
-def _decoded_for_detection(data: bytes, what: str, max_pixels: int) -> np.ndarray:
-    """Decoded and scaled down to the detector's size, in one worker-thread step."""
-    return np.ascontiguousarray(downscaled(decode_rgb_image(data, what, max_pixels)))

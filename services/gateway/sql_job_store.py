@@ -31,9 +31,9 @@ from services.gateway.job_images import reference_image_uri, source_image_uri, w
 from services.gateway.job_paging import JobCursor
 from services.gateway.job_records import (
     DEFAULT_STORAGE_TENANT,
+    ENDED_JOB_STATES,
     BatchEntry,
     BatchRecord,
-    ENDED_JOB_STATES,
     ChunkRecord,
     ChunkState,
     ChunkStats,

@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from services.gateway.job_service import current_stage, progress_rates, sanitised_filename
+from services.gateway.job_intake import sanitised_filename
+from services.gateway.job_service import current_stage, progress_rates
 from tests.gateway.gateway_fakes import job_record
 
 

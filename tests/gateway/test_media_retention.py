@@ -16,8 +16,8 @@ from prometheus_client import REGISTRY
 from skimage import data as skimage_data
 
 from services.common.settings_loader import SettingsError, load_settings
+from services.gateway.job_intake import PARTIAL_UPLOAD_NAME
 from services.gateway.job_records import JobRecord, JobState, TenantStorage
-from services.gateway.job_service import PARTIAL_UPLOAD_NAME
 from services.gateway.job_store import JobStore, SqliteJobStore
 from services.gateway.media_retention import MediaRetention
 from services.gateway.postgres_job_store import PostgresJobStore

@@ -30,7 +30,7 @@ from services.common.grpc_server import ServiceBinding, start_server
 from services.common.image_codec import decode_rgb_image
 from services.common.media_paths import existing_media_path, writable_media_path
 from services.common.server_settings import ServerSettings
-from services.gateway import job_service
+from services.gateway import job_intake
 from services.gateway.gateway_parts import GatewayParts, assemble_gateway
 from services.gateway.gpu_trend_source import GpuTrendSource, TrendRow
 from services.gateway.job_records import EncodeOptions
@@ -860,7 +860,7 @@ def test_images_are_decoded_off_the_event_loop(
         decoding_threads.append(threading.get_ident())
         return decode_rgb_image(data, what, max_pixels)
 
-    monkeypatch.setattr(job_service, "decode_rgb_image", recording_decode)
+    monkeypatch.setattr(job_intake, "decode_rgb_image", recording_decode)
 
     async def scenario(gateway: Gateway) -> None:
         (gateway.media_root / "clip.mp4").write_bytes(b"video")
