@@ -35,6 +35,7 @@ from services.gateway.job_records import (
     RetrySchedule,
 )
 from services.gateway.retry_policy import RetryPolicy
+from services.gateway.tenant_chunk_limits import NO_TENANT_CHUNK_LIMITS, TenantChunkLimits
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,16 @@ class ChunkQueue:
         lease_seconds: float,
         retry: RetryPolicy,
         stall_deadline_seconds: float = 0.0,
+        tenant_limits: TenantChunkLimits = NO_TENANT_CHUNK_LIMITS,
     ) -> None:
-        """stall_deadline_seconds: 0 turns the stall deadline off."""
+        """stall_deadline_seconds: 0 turns the stall deadline off. tenant_limits: the chunks each tenant may hold
+        leased at once."""
         self._coordinator = coordinator
         self._store = coordinator.store
         self.lease_seconds = lease_seconds
         self.retry = retry
         self.stall_deadline_seconds = stall_deadline_seconds
+        self.tenant_limits = tenant_limits
         self._work = asyncio.Condition()
         # Counts work_added calls: a waiter that saw it change while it looked in the store looks again.
         self._work_generation = 0
@@ -112,10 +116,18 @@ class ChunkQueue:
     def _work_added_since(self, generation: int) -> bool:
         return self._work_generation != generation
 
+    async def _lease_ended(self) -> None:
+        """A lease ended through this gateway (its chunk finished, or its job ended): its tenant may lease again,
+        so the leases a tenant limit held back look again. Other gateways hear it through the store."""
+        if self.tenant_limits.has_limits:
+            await self.work_added()
+
     def _lease_or_next_due(self, worker_id: str) -> tuple[ChunkRecord | None, float | None]:
         """On the store's thread: a leased chunk; else when the next chunk backing off becomes due (None: none)."""
         now = self._coordinator.now()
-        chunk = self._store.lease_next_chunk(worker_id, uuid.uuid4().hex, now, now + self.lease_seconds)
+        chunk = self._store.lease_next_chunk(
+            worker_id, uuid.uuid4().hex, now, now + self.lease_seconds, self.tenant_limits
+        )
         if chunk is not None:
             CHUNK_LEASES.inc()
             return chunk, None
@@ -123,7 +135,8 @@ class ChunkQueue:
         return None, None if due is None else due - now
 
     async def lease(self, worker_id: str, wait_seconds: float) -> ChunkLease | None:
-        """The oldest live job's next due PENDING chunk, waiting up to wait_seconds for one."""
+        """The next due PENDING chunk in the store's order (interactive jobs first, then the tenant holding the
+        fewest leases, then the oldest job) of a tenant under its limit, waiting up to wait_seconds for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait_seconds, 0.0), MAX_LEASE_WAIT_SECONDS)
         while True:
@@ -249,6 +262,7 @@ class ChunkQueue:
             )
         CHUNKS_COMPLETED.inc()
         FRAMES_PROCESSED.inc(stats.frames)
+        await self._lease_ended()
         await self._coordinator.changed(chunk.job_id)
         if remaining == 0:
             await self._coordinator.chunks_finished(chunk.job_id)
@@ -284,6 +298,7 @@ class ChunkQueue:
             message = f"chunk {chunk.index} failed: {error.message}"
         if await self._store.run(self._store.fail_chunk, chunk, error, now):
             await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
+            await self._lease_ended()
 
     @staticmethod
     def _spent_message(chunk: ChunkRecord, error: JobError, failing_since: float, now: float) -> str:
@@ -315,7 +330,8 @@ class ChunkQueue:
             failing_since = chunk.failing_since if chunk.failing_since is not None else now
             if await self._store.run(self._store.fail_chunk, chunk, error, now):
                 message = self._spent_message(chunk, error, failing_since, now)
-                await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message))
+                if await self._coordinator.fail_job(chunk.job_id, JobError(error.code, message)):
+                    await self._lease_ended()
         return len(spent)
 
     async def fail_stalled_jobs(self) -> int:
@@ -339,6 +355,7 @@ class ChunkQueue:
                 job.job_id, JobError(code_value(grpc.StatusCode.DEADLINE_EXCEEDED), reason)
             ):
                 JOBS_STALLED.inc()
+                await self._lease_ended()
         return len(stalled)
 
     async def reap_once(self) -> None:

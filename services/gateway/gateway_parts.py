@@ -10,6 +10,7 @@ from pathlib import Path
 from services.common.errors import InvalidArgument
 from services.common.grpc_channel import channel_security
 from services.common.grpc_server import ServiceBinding
+from services.gateway.batch_service import BatchService
 from services.gateway.chunk_queue import ChunkQueue
 from services.gateway.gpu_trend_source import (
     CurrentGpuUsage,
@@ -36,11 +37,12 @@ class GatewayParts:
     coordinator: JobCoordinator
     queue: ChunkQueue
     jobs: JobService
+    batches: BatchService
 
     def bindings(self) -> list[ServiceBinding]:
         return [
             ServiceBinding(
-                JobServicer(self.jobs),
+                JobServicer(self.jobs, self.batches),
                 jobs_pb2_grpc.add_JobServiceServicer_to_server,
                 jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
                 audience="public",
@@ -88,7 +90,13 @@ def assemble_gateway(
         )
     retry = settings.retry_policy()
     coordinator = JobCoordinator(store, media, media_root, retry, clock, recorder, advisor)
-    queue = ChunkQueue(coordinator, settings.lease_seconds, retry, settings.stall_deadline_seconds)
+    queue = ChunkQueue(
+        coordinator,
+        settings.lease_seconds,
+        retry,
+        settings.stall_deadline_seconds,
+        settings.leased_chunk_limits(),
+    )
     jobs = JobService(
         coordinator,
         queue,
@@ -101,5 +109,15 @@ def assemble_gateway(
         CurrentGpuUsage(source),
         settings.max_concurrent_image_checks,
     )
+    batches = BatchService(
+        coordinator,
+        queue,
+        jobs.intake,
+        media_root,
+        settings.chunk_seconds,
+        recorder,
+        settings.max_batch_jobs,
+        new_id,
+    )
     coordinator.publish_counts()
-    return GatewayParts(coordinator=coordinator, queue=queue, jobs=jobs)
+    return GatewayParts(coordinator=coordinator, queue=queue, jobs=jobs, batches=batches)

@@ -44,13 +44,16 @@ class JobChangeFeed:
             watch.mark_changed()
 
     @contextmanager
-    def watching(self, job_id: str) -> Iterator[JobWatch]:
+    def watching(self, *job_ids: str) -> Iterator[JobWatch]:
+        """One watch marked by a change of any of the jobs (a batch's, say)."""
         watch = JobWatch()
-        self._watches.setdefault(job_id, set()).add(watch)
+        for job_id in job_ids:
+            self._watches.setdefault(job_id, set()).add(watch)
         try:
             yield watch
         finally:
-            watchers = self._watches[job_id]
-            watchers.discard(watch)
-            if not watchers:
-                del self._watches[job_id]
+            for job_id in job_ids:
+                watchers = self._watches[job_id]
+                watchers.discard(watch)
+                if not watchers:
+                    del self._watches[job_id]

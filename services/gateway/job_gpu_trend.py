@@ -54,9 +54,15 @@ class JobTrendRecorder:
         self._chart_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trend-chart")
 
     async def record(
-        self, job_id: str, started_at: float, finished_at: float, events: Sequence[Mapping[str, Any]]
+        self,
+        job_id: str,
+        started_at: float,
+        finished_at: float,
+        events: Sequence[Mapping[str, Any]],
+        subject: str = "",
     ) -> JobGpuTrend:
-        """Writes outputs/<job_id>/gpu_trend.{png,csv}; event times count from started_at."""
+        """Writes outputs/<job_id>/gpu_trend.{png,csv}; event times count from started_at. subject names the
+        chart's window in its heading (default: the job); a batch passes its id and "batch <id>"."""
         window = (started_at - WINDOW_MARGIN_SECONDS, finished_at + WINDOW_MARGIN_SECONDS)
         warnings: list[str] = []
         no_samples_reason = "CPU mode"
@@ -83,7 +89,7 @@ class JobTrendRecorder:
                     events,
                     started_at,
                     finished_at - started_at,
-                    f"GPU trend of job {job_id}",
+                    f"GPU trend of {subject or f'job {job_id}'}",
                     no_samples_reason,
                 ),
             )

@@ -1,4 +1,4 @@
-"""Idempotency keys of SubmitJob: the key's checks and the fingerprint of the request it was sent with.
+"""Idempotency keys of SubmitJob and SubmitBatch: the key's checks and the fingerprint of the request it was sent with.
 
 A key is the tenant's: two tenants may use the same one. The job that an accepted submission creates
 holds its key (a unique index per tenant and key in the store) for as long as the job is stored, so a
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 
 from services.common.errors import AlreadyExists, InvalidArgument
 from services.common.input_limits import excerpt
-from services.gateway.job_records import JobRecord, JobRequest
+from services.gateway.job_records import BatchRecord, BatchRequest, JobRecord, JobRequest
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 128
 # Bumped if what the fingerprint covers changes; a stored fingerprint of another version never matches.
 _FINGERPRINT_VERSION = b"swapline-submit-v1"
+_BATCH_FINGERPRINT_VERSION = b"swapline-batch-v1"
 
 
 def checked_idempotency_key(key: str) -> str:
@@ -34,25 +36,33 @@ def checked_idempotency_key(key: str) -> str:
     return key
 
 
+def _add_fields(digest: hashlib._Hash, fields: Iterable[bytes]) -> None:
+    """Length-prefixed, so no two sequences of fields hash the same bytes."""
+    for field in fields:
+        digest.update(struct.pack(">Q", len(field)))
+        digest.update(field)
+
+
 class RequestFingerprint:
-    """SHA-256 over the spec's fields (length-prefixed, so no two specs hash the same bytes) and then the
-    uploaded target's bytes, fed as they arrive; nothing of the upload is kept."""
+    """SHA-256 over the spec's fields and then the uploaded target's bytes, fed as they arrive; nothing of
+    the upload is kept."""
 
     def __init__(self, request: JobRequest) -> None:
         self._hash = hashlib.sha256(_FINGERPRINT_VERSION)
-        for field in (
-            request.source_image,
-            request.target_uri.encode(),
-            request.target_filename.encode(),
-            request.selector.encode(),
-            request.reference_image,
-            str(request.encode.crf).encode(),
-            request.encode.preset.encode(),
-            request.swapper.encode(),
-            request.detector.encode(),
-        ):
-            self._hash.update(struct.pack(">Q", len(field)))
-            self._hash.update(field)
+        _add_fields(
+            self._hash,
+            (
+                request.source_image,
+                request.target_uri.encode(),
+                request.target_filename.encode(),
+                request.selector.encode(),
+                request.reference_image,
+                str(request.encode.crf).encode(),
+                request.encode.preset.encode(),
+                request.swapper.encode(),
+                request.detector.encode(),
+            ),
+        )
         self._uploaded = hashlib.sha256()
 
     def add_upload(self, piece: bytes) -> None:
@@ -64,11 +74,45 @@ class RequestFingerprint:
         return whole.hexdigest()
 
 
+def batch_fingerprint(request: BatchRequest) -> str:
+    """SHA-256 over the batch spec but its skipped pairs: an upload counts by filename and size, not bytes, so
+    a retry resuming a batch of large uploads need not send them again."""
+    digest = hashlib.sha256(_BATCH_FINGERPRINT_VERSION)
+    fields: list[bytes] = [str(len(request.targets)).encode()]
+    for target in request.targets:
+        fields += [target.uri.encode(), target.filename.encode(), str(target.size_bytes).encode()]
+    fields.append(str(len(request.sources)).encode())
+    for source in request.sources:
+        fields += [source.name.encode(), source.image]
+    fields.append(",".join(f"{pair.target_index}:{pair.source_index}" for pair in request.all_pairs()).encode())
+    fields += [
+        request.selector.encode(),
+        request.reference_image,
+        str(request.encode.crf).encode(),
+        request.encode.preset.encode(),
+        request.swapper.encode(),
+        request.detector.encode(),
+        request.name.encode(),
+    ]
+    _add_fields(digest, fields)
+    return digest.hexdigest()
+
+
 def replayed(job: JobRecord, key: str, fingerprint: str) -> JobRecord:
     """The job a key already holds, if the retry sent the request that created it; else ALREADY_EXISTS."""
-    if job.payload_fingerprint != fingerprint:
-        raise AlreadyExists(
-            f"idempotency_key {key!r} was already used for job {job.id} with a different request "
-            "(spec or target); send that request again to get the job, or use a new key for a new job"
-        )
+    _check_same_request(f"job {job.id}", job.payload_fingerprint, key, fingerprint)
     return job
+
+
+def replayed_batch(batch: BatchRecord, key: str, fingerprint: str) -> BatchRecord:
+    """The batch a key already holds, if the retry sent the spec that created it; else ALREADY_EXISTS."""
+    _check_same_request(f"batch {batch.id}", batch.payload_fingerprint, key, fingerprint)
+    return batch
+
+
+def _check_same_request(holder: str, held_fingerprint: str, key: str, fingerprint: str) -> None:
+    if held_fingerprint != fingerprint:
+        raise AlreadyExists(
+            f"idempotency_key {key!r} was already used for {holder} with a different request "
+            "(spec or target); send that request again to get it, or use a new key for a new submission"
+        )

@@ -101,6 +101,56 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class BatchTargetRequest:
+    """A target of a submitted batch: `uri` under the tenant's area, or an upload of `filename`, `size_bytes` long."""
+
+    uri: str
+    filename: str
+    size_bytes: int
+
+    @property
+    def named(self) -> str:
+        return self.uri or self.filename
+
+
+@dataclass(frozen=True)
+class BatchSourceRequest:
+    name: str
+    image: bytes
+
+
+@dataclass(frozen=True)
+class BatchPair:
+    target_index: int
+    source_index: int
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """A submitted batch spec. pairs empty: every target with every source, targets outermost."""
+
+    targets: tuple[BatchTargetRequest, ...]
+    sources: tuple[BatchSourceRequest, ...]
+    pairs: tuple[BatchPair, ...]
+    # Pairs not to run, with the client's reason.
+    skipped: tuple[tuple[BatchPair, str], ...]
+    selector: SelectorMode
+    reference_image: bytes
+    encode: EncodeOptions
+    swapper: str = ""
+    detector: str = ""
+    idempotency_key: str = ""
+    name: str = ""
+
+    def all_pairs(self) -> tuple[BatchPair, ...]:
+        if self.pairs:
+            return self.pairs
+        return tuple(
+            BatchPair(target, source) for target in range(len(self.targets)) for source in range(len(self.sources))
+        )
+
+
+@dataclass(frozen=True)
 class BatchEntry:
     """A pair of a batch, targets[target_index] with sources[source_index]: its job, or why it was skipped."""
 
@@ -140,6 +190,16 @@ class JobSummary:
     tenant: str
     state: JobState
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What retention needs of a stored batch: whose it is, its age, and whether any of its jobs is left."""
+
+    id: str
+    tenant: str
+    created_at: float
+    has_jobs: bool
 
 
 @dataclass(frozen=True)

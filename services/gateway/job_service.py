@@ -273,7 +273,10 @@ class JobService:
         return jobs, "" if last is None else job_page_token(last, state, tenant, batch_id)
 
     async def cancel(self, job_id: str, tenant: str | None) -> JobRecord:
-        return await self._coordinator.cancel_job(job_id, tenant)
+        job = await self._coordinator.cancel_job(job_id, tenant)
+        # Its leased chunks no longer count against its tenant's limit: leases held back by it look again.
+        await self._queue.work_added()
+        return job
 
     async def progress(self, job_id: str, tenant: str | None) -> JobProgress:
         return await self._store.run(self._read_progress, job_id, tenant)
@@ -340,7 +343,7 @@ class JobService:
         }
         if kind in ("gpu_trend_chart", "gpu_trend_csv") and job.started_at is None:
             raise FailedPrecondition(f"job {job_id} ended before it started; it has no GPU trend")
-        return await asyncio.to_thread(_artifact_file, self._media_root, uris[kind])
+        return await asyncio.to_thread(artifact_file, self._media_root, uris[kind])
 
 
 def _same_state(latest: JobProgress, sent: JobProgress) -> bool:
@@ -348,6 +351,6 @@ def _same_state(latest: JobProgress, sent: JobProgress) -> bool:
     return latest.job == sent.job and latest.stage == sent.stage
 
 
-def _artifact_file(media_root: Path, uri: str) -> ArtifactFile:
+def artifact_file(media_root: Path, uri: str) -> ArtifactFile:
     path = existing_media_path(media_root, uri)
     return ArtifactFile(path=path, filename=path.name, size=path.stat().st_size)

@@ -36,7 +36,13 @@ from prometheus_client import Counter, Gauge
 
 from services.common.tenant_context import LOCAL_TENANT, TENANT_NAME
 from services.gateway.job_images import work_area
-from services.gateway.job_records import DEFAULT_STORAGE_TENANT, ENDED_JOB_STATES, JobSummary, TenantStorage
+from services.gateway.job_records import (
+    DEFAULT_STORAGE_TENANT,
+    ENDED_JOB_STATES,
+    BatchSummary,
+    JobSummary,
+    TenantStorage,
+)
 from services.gateway.job_store import JobStore
 from services.gateway.retention_policy import RetentionPolicy
 from services.gateway.tenant_areas import (
@@ -127,10 +133,19 @@ class MediaRetention:
         removed: dict[RemovedKind, int] = dict.fromkeys(REMOVED_KINDS, 0)
         for job in expired:
             if job.id in deleted:
-                for kind, folder in self._job_folders(job):
+                for kind, folder in self._job_folders(job.id, job.tenant):
                     removed[kind] += _remove(folder)
                 JOBS_DELETED.labels(job.tenant).inc()
         owners = {job.id: job.tenant for job in jobs if job.id not in deleted}
+        # A batch's uploads and report go with it, once retention has deleted every job of it.
+        batches = self._store.batch_summaries()
+        emptied = [batch for batch in batches if self._batch_expired(batch, now)]
+        deleted_batches = set(self._store.delete_emptied_batches([batch.id for batch in emptied]))
+        for batch in emptied:
+            if batch.id in deleted_batches:
+                for kind, folder in self._job_folders(batch.id, batch.tenant):
+                    removed[kind] += _remove(folder)
+        owners |= {batch.id: batch.tenant for batch in batches if batch.id not in deleted_batches}
         area_tenants = self._area_tenants()
         used: dict[str, int] = defaultdict(int)
         for entry in self._entries(area_tenants):
@@ -153,11 +168,18 @@ class MediaRetention:
             job.state in ENDED_JOB_STATES and job.finished_at is not None and age > 0 and job.finished_at <= now - age
         )
 
-    def _job_folders(self, job: JobSummary) -> list[tuple[RemovedKind, Path]]:
+    def _batch_expired(self, batch: BatchSummary, now: float) -> bool:
+        """No job of the batch is left and it is past its tenant's age: its jobs, created after it, were
+        deleted once they had ended that long ago, and a batch that made no job keeps its report that long."""
+        age = self._policy.limits_of(batch.tenant).max_age_seconds
+        return not batch.has_jobs and age > 0 and batch.created_at <= now - age
+
+    def _job_folders(self, owner_id: str, tenant: str) -> list[tuple[RemovedKind, Path]]:
+        """The folders named after a job (or a batch: its uploads and report)."""
         return [
-            ("uploads", self._media_root / in_tenant_area(job.tenant, f"{UPLOADS_FOLDER}/{job.id}")),
-            ("outputs", self._media_root / OUTPUTS_FOLDER / job.id),
-            ("work", self._media_root / work_area(job.id)),
+            ("uploads", self._media_root / in_tenant_area(tenant, f"{UPLOADS_FOLDER}/{owner_id}")),
+            ("outputs", self._media_root / OUTPUTS_FOLDER / owner_id),
+            ("work", self._media_root / work_area(owner_id)),
         ]
 
     def _area_tenants(self) -> list[str]:

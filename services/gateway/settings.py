@@ -21,6 +21,7 @@ from services.common.settings_loader import SettingsError, ranged
 from services.gateway.gpu_trend_source import GpuTrendSourceKind
 from services.gateway.retention_policy import RetentionLimits, RetentionPolicy, tenant_limits
 from services.gateway.retry_policy import RetryPolicy
+from services.gateway.tenant_chunk_limits import MAX_LEASED_CHUNKS_CEILING, TenantChunkLimits, tenant_chunk_limits
 
 ENV_PREFIX = "SWAPLINE_GATEWAY_"
 
@@ -60,6 +61,9 @@ class GatewaySettings(ServerSettings):
     # its own changes; this bounds how long other gateways' changes take to show.
     store_counts_refresh_seconds: float = ranged(5.0, ge=0.5, le=300.0)
     max_upload_bytes: int = ranged(4 * 1024**3, ge=1, le=_BYTES_CEILING)
+    # The most jobs one SubmitBatch may make (targets times sources, or pairs), and the most targets or sources
+    # it may name.
+    max_batch_jobs: int = ranged(10_000, ge=1, le=1_000_000)
     # Submissions whose images are decoded and face-counted at once; the rest of a burst waits its turn.
     max_concurrent_image_checks: int = ranged(4, ge=1, le=256)
     # Checked at submit before anything large is allocated: the source and reference images (bytes, and
@@ -96,10 +100,17 @@ class GatewaySettings(ServerSettings):
     # Partial uploads and folders of submissions that never reached the store go once untouched this long.
     retention_interrupted_seconds: float = ranged(3600.0, ge=60.0, le=30 * 86400.0)
     retention_sweep_interval_seconds: float = ranged(300.0, ge=1.0, le=86400.0)
+    # Scheduling (tenant_chunk_limits.py): leases go to interactive jobs before batch jobs, then to the tenant
+    # holding the fewest leased chunks, then to the oldest job. A tenant holding tenant_max_leased_chunks leased
+    # chunks (0: no limit) gets no further lease, even with workers idle, until one of them ends;
+    # tenant_chunk_limits sets the limit for named tenants: comma-separated tenant:max_leased_chunks entries.
+    tenant_max_leased_chunks: int = ranged(0, ge=0, le=MAX_LEASED_CHUNKS_CEILING)
+    tenant_chunk_limits: tuple[str, ...] = ranged((), max_length=10000)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.retention_policy()
+        self.leased_chunk_limits()
         if self.retry_max_backoff_seconds < self.retry_initial_backoff_seconds:
             raise SettingsError(
                 f"retry_max_backoff_seconds={self.retry_max_backoff_seconds:g} must be at least "
@@ -125,3 +136,6 @@ class GatewaySettings(ServerSettings):
             interrupted_seconds=self.retention_interrupted_seconds,
             sweep_interval_seconds=self.retention_sweep_interval_seconds,
         )
+
+    def leased_chunk_limits(self) -> TenantChunkLimits:
+        return tenant_chunk_limits(self.tenant_max_leased_chunks, self.tenant_chunk_limits)

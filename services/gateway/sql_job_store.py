@@ -34,6 +34,7 @@ from services.gateway.job_records import (
     ENDED_JOB_STATES,
     BatchEntry,
     BatchRecord,
+    BatchSummary,
     ChunkRecord,
     ChunkState,
     ChunkStats,
@@ -49,6 +50,7 @@ from services.gateway.job_records import (
     StalledJob,
     TenantStorage,
 )
+from services.gateway.tenant_chunk_limits import NO_LIMIT, NO_TENANT_CHUNK_LIMITS, TenantChunkLimits
 
 Row = Mapping[str, Any]
 ResultT = TypeVar("ResultT")
@@ -60,8 +62,9 @@ class JobChange:
     """A change a gateway made to a job, as the store's change feed delivers it (to every gateway, its own too)."""
 
     job_id: str
-    # Chunks of the job became PENDING (it was submitted, or a chunk was queued again): leases waiting on
-    # this gateway look again.
+    # Chunks of the job became PENDING (it was submitted, or a chunk was queued again), or a lease of its
+    # tenant ended while chunks of the tenant were queued (a tenant limit may have held them back): leases
+    # waiting on this gateway look again.
     work_added: bool = False
 
 
@@ -78,6 +81,10 @@ class SqlDialect:
     lease_lock: str
     # Appended to the query of the open chunks of a job being ended; empty: that query is not needed.
     open_chunks_lock: str
+    # Run first in the transaction that leases a chunk, where gateways share the store: it holds their leases
+    # off until this one commits, so each counts the tenants' leased chunks with the others' leases in them
+    # (else two at once could take a tenant past its limit). Empty: the store's transactions already take turns.
+    lease_turn: str = ""
 
 
 _SCHEMA_TEMPLATE = """
@@ -242,11 +249,11 @@ _BATCH_WITH_KEY = "SELECT * FROM batches WHERE tenant = ? AND idempotency_key = 
 _SELECT_BATCH = "SELECT * FROM batches WHERE id = ?"
 _BATCH_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch_id = ? ORDER BY created_at, id"
 _CANCEL_BATCH = "UPDATE batches SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?"
-# A batch whose jobs retention has deleted, all of them, goes too (a batch of only skipped pairs once it is
-# older than the cutoff).
-_EMPTIED_BATCHES = """SELECT id, tenant FROM batches b
-    WHERE b.created_at < ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.id) ORDER BY seq"""
-_DELETE_BATCH = "DELETE FROM batches WHERE id = ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = ?)"
+_BATCH_SUMMARIES = """SELECT id, tenant, created_at,
+        EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.id) AS has_jobs
+    FROM batches b ORDER BY seq"""
+# Retention deletes a batch once it has deleted all of its jobs.
+_DELETE_EMPTIED_BATCH = "DELETE FROM batches WHERE id = ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = ?)"
 _INSERT_CHUNK = """INSERT INTO chunks (job_id, idx, state, start_frame, seek_pts, frame_count, segment_uri)
     VALUES (?, ?, 'PENDING', ?, ?, ?, ?)"""
 _SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
@@ -255,9 +262,20 @@ _LIST_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs {{where}} ORDER BY created_at DES
 _BEFORE_CURSOR = "(created_at < ? OR (created_at = ? AND id < ?))"
 _LIST_CHUNKS = "SELECT * FROM chunks WHERE job_id = ? ORDER BY idx"
 _SELECT_LEASED_CHUNK = "SELECT * FROM chunks WHERE lease_id = ?"
-_NEXT_PENDING_CHUNK = f"""SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id
+# The chunk to lease: interactive jobs' (submitted alone, not in a batch) before batches', so one large batch
+# never holds up a single job; then the tenant holding the fewest leased chunks, so tenants share the workers;
+# then the oldest job's first chunk, so a batch's jobs finish in the order submitted. A tenant holding its
+# limit of leased chunks ({tenant_limit}: an expression of j.tenant, NO_LIMIT for none) gets none.
+_NEXT_PENDING_CHUNK = f"""WITH leased AS (
+        SELECT j.tenant, COUNT(*) AS n FROM chunks c JOIN jobs j ON j.id = c.job_id
+        WHERE c.state = 'LEASED' AND {_LIVE_JOB} GROUP BY j.tenant)
+    SELECT c.job_id, c.idx FROM chunks c JOIN jobs j ON j.id = c.job_id LEFT JOIN leased l ON l.tenant = j.tenant
     WHERE c.state = 'PENDING' AND c.not_before <= ? AND {_LIVE_JOB}
-    ORDER BY j.seq, c.idx LIMIT 1"""
+        AND ({{tenant_limit}} = {NO_LIMIT} OR COALESCE(l.n, 0) < {{tenant_limit}})
+    ORDER BY CASE WHEN j.batch_id = '' THEN 0 ELSE 1 END, COALESCE(l.n, 0), j.seq, c.idx LIMIT 1"""
+# Whether the job's tenant has queued chunks that its limit may be holding back.
+_TENANT_HAS_PENDING_CHUNK = f"""SELECT 1 AS pending FROM chunks c JOIN jobs j ON j.id = c.job_id
+    WHERE c.state = 'PENDING' AND {_LIVE_JOB} AND j.tenant = (SELECT tenant FROM jobs WHERE id = ?) LIMIT 1"""
 _NEXT_DUE = f"""SELECT MIN(c.not_before) AS due FROM chunks c JOIN jobs j ON j.id = c.job_id
     WHERE c.state = 'PENDING' AND c.not_before > ? AND {_LIVE_JOB}"""
 _LEASE_CHUNK = """UPDATE chunks SET state = 'LEASED', attempts = attempts + 1, lease_id = ?,
@@ -482,6 +500,15 @@ def _placeholders(values: Collection[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
+def _tenant_limit(limits: TenantChunkLimits) -> tuple[str, list[int | str]]:
+    """The limit of job j's tenant as an SQL expression, with its parameters."""
+    if not limits.tenants:
+        return "?", [limits.default]
+    cases = " ".join("WHEN ? THEN ?" for _ in limits.tenants)
+    params: list[int | str] = [value for case in limits.tenants.items() for value in case]
+    return f"CASE j.tenant {cases} ELSE ? END", [*params, limits.default]
+
+
 class SqlJobStore(ABC):
     """Durable jobs and chunks over one connection; every write is one explicit transaction."""
 
@@ -567,6 +594,13 @@ class SqlJobStore(ABC):
     @abstractmethod
     def _job_left_joining(self, job_id: str) -> None:
         """Called after the transaction of any attempt to end a job."""
+
+    def _lease_ended(self, job_id: str) -> None:
+        """Inside a transaction that ended a lease of the job's (its chunk finished, or its job ended):
+        its tenant holds one chunk fewer, so leases waiting on any gateway look again if the tenant's limit may
+        be holding back chunks of its own."""
+        if self._rows(_TENANT_HAS_PENDING_CHUNK, (job_id,)):
+            self._announce_work_added(job_id)
 
     def _migrate(self, media_root: Path) -> None:
         """Brings a store made by an earlier version to this one's schema; runs inside a transaction.
@@ -679,13 +713,19 @@ class SqlJobStore(ABC):
         with self._transaction():
             self._change(_CANCEL_BATCH, (at, batch_id))
 
-    def delete_emptied_batches(self, created_before: float) -> list[tuple[str, str]]:
-        """Deletes batches created before the time that no longer have a stored job; their (id, tenant)."""
-        deleted: list[tuple[str, str]] = []
+    def batch_summaries(self) -> list[BatchSummary]:
+        """Every stored batch, oldest first: its tenant, creation, and whether a job of it is still stored."""
+        with self._reading():
+            rows = self._rows(_BATCH_SUMMARIES)
+        return [BatchSummary(row["id"], row["tenant"], float(row["created_at"]), bool(row["has_jobs"])) for row in rows]
+
+    def delete_emptied_batches(self, batch_ids: Iterable[str]) -> list[str]:
+        """Deletes those of the batches that no longer have a stored job; the ids it deleted."""
+        deleted: list[str] = []
         with self._transaction():
-            for row in self._rows(_EMPTIED_BATCHES, (created_before,)):
-                if self._change(_DELETE_BATCH, (row["id"], row["id"])) == 1:
-                    deleted.append((str(row["id"]), str(row["tenant"])))
+            for batch_id in batch_ids:
+                if self._change(_DELETE_EMPTIED_BATCH, (batch_id, batch_id)) == 1:
+                    deleted.append(batch_id)
         return deleted
 
     def job_with_key(self, tenant: str, idempotency_key: str) -> JobRecord | None:
@@ -748,10 +788,22 @@ class SqlJobStore(ABC):
             rows = self._rows(_SELECT_LEASED_CHUNK, (lease_id,))
         return _chunk_from_row(rows[0]) if rows else None
 
-    def lease_next_chunk(self, worker_id: str, lease_id: str, now: float, expires_at: float) -> ChunkRecord | None:
-        """Leases the first due PENDING chunk of the oldest live job; its job becomes RUNNING."""
+    def lease_next_chunk(
+        self,
+        worker_id: str,
+        lease_id: str,
+        now: float,
+        expires_at: float,
+        limits: TenantChunkLimits = NO_TENANT_CHUNK_LIMITS,
+    ) -> ChunkRecord | None:
+        """Leases the next due PENDING chunk of a live job, in _NEXT_PENDING_CHUNK's order, whose tenant holds fewer
+        leased chunks than its limit; its job becomes RUNNING."""
+        tenant_limit, limit_params = _tenant_limit(limits)
+        statement = _NEXT_PENDING_CHUNK.format(tenant_limit=tenant_limit) + self.dialect.lease_lock
         with self._transaction():
-            rows = self._rows(_NEXT_PENDING_CHUNK + self.dialect.lease_lock, (now,))
+            if self.dialect.lease_turn:
+                self._rows(self.dialect.lease_turn)
+            rows = self._rows(statement, (now, *limit_params, *limit_params))
             if not rows:
                 return None
             job_id, index = rows[0]["job_id"], rows[0]["idx"]
@@ -792,6 +844,7 @@ class SqlJobStore(ABC):
                 return None
             self._change(_RESET_STALL_CLOCK, (now, job_id))
             self._announce(job_id)
+            self._lease_ended(job_id)
             remaining = self._rows(_COUNT_UNFINISHED_CHUNKS, (job_id,))[0]["n"]
         return int(remaining)
 
@@ -892,6 +945,7 @@ class SqlJobStore(ABC):
                 self._announce(job_id)
             if changed and ended:
                 self._change(_CANCEL_OPEN_CHUNKS, (job_id,))
+                self._lease_ended(job_id)
             if changed and to_state == "JOINING":
                 self._claim_join(job_id)
         if ended:

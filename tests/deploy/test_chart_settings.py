@@ -13,6 +13,7 @@ import pytest
 from services.common.settings_loader import all_env_names, load_settings, required_env_names
 from services.gateway.retention_policy import RetentionLimits
 from services.gateway.settings import GatewaySettings
+from services.gateway.tenant_chunk_limits import TenantChunkLimits
 from tests.deploy.chart_render import (
     CHART_DIR,
     DOCKERFILE,
@@ -195,3 +196,10 @@ def test_the_schema_offers_exactly_the_settings_choices(service: str, key: str, 
     hints = typing.get_type_hints(settings_class(service))
     assert field in hints, f"{SETTINGS_CLASSES[service]} has no field {field} for {prefix_of(service)}{field.upper()}"
     assert offered == list(typing.get_args(hints[field]))
+
+
+def test_scheduling_values_become_the_gateways_tenant_chunk_limits() -> None:
+    scheduling = {"maxLeasedChunks": 8, "tenants": [{"tenant": "acme", "maxLeasedChunks": 32}]}
+    (container,) = containers_of(workload_of(objects_of(render({"gateway": {"scheduling": scheduling}})), "gateway"))
+    settings = load_settings(GatewaySettings, prefix_of("gateway"), runtime_environment(container))
+    assert settings.leased_chunk_limits() == TenantChunkLimits(8, {"acme": 32})

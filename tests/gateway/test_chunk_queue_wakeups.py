@@ -12,6 +12,7 @@ from services.gateway.job_images import write_media_file
 from services.gateway.job_records import ChunkRecord
 from services.gateway.job_store import SqliteJobStore
 from services.gateway.retry_policy import RetryPolicy
+from services.gateway.tenant_chunk_limits import NO_TENANT_CHUNK_LIMITS, TenantChunkLimits
 from tests.gateway.gateway_fakes import FakeMedia, ManualClock, job_record, planned_chunks
 
 RETRY = RetryPolicy(budget_seconds=120.0, initial_backoff_seconds=1.0, max_backoff_seconds=30.0, max_attempts=5)
@@ -28,8 +29,15 @@ class AddsWorkAfterTheFirstLook(SqliteJobStore):
         self._add_work = add_work
         self.looks = 0
 
-    def lease_next_chunk(self, worker_id: str, lease_id: str, now: float, expires_at: float) -> ChunkRecord | None:
-        chunk = super().lease_next_chunk(worker_id, lease_id, now, expires_at)
+    def lease_next_chunk(
+        self,
+        worker_id: str,
+        lease_id: str,
+        now: float,
+        expires_at: float,
+        limits: TenantChunkLimits = NO_TENANT_CHUNK_LIMITS,
+    ) -> ChunkRecord | None:
+        chunk = super().lease_next_chunk(worker_id, lease_id, now, expires_at, limits)
         self.looks += 1
         if self.looks == 1:
             self._add_work()
