@@ -10,7 +10,8 @@ run times, and the ratio uses it. Each services job is paired with an in-process
 it and the ratio is the median of the pairs' ratios, so the VM's drift in speed cancels; each
 column shows its median run (after a warm-up run) with the spread of all runs beside it. One frame
 hop is also timed alone (frame_hop.py), and one face-swapper request through Triton with its tensors
-in the gRPC payload and in shared memory (triton_hop.py). Results also go to <workdir>/bench.json.
+in the gRPC payload and in shared memory (triton_hop.py). Last, a batch of short clips times two faces runs
+on a stack of its own (batch_bench.py): jobs a minute and fps. Results also go to <workdir>/bench.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from services.bench.batch_bench import BATCH_CLIP_SECONDS, BATCH_CLIP_SIZE, BATCH_CLIPS, batch_line, wait_for_job
 from services.bench.frame_hop import measure_hops
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
 from services.bench.triton_hop import FACES, measure_triton_hops
@@ -42,8 +44,8 @@ from services.cli.job_client import JobClient
 from services.common.frames.frame_allocator import keep_frame_buffers
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import write_file
+from services.common.media_probe import probe_media
 from services.decoder.frame_reader import iter_frame_batches
-from services.decoder.media_probe import probe_media
 from services.detector.face_detector import FaceDetector
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
@@ -130,12 +132,12 @@ def paired_runs(
     pairs = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
-        _wait(client, warmup.id)
+        wait_for_job(client, warmup.id)
         for run in range(1, repeat + 1):
             baseline = in_process.run(f"before {name} run {run}")
             started = time.perf_counter()
             job = client.submit(source_png, target_path=video)
-            finished = _wait(client, job.id)
+            finished = wait_for_job(client, job.id)
             wall = time.perf_counter() - started
             if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
                 raise SystemExit(f"benchmark job failed: {finished.error.message}")
@@ -167,13 +169,6 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ordered[len(ordered) // 2], "runs_pipeline_seconds": [run["pipeline_seconds"] for run in runs]}
 
 
-def _wait(client: JobClient, job_id: str) -> jobs_pb2.Job:
-    for event in client.watch(job_id):
-        if event.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
-            break
-    return client.get(job_id)
-
-
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     columns = list(results)
     print(f"{'':24}" + "".join(f"{name.removeprefix('services, '):>22}" for name in columns))
@@ -199,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         help="how workers reach the frame services; the embedded stack's default is unix",
     )
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
+    parser.add_argument(
+        "--batch-workers", type=int, default=2, help="workers of the stack the batch line runs on (0: no batch line)"
+    )
     args = parser.parse_args(argv)
     # The in-process run gets the allocator settings the frame services apply at start.
     keep_frame_buffers()
@@ -252,8 +250,22 @@ def main(argv: list[str] | None = None) -> int:
             f"  {transport:>16}: client {triton_figures.client_cpu_ms:.1f} ms CPU, tritonserver and stubs"
             f" {triton_figures.server_cpu_ms:.1f} ms CPU, {triton_figures.wall_ms:.1f} ms wall"
         )
+    batch = batch_line(work_dir, args.batch_workers) if args.batch_workers > 0 else None
+    if batch is not None:
+        print(
+            f"batch of {batch.jobs} jobs ({BATCH_CLIPS} clips of {BATCH_CLIP_SECONDS:g} s at {BATCH_CLIP_SIZE[0]}x"
+            f"{BATCH_CLIP_SIZE[1]} times 2 faces, {args.batch_workers} workers): {batch.jobs_per_minute:.1f} jobs a"
+            f" minute, {batch.fps:.1f} fps ({batch.frames} frames in {batch.wall_seconds:.1f} s, submission to the"
+            " last job's end)"
+        )
+        print(
+            f"a single job submitted while the batch ran: {batch.single_during_batch_seconds:.1f} s against"
+            f" {batch.single_idle_seconds:.1f} s on the idle stack"
+            f" ({batch.single_during_batch_seconds / batch.single_idle_seconds:.2f}x)"
+        )
     record = {
         **results,
+        "batch": None if batch is None else dataclasses.asdict(batch),
         "frame_hop": {hop: dataclasses.asdict(figures) for hop, figures in hops.items()},
         "triton_hop": {transport: dataclasses.asdict(figures) for transport, figures in triton_hops.items()},
     }

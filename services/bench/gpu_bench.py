@@ -57,7 +57,7 @@ from services.cli.embedded_stack import EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import temporary_path, write_file
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.encoder.segment_writer import count_video_frames
 from services.triton.settings import gpu_instances_from_env
 from swapline.jobs.v1 import jobs_pb2

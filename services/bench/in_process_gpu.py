@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from services.bench.gpu_samplers import CoreCounter, summarise_window
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
 from services.common.job_vocabulary import STAGE_NAMES
+from services.common.media_probe import probe_media
 from services.common.model_runner import ModelRunner
 from services.decoder.decode_backend import BackendChoice, select_backend
-from services.decoder.media_probe import probe_media
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter, count_video_frames
 from services.encoder.settings import EncoderSettings

@@ -7,7 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.cli import advise_command, commands, models_command
+from services.cli import advise_command, batch_command, commands, models_command
+from services.cli.batch_inputs import IMAGE_SUFFIXES
 from services.cli.embedded_stack import StackOptions
 from services.common.errors import SwaplineError
 from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPPER, DETECTOR_NAMES, SWAPPER_NAMES
@@ -22,6 +23,11 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="treat --target as a path under the gateway's media root instead of uploading it",
     )
+    _swap_options(parser)
+
+
+def _swap_options(parser: argparse.ArgumentParser) -> None:
+    """How faces are chosen, swapped and encoded: the same for `run`, `submit` and each job of `batch`."""
     parser.add_argument(
         "--selector",
         choices=SELECTOR_MODES,
@@ -114,6 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list recent jobs")
     listing.add_argument("--limit", type=int, default=20)
     listing.set_defaults(handler=commands.list_jobs)
+
+    batch = sub.add_parser(
+        "batch",
+        help="swap each source face into each target of a directory; run it again to resume",
+        description=batch_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument(
+        "--sources",
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help=f"face images, or directories of them ({' '.join(IMAGE_SUFFIXES)})",
+    )
+    batch.add_argument(
+        "--targets", required=True, metavar="DIR", help="directory of videos and images to swap faces in (by name)"
+    )
+    batch.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="where the outputs (<target stem>__<source stem><target suffix>) and the batch reports go",
+    )
+    batch.add_argument(
+        "--target-uri",
+        action="store_true",
+        help="the targets directory is a path under the gateway's media root: name the targets, do not upload them",
+    )
+    _swap_options(batch)
+    _stack_options(batch)
+    batch.add_argument("--per-job", action="store_true", help="a line for each job as it ends")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(handler=batch_command.run_batch)
 
     advise_command.add_parser(sub)
     models_command.add_parser(sub)

@@ -25,6 +25,7 @@ from services.cli.job_follower import Reconnecting, Reconnector, WatchingClient,
 from services.cli.progress_bar import ProgressBar
 from services.cli.stack_credentials import StackCredentials
 from services.common.errors import InvalidArgument, NotFound, SwaplineError
+from services.common.media_paths import temporary_path, write_file
 from services.common.tenant_context import LOCAL_TENANT
 from swapline.jobs.v1 import jobs_pb2
 
@@ -54,14 +55,19 @@ def stack_options(args: argparse.Namespace, work_dir: Path, gateway_port: int = 
 
 
 @contextmanager
-def client_for(args: argparse.Namespace) -> Iterator[JobClient]:
+def client_for(args: argparse.Namespace, default_workdir: Path | None = None) -> Iterator[JobClient]:
     """A client of the gateway named by --gateway or SWAPLINE_GATEWAY (with SWAPLINE_TOKEN and SWAPLINE_CA_FILE),
-    or of an embedded stack started for this command, with that stack's credentials."""
+    or of an embedded stack started for this command, with that stack's credentials.
+
+    The embedded stack works in --workdir, else in `default_workdir` (kept, so that a later command finds its
+    store), else in a temporary directory removed afterwards.
+    """
     if args.gateway:
         with JobClient.from_env(args.gateway) as client:
             yield client
         return
-    work_dir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="swapline-"))
+    kept_dir = Path(args.workdir) if args.workdir else default_workdir
+    work_dir = kept_dir if kept_dir is not None else Path(tempfile.mkdtemp(prefix="swapline-"))
     print(f"starting the embedded stack in {work_dir} ...", file=sys.stderr)
     try:
         with (
@@ -70,7 +76,7 @@ def client_for(args: argparse.Namespace) -> Iterator[JobClient]:
         ):
             yield client
     finally:
-        if not args.workdir:
+        if kept_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -99,20 +105,25 @@ def follow(client: WatchingClient, job_id: str, quiet: bool = False) -> jobs_pb2
 
 
 def save_output(client: JobClient, job: jobs_pb2.Job, output: Path) -> Path:
-    """Writes the result to `output`; an image result is re-encoded when the suffix asks for another format."""
-    fetched = client.fetch(job.id, jobs_pb2.ARTIFACT_OUTPUT, output.with_name(output.name + ".fetched"))
+    """Writes the result to `output`; an image result is re-encoded when the suffix asks for another format.
+
+    The download goes to a hidden temporary name beside `output`, renamed once whole: `output` is never partial.
+    """
+    fetched = client.fetch(job.id, jobs_pb2.ARTIFACT_OUTPUT, temporary_path(output))
     produced_suffix = Path(job.output_uri).suffix.lower()
     wanted_suffix = output.suffix.lower()
     is_image = produced_suffix in {".png", ".jpg", ".jpeg"}
-    if is_image and wanted_suffix != produced_suffix:
-        image = cv2.imdecode(np.frombuffer(fetched.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
-        ok, encoded = cv2.imencode(wanted_suffix or ".png", image)
-        if not ok:
-            raise InvalidArgument(f"cannot write an image as {output.name!r}")
-        output.write_bytes(encoded.tobytes())
-        fetched.unlink()
-    else:
-        fetched.replace(output)
+    try:
+        if is_image and wanted_suffix != produced_suffix:
+            image = cv2.imdecode(np.frombuffer(fetched.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+            ok, encoded = cv2.imencode(wanted_suffix or ".png", image)
+            if not ok:
+                raise InvalidArgument(f"cannot write an image as {output.name!r}")
+            write_file(output, encoded.tobytes())
+        else:
+            fetched.replace(output)
+    finally:
+        fetched.unlink(missing_ok=True)
     return output
 
 
@@ -296,28 +307,33 @@ def demo(args: argparse.Namespace) -> int:
     print(f"building the sample video {target} from package-shipped photos ...", file=sys.stderr)
     sample_media.make_face_video(target, sample_media.astronaut_photo())
     source.write_bytes(sample_media.encode_png(sample_media.grace_hopper_photo()))
-    run_args = argparse.Namespace(
-        source=str(source),
-        target=str(target),
-        target_uri=False,
-        output=str(work_dir / "output.mp4"),
-        report=str(work_dir / "report"),
-        selector="one",
-        reference="",
-        crf=0,
-        preset="",
-        quiet=False,
-        gateway=args.gateway,
-        workdir=str(work_dir / "stack"),
-        workers=args.workers,
-        secure=args.secure,
-        mtls=args.mtls,
-        tenant=args.tenant,
-    )
+    run_args = demo_run_arguments(args, source, target, work_dir)
     code = run(run_args)
     if code == 0:
         print(f"demo done: swapped video {work_dir / 'output.mp4'}, report {work_dir / 'report'}")
     return code
+
+
+def demo_run_arguments(args: argparse.Namespace, source: Path, target: Path, work_dir: Path) -> argparse.Namespace:
+    """`swapline run`'s arguments for the demo, parsed by run's own parser so every option has its default."""
+    from services.cli.__main__ import build_parser
+
+    command = ["run", "--source", str(source), "--target", str(target), "--output", str(work_dir / "output.mp4")]
+    command += [
+        "--report",
+        str(work_dir / "report"),
+        "--workdir",
+        str(work_dir / "stack"),
+        "--workers",
+        str(args.workers),
+    ]
+    command += ["--gpu-memory-budget", str(args.gpu_memory_budget)]
+    command += [flag for flag, chosen in (("--secure", args.secure), ("--mtls", args.mtls)) if chosen]
+    for tenant in args.tenant:
+        command += ["--tenant", tenant]
+    run_args = build_parser().parse_args(command)
+    run_args.gateway = args.gateway
+    return run_args
 
 
 def default_gateway() -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +27,11 @@ SUBMIT_RETRY_PAUSES_SECONDS = (0.5, 2.0)
 LIST_PAGE_SIZE = 500
 
 TERMINAL_STATES = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
+BATCH_TERMINAL_STATES = frozenset(
+    {jobs_pb2.BATCH_STATE_SUCCEEDED, jobs_pb2.BATCH_STATE_FAILED, jobs_pb2.BATCH_STATE_CANCELLED}
+)
+
+ResultT = TypeVar("ResultT")
 
 
 def state_name(state: int) -> str:
@@ -39,6 +45,19 @@ def _upload_requests(spec: jobs_pb2.JobSpec, target: Path | None) -> Iterator[jo
     with target.open("rb") as stream:
         while chunk := stream.read(UPLOAD_CHUNK_BYTES):
             yield jobs_pb2.SubmitJobRequest(target_chunk=chunk)
+
+
+def _batch_upload_requests(
+    spec: jobs_pb2.BatchSpec, uploads: Sequence[Path | None]
+) -> Iterator[jobs_pb2.SubmitBatchRequest]:
+    """The spec, then each uploaded target's bytes in pieces, target by target (BatchSpec.targets' order)."""
+    yield jobs_pb2.SubmitBatchRequest(spec=spec)
+    for index, upload in enumerate(uploads):
+        if upload is None:
+            continue
+        with upload.open("rb") as stream:
+            while data := stream.read(UPLOAD_CHUNK_BYTES):
+                yield jobs_pb2.SubmitBatchRequest(target_piece=jobs_pb2.BatchTargetPiece(target_index=index, data=data))
 
 
 class JobClient:
@@ -110,10 +129,25 @@ class JobClient:
             detector=detector,
             idempotency_key=idempotency_key or str(uuid.uuid4()),
         )
+        return self._resent_while_unavailable(
+            lambda: self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)
+        )
+
+    def submit_batch(self, spec: jobs_pb2.BatchSpec, uploads: Sequence[Path | None]) -> jobs_pb2.Batch:
+        """Sends `spec`, then the bytes of each target that `uploads` names (None: the target is a URI).
+
+        `spec` must carry its idempotency key: a submission cut off (UNAVAILABLE) is sent again whole, and a
+        gateway that had accepted it returns the same batch.
+        """
+        return self._resent_while_unavailable(
+            lambda: self._stub.SubmitBatch(_batch_upload_requests(spec, uploads), timeout=None, metadata=self._metadata)
+        )
+
+    def _resent_while_unavailable(self, send: Callable[[], ResultT]) -> ResultT:
         pauses = iter(SUBMIT_RETRY_PAUSES_SECONDS)
         while True:
             try:
-                return self._stub.SubmitJob(_upload_requests(spec, target_path), timeout=None, metadata=self._metadata)
+                return send()
             except grpc.RpcError as error:
                 pause = next(pauses, None)
                 if pause is None or not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -136,6 +170,22 @@ class JobClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
+    def get_batch(self, batch_id: str) -> jobs_pb2.Batch:
+        try:
+            return self._stub.GetBatch(
+                jobs_pb2.GetBatchRequest(batch_id=batch_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def cancel_batch(self, batch_id: str) -> jobs_pb2.Batch:
+        try:
+            return self._stub.CancelBatch(
+                jobs_pb2.CancelBatchRequest(batch_id=batch_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
     def list(self, limit: int = 50) -> list[jobs_pb2.Job]:
         """The newest `limit` jobs, following the gateway's pages as far as needed."""
         jobs: list[jobs_pb2.Job] = []
@@ -148,12 +198,17 @@ class JobClient:
         return jobs
 
     def jobs(
-        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = LIST_PAGE_SIZE
+        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = LIST_PAGE_SIZE, batch_id: str = ""
     ) -> Iterator[jobs_pb2.Job]:
-        """Every job (of `state` when set), newest first, a page at a time (next_page_token)."""
+        """Every job (of `state`, of batch `batch_id` when set), newest first, a page at a time (next_page_token)."""
         token = ""
         while True:
-            request = jobs_pb2.ListJobsRequest(limit=page_size, state=state, page_token=token)  # type: ignore[arg-type]
+            request = jobs_pb2.ListJobsRequest(
+                limit=page_size,
+                state=state,  # type: ignore[arg-type]
+                page_token=token,
+                batch_id=batch_id,
+            )
             try:
                 response = self._stub.ListJobs(request, timeout=self._timeout, metadata=self._metadata)
             except grpc.RpcError as error:
@@ -169,20 +224,42 @@ class JobClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
+    def watch_batch(self, batch_id: str) -> Iterator[jobs_pb2.BatchEvent]:
+        try:
+            yield from self._stub.WatchBatch(jobs_pb2.WatchBatchRequest(batch_id=batch_id), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
     def fetch(self, job_id: str, artifact: jobs_pb2.Artifact, destination: Path) -> Path:
         """Writes the artifact to `destination` (a file path) and returns it."""
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(destination.name + ".part")
-        try:
-            with partial.open("wb") as stream:
-                request = jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
-                for chunk in self._stub.FetchArtifact(request, timeout=self._timeout * 10, metadata=self._metadata):
-                    stream.write(chunk.data)
-        except grpc.RpcError as error:
-            partial.unlink(missing_ok=True)
-            raise from_rpc_error(error) from None
-        partial.replace(destination)
-        return destination
+        request = jobs_pb2.FetchArtifactRequest(job_id=job_id, artifact=artifact)
+        return _write_chunks(
+            destination,
+            lambda: self._stub.FetchArtifact(request, timeout=self._timeout * 10, metadata=self._metadata),
+        )
+
+    def fetch_batch_artifact(self, batch_id: str, artifact: jobs_pb2.Artifact, destination: Path) -> Path:
+        """Writes the batch's report or GPU trend chart or CSV to `destination` and returns it."""
+        request = jobs_pb2.FetchBatchArtifactRequest(batch_id=batch_id, artifact=artifact)
+        return _write_chunks(
+            destination,
+            lambda: self._stub.FetchBatchArtifact(request, timeout=self._timeout * 10, metadata=self._metadata),
+        )
+
+
+def _write_chunks(destination: Path, open_stream: Callable[[], Iterable[jobs_pb2.ArtifactChunk]]) -> Path:
+    """The streamed chunks into `destination`, through a .part file renamed once the stream has ended."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    try:
+        with partial.open("wb") as stream:
+            for chunk in open_stream():
+                stream.write(chunk.data)
+    except grpc.RpcError as error:
+        partial.unlink(missing_ok=True)
+        raise from_rpc_error(error) from None
+    partial.replace(destination)
+    return destination
 
 
 def job_error(job: jobs_pb2.Job) -> SwaplineError | None:

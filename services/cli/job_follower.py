@@ -1,4 +1,4 @@
-"""Follows a job to its end across gateway restarts and dropped connections.
+"""Follows a job, or a batch, to its end across gateway restarts and dropped connections.
 
 A watch that fails with UNAVAILABLE (the gateway restarting, a connection dropped) is opened again
 with backoff; only an outage longer than the reconnect budget ends the follow with that error.
@@ -8,15 +8,16 @@ The gateway keeps the job's state in its store, so the reopened watch carries on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from services.cli.job_client import TERMINAL_STATES
+from services.cli.job_client import BATCH_TERMINAL_STATES, TERMINAL_STATES
 from services.common.errors import Unavailable
 from swapline.jobs.v1 import jobs_pb2
 
 ResultT = TypeVar("ResultT")
+EventT = TypeVar("EventT")
 
 # Longer than a supervised gateway takes to come back, and than the stack's longest tested outage.
 RECONNECT_BUDGET_SECONDS = 120.0
@@ -28,6 +29,12 @@ class WatchingClient(Protocol):
     def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]: ...
 
     def get(self, job_id: str) -> jobs_pb2.Job: ...
+
+
+class BatchWatchingClient(Protocol):
+    def watch_batch(self, batch_id: str) -> Iterator[jobs_pb2.BatchEvent]: ...
+
+    def get_batch(self, batch_id: str) -> jobs_pb2.Batch: ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,33 @@ class Reconnector:
             return result
 
 
+def follow_events(
+    open_watch: Callable[[], Iterable[EventT]],
+    is_final: Callable[[EventT], bool],
+    read_final: Callable[[], ResultT],
+    on_event: Callable[[EventT], None],
+    reconnector: Reconnector,
+    what: str,
+) -> ResultT:
+    """Passes every event to `on_event` until one is final, then returns `read_final()`.
+
+    UNAVAILABLE from the watch, from `on_event` or from `read_final` is an outage: waited out, then the
+    watch is opened again.
+    """
+    while True:
+        try:
+            for event in open_watch():
+                reconnector.succeeded()
+                on_event(event)
+                if is_final(event):
+                    return reconnector.call(read_final)
+        except Unavailable as error:
+            reconnector.failed(error)
+            continue
+        # The stream ended without a final state: the gateway closed it while stopping.
+        reconnector.failed(Unavailable(f"the watch of {what} ended before it did"))
+
+
 def follow_job(
     client: WatchingClient,
     job_id: str,
@@ -91,15 +125,28 @@ def follow_job(
     reconnector: Reconnector,
 ) -> jobs_pb2.Job:
     """Passes every event to `on_event` until the job ends, then returns the finished job."""
-    while True:
-        try:
-            for event in client.watch(job_id):
-                reconnector.succeeded()
-                on_event(event)
-                if event.state in TERMINAL_STATES:
-                    return reconnector.call(lambda: client.get(job_id))
-        except Unavailable as error:
-            reconnector.failed(error)
-            continue
-        # The stream ended without a final state: the gateway closed it while stopping.
-        reconnector.failed(Unavailable(f"the watch of job {job_id[:40]} ended before the job did"))
+    return follow_events(
+        lambda: client.watch(job_id),
+        lambda event: event.state in TERMINAL_STATES,
+        lambda: client.get(job_id),
+        on_event,
+        reconnector,
+        f"job {job_id[:40]}",
+    )
+
+
+def follow_batch(
+    client: BatchWatchingClient,
+    batch_id: str,
+    on_event: Callable[[jobs_pb2.BatchEvent], None],
+    reconnector: Reconnector,
+) -> jobs_pb2.Batch:
+    """Passes every aggregate event to `on_event` until every job of the batch has ended; returns the batch."""
+    return follow_events(
+        lambda: client.watch_batch(batch_id),
+        lambda event: event.state in BATCH_TERMINAL_STATES,
+        lambda: client.get_batch(batch_id),
+        on_event,
+        reconnector,
+        f"batch {batch_id[:40]}",
+    )

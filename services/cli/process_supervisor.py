@@ -4,6 +4,9 @@ A thread per child waits on it; when it dies it is started again with the same e
 port pinned to the one it first bound (its Unix socket path is in the environment already), so
 its clients reconnect to the same address. A child that keeps crashing is restarted with growing
 delays, never in a spin. tritonserver is supervised the same way through EmbeddedTriton.
+
+Each child runs in a session of its own; an orphan reaper (orphan_reaper.py) is told every child's process
+group, and ends those still running if this process dies without stopping them (SIGKILL, say).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services.cli import orphan_reaper
 from services.common.errors import DeadlineExceeded, NotFound, SwaplineError, Unavailable
 from services.triton.server_process import EmbeddedTriton
 
@@ -130,6 +134,46 @@ def start_service(name: str, env: Mapping[str, str], log_dir: Path) -> ServicePr
     return service
 
 
+class OrphanReaper:
+    """The reaper process and the pipe to it; what it is told is lost, not raised, if it has died."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", orphan_reaper.__name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            cwd=REPOSITORY_ROOT,
+            # Not in the CLI's process group: a signal sent to that whole group must not end the reaper too.
+            start_new_session=True,
+        )
+        self._lock = threading.Lock()
+
+    def _tell(self, verb: str, group: int | None = None) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        with self._lock:
+            try:
+                stdin.write(f"{verb} {group}\n" if group is not None else f"{verb}\n")
+                stdin.flush()
+            except (BrokenPipeError, ValueError):
+                log.warning("the orphan reaper is gone; children may outlive a killed CLI")
+
+    def watch(self, group: int) -> None:
+        self._tell(orphan_reaper.WATCH, group)
+
+    def forget(self, group: int) -> None:
+        self._tell(orphan_reaper.FORGET, group)
+
+    def close(self) -> None:
+        """Every child has been stopped: the reaper leaves without ending anything."""
+        self._tell(orphan_reaper.DONE)
+        with self._lock:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        self._process.wait()
+
+
 class ProcessSupervisor:
     """The stack's children by name; `on_restart` is called, from a supervisor thread, when one serves again."""
 
@@ -151,11 +195,29 @@ class ProcessSupervisor:
         self._threads: list[threading.Thread] = []
         # Services whose restart waits: an operator (or a test) holds them down for an outage.
         self._held: set[str] = set()
+        # Started with the first child; told of every child from then on, until stop().
+        self._reaper: OrphanReaper | None = None
+
+    def _reaper_started(self) -> OrphanReaper:
+        if self._reaper is None:
+            self._reaper = OrphanReaper()
+        return self._reaper
+
+    def _watch(self, pid: int) -> None:
+        if self._reaper is not None:
+            self._reaper.watch(pid)
+
+    def _forget(self, pid: int) -> None:
+        if self._reaper is not None:
+            self._reaper.forget(pid)
 
     def start(self, envs: Mapping[str, Mapping[str, str]]) -> dict[str, ServiceProcess]:
         """Starts these services together, waits until each listens, then supervises them."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._reaper_started()
         started = {name: start_service(name, env, self.log_dir) for name, env in envs.items()}
+        for service in started.values():
+            self._watch(service.process.pid)
         with self._changed:
             self._services.update(started)
         for name, service in started.items():
@@ -172,6 +234,8 @@ class ProcessSupervisor:
         pid = triton.pid
         assert pid is not None
         self._triton = triton
+        self._reaper_started()
+        self._watch(pid)
         self._mark_serving(TRITON_NAME, pid)
         self._spawn(TRITON_NAME, self._supervise_triton)
 
@@ -252,6 +316,10 @@ class ProcessSupervisor:
         with self._changed:
             self._services.clear()
             self._triton = None
+        # Every child has been stopped; tritonserver's owner stops it next.
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
 
     def _mark_serving(self, name: str, pid: int) -> None:
         with self._changed:
@@ -291,6 +359,7 @@ class ProcessSupervisor:
         while True:
             service = self.service(name)
             exit_code = service.process.wait()
+            self._forget(service.process.pid)
             with self._changed:
                 self._changed.wait_for(lambda: name not in self._held or self._stopping.is_set())
             if self._stopping.is_set():
@@ -308,6 +377,7 @@ class ProcessSupervisor:
                 if count is None:
                     return
                 replacement = start_service(name, self._envs[name], self.log_dir)
+                self._watch(replacement.process.pid)
                 # Its port is pinned, so its address is known before it listens.
                 replacement.address = service.address
                 self._services[name] = replacement
@@ -325,6 +395,7 @@ class ProcessSupervisor:
         assert triton is not None
         crashes = 0
         started_at = time.monotonic()
+        watched_pid = triton.pid
         while not self._stopping.wait(TRITON_POLL_SECONDS):
             if triton.alive():
                 continue
@@ -344,4 +415,8 @@ class ProcessSupervisor:
                 continue
             pid = triton.pid
             assert pid is not None
+            if watched_pid is not None:
+                self._forget(watched_pid)
+            self._watch(pid)
+            watched_pid = pid
             self._restarted(ServiceRestart(name, None, count), pid)

@@ -14,7 +14,7 @@ from services.common.frames.frame_codec import Frames
 from services.common.frames.pixel_formats import PixelFormat, fits_nv12, frame_bytes, frame_shape
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
-from services.decoder.media_probe import (
+from services.common.media_probe import (
     check_picture_size,
     opening_options,
     picture_pixel_limit,

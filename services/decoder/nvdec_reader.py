@@ -41,6 +41,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Swapline
 from services.common.frames.pixel_formats import PixelFormat, frame_bytes, frame_shape
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
+from services.common.media_probe import check_picture_size, opening_options, video_stream
 from services.decoder.frame_reader import (
     DEFAULT_MAX_BATCH_BYTES,
     FrameBatch,
@@ -50,7 +51,6 @@ from services.decoder.frame_reader import (
     seek_mismatch_message,
     served_format,
 )
-from services.decoder.media_probe import check_picture_size, opening_options, video_stream
 
 NVDEC_MODULE = "PyNvVideoCodec"
 # The codecs PyNvVideoCodec's documentation lists for decoding (FFmpeg's names); VP9 and the rest go to PyAV.

@@ -13,8 +13,8 @@ from services.common.frames.frame_wire import FrameRun
 from services.common.frames.pixel_formats import pixel_format_from_proto
 from services.common.media_info import MediaInfo, media_info_to_proto
 from services.common.media_paths import existing_media_path
+from services.common.media_probe import probe_media
 from services.decoder.decode_backend import BackendChoice, iter_decoded_batches
-from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import NvdecOpener, open_simple_decoder
 from services.decoder.settings import DecoderSettings
 from services.decoder.thread_stream import stream_in_thread

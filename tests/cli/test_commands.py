@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def test_a_secure_stack_says_how_to_connect(tmp_path: Path, capsys: pytest.Captu
 def test_restarts_are_summed_up_by_service() -> None:
     assert commands.restarts_summary({"decoder": 2, "gateway": 0, "tritonserver": 1}) == "decoder 2, tritonserver 1"
     assert commands.restarts_summary({"decoder": 0}) == "none"
+
+
+def test_the_demo_runs_with_every_option_run_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's job goes through `run` with run's own defaults (it once missed the model options and crashed)."""
+    from services.cli import sample_media
+    from services.cli.__main__ import build_parser, main
+
+    seen: list[argparse.Namespace] = []
+
+    def run(args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(sample_media, "make_face_video", lambda path, photo: path.write_bytes(b"clip"))
+    monkeypatch.setattr(commands, "run", run)
+    assert main(["--gateway", "", "demo", "--workdir", str(tmp_path), "--workers", "3", "--secure"]) == 0
+    (run_args,) = seen
+    defaults = build_parser().parse_args(["run", "--source", "s", "--target", "t", "--output", "o"])
+    assert set(vars(defaults)) <= set(vars(run_args))
+    assert (run_args.workers, run_args.secure, run_args.swapper) == (3, True, defaults.swapper)
+    assert run_args.target == str(tmp_path / "sample-astronaut-720p.mp4") and run_args.gateway == ""

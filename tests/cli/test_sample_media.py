@@ -10,7 +10,7 @@ import pytest
 
 from services.cli import sample_media
 from services.common.errors import InvalidArgument
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 
 FaceBox = tuple[int, int, int, int]  # left, top, right, bottom
 

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from services.cli import sample_media
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.input_limits import DEFAULT_INPUT_LIMITS
+from services.common.media_probe import probe_media
 from services.common.settings_loader import SettingsError, load_settings
 from services.decoder.decode_backend import (
     DECODE_BACKENDS,
@@ -27,7 +28,6 @@ from services.decoder.decode_backend import (
     video_driver_missing,
 )
 from services.decoder.frame_reader import DEFAULT_MAX_BATCH_BYTES, iter_frame_batches
-from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import NvdecOpener, NvdecOpenError, NvdecUnsupported
 from services.decoder.settings import ENV_PREFIX, DecoderSettings
 from tests.decoder.fake_nvdec import FakeOpener, FakeOpenerFailure, pyav_frames

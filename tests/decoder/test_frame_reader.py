@@ -13,8 +13,8 @@ from services.cli import sample_media
 from services.common.errors import InvalidArgument
 from services.common.frames.pixel_formats import PixelFormat
 from services.common.input_limits import InputLimits
+from services.common.media_probe import probe_media
 from services.decoder.frame_reader import iter_frame_batches, served_format
-from services.decoder.media_probe import probe_media
 
 
 def sequential_frames(path: Path, pixel_format: PixelFormat = "rgb24") -> tuple[np.ndarray, list[int]]:

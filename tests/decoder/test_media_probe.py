@@ -8,7 +8,7 @@ import pytest
 from services.cli import sample_media
 from services.common.errors import InvalidArgument
 from services.common.input_limits import InputLimits
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from tests.decoder.conftest import SMALL_FPS, SMALL_KEYFRAME_SECONDS, SMALL_SECONDS, SMALL_SIZE
 
 

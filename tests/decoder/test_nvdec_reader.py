@@ -13,8 +13,8 @@ import pytest
 from services.cli import sample_media
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.input_limits import DEFAULT_INPUT_LIMITS
+from services.common.media_probe import probe_media
 from services.decoder.frame_reader import iter_frame_batches
-from services.decoder.media_probe import probe_media
 from services.decoder.nvdec_reader import (
     SHIFTS,
     DecoderPool,

@@ -15,10 +15,10 @@ from services.common.frames.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding
 from services.common.input_limits import InputLimits
 from services.common.media_paths import existing_media_path
+from services.common.media_probe import probe_media
 from services.decoder.__main__ import binding
 from services.decoder.decode_backend import BackendChoice
 from services.decoder.frame_reader import iter_frame_batches
-from services.decoder.media_probe import probe_media
 from services.decoder.servicer import SERVICE_NAME, DecoderServicer
 from services.decoder.settings import DecoderSettings
 from swapline.common.v1 import common_pb2

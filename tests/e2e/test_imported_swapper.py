@@ -20,7 +20,7 @@ from services.cli import sample_media
 from services.cli.__main__ import main as swapline
 from services.cli.embedded_stack import EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.triton.model_config import repository_models
 from swapline.jobs.v1 import jobs_pb2
 from tests.e2e.job_helpers import run_to_end

@@ -10,7 +10,7 @@ import numpy as np
 
 from services.cli import sample_media
 from services.cli.job_client import JobClient
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from swapline.jobs.v1 import jobs_pb2
 from tests.e2e.job_helpers import run_to_end
 from tests.support.identity_judge import IdentityJudge

@@ -11,7 +11,7 @@ import pytest
 from services.common.encode_options import X264_PRESETS
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.frames.pixel_formats import rgb_to_i420, rgb_to_nv12
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.encoder.nvenc_writer import NVENC_PRESETS, NvencSegmentWriter, nvenc_quality
 from tests.encoder.conftest import FPS, SIZE, decoded_frames
 from tests.encoder.fake_nvenc import FakeNvenc, X264Session

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter
 from tests.encoder.conftest import FPS, REPO_ROOT, decoded_frames

@@ -13,7 +13,7 @@ import pytest
 
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.frames.pixel_formats import rgb_to_nv12
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.encoder.segment_writer import SegmentWriter
 from tests.encoder.conftest import FPS, SIZE, decoded_frames
 

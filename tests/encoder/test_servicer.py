@@ -17,7 +17,7 @@ import pytest
 from services.cli import sample_media
 from services.common.frames.frame_codec import pack_frames
 from services.common.frames.pixel_formats import rgb_to_nv12
-from services.decoder.media_probe import probe_media
+from services.common.media_probe import probe_media
 from services.encoder.__main__ import binding
 from services.encoder.encode_backend import BackendChoice, choose_backend
 from services.encoder.segment_writer import SegmentWriter

@@ -210,7 +210,7 @@ async def run_job(
 
     from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
     from services.common.job_vocabulary import STAGE_NAMES
-    from services.decoder.media_probe import probe_media
+    from services.common.media_probe import probe_media
     from services.detector.face_detector import FaceDetector
     from services.encoder.segment_writer import SegmentWriter
     from services.worker.chunk_pipeline import run_chunk_pipeline

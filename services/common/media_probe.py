@@ -3,6 +3,8 @@
 Frame numbering is the rank of a video packet's presentation timestamp; a packet is a frame for
 every codec swapline accepts (H.264/H.265/VP9/AV1 in MP4, MKV, WebM; single images).
 Media past the input limits is refused from what the headers say, before a frame is decoded.
+Shared by the decoder (Probe, and its readers), the benchmarks, and `swapline batch`, which checks that
+an output it finds is complete.
 """
 
 from __future__ import annotations
