@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.bench.batch_bench import BATCH_CLIP_SECONDS, BATCH_CLIP_SIZE, BATCH_CLIPS, batch_line, wait_for_job
+from services.bench.batch_bench import batch_line, describe_batch, wait_for_job
 from services.bench.frame_hop import measure_hops
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
 from services.bench.triton_hop import FACES, measure_triton_hops
@@ -252,17 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     batch = batch_line(work_dir, args.batch_workers) if args.batch_workers > 0 else None
     if batch is not None:
-        print(
-            f"batch of {batch.jobs} jobs ({BATCH_CLIPS} clips of {BATCH_CLIP_SECONDS:g} s at {BATCH_CLIP_SIZE[0]}x"
-            f"{BATCH_CLIP_SIZE[1]} times 2 faces, {args.batch_workers} workers): {batch.jobs_per_minute:.1f} jobs a"
-            f" minute, {batch.fps:.1f} fps ({batch.frames} frames in {batch.wall_seconds:.1f} s, submission to the"
-            " last job's end)"
-        )
-        print(
-            f"a single job submitted while the batch ran: {batch.single_during_batch_seconds:.1f} s against"
-            f" {batch.single_idle_seconds:.1f} s on the idle stack"
-            f" ({batch.single_during_batch_seconds / batch.single_idle_seconds:.2f}x)"
-        )
+        print(describe_batch(batch, args.batch_workers))
     record = {
         **results,
         "batch": None if batch is None else dataclasses.asdict(batch),

@@ -4,6 +4,7 @@ idle stack against its time when submitted while the batch runs (interactive job
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,27 @@ def wait_for_job(client: JobClient, job_id: str) -> jobs_pb2.Job:
         if event.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
             break
     return client.get(job_id)
+
+
+def describe_batch(batch: BatchFigures, workers: int) -> str:
+    return (
+        f"batch of {batch.jobs} jobs ({BATCH_CLIPS} clips of {BATCH_CLIP_SECONDS:g} s at {BATCH_CLIP_SIZE[0]}x"
+        f"{BATCH_CLIP_SIZE[1]} times 2 faces, {workers} workers): {batch.jobs_per_minute:.1f} jobs a minute,"
+        f" {batch.fps:.1f} fps ({batch.frames} frames in {batch.wall_seconds:.1f} s, submission to the last job's"
+        f" end)\na single job submitted while the batch ran: {batch.single_during_batch_seconds:.1f} s against"
+        f" {batch.single_idle_seconds:.1f} s on the idle stack"
+        f" ({batch.single_during_batch_seconds / batch.single_idle_seconds:.2f}x)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.bench.batch_bench", description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(describe_batch(batch_line(args.workdir.resolve(), args.workers), args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

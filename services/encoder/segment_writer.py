@@ -274,7 +274,11 @@ class SegmentWriter:
                 self._abandon()
 
     def _abandon(self) -> None:
-        if self._track is not None:
-            track, self._track = self._track, None
-            track.abandon()
-        self._temporary.unlink(missing_ok=True)
+        """The partial file goes even when closing the encoder fails (a muxer in a state FFmpeg refuses to
+        close), which would otherwise leave it behind."""
+        try:
+            if self._track is not None:
+                track, self._track = self._track, None
+                track.abandon()
+        finally:
+            self._temporary.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,8 @@ from services.encoder.segment_writer import SegmentWriter
 from services.encoder.settings import EncoderSettings
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 ResultT = TypeVar("ResultT")
@@ -53,6 +56,16 @@ async def in_thread_to_the_end(work: Callable[[], ResultT], stop: threading.Even
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+async def _discarded(writer: SegmentWriter) -> None:
+    """Deletes what a failed or cancelled call wrote, to the end: a cancellation arriving meanwhile (gRPC may end
+    the request stream first and cancel the handler after) waits for the deletion, so the call never ends with
+    its partial file still there. A failure to delete is logged; the call's own error is what the client gets."""
+    try:
+        await in_thread_to_the_end(writer.discard)
+    except Exception:
+        log.exception("could not delete the partial segment %s", writer.path.name)
 
 
 class _EncodeClock:
@@ -146,7 +159,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 stop = threading.Event()
                 written = await clock.run(writer.close, stop, stop=stop)
             except BaseException:
-                await asyncio.to_thread(writer.discard)
+                await _discarded(writer)
                 raise
         return encoder_pb2.EncodeSegmentResponse(
             output_uri=relative_uri(self._settings.media_root, writer.path),

@@ -277,3 +277,28 @@ def test_an_image_written_from_an_nv12_frame_holds_its_rgb_picture(tmp_path: Pat
     assert np.array_equal(written, cv2.cvtColor(frame, cv2.COLOR_YUV2RGB_NV12))
     # Measured 51.8 dB: the picture, not its luma or its bytes read as RGB.
     assert psnr(written, original_frames[0]) > 40
+
+
+class _UnclosableTrack:
+    """An encoder whose muxer refuses to close, as FFmpeg can."""
+
+    def add(self, frame: np.ndarray, index: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abandon(self) -> None:
+        raise RuntimeError("the muxer refuses to close")
+
+
+def test_a_discarded_segment_leaves_no_partial_file_even_when_its_encoder_fails_to_close(
+    tmp_path: Path, original_frames: np.ndarray
+) -> None:
+    writer = SegmentWriter(tmp_path / "seg.mp4", FPS, *SIZE, crf=20, preset="veryfast", threads=1)
+    writer.write(original_frames[:30])
+    assert len(files_in(tmp_path)) == 1
+    real, writer._track = writer._track, _UnclosableTrack()
+    with pytest.raises(RuntimeError, match="refuses to close"):
+        writer.discard()
+    assert files_in(tmp_path) == []
+    assert real is not None
+    real.abandon()

@@ -130,6 +130,11 @@ def test_a_batch_runs_a_job_per_pair_and_reports_each_outcome(tmp_path: Path, fa
         ]
         done = [row for row in report["entries"] if row["state"] == "SUCCEEDED"]
         assert len(done) == 3 and all(row["frames"] == 100 and row["output_uri"] for row in done)
+        # Batch jobs are jobs like any other: each has its report, and the advisor's fleet listing (the succeeded
+        # jobs) holds them.
+        succeeded = await gateway.jobs.ListJobs(jobs_pb2.ListJobsRequest(state=jobs_pb2.JOB_STATE_SUCCEEDED))
+        assert {job.id for job in succeeded.jobs} == {row["job_id"] for row in done} | {solo.id}
+        assert all(json.loads(job.report_json)["frames"] == 100 for job in succeeded.jobs)
         assert "gpu" in report
         chart, chart_name, _ = await fetch_batch_artifact(gateway, batch.id, jobs_pb2.ARTIFACT_GPU_TREND_CHART)
         assert chart.startswith(b"\x89PNG") and chart_name == "gpu_trend.png"
