@@ -25,6 +25,7 @@ from services.worker.batch_warp import (
     nv12_to_rgb_tensor,
     paste_batch,
     rgb_to_nv12_tensor,
+    rgb_to_yuv_tables,
     shrink_batch,
 )
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
@@ -414,6 +415,10 @@ def test_device_colour_conversions_are_opencvs() -> None:
         assert on_torch.shape == by_cv2.shape
         difference = np.abs(on_torch.astype(int) - by_cv2.astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_the_colour_tables_are_put_on_a_device_once() -> None:
+    assert rgb_to_yuv_tables(torch.device("cpu")) is rgb_to_yuv_tables(torch.device("cpu"))
 
 
 def _even_region_mask(nv12: np.ndarray, slots: list[int], matrices: np.ndarray) -> np.ndarray:
