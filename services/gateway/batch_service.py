@@ -385,7 +385,7 @@ class BatchService:
         if kind != "report" and progress.started_at is None:
             raise FailedPrecondition(f"batch {batch_id} ended before any of its jobs started; it has no GPU trend")
         report_uri = batch_report_uri(batch_id)
-        if not (self._media_root / report_uri).is_file():
+        if not await asyncio.to_thread((self._media_root / report_uri).is_file):
             await self._write_report(progress)
         uris: dict[ArtifactKind, str] = {
             "report": report_uri,
