@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     _swap_options(batch)
     _stack_options(batch)
     batch.add_argument("--per-job", action="store_true", help="a line for each job as it ends")
+    batch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="submit again, as a job of its own, each pair whose job failed or was cancelled (once per such job)",
+    )
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(handler=batch_command.run_batch)
 

@@ -72,6 +72,8 @@ SERVER_ARTIFACTS: tuple[tuple[str, jobs_pb2.Artifact, str], ...] = (
 # Redo jobs for one pair in one run, at most: a redo whose output is gone too before it is fetched is redone.
 MAX_REDOS_PER_PAIR = 3
 EXIT_INTERRUPTED = 130
+# The ends `--retry-failed` submits again.
+RETRIED_STATES = frozenset({jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 _JOB_OUTCOMES: dict[int, PairState] = {
     jobs_pb2.JOB_STATE_SUCCEEDED: "succeeded",
     jobs_pb2.JOB_STATE_FAILED: "failed",
@@ -230,6 +232,8 @@ class BatchRun:
     bar: ProgressBar | None
     per_job: bool
     log: ResumeLog
+    # Pairs whose job failed or was cancelled get a job of their own, once per such job.
+    retry_failed: bool = False
     batch_id: str = ""
     # The job answering for each pair (a batch job, or the job that redoes it), by pair index.
     _job_of_pair: dict[int, str] = field(default_factory=dict)
@@ -291,6 +295,8 @@ class BatchRun:
             self.bar.finish()
         self.log.save()
         self.collect(final)
+        if self.retry_failed:
+            self.retry_failures()
         self.finish_redos()
         return BatchSummary(final.id, final.name, self.plan.key, self.outcomes(final))
 
@@ -351,6 +357,16 @@ class BatchRun:
         )
         self._job_of_pair[index] = job.id
         self.say(f"redoing {pair.output_name} as job {job.id}: {why}")
+
+    def retry_failures(self) -> None:
+        """Each pair whose job ended failed or cancelled, and whose output is not complete, is redone; its key
+        names the job it replaces, so re-running never makes a second retry of the same failure."""
+        for index, job_id in list(self._job_of_pair.items()):
+            job = self._jobs.get(job_id)
+            if job is None or job.state not in RETRIED_STATES or self._checks[index].complete:
+                continue
+            reason = job.error.message or state_name(job.state)
+            self.redo(index, job.id, f"its job {job.id} ended {state_name(job.state)} ({reason[:80]})")
 
     def collect(self, final: jobs_pb2.Batch) -> None:
         """Deals with the ends not yet dealt with (the last jobs'), from one listing of the batch's jobs."""
@@ -469,7 +485,7 @@ def run_batch(args: argparse.Namespace) -> int:
     log = ResumeLog(output_dir, plan.key, samples=list(resumed.samples) if resumed is not None else [])
     stack_dir = output_dir / STACK_DIRNAME
     with commands.client_for(args, default_workdir=stack_dir) as client:
-        run = BatchRun(client, plan, None if args.quiet else ProgressBar(), args.per_job, log)
+        run = BatchRun(client, plan, None if args.quiet else ProgressBar(), args.per_job, log, args.retry_failed)
         try:
             summary = run.run(resumed.batch_id if resumed is not None else "")
         except KeyboardInterrupt:

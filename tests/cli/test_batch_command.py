@@ -313,6 +313,26 @@ def test_failed_jobs_fail_the_command_and_are_named(
     assert "failed: b__y.mov: no face found in the target" in capsys.readouterr().err
 
 
+def test_retry_failed_redoes_each_failed_pair_once(
+    gateway: tuple[FakeGateway, str], inputs: Path, tmp_path: Path
+) -> None:
+    fake, address = gateway
+    output = tmp_path / "out"
+    fake.failing = {"b.mov"}
+    assert batch(address, inputs, output) == 1
+    # A plain re-run gets the same batch and the same failures; with --retry-failed the failed pairs run again.
+    assert batch(address, inputs, output) == 1
+    assert fake.job_of_key == {}
+    fake.failing = set()
+    assert batch(address, inputs, output, "--retry-failed") == 0
+    rows = report_rows(output)
+    assert {row["state"] for row in rows.values()} == {"succeeded"}
+    assert len(fake.job_of_key) == 2 and rows["b__x.mov"]["job_id"] in fake.job_of_key.values()
+    assert (output / "b__y.mov").read_bytes() == (inputs / "clips" / "b.mov").read_bytes()
+    assert batch(address, inputs, output, "--retry-failed") == 0
+    assert len(fake.job_of_key) == 2
+
+
 def test_ctrl_c_leaves_the_batch_to_resume_and_exits_130(
     gateway: tuple[FakeGateway, str],
     inputs: Path,
