@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from services.common.errors import InvalidArgument
 from services.common.job_vocabulary import selector_mode_from_proto
 from services.gateway.batch_progress import BatchCounts, BatchProgress, BatchState
-from services.gateway.job_messages import JOB_STATE_TO_PROTO, timestamp
+from services.gateway.job_messages import JOB_STATE_TO_PROTO, encode_options_from_proto, timestamp
 from services.gateway.job_records import (
     BatchPair,
     BatchRequest,
     BatchSourceRequest,
     BatchTargetRequest,
-    EncodeOptions,
 )
 from swapline.jobs.v1 import jobs_pb2
 
@@ -37,7 +36,7 @@ def batch_request_from_proto(spec: jobs_pb2.BatchSpec) -> BatchRequest:
         skipped=tuple((_pair(skip.pair), skip.reason) for skip in spec.skipped),
         selector=selector_mode_from_proto(spec.selector),
         reference_image=spec.reference_image,
-        encode=EncodeOptions(crf=spec.encode.crf, preset=spec.encode.preset),
+        encode=encode_options_from_proto(spec.encode),
         swapper=spec.swapper,
         detector=spec.detector,
         idempotency_key=spec.idempotency_key,

@@ -196,14 +196,10 @@ class BatchService:
         intake.check_encode(request.encode)
         models = job_models(request.swapper, request.detector)
         storage = await intake.storage_with_room(owner)
-        reference_image = b""
-        if request.selector == "reference":
-            if not request.reference_image:
-                raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
-            await intake.require_face(
-                await intake.decoded_image(request.reference_image, "reference image"), "reference image"
-            )
-            reference_image = request.reference_image
+        reference = await intake.decoded_reference(request.selector, request.reference_image)
+        if reference is not None:
+            await intake.require_face(reference, "reference image")
+        reference_image = request.reference_image if reference is not None else b""
         for index, source in enumerate(request.sources):
             what = f"source image {index} ({excerpt(source.name)})"
             await intake.require_face(await intake.decoded_image(source.image, what), what)

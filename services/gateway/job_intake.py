@@ -21,6 +21,7 @@ from services.common.encode_options import checked_crf, checked_preset
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.image_codec import decode_rgb_image
 from services.common.input_limits import InputLimits, check_media, check_text, excerpt, image_size
+from services.common.job_vocabulary import SelectorMode
 from services.common.media_info import MediaInfo
 from services.common.media_paths import check_media_uri, writable_media_path
 from services.gateway.job_images import reference_image_uri, source_image_uri, write_media_file
@@ -88,6 +89,14 @@ class JobIntake:
         image_size(data, what, self.limits)
         async with self._image_checks:
             return await asyncio.to_thread(_decoded_for_detection, data, what, self.limits.max_image_pixels)
+
+    async def decoded_reference(self, selector: SelectorMode, reference_image: bytes) -> np.ndarray | None:
+        """The reference image decoded when the selector uses one (it must then be there); else None."""
+        if selector != "reference":
+            return None
+        if not reference_image:
+            raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
+        return await self.decoded_image(reference_image, "reference image")
 
     async def require_face(self, image: np.ndarray, what: str) -> None:
         async with self._image_checks:

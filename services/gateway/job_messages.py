@@ -19,6 +19,7 @@ from services.gateway.job_records import (
 from services.gateway.job_service import JobProgress
 from services.gateway.tenant_areas import checked_tenant, tenant_view
 from swapline.common.v1 import common_pb2
+from swapline.encoder.v1 import encoder_pb2
 from swapline.jobs.v1 import jobs_pb2
 
 JOB_STATE_TO_PROTO: dict[JobState, int] = {
@@ -53,6 +54,10 @@ def caller_tenant() -> str | None:
     return None if caller.internal else checked_tenant(caller.tenant)
 
 
+def encode_options_from_proto(settings: encoder_pb2.EncodeSettings) -> EncodeOptions:
+    return EncodeOptions(crf=settings.crf, preset=settings.preset)
+
+
 def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
     return JobRequest(
         source_image=spec.source_image,
@@ -60,7 +65,7 @@ def request_from_proto(spec: jobs_pb2.JobSpec) -> JobRequest:
         target_filename=spec.target_filename,
         selector=selector_mode_from_proto(spec.selector),
         reference_image=spec.reference_image,
-        encode=EncodeOptions(crf=spec.encode.crf, preset=spec.encode.preset),
+        encode=encode_options_from_proto(spec.encode),
         swapper=spec.swapper,
         detector=spec.detector,
         idempotency_key=spec.idempotency_key,

@@ -226,11 +226,8 @@ class JobService:
         intake.check_encode(request.encode)
         storage = await intake.storage_with_room(job.tenant)
         job = replace(job, encode=request.encode, models=job_models(request.swapper, request.detector))
-        uses_reference = request.selector == "reference"
-        if uses_reference and not request.reference_image:
-            raise InvalidArgument("selector REFERENCE needs a reference_image holding the face to replace")
+        reference = await intake.decoded_reference(request.selector, request.reference_image)
         source = await intake.decoded_image(request.source_image, "source image")
-        reference = await intake.decoded_image(request.reference_image, "reference image") if uses_reference else None
         uploaded_bytes = 0
         if request.target_uri:
             if await anext(upload, None) is not None:
