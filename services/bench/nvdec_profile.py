@@ -5,12 +5,15 @@ Run as `python -m services.bench.nvdec_profile --out nvdec.json` on a GPU machin
 decoder service opens one SimpleDecoder a request (a chunk of 25 frames of the 20 s 1080p bench clip), so the
 session's opening cost is paid once a chunk; this measures it against the frames it decodes, what a reused
 session (`reconfigure_decoder`) costs instead, what NV12 output saves against RGB, and whether threads of one
-process decode at once (the library releasing the GIL) or one after another. Prints and writes JSON.
+process decode at once (the library releasing the GIL) or one after another. Last, it checks the decoder
+service's reader (frames left in GPU memory and copied out by cuda_copier) against PyAV's NV12 frames and the
+library's own host-memory RGB frames, which must be equal byte for byte, and times it. Prints and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import os
@@ -20,7 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.bench.gpu_bench import CLIPS, prepare_media, write_json
+from services.common.frames.pixel_formats import PixelFormat
+from services.common.media_probe import probe_media
+from services.decoder.frame_reader import iter_frame_batches
+from services.decoder.nvdec_reader import iter_nvdec_frame_batches
 
 CHUNK_FRAMES = 25
 CLIP_SECONDS = 20.0
@@ -98,6 +107,52 @@ def threaded_fps(
     return {"threads": threads, "fps": frames / wall, "cores_busy": cpu / wall, "cpu_ms_a_frame": cpu * 1000 / frames}
 
 
+def _host_rgb_frames(path: Path, start: int) -> np.ndarray:
+    """The library's RGB frames of one chunk in its own host memory, copied out as the reader once did."""
+    decoder = _open(path, "RGB")
+    decoder.seek_to_index(start)
+    frames = decoder.get_batch_frames(CHUNK_FRAMES)
+    return np.stack(
+        [
+            np.ctypeslib.as_array(
+                ctypes.cast(frame.GetPtrToPlane(0), ctypes.POINTER(ctypes.c_uint8)), shape=(frame.framesize(),)
+            ).copy()
+            for frame in frames
+        ]
+    )
+
+
+def reader_parity(path: Path, starts: list[int]) -> dict[str, Any]:
+    """The reader's frames against PyAV's NV12 and the library's host RGB, and its CPU a frame, per layout."""
+    keyframes = {keyframe.frame_index: keyframe.pts for keyframe in probe_media(path).keyframes}
+    record: dict[str, Any] = {}
+    layouts: tuple[PixelFormat, ...] = ("nv12", "rgb24")
+    for pixel_format in layouts:
+        equal, cpu_seconds, frames = True, 0.0, 0
+        for start in starts:
+            cpu_before = time.process_time()
+            batches = list(
+                iter_nvdec_frame_batches(path, start, keyframes[start], CHUNK_FRAMES, 8, pixel_format=pixel_format)
+            )
+            cpu_seconds += time.process_time() - cpu_before
+            decoded = np.concatenate([batch for batch, _, _ in batches])
+            frames += len(decoded)
+            if pixel_format == "nv12":
+                reference = np.concatenate(
+                    [
+                        batch
+                        for batch, _, _ in iter_frame_batches(
+                            path, start, keyframes[start], CHUNK_FRAMES, 8, pixel_format="nv12"
+                        )
+                    ]
+                )
+            else:
+                reference = _host_rgb_frames(path, start).reshape(decoded.shape)
+            equal = equal and bool(np.array_equal(decoded, reference))
+        record[pixel_format] = {"equal": equal, "frames": frames, "cpu_ms_a_frame": cpu_seconds * 1000 / frames}
+    return record
+
+
 def profile(media: Path) -> dict[str, Any]:
     path = prepare_media(media, CLIP_SECONDS, CLIPS[:1])[CLIPS[0].name]
     frame_count = int(CLIP_SECONDS * 25)
@@ -111,6 +166,7 @@ def profile(media: Path) -> dict[str, Any]:
             "reused_session": reused_chunks(path, colour, starts),
             "threads": [threaded_fps(path, colour, count, 4, frame_count) for count in THREAD_COUNTS],
         }
+    record["reader"] = reader_parity(path, starts)
     return record
 
 

@@ -10,8 +10,10 @@ Written against PyNvVideoCodec 2.2's SimpleDecoder, as documented in the API ref
 - output_color_type=OutputColorType.RGB gives interleaved RGB (H, W, 3) frames, converted on the GPU, and
   OutputColorType.NATIVE the decoder's own NV12 surface (H * 3 / 2 rows of W bytes, 1.5 bytes a pixel: seen on
   the H200 machine), which halves the copy to the host and needs no conversion;
-- use_device_memory=False copies each converted frame to host memory, which is read through
-  DecodedFrame.GetPtrToPlane(0) and framesize(), as the library's SimpleDecoder samples read host frames;
+- use_device_memory=True leaves each frame in GPU memory, its planes listed with their CUDA array interfaces by
+  DecodedFrame.cuda(); cuda_copier copies them into the batch with one cuMemcpy2D a plane (half the CPU of
+  use_device_memory=False, whose host buffer the reader had to copy again), and framesize() gives the frame's
+  bytes;
 - seek_to_index(i) then get_batch_frames(n) returns frames i .. i + n - 1 (fewer at the end of the stream),
   each with its presentation timestamp in DecodedFrame.timestamp. Those timestamps ignore an MP4 edit
   list, which PyAV (and so Probe's seek_pts) applies: x264's B-frame delay puts frame 0 at -1024 in
@@ -27,13 +29,12 @@ Written against PyNvVideoCodec 2.2's SimpleDecoder, as documented in the API ref
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -42,6 +43,7 @@ from services.common.frames.pixel_formats import PixelFormat, frame_bytes, frame
 from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_opener import open_media, shown_name
 from services.common.media_probe import check_picture_size, opening_options, video_stream
+from services.decoder.cuda_copier import CudaFrameCopier, CudaPlane, frame_copier
 from services.decoder.frame_reader import (
     DEFAULT_MAX_BATCH_BYTES,
     FrameBatch,
@@ -78,18 +80,34 @@ class NvdecDecodeError(InvalidArgument):
 
 
 class NvdecFrame(Protocol):
-    """The part of PyNvVideoCodec's DecodedFrame this reader uses (host memory, RGB or NV12)."""
+    """The part of PyNvVideoCodec's DecodedFrame this reader uses (RGB or NV12)."""
 
     @property
     def timestamp(self) -> int: ...
 
     def framesize(self) -> int: ...
 
-    def GetPtrToPlane(self, plane_index: int) -> int: ...
+
+class DeviceFrame(NvdecFrame, Protocol):
+    """A DecodedFrame left in GPU memory."""
+
+    def cuda(self) -> Sequence[CudaPlane]: ...
+
+
+class SimpleDecoderCalls(Protocol):
+    """The part of PyNvVideoCodec's SimpleDecoder this reader calls."""
+
+    def __len__(self) -> int: ...
+
+    def seek_to_index(self, index: int) -> None: ...
+
+    def get_batch_frames(self, batch_size: int) -> Sequence[DeviceFrame]: ...
+
+    def reconfigure_decoder(self, new_source: str) -> None: ...
 
 
 class NvdecSource(Protocol):
-    """The part of PyNvVideoCodec's SimpleDecoder this reader uses."""
+    """A decoder session as the reader uses it: SimpleDecoder's calls, and how one of its frames reaches the host."""
 
     def __len__(self) -> int: ...
 
@@ -98,6 +116,33 @@ class NvdecSource(Protocol):
     def get_batch_frames(self, batch_size: int) -> Sequence[NvdecFrame]: ...
 
     def reconfigure_decoder(self, new_source: str) -> None: ...
+
+    def copy_frame(self, frame: NvdecFrame, out: np.ndarray) -> None:
+        """Copies the frame into `out`, a C-contiguous uint8 array of framesize() bytes."""
+        ...
+
+
+class DeviceMemoryDecoder:
+    """A SimpleDecoder whose frames stay in GPU memory until copy_frame brings one to the host."""
+
+    def __init__(self, decoder: SimpleDecoderCalls, copier: CudaFrameCopier) -> None:
+        self._decoder = decoder
+        self._copier = copier
+
+    def __len__(self) -> int:
+        return len(self._decoder)
+
+    def seek_to_index(self, index: int) -> None:
+        self._decoder.seek_to_index(index)
+
+    def get_batch_frames(self, batch_size: int) -> Sequence[DeviceFrame]:
+        return self._decoder.get_batch_frames(batch_size)
+
+    def reconfigure_decoder(self, new_source: str) -> None:
+        self._decoder.reconfigure_decoder(new_source)
+
+    def copy_frame(self, frame: NvdecFrame, out: np.ndarray) -> None:
+        self._copier.copy_planes(cast(DeviceFrame, frame).cuda(), out)
 
 
 # (path, gpu_id, pixel format) -> an open decoder; tests hand in one that serves PyAV's frames.
@@ -109,8 +154,9 @@ _OUTPUT_COLOURS: dict[PixelFormat, str] = {"rgb24": "RGB", "nv12": "NATIVE"}
 def open_simple_decoder(path: Path, gpu_id: int, pixel_format: PixelFormat) -> NvdecSource:
     nvc = importlib.import_module(NVDEC_MODULE)
     colour = getattr(nvc.OutputColorType, _OUTPUT_COLOURS[pixel_format])
-    source: NvdecSource = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=False, output_color_type=colour)
-    return source
+    copier = frame_copier(gpu_id)
+    decoder = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True, output_color_type=colour)
+    return DeviceMemoryDecoder(decoder, copier)
 
 
 # Idle decoders kept per GPU and layout: a decoder process serves about this many chunks at once.
@@ -219,12 +265,6 @@ def _calling_nvdec(
         return call(*arguments, **keywords)
     except Exception as failure:
         raise error(f"{message} ({type(failure).__name__}: {failure})") from None
-
-
-def _host_frame(frame: NvdecFrame, size: int) -> np.ndarray:
-    """A view of a host-memory frame: valid only until the decoder's next call."""
-    address = frame.GetPtrToPlane(0)
-    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8)), shape=(size,))
 
 
 SHIFT_CACHE_SIZE = 256
@@ -391,7 +431,13 @@ def _decoded_range(
                     f"{name} changes size at frame {next_index} ({width}x{height} {served} is {size} bytes, "
                     f"NVDEC gave {frame.framesize()})"
                 )
-            buffer[len(indices)] = _host_frame(frame, size).reshape(shape)
+            _calling_nvdec(
+                NvdecDecodeError,
+                f"{name}: frame {next_index} could not be copied from the GPU",
+                source.copy_frame,
+                frame,
+                buffer[len(indices)],
+            )
             indices.append(next_index)
             stamps.append(pts)
             previous_pts = pts

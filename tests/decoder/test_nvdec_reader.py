@@ -28,6 +28,7 @@ from services.decoder.nvdec_reader import (
 )
 from tests.decoder.conftest import SMALL_SIZE
 from tests.decoder.fake_nvdec import (
+    FakeCudaDriver,
     FakeDecodedFrame,
     FakeOpener,
     FakeOpenerFailure,
@@ -256,6 +257,16 @@ def test_a_failure_while_decoding_names_the_frame(small_video: Path, small_frame
     assert len(next(batches)[0]) == 4
     with pytest.raises(NvdecDecodeError, match=r"corrupt at frame 4: NVDEC failed \(RuntimeError: CUDA_ERROR"):
         next(batches)
+
+
+def test_a_frame_that_cannot_be_copied_from_the_gpu_fails_naming_it(
+    small_video: Path, small_frames: list[FakeDecodedFrame]
+) -> None:
+    opener = FakeOpener(small_frames, driver=FakeCudaDriver(failing="cuMemcpy2D_v2"))
+    with pytest.raises(
+        NvdecDecodeError, match=r"frame 0 could not be copied from the GPU \(CudaCopyError: cuMemcpy2D_v2 failed"
+    ):
+        list(iter_nvdec_frame_batches(small_video, 0, 0, 4, 4, open_decoder=opener))
 
 
 def test_a_session_that_does_not_open_is_an_open_error(small_video: Path) -> None:
