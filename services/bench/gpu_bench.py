@@ -59,7 +59,7 @@ from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import temporary_path, write_file
 from services.common.media_probe import probe_media
 from services.encoder.segment_writer import count_video_frames
-from services.triton.settings import gpu_instances_from_env
+from services.triton.settings import cuda_wait_from_env, gpu_instances_from_env
 from swapline.jobs.v1 import jobs_pb2
 
 CLIP_SIZE = (1920, 1080)
@@ -395,6 +395,7 @@ def run_services(
         extra_env={"SWAPLINE_GATEWAY_CHUNK_SECONDS": str(CHUNK_SECONDS), **dict(shape.env)},
         # Triton runs in this process, not as a service of the stack: --env reaches it through here.
         triton_gpu_instances=gpu_instances_from_env({**os.environ, **dict(shape.env)}),
+        triton_cuda_wait=cuda_wait_from_env({**os.environ, **dict(shape.env)}),
     )
     started = time.monotonic()
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.bench.gpu_samplers import CoreCounter, summarise_window
 from services.bench.local_stages import LocalFaceFinder, LocalFrameSource, LocalSegmentSink
+from services.common.cuda_waiting import apply_cuda_wait
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_probe import probe_media
 from services.common.model_runner import ModelRunner
@@ -25,6 +26,7 @@ from services.encoder.segment_joiner import join_segments
 from services.encoder.segment_writer import SegmentWriter, count_video_frames
 from services.encoder.settings import EncoderSettings
 from services.gateway.chunk_planner import plan_chunks
+from services.triton.settings import cuda_wait_from_env
 from services.worker.chunk_pipeline import ChunkStats, FaceWarper, run_chunk_pipeline
 from services.worker.chunk_runner import face_warper_for
 from services.worker.face_selector import FaceSelection
@@ -46,6 +48,8 @@ def gpu_models(repository: Path = Path("triton_models")) -> tuple[ModelRunner, b
 
     from services.model_build.torch_models import TorchModelRunner
 
+    # Waiting for the GPU as the services' processes do (SWAPLINE_TRITON_CUDA_WAIT), before torch makes the context.
+    apply_cuda_wait(cuda_wait_from_env())
     if torch.cuda.is_available():
         return TorchModelRunner.built_in(repository, torch.device("cuda"), "fp16"), True
     per_stage = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_swapper")

@@ -33,13 +33,14 @@ from services.cli.process_supervisor import (
     service_env_prefix,
 )
 from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, generate_credentials
+from services.common.cuda_waiting import CudaWait
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.common.torch_catalog import BUILT_IN_FACTORIES
 from services.model_build.model_sets import default_set_models
 from services.triton.device_choice import TritonDeviceChoice
 from services.triton.server_process import EmbeddedTriton, free_ports
-from services.triton.settings import gpu_instances_from_env
+from services.triton.settings import cuda_wait_from_env, gpu_instances_from_env
 
 FrameTransport = Literal["unix", "tcp"]
 FRAME_TRANSPORTS: tuple[FrameTransport, ...] = get_args(FrameTransport)
@@ -122,6 +123,8 @@ class StackOptions:
     # Stubs per built-in model on each GPU when the models run on CUDA: SWAPLINE_TRITON_GPU_INSTANCES in
     # this process's environment (1 when unset), as `python -m services.triton` reads it for its own server.
     triton_gpu_instances: int = field(default_factory=gpu_instances_from_env)
+    # How Triton's GPU stubs wait for the GPU: SWAPLINE_TRITON_CUDA_WAIT from this process's environment.
+    triton_cuda_wait: CudaWait = field(default_factory=cuda_wait_from_env)
     # How workers and the gateway reach the frame services: "tcp" is how a cluster's pods do.
     frame_transport: FrameTransport = "unix"
     # Processes of each frame service (decoder, detector, encoder); worker i uses replica i mod this.
@@ -225,6 +228,7 @@ class EmbeddedStack:
             intra_op_threads=options.triton_intra_op_threads,
             device=options.triton_device,
             gpu_instances=options.triton_gpu_instances,
+            cuda_wait=options.triton_cuda_wait,
             # Explicit model control: the built-in models and the sets marked default load with Triton; the
             # residency service loads the other imported ones as jobs name them, within the GPU memory budget.
             explicit_load=(*BUILT_IN_FACTORIES, *default_set_models(options.model_repository)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common.cuda_waiting import apply_cuda_wait
 from services.common.frames.frame_allocator import keep_frame_buffers
 from services.common.frames.frame_streams import register_decoder
 from services.common.grpc_server import ServiceBinding, configure_logging, serve
@@ -21,6 +22,8 @@ def main() -> None:
     settings = service_settings("decoder", DecoderSettings, ENV_PREFIX)
     # Before the backend is chosen, so the choice and its reason reach the log.
     configure_logging(settings.log_level)
+    # Before NVDEC or the frame copier makes the CUDA context, whose flags this sets.
+    apply_cuda_wait(settings.cuda_wait)
     backend = select_backend(settings.backend, settings.gpu_id)
     keep_frame_buffers()
     asyncio.run(serve(settings, [binding(settings, backend)], "decoder"))

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.common.cuda_waiting import CUDA_DRIVER_LIBRARY
 from services.common.errors import FailedPrecondition
 
-CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 # CUmemorytype values from cuda.h.
 _MEMORY_HOST, _MEMORY_DEVICE = 1, 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.cuda_waiting import CudaWait
 from services.common.input_limits import (
     DEFAULT_MAX_DURATION_SECONDS,
     DEFAULT_MAX_FRAMES,
@@ -48,6 +49,9 @@ class DecoderSettings(ServerSettings):
     backend: DecodeBackend = "auto"
     # The GPU NVDEC decodes on, as CUDA numbers the GPUs this process sees.
     gpu_id: int = ranged(0, ge=0, le=63)
+    # How threads wait for NVDEC and the copies from the GPU (services/common/cuda_waiting.py): block sleeps,
+    # CUDA's own auto spins a core for as long as the GPU takes.
+    cuda_wait: CudaWait = "block"
 
     @property
     def input_limits(self) -> InputLimits:

@@ -32,6 +32,7 @@ def main() -> None:
         intra_op_threads=settings.intra_op_threads,
         device=settings.device,
         gpu_instances=settings.gpu_instances,
+        cuda_wait=settings.cuda_wait,
     )
     with triton:
         print(

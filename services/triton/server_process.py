@@ -32,11 +32,14 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from services.common.cuda_waiting import CudaWait
 from services.common.errors import FailedPrecondition, Unavailable
+from services.common.settings_loader import env_name
 from services.common.torch_catalog import TorchPrecision
 from services.triton.device_choice import TritonDeviceChoice, resolve_device
 from services.triton.embedded_repository import EMBEDDED_TORCH_PRECISION, TritonDevice, write_embedded_repository
 from services.triton.served_precision import served_precision
+from services.triton.settings import ENV_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,7 @@ class EmbeddedTriton:
         repository_writer: RepositoryWriter | None = None,
         gpu_instances: int = 1,
         explicit_load: Sequence[str] | None = None,
+        cuda_wait: CudaWait = "block",
     ) -> None:
         # The server runs with work_dir as its cwd, so relative paths would resolve twice.
         self.model_repository = model_repository.resolve()
@@ -217,6 +221,8 @@ class EmbeddedTriton:
         self.device_choice = device
         # Stubs per built-in model on each GPU when the embedded twins are served on "cuda".
         self.gpu_instances = gpu_instances
+        # How the GPU stubs wait for the GPU: they read it from their environment (cuda_wait_from_env).
+        self.cuda_wait = cuda_wait
         # Resolved by the first start() and kept across restarts: "auto" asks a child process once.
         self.device: TritonDevice | None = None
         self.device_reason = ""
@@ -306,7 +312,10 @@ class EmbeddedTriton:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(distribution, dict(os.environ)),
+                env={
+                    **server_environment(distribution, dict(os.environ)),
+                    env_name(ENV_PREFIX, "cuda_wait"): self.cuda_wait,
+                },
                 cwd=self.work_dir,
                 # Its own process group, which its stubs join: the group ends with it (stop, alive).
                 start_new_session=True,

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.cuda_waiting import CudaWait
 from services.common.settings_loader import ValidatedSettings, env_name, load_settings, ranged
 from services.triton.device_choice import TritonDeviceChoice
 
@@ -35,13 +36,26 @@ class TritonSettings(ValidatedSettings):
     # batches one at a time, so with one the swapper's and the cascade's CPU-side work (tensor copies,
     # pre- and post-processing) serialises every worker's requests; more let batches overlap on the GPU.
     gpu_instances: int = ranged(1, ge=1, le=16)
+    # How a GPU stub's threads wait for the GPU (services/common/cuda_waiting.py): block sleeps, CUDA's own
+    # auto spins a core for as long as each batch runs.
+    cuda_wait: CudaWait = "block"
+
+
+def _one_setting(field_name: str, environ: Mapping[str, str] | None) -> TritonSettings:
+    source = os.environ if environ is None else environ
+    name = env_name(ENV_PREFIX, field_name)
+    chosen = {name: source[name]} if name in source else {}
+    return load_settings(TritonSettings, ENV_PREFIX, chosen)
 
 
 def gpu_instances_from_env(environ: Mapping[str, str] | None = None) -> int:
     """SWAPLINE_TRITON_GPU_INSTANCES from `environ` (default: this process's), checked as TritonSettings checks
     it; 1 when unset. How a process that runs the embedded tritonserver itself (`swapline up`, the benchmarks)
     takes the setting: it reads none of the other SWAPLINE_TRITON_* variables, so only this one is checked."""
-    source = os.environ if environ is None else environ
-    name = env_name(ENV_PREFIX, "gpu_instances")
-    chosen = {name: source[name]} if name in source else {}
-    return load_settings(TritonSettings, ENV_PREFIX, chosen).gpu_instances
+    return _one_setting("gpu_instances", environ).gpu_instances
+
+
+def cuda_wait_from_env(environ: Mapping[str, str] | None = None) -> CudaWait:
+    """SWAPLINE_TRITON_CUDA_WAIT, read as gpu_instances_from_env reads its variable: by the embedded stack, and
+    by each GPU stub, which tritonserver starts with this variable set."""
+    return _one_setting("cuda_wait", environ).cuda_wait

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from services.common.cuda_waiting import apply_cuda_wait
 from services.common.torch_catalog import (
     FACTORY_PARAMETER,
     PRECISION_PARAMETER,
@@ -26,6 +27,7 @@ from services.common.torch_catalog import (
 )
 from services.common.torch_runtime import load_torch_model, prepare_torch_model, run_requests
 from services.triton.onnx_session import group_by_shape
+from services.triton.settings import cuda_wait_from_env
 
 GPU_INSTANCE_KIND = "GPU"
 
@@ -57,6 +59,9 @@ class TritonPythonModel:
         # A link whose target is gone must fail the load, not serve the factory's untrained weights.
         module = load_torch_model(factory, weights if weights.is_symlink() or weights.exists() else None)
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
+        if device.type == "cuda":
+            # Before torch makes the CUDA context, whose flags it sets.
+            apply_cuda_wait(cuda_wait_from_env())
         self._model = prepare_torch_model(self._model_name, module, device, precision, self._input_names, output_dtypes)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.cuda_waiting import apply_cuda_wait
 from services.common.frames.frame_allocator import keep_frame_buffers
 from services.common.frames.frame_streams import decoder_stub, detector_stub, encoder_stub
 from services.common.grpc_channel import channel_security, open_channel
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 async def run_worker(settings: WorkerSettings) -> None:
     configure_logging(settings.log_level)
+    # Before torch looks for CUDA, so the context it makes has these flags.
+    apply_cuda_wait(settings.cuda_wait)
     warp_device = resolve_warp_device(settings.device)
     log.info("faces are aligned and pasted back on %s (device setting %s)", warp_device, settings.device)
     frame_format = resolve_frame_format(settings.frame_format, warp_device)

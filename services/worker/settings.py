@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from services.common.cuda_waiting import CudaWait
 from services.common.errors import FailedPrecondition
 from services.common.frames.pixel_formats import PixelFormat
 from services.common.server_settings import ServerSettings
@@ -60,6 +61,9 @@ class WorkerSettings(ServerSettings):
     # 1.8 ms a frame with one face and 6.8 with six, torch on the same CPU 14 and 35 (2-core VM).
     device: WarpDeviceSetting = "auto"
     frame_format: FrameFormatSetting = "auto"
+    # How threads wait for the GPU when faces are warped there (services/common/cuda_waiting.py): block sleeps,
+    # CUDA's own auto spins a core for as long as the GPU takes.
+    cuda_wait: CudaWait = "block"
 
 
 def cuda_unavailable_reason() -> str:

@@ -77,6 +77,12 @@ def test_every_configured_model_is_served(embedded_triton: EmbeddedTriton) -> No
     assert all(asyncio.run(readiness()))
 
 
+def test_the_server_and_its_stubs_are_told_how_to_wait_for_the_gpu(embedded_triton: EmbeddedTriton) -> None:
+    assert embedded_triton.pid is not None
+    environment = Path(f"/proc/{embedded_triton.pid}/environ").read_bytes().split(b"\0")
+    assert b"SWAPLINE_TRITON_CUDA_WAIT=block" in environment
+
+
 @TRANSPORTS
 def test_rnet_through_triton_matches_in_process(
     embedded_triton: EmbeddedTriton, local_models: LocalModels, shared_memory: bool
