@@ -20,7 +20,7 @@ import av
 import av.error
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
-from services.common.media_opener import open_media, shown_name
+from services.common.media_opener import PACKETS_ONLY, open_media, shown_name
 from services.common.media_paths import temporary_path
 from services.encoder.segment_writer import count_video_frames, is_image_path
 
@@ -63,7 +63,7 @@ def _segment_packets(
     offset_seconds = Fraction(0)
     order = 0
     for path in paths:
-        with open_media(path) as container:
+        with open_media(path, PACKETS_ONLY) as container:
             if not container.streams.video:
                 raise InvalidArgument(f"segment {shown_name(path)} has no video stream")
             stream = container.streams.video[0]
@@ -147,10 +147,10 @@ def join_segments(
 
 def _remux(segment_paths: Sequence[Path], output_path: Path, audio_source: Path | None, stop: threading.Event) -> bool:
     """Writes the joined MP4 to output_path; returns whether audio was copied."""
-    audio_container = open_media(audio_source) if audio_source is not None else None
+    audio_container = open_media(audio_source, PACKETS_ONLY) if audio_source is not None else None
     try:
         has_audio = audio_container is not None and bool(audio_container.streams.audio)
-        with open_media(segment_paths[0]) as first_segment:
+        with open_media(segment_paths[0], PACKETS_ONLY) as first_segment:
             if not first_segment.streams.video:
                 raise InvalidArgument(f"segment {shown_name(segment_paths[0])} has no video stream")
             template = first_segment.streams.video[0]

@@ -32,7 +32,7 @@ from services.common.errors import Cancelled, Internal, InvalidArgument
 from services.common.frames.frame_codec import Frames
 from services.common.frames.pixel_formats import PixelFormat, describe_frames, nv12_to_rgb, rgb_to_i420
 from services.common.input_limits import DEFAULT_MAX_FILENAME_LENGTH
-from services.common.media_opener import open_media, shown_name
+from services.common.media_opener import PACKETS_ONLY, open_media, shown_name
 from services.common.media_paths import temporary_path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -44,7 +44,7 @@ def is_image_path(path: Path) -> bool:
 
 def count_video_frames(path: Path) -> int:
     """The frames of the file's first video stream, counted from its packets without decoding them."""
-    with open_media(path) as container:
+    with open_media(path, PACKETS_ONLY) as container:
         if not container.streams.video:
             return 0
         stream = container.streams.video[0]
