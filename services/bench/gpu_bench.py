@@ -53,7 +53,7 @@ from services.bench.gpu_samplers import (
     summarise_window,
 )
 from services.cli import sample_media
-from services.cli.embedded_stack import EmbeddedStack, StackOptions
+from services.cli.embedded_stack import TRITON_NAME, EmbeddedStack, StackOptions
 from services.cli.job_client import JobClient
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import temporary_path, write_file
@@ -333,25 +333,48 @@ def concurrent_throughput(timer: JobTimer, client: JobClient, video: Path, clip:
     }
 
 
-PROFILED_PROCESSES = ("worker-0", "encoder", "decoder")
+PROFILED_PROCESSES = ("worker-0", "encoder", "decoder", "gateway")
+STUB_BINARY = "triton_python_backend_stub"
+
+
+def triton_stubs(triton_pid: int) -> dict[str, int]:
+    """tritonserver's Python-backend stubs by model and instance ("stub-<model>-<n>"): its children running the stub."""
+    stubs: dict[str, int] = {}
+    for entry in sorted(Path("/proc").iterdir(), key=lambda path: path.name):
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent != triton_pid or not arguments[0].endswith(STUB_BINARY.encode()) or len(arguments) < 2:
+            continue
+        model = Path(arguments[1].decode()).parent.parent.name
+        number = sum(1 for name in stubs if name.startswith(f"stub-{model}-"))
+        stubs[f"stub-{model}-{number}"] = int(entry.name)
+    return stubs
 
 
 @contextmanager
 def sampling_profiles(stack: EmbeddedStack, profile_dir: Path | None, name: str) -> Iterator[None]:
-    """With a profile_dir and py-spy on PATH: samples the stack's first worker, encoder and decoder while the
-    block runs, as collapsed stacks (`py-spy record --format raw`, one file each), to show where their CPU goes."""
+    """With a profile_dir and py-spy on PATH: samples the stack's first worker, encoder, decoder, gateway and Triton's
+    Python-backend stubs while the block runs, as collapsed stacks (`py-spy record --format raw`, one file each), to
+    show where their CPU goes."""
     spy = shutil.which("py-spy")
     if profile_dir is None or spy is None:
         yield
         return
     profile_dir.mkdir(parents=True, exist_ok=True)
+    processes = {process: stack.pid(process) for process in PROFILED_PROCESSES}
+    processes.update(triton_stubs(stack.pid(TRITON_NAME)))
     recorders = [
         subprocess.Popen(
             [
                 spy,
                 "record",
                 "--pid",
-                str(stack.pid(process)),
+                str(pid),
                 "--rate",
                 "250",
                 "--format",
@@ -363,7 +386,7 @@ def sampling_profiles(stack: EmbeddedStack, profile_dir: Path | None, name: str)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for process in PROFILED_PROCESSES
+        for process, pid in processes.items()
     ]
     try:
         yield

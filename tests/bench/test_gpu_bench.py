@@ -1,8 +1,19 @@
 import argparse
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from services.bench.gpu_bench import StackShape, parse_env, summary_table, triton_deltas, triton_summary
+from services.bench.gpu_bench import (
+    STUB_BINARY,
+    StackShape,
+    parse_env,
+    summary_table,
+    triton_deltas,
+    triton_stubs,
+    triton_summary,
+)
 from services.common.job_vocabulary import STAGE_NAMES
 
 
@@ -103,3 +114,28 @@ def test_the_summary_adds_a_line_per_model_for_jobs_with_triton_statistics() -> 
         "  mtcnn_cascade: 2 executions, mean batch 3.0 (1.0 requests), queue - ms/request,"
         " infer - ms/execution (- ms/frame)",
     ]
+
+
+def test_triton_stubs_are_found_by_model_and_instance(tmp_path: Path) -> None:
+    """Children of this process that look like Triton's stubs: argv[0] the stub, argv[1] the model's model.py."""
+    models = ("face_swapper", "face_swapper", "mtcnn_cascade")
+    children = []
+    for model in models:
+        script = tmp_path / "model_repository" / model / "1" / "model.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.touch()
+        # tail -f runs until killed and leaves its arguments as given, as the stub's are.
+        children.append(
+            subprocess.Popen([f"/opt/backends/python/{STUB_BINARY}", str(script), "-f"], executable="/usr/bin/tail")
+        )
+    try:
+        found = triton_stubs(os.getpid())
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert found == {
+        "stub-face_swapper-0": children[0].pid,
+        "stub-face_swapper-1": children[1].pid,
+        "stub-mtcnn_cascade-0": children[2].pid,
+    }
