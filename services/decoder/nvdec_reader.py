@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, Protocol, TypeVar, cast
+from typing import Generic, ParamSpec, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -267,63 +267,68 @@ def _calling_nvdec(
         raise error(f"{message} ({type(failure).__name__}: {failure})") from None
 
 
-SHIFT_CACHE_SIZE = 256
+FILE_MEMO_SIZE = 256
 FileKey = tuple[str, int, int]
+MemoKey = TypeVar("MemoKey", bound=Hashable)
+MemoValue = TypeVar("MemoValue")
 
 
-class ShiftCache:
-    """Files whose timestamp shift is known: (path, size, mtime) -> shift.
+class FileMemo(Generic[MemoKey, MemoValue]):
+    """What was learnt about files, by a key that holds the file's (path, size, mtime): one answer a file.
 
-    A job's chunks decode the same file, and finding the shift costs a seek to frame 0 and back: a quarter of
-    the decoder's CPU on the H200 machine when it was found for every chunk. A job's chunks arrive together,
-    so one stream measures while the others of that file wait for its answer (`waiting` counts them), rather
-    than all measuring at once; if the measurement fails, the next waiter measures.
+    A job's chunks decode the same file and arrive together, so one stream finds the answer while the others of
+    that file wait for it (`waiting` counts them), rather than all finding it at once; if finding it fails, the
+    next waiter tries. Used for the timestamp shift (a seek to frame 0 and back: a quarter of the decoder's CPU on
+    the H200 machine when every chunk measured it) and for the stream's headers (opening the file with PyAV, which
+    decodes a frame: a fifth of the decoder's CPU when every chunk read them, py-spy on the H200 machine).
     """
 
-    def __init__(self, size: int = SHIFT_CACHE_SIZE) -> None:
+    def __init__(self, size: int = FILE_MEMO_SIZE) -> None:
         self._size = size
-        self._shifts: dict[FileKey, int] = {}
-        self._measuring: set[FileKey] = set()
+        self._values: dict[MemoKey, MemoValue] = {}
+        self._finding: set[MemoKey] = set()
         self._changed = threading.Condition()
         self.waiting = 0
 
-    def shift(self, key: FileKey, measure: Callable[[], int]) -> int:
+    def value(self, key: MemoKey, find: Callable[[], MemoValue]) -> MemoValue:
         with self._changed:
-            while key not in self._shifts and key in self._measuring:
+            while key not in self._values and key in self._finding:
                 self.waiting += 1
                 self._changed.notify_all()
                 self._changed.wait()
                 self.waiting -= 1
-            if key in self._shifts:
-                return self._shifts[key]
-            self._measuring.add(key)
+            if key in self._values:
+                return self._values[key]
+            self._finding.add(key)
         try:
-            shift = measure()
+            found = find()
         finally:
             with self._changed:
-                self._measuring.discard(key)
+                self._finding.discard(key)
                 self._changed.notify_all()
         with self._changed:
-            if len(self._shifts) >= self._size:
-                del self._shifts[next(iter(self._shifts))]
-            self._shifts[key] = shift
-        return shift
+            if len(self._values) >= self._size:
+                del self._values[next(iter(self._values))]
+            self._values[key] = found
+        return found
 
     def wait_for_waiting(self, count: int, timeout: float) -> bool:
-        """Whether `count` streams came to wait for another's measurement within `timeout` seconds."""
+        """Whether `count` streams came to wait for another's answer within `timeout` seconds."""
         with self._changed:
             return self._changed.wait_for(lambda: self.waiting >= count, timeout)
 
     def clear(self) -> None:
         with self._changed:
-            self._shifts.clear()
+            self._values.clear()
 
 
-SHIFTS = ShiftCache()
+SHIFTS: FileMemo[FileKey, int] = FileMemo()
+HEADERS: FileMemo[tuple[FileKey, InputLimits], StreamHeader] = FileMemo()
 
 
-def forget_timestamp_shifts() -> None:
+def forget_files() -> None:
     SHIFTS.clear()
+    HEADERS.clear()
 
 
 def _file_key(path: Path) -> FileKey:
@@ -331,12 +336,17 @@ def _file_key(path: Path) -> FileKey:
     return str(path.resolve()), status.st_size, status.st_mtime_ns
 
 
+def _stream_header(path: Path, limits: InputLimits) -> StreamHeader:
+    """read_stream_header's answer, read once per file and limits."""
+    return HEADERS.value((_file_key(path), limits), lambda: read_stream_header(path, limits))
+
+
 def _timestamp_shift(source: NvdecSource, header: StreamHeader, name: str, path: Path) -> int:
     """What turns NVDEC's timestamps into PyAV's: the headers' start time less NVDEC's stamp of frame 0."""
     start_pts = header.start_pts
     if start_pts is None:
         return 0
-    return SHIFTS.shift(_file_key(path), lambda: _measured_shift(source, start_pts, name))
+    return SHIFTS.value(_file_key(path), lambda: _measured_shift(source, start_pts, name))
 
 
 def _measured_shift(source: NvdecSource, start_pts: int, name: str) -> int:
@@ -370,7 +380,7 @@ def iter_nvdec_frame_batches(
     """
     check_frame_range(start_frame, frame_count, batch_size)
     name = shown_name(path)
-    header = read_stream_header(path, limits)
+    header = _stream_header(path, limits)
     width, height = header.width, header.height
     served = served_format(pixel_format, width, height)
     refusal = nvdec_refusal(header.codec, header.pixel_format, header.full_range, served)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.cli import sample_media
-from services.decoder.nvdec_reader import DECODERS, forget_timestamp_shifts
+from services.decoder.nvdec_reader import DECODERS, forget_files
 
 SMALL_SIZE = (320, 240)
 SMALL_FPS = 25
@@ -58,8 +58,8 @@ def oversized_video(media_root: Path) -> Path:
 def fresh_nvdec_state() -> Iterator[None]:
     """Each test's NVDEC stand-in measures its own timestamp shift and opens its own decoders: the reader keeps
     shifts per file and finished decoders in a pool."""
-    forget_timestamp_shifts()
+    forget_files()
     DECODERS.clear()
     yield
-    forget_timestamp_shifts()
+    forget_files()
     DECODERS.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +14,9 @@ import pytest
 
 from services.cli import sample_media
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.input_limits import DEFAULT_INPUT_LIMITS
+from services.common.input_limits import DEFAULT_INPUT_LIMITS, InputLimits
 from services.common.media_probe import probe_media
+from services.decoder import nvdec_reader
 from services.decoder.frame_reader import iter_frame_batches
 from services.decoder.nvdec_reader import (
     SHIFTS,
@@ -21,7 +24,8 @@ from services.decoder.nvdec_reader import (
     NvdecDecodeError,
     NvdecOpenError,
     NvdecUnsupported,
-    forget_timestamp_shifts,
+    StreamHeader,
+    forget_files,
     iter_nvdec_frame_batches,
     nvdec_refusal,
     read_stream_header,
@@ -165,7 +169,7 @@ def test_nv12_frames_are_pyavs_nv12_and_decoders_are_pooled_per_layout(small_vid
 def test_chunks_of_one_file_arriving_together_measure_the_shift_once(
     small_video: Path, small_frames: list[FakeDecodedFrame]
 ) -> None:
-    forget_timestamp_shifts()
+    forget_files()
     keyframe = probe_media(small_video).keyframes[1]
     release = threading.Event()
     opener = FakeOpener(small_frames, hold_first_start=release)
@@ -295,6 +299,41 @@ def test_oversized_frames_are_refused_before_nvdec_or_a_buffer(oversized_video: 
         tracemalloc.stop()
     assert opener.attempts == 0
     assert peak < 16 * 1024 * 1024
+
+
+class CountedHeaders:
+    """read_stream_header, counting its calls."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self, path: Path, limits: InputLimits) -> StreamHeader:
+        self.reads += 1
+        return read_stream_header(path, limits)
+
+
+def test_a_files_headers_are_read_once_until_it_changes(
+    small_video: Path, small_frames: list[FakeDecodedFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = CountedHeaders()
+    monkeypatch.setattr(nvdec_reader, "read_stream_header", counted)
+    copy = tmp_path / "copy.mp4"
+    shutil.copyfile(small_video, copy)
+    for _ in range(3):
+        list(iter_nvdec_frame_batches(copy, 0, 0, 4, 4, open_decoder=FakeOpener(small_frames)))
+    assert counted.reads == 1
+    os.utime(copy, ns=(0, copy.stat().st_mtime_ns + 1_000_000_000))
+    list(iter_nvdec_frame_batches(copy, 0, 0, 4, 4, open_decoder=FakeOpener(small_frames)))
+    assert counted.reads == 2
+
+
+def test_a_file_past_the_limits_is_refused_every_time(oversized_video: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted = CountedHeaders()
+    monkeypatch.setattr(nvdec_reader, "read_stream_header", counted)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match=r"the limit is 35\.7 Mpx"):
+            list(iter_nvdec_frame_batches(oversized_video, 0, 0, 2, 8, open_decoder=FakeOpener([])))
+    assert counted.reads == 2
 
 
 def test_an_invalid_range_is_refused(small_video: Path) -> None:
