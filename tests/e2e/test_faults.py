@@ -161,11 +161,21 @@ def midway(client: JobClient, job_id: str) -> bool:
     return 0 < job.frames_done < job.frames_total
 
 
-def wait_until_held(client: JobClient, job_id: str, holder: Callable[[str], str | None]) -> None:
-    def held() -> bool:
-        return midway(client, job_id) and holder(job_id) is not None
+def running(client: JobClient, job_id: str) -> bool:
+    job = client.get(job_id)
+    if job.state in TERMINAL_STATES:
+        raise AssertionError(f"job {job_id} ended ({job.state}) before the fault could be injected")
+    return job.state == jobs_pb2.JOB_STATE_RUNNING
 
-    poll(held, 120, f"job {job_id} midway with an open call on the process to test", interval=0.02)
+
+def wait_until_held(client: JobClient, job_id: str, holder: Callable[[str], str | None]) -> None:
+    """Until the process to test holds an open call for the running job. Not "midway": a chunk's Decode call can
+    close before any frame of the job is reported done, and the job then ended before both were seen at once."""
+
+    def held() -> bool:
+        return running(client, job_id) and holder(job_id) is not None
+
+    poll(held, 120, f"job {job_id} running with an open call on the process to test", interval=0.02)
 
 
 def stage_holds(stack: EmbeddedStack, service: str, method: str) -> Callable[[str], str | None]:
