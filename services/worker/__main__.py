@@ -36,7 +36,8 @@ async def run_worker(settings: WorkerSettings) -> None:
     apply_cuda_wait(settings.cuda_wait)
     warp_device = resolve_warp_device(settings.device)
     log.info("faces are aligned and pasted back on %s (device setting %s)", warp_device, settings.device)
-    frame_format = resolve_frame_format(settings.frame_format, warp_device)
+    warper = face_warper_for(warp_device)
+    frame_format = resolve_frame_format(settings.frame_format, warper.pixel_format)
     log.info("frames come from the decoder as %s (frame format setting %s)", frame_format, settings.frame_format)
     security = channel_security(settings)
     channels = {
@@ -54,7 +55,6 @@ async def run_worker(settings: WorkerSettings) -> None:
         detector=detector_stub(channels["detector"]),
         encoder=encoder_stub(channels["encoder"]),
     )
-    warper = face_warper_for(warp_device)
     swapper = CropTransferSwapper(triton, crops=warper.crop_codec)
     arcface = ArcFaceEmbedder(triton, triton)
     swappers = SwapperRegistry(swapper, triton, triton, warper.crop_codec, arcface)

@@ -25,8 +25,6 @@ This module imports torch; the worker imports it only when it warps on CUDA (chu
 from __future__ import annotations
 
 import functools
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,11 +36,8 @@ from services.common.errors import InvalidArgument
 from services.common.fp32_fallback import non_finite_outputs
 from services.common.frames.frame_codec import Frames
 from services.common.frames.pixel_formats import PixelFormat, describe_frames
-from services.worker.face_aligner import HostAlignedFaces, paste_region
+from services.worker.face_aligner import KEPT_BATCHES, HostAlignedFaces, KeptBatches, even_box, paste_region
 
-# Batches uploaded for detection and kept for their alignment, per warper; older ones are dropped (and
-# uploaded again if they are aligned after all). A chunk has at most a few batches between the two stages.
-RESIDENT_BATCHES = 8
 # cv2.blendLinear adds this to the weight sum; face_aligner.paste_back floors 1 - alpha at ALPHA_FLOOR.
 BLEND_EPSILON = 1e-5
 ALPHA_FLOOR = 1e-6
@@ -247,18 +242,12 @@ def paste_batch(
     return frames
 
 
-def _even_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """The box grown to even corners, so that it covers whole NV12 chroma pairs (the frame's sides are even)."""
-    x0, y0, x1, y1 = box
-    return x0 - x0 % 2, y0 - y0 % 2, x1 + x1 % 2, y1 + y1 % 2
-
-
 def _download_boxes(frames: torch.Tensor, slots: Sequence[int], matrices: np.ndarray, size: int, host: Frames) -> None:
     """Copies each face's paste region of the RGB `frames` into `host` (RGB, or NV12: converted on the device first)
     in one transfer: nothing else of a frame changed."""
     pixel_format, width, height = describe_frames(host)
     placed = [(slot, paste_region(matrix, size, height, width)) for slot, matrix in zip(slots, matrices, strict=True)]
-    boxes = [(slot, box if pixel_format == "rgb24" else _even_box(box)) for slot, box in placed if box is not None]
+    boxes = [(slot, box if pixel_format == "rgb24" else even_box(box)) for slot, box in placed if box is not None]
     if not boxes:
         return
     regions = [frames[slot : slot + 1, y0:y1, x0:x1] for slot, (x0, y0, x1, y1) in boxes]
@@ -333,40 +322,32 @@ class TorchFaceWarper:
 
     pixel_format: PixelFormat = "nv12"
 
-    def __init__(self, device: str | torch.device, resident_batches: int = RESIDENT_BATCHES) -> None:
+    def __init__(self, device: str | torch.device, resident_batches: int = KEPT_BATCHES) -> None:
         self.device = torch.device(device)
         self.crop_codec = DeviceCropCodec(self.device)
-        self._resident: OrderedDict[int, tuple[Frames, torch.Tensor]] = OrderedDict()
-        self._resident_limit = resident_batches
-        self._lock = threading.Lock()
+        self._resident: KeptBatches[torch.Tensor] = KeptBatches(resident_batches)
 
     @property
     def resident_batches(self) -> int:
         """Batches uploaded for detection and not yet aligned."""
-        with self._lock:
-            return len(self._resident)
+        return len(self._resident)
 
     def shrink(self, frames: Frames, size: tuple[int, int]) -> Frames:
         pixel_format, width, height = describe_frames(frames)
         if pixel_format == "rgb24" and (width, height) == size:
             return frames
         on_device = self._upload(frames)
-        with self._lock:
-            self._resident[id(frames)] = (frames, on_device)
-            while len(self._resident) > self._resident_limit:
-                self._resident.popitem(last=False)
+        self._resident.keep(frames, on_device)
         return shrink_batch(on_device, size).cpu().numpy()
 
     def align(
         self, frames: Frames, slots: Sequence[int], matrices: np.ndarray, size: int
     ) -> HostAlignedFaces | DeviceAlignedFaces:
-        with self._lock:
-            # The identity check: an id may be reused once the array it named is gone.
-            kept_frames, on_device = self._resident.pop(id(frames), (None, None))
+        on_device = self._resident.take(frames)
         if len(slots) == 0:
             return HostAlignedFaces(frames, slots, matrices, np.zeros((0, size, size, 3), np.uint8))
         host = frames if frames.flags.writeable else frames.copy()
-        if kept_frames is not frames or on_device is None:
+        if on_device is None:
             on_device = self._upload(host)
         return DeviceAlignedFaces(host, on_device, slots, matrices, align_batch(on_device, slots, matrices, size))
 

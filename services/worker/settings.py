@@ -20,9 +20,9 @@ SETTINGS_PREFIX = "SWAPLINE_WORKER_"
 WarpDevice = Literal["cpu", "cuda"]
 # "auto": CUDA where torch imports and sees a GPU, the host otherwise.
 WarpDeviceSetting = Literal["auto", WarpDevice]
-# How frames cross from the decoder, through the worker, to the encoder (pixel_formats). "auto": NV12 where faces
-# are warped on a GPU (half RGB's bytes each hop, no colour conversion in the decoder or the encoder), RGB where
-# OpenCV warps them on the host.
+# How frames cross from the decoder, through the worker, to the encoder (pixel_formats). "auto": what the face warper
+# asks for, NV12 on a GPU and on the host (half RGB's bytes each hop, no colour conversion in the decoder or the
+# encoder); either warper takes either layout.
 FrameFormatSetting = Literal["auto", PixelFormat]
 # The NVIDIA driver's control device, present on every machine and container that can reach a GPU.
 NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")
@@ -93,13 +93,6 @@ def resolve_warp_device(setting: WarpDeviceSetting) -> WarpDevice:
     return "cpu" if reason else "cuda"
 
 
-def resolve_frame_format(setting: FrameFormatSetting, device: WarpDevice) -> PixelFormat:
-    """The layout the worker asks the decoder for, checked at start-up: OpenCV on the host warps RGB only."""
-    if setting == "auto":
-        return "nv12" if device == "cuda" else "rgb24"
-    if setting == "nv12" and device == "cpu":
-        raise FailedPrecondition(
-            f"{SETTINGS_PREFIX}FRAME_FORMAT=nv12 needs faces warped on a GPU ({SETTINGS_PREFIX}DEVICE=cuda): "
-            "NV12 frames are turned into RGB where faces are warped; set it to rgb24 or auto"
-        )
-    return setting
+def resolve_frame_format(setting: FrameFormatSetting, preferred: PixelFormat) -> PixelFormat:
+    """The layout the worker asks the decoder for: the one set, or under auto the face warper's `preferred`."""
+    return preferred if setting == "auto" else setting

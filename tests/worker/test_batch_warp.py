@@ -29,7 +29,16 @@ from services.worker.batch_warp import (
     shrink_batch,
 )
 from services.worker.chunk_pipeline import HOST_WARPER, ChunkStats, FaceWarper, run_chunk_pipeline
-from services.worker.face_aligner import alignment_matrix, downscale_frames, paste_back, paste_region, warp_to_crop
+from services.worker.face_aligner import (
+    Cv2FaceWarper,
+    HostAlignedFaces,
+    alignment_matrix,
+    downscale_frames,
+    even_box,
+    paste_back,
+    paste_region,
+    warp_to_crop,
+)
 from services.worker.face_selector import FaceSelection
 from services.worker.face_swapper import HOST_CROPS, CropTransferSwapper, SourceIdentity
 from tests.worker.face_photos import face_from_landmarks, side_by_side
@@ -428,8 +437,7 @@ def _even_region_mask(nv12: np.ndarray, slots: list[int], matrices: np.ndarray) 
     for slot, matrix in zip(slots, matrices, strict=True):
         box = paste_region(matrix, SIZE, height, width)
         if box is not None:
-            x0, y0, x1, y1 = box
-            x0, y0, x1, y1 = x0 - x0 % 2, y0 - y0 % 2, x1 + x1 % 2, y1 + y1 % 2
+            x0, y0, x1, y1 = even_box(box)
             inside[slot, y0:y1, x0:x1] = True
             inside[slot, height + y0 // 2 : height + y1 // 2, x0:x1] = True
     return inside
@@ -466,7 +474,7 @@ def test_the_torch_warper_shrinks_nv12_frames_as_their_rgb() -> None:
     np.testing.assert_array_equal(warper.shrink(nv12, (256, 150)), expected)
     # At full size the detector still gets RGB.
     assert warper.shrink(nv12, (1024, 600)).shape == (5, 600, 1024, 3)
-    assert (warper.pixel_format, HOST_WARPER.pixel_format) == ("nv12", "rgb24")
+    assert (warper.pixel_format, HOST_WARPER.pixel_format) == ("nv12", "nv12")
 
 
 class _NV12PanningClip:
@@ -509,5 +517,67 @@ def test_the_chunk_pipeline_swaps_nv12_frames_as_it_swaps_their_rgb() -> None:
             continue
         assert nv12.shape == original.shape
         # Compared as NV12: the RGB run's frames keep the chroma detail that NV12 frames never had.
+        assert psnr(nv12, rgb_to_nv12(rgb)) > 40.0, f"frame {index}"
+        assert psnr(nv12, original) < 25.0, f"frame {index} was not swapped"
+
+
+def test_the_host_warper_pastes_into_nv12_frames_only_where_faces_are() -> None:
+    frames, _, _ = _scenes()
+    slots, matrices = _overlapping_faces()
+    crops, masks = _swapped_crops(len(slots))
+    nv12 = _as_nv12(frames)
+    host = nv12.copy()
+    rgb = nv12_to_rgb(nv12)
+
+    aligned = Cv2FaceWarper().align(host, slots, matrices, SIZE)
+    pasted = aligned.paste(crops, masks)
+
+    assert pasted is host and isinstance(aligned, HostAlignedFaces)
+    np.testing.assert_array_equal(aligned.crops, Cv2FaceWarper().align(rgb, slots, matrices, SIZE).crops)
+    expected = np.stack([rgb_to_nv12(frame) for frame in _pasted_by_cv2(rgb, slots, matrices, crops, masks)])
+    inside = _even_region_mask(nv12, slots, matrices)
+    np.testing.assert_array_equal(pasted[inside], expected[inside])
+    np.testing.assert_array_equal(pasted[~inside], nv12[~inside])
+    assert not np.array_equal(pasted[inside], nv12[inside])
+
+
+def test_the_host_warper_aligns_the_rgb_it_made_to_shrink_and_keeps_no_more_than_its_limit() -> None:
+    frames, slots, matrices = _scenes()
+    nv12 = _as_nv12(frames)
+    warper = Cv2FaceWarper(kept_batches=2)
+    small = warper.shrink(nv12, (256, 150))
+    assert warper.kept_batches == 1
+    np.testing.assert_array_equal(small, downscale_frames(nv12_to_rgb(nv12), (256, 150)))
+    # At full size the detector still gets RGB.
+    assert warper.shrink(nv12, (1024, 600)).shape == (5, 600, 1024, 3)
+
+    fresh = Cv2FaceWarper().align(nv12.copy(), slots, matrices, SIZE)
+    np.testing.assert_array_equal(warper.align(nv12, slots, matrices, SIZE).crops, fresh.crops)
+    assert warper.kept_batches == 0
+    batches = [nv12[:2].copy() for _ in range(4)]
+    for batch in batches:
+        warper.shrink(batch, (256, 150))
+    assert warper.kept_batches == 2
+    # A batch whose RGB was dropped is converted again when it is aligned.
+    np.testing.assert_array_equal(warper.align(batches[0], slots[:2], matrices[:2], SIZE).crops, fresh.crops[:2])
+    assert warper.kept_batches == 2
+
+
+def test_the_chunk_pipeline_swaps_nv12_frames_on_the_host_as_it_swaps_their_rgb() -> None:
+    sink = _Collected()
+    identity = SourceIdentity(crop=np.zeros((SIZE, SIZE, 3), np.uint8))
+    swapper = CropTransferSwapper(_InvertingModel(), size=SIZE, crops=HOST_WARPER.crop_codec)
+    pipeline = run_chunk_pipeline(
+        _NV12PanningClip(), _BothFacesInOrder(), swapper, identity, sink, FaceSelection("many"), warper=HOST_WARPER
+    )
+    stats = asyncio.run(asyncio.wait_for(pipeline, timeout=30))
+    _, rgb_frames = _run_pipeline(HOST_WARPER)
+
+    assert (stats.frames, stats.faces) == (PIPELINE_FRAMES, 12)
+    for index, (nv12, rgb) in enumerate(zip(sink.frames, rgb_frames, strict=True)):
+        original = rgb_to_nv12(_pipeline_scene(index)[0])
+        if index == FACELESS_FRAME:
+            np.testing.assert_array_equal(nv12, original)
+            continue
         assert psnr(nv12, rgb_to_nv12(rgb)) > 40.0, f"frame {index}"
         assert psnr(nv12, original) < 25.0, f"frame {index} was not swapped"

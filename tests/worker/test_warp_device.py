@@ -98,16 +98,11 @@ def test_the_worker_starts_without_torch() -> None:
     assert result.stdout.split() == ["cpu", "Cv2FaceWarper", "False"]
 
 
-def test_frames_come_as_nv12_where_faces_are_warped_on_a_gpu_and_as_rgb_on_the_host() -> None:
-    assert resolve_frame_format("auto", "cuda") == "nv12"
-    assert resolve_frame_format("auto", "cpu") == "rgb24"
-    assert resolve_frame_format("rgb24", "cuda") == "rgb24"
-    assert resolve_frame_format("nv12", "cuda") == "nv12"
-
-
-def test_nv12_frames_for_a_host_warper_are_refused_at_start() -> None:
-    with pytest.raises(FailedPrecondition, match="FRAME_FORMAT=nv12 needs faces warped on a GPU"):
-        resolve_frame_format("nv12", "cpu")
+def test_auto_frames_are_what_the_warper_asks_for_and_a_set_layout_wins() -> None:
+    assert resolve_frame_format("auto", face_warper_for("cpu").pixel_format) == "nv12"
+    assert resolve_frame_format("auto", "rgb24") == "rgb24"
+    assert resolve_frame_format("rgb24", "nv12") == "rgb24"
+    assert resolve_frame_format("nv12", "rgb24") == "nv12"
 
 
 def test_the_frame_format_setting_takes_its_choices_only() -> None:
