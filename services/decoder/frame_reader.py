@@ -53,9 +53,25 @@ def ends_short_message(name: str, next_index: int, end_index: int, frame_count: 
     )
 
 
-def served_format(asked: PixelFormat, width: int, height: int) -> PixelFormat:
-    """The layout a request's frames come in: as asked, except RGB for a picture NV12 cannot hold (odd sides)."""
-    return asked if asked == "rgb24" or fits_nv12(width, height) else "rgb24"
+# The sources NV12 holds exactly: 8-bit 4:2:0 in limited range, as x264 and most cameras write video.
+NV12_EXACT_SOURCES = frozenset({"yuv420p"})
+# FFmpeg's AVCOL_RANGE_JPEG, as PyAV's codec context gives color_range.
+FULL_RANGE = 2
+
+
+def is_full_range(source: str | None, color_range: int) -> bool:
+    """JPEG-range luma and chroma: yuvj420p, or a stream tagged full range."""
+    return source == "yuvj420p" or color_range == FULL_RANGE
+
+
+def served_format(
+    asked: PixelFormat, width: int, height: int, source: str | None = "yuv420p", full_range: bool = False
+) -> PixelFormat:
+    """The layout a request's frames come in: as asked, except RGB where NV12 would not hold the source's pixels as
+    they are: odd sides, a source that is not 4:2:0 (an RGB picture: its colour would be halved in both directions) or
+    one in full range (NV12 between services is limited range, so its levels would be squeezed)."""
+    exact = fits_nv12(width, height) and source in NV12_EXACT_SOURCES and not full_range
+    return "nv12" if asked == "nv12" and exact else "rgb24"
 
 
 def batch_frames(batch_size: int, frame_count: int, frame_bytes: int, max_batch_bytes: int) -> int:
@@ -74,7 +90,7 @@ def iter_frame_batches(
     pixel_format: PixelFormat = "rgb24",
 ) -> Generator[FrameBatch, None, None]:
     """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, in pixel_format
-    (served_format: RGB where NV12 does not fit the picture).
+    (served_format: RGB where NV12 would not hold the source's pixels as they are).
 
     seek_pts is the presentation timestamp of start_frame as Probe reported it: decoding seeks
     back to the keyframe at or before it, and frames before it are dropped, so a range may start
@@ -90,8 +106,10 @@ def iter_frame_batches(
         check_picture_size(container, stream, path, limits)
         stream.codec_context.options = {"max_pixels": str(picture_pixel_limit(container, limits))}
         stream.thread_type = "AUTO"
-        width, height = stream.codec_context.width, stream.codec_context.height
-        served = served_format(pixel_format, width, height)
+        context = stream.codec_context
+        width, height = context.width, context.height
+        source = context.format.name if context.format is not None else None
+        served = served_format(pixel_format, width, height, source, is_full_range(source, context.color_range))
         frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes(served, width, height), max_batch_bytes)
         next_index = start_frame
         end_index = start_frame + frame_count
@@ -111,8 +129,8 @@ def iter_frame_batches(
                     raise InvalidArgument(
                         f"{name} changes size at frame {next_index} ({width}x{height} -> {frame.width}x{frame.height})"
                     )
-                # NV12 is limited range whatever the source's (a JPEG-range yuvj420p clip, a PNG): what the
-                # worker and the encoder read it as. The RGB conversion takes the source's range into account.
+                # NV12 is limited range, what the worker and the encoder read it as (served_format keeps full-range
+                # sources in RGB). The RGB conversion takes the source's range into account.
                 buffer[len(indices)] = frame.to_ndarray(format=served, dst_color_range="MPEG")
                 indices.append(next_index)
                 stamps.append(pts)

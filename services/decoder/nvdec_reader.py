@@ -50,6 +50,7 @@ from services.decoder.frame_reader import (
     batch_frames,
     check_frame_range,
     ends_short_message,
+    is_full_range,
     seek_mismatch_message,
     served_format,
 )
@@ -60,8 +61,6 @@ NVDEC_CODECS = frozenset({"h264", "hevc", "av1"})
 # 8-bit 4:2:0 decodes to NV12 surfaces, whose RGB conversion gives uint8 frames like PyAV's rgb24; 10-bit,
 # 4:2:2 and 4:4:4 streams stay on PyAV rather than depend on how each GPU generation converts them.
 NVDEC_PIXEL_FORMATS = frozenset({"yuv420p", "yuvj420p"})
-# FFmpeg's AVCOL_RANGE_JPEG, as PyAV's codec context gives color_range.
-FULL_RANGE = 2
 
 ResultT = TypeVar("ResultT")
 ArgumentsP = ParamSpec("ArgumentsP")
@@ -230,22 +229,18 @@ def read_stream_header(path: Path, limits: InputLimits) -> StreamHeader:
         check_picture_size(container, stream, path, limits)
         context = stream.codec_context
         pixel_format = context.format.name if context.format is not None else None
-        full_range = pixel_format == "yuvj420p" or context.color_range == FULL_RANGE
+        full_range = is_full_range(pixel_format, context.color_range)
         return StreamHeader(context.width, context.height, context.name, pixel_format, stream.start_time, full_range)
 
 
-def nvdec_refusal(
-    codec: str, pixel_format: str | None, full_range: bool = False, served: PixelFormat = "rgb24"
-) -> str | None:
-    """Why NVDEC does not take a stream of this codec and pixel format for frames served as `served`, or None when
-    it does."""
+def nvdec_refusal(codec: str, pixel_format: str | None) -> str | None:
+    """Why NVDEC does not take a stream of this codec and pixel format, or None when it does. (A full-range stream is
+    taken: served_format serves it as RGB, never as its own NV12 surface, whose levels NV12 between services would
+    misread.)"""
     if codec not in NVDEC_CODECS:
         return f"its codec is {codec}; NVDEC here decodes {', '.join(sorted(NVDEC_CODECS))}"
     if pixel_format not in NVDEC_PIXEL_FORMATS:
         return f"its pixel format is {pixel_format}; NVDEC here decodes 8-bit 4:2:0 only"
-    if full_range and served == "nv12":
-        # NV12 between services is limited range (common.proto); PyAV converts the range, NVDEC's surface keeps it.
-        return "it is full range, and NV12 frames are served in limited range"
     return None
 
 
@@ -372,7 +367,7 @@ def iter_nvdec_frame_batches(
     pool: DecoderPool = DECODERS,
 ) -> Generator[FrameBatch, None, None]:
     """Yields frames start_frame .. start_frame + frame_count - 1, up to batch_size at a time, from NVDEC, in
-    pixel_format (frame_reader.served_format: RGB where NV12 does not fit the picture).
+    pixel_format (frame_reader.served_format: RGB where NV12 would not hold the source's pixels as they are).
 
     Raises NvdecUnsupported or NvdecOpenError before the first frame when NVDEC cannot take the file,
     NvdecDecodeError (an InvalidArgument) when decoding fails or ends short, and InvalidArgument for a bad
@@ -382,8 +377,8 @@ def iter_nvdec_frame_batches(
     name = shown_name(path)
     header = _stream_header(path, limits)
     width, height = header.width, header.height
-    served = served_format(pixel_format, width, height)
-    refusal = nvdec_refusal(header.codec, header.pixel_format, header.full_range, served)
+    served = served_format(pixel_format, width, height, header.pixel_format, header.full_range)
+    refusal = nvdec_refusal(header.codec, header.pixel_format)
     if refusal is not None:
         raise NvdecUnsupported(f"{name} cannot be decoded on NVDEC: {refusal}")
     frames_per_batch = batch_frames(batch_size, frame_count, frame_bytes(served, width, height), max_batch_bytes)

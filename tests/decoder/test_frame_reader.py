@@ -222,6 +222,15 @@ def test_served_format(asked: PixelFormat, width: int, height: int, served: Pixe
     assert served_format(asked, width, height) == served
 
 
+def test_nv12_is_served_only_for_limited_range_420_sources() -> None:
+    assert served_format("nv12", 32, 32, "yuv420p", full_range=False) == "nv12"
+    assert served_format("nv12", 32, 32, "yuv420p", full_range=True) == "rgb24"
+    assert served_format("nv12", 32, 32, "yuvj420p", full_range=True) == "rgb24"
+    assert served_format("nv12", 32, 32, "rgb24") == "rgb24"
+    assert served_format("nv12", 32, 32, "yuv444p") == "rgb24"
+    assert served_format("nv12", 32, 32, None) == "rgb24"
+
+
 def test_an_odd_sized_video_asked_for_nv12_is_served_rgb(tmp_path: Path) -> None:
     path = make_odd_sized_video(tmp_path / "odd.mp4")
     expected, _ = sequential_frames(path)
@@ -264,16 +273,14 @@ def write_png(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("write", [write_png, write_full_range_video], ids=["png", "yuvj420p video"])
-def test_nv12_is_served_in_limited_range_whatever_the_sources_range(
+def test_a_source_nv12_cannot_hold_as_it_is_is_served_rgb_when_nv12_is_asked(
     tmp_path: Path, write: Callable[[Path], Path]
 ) -> None:
-    """common.proto's NV12 is BT.601 limited range (white Y 235, black Y 16), which cv2 and the encoder assume.
-    PNGs and yuvj420p video decode full range (white 255, black 0): the NV12 must be converted, not repacked."""
+    """An RGB picture would lose half its colour resolution in NV12, and a full-range (yuvj420p) video its levels
+    (common.proto's NV12 is BT.601 limited range): both come as RGB, exactly what an rgb24 request gets."""
     path = write(tmp_path / ("picture.png" if write is write_png else "full.mp4"))
     frames, _, _ = read_range(path, 0, 0, 1, batch=1, pixel_format="nv12")
-    assert frames.shape == (1, 48, 32)
-    luma, chroma = frames[0, :32].astype(np.int16), frames[0, 32:].astype(np.int16)
-    assert np.abs(luma[:16] - 235).max() <= 1 and np.abs(luma[16:] - 16).max() <= 1
-    assert np.abs(chroma - 128).max() <= 1
-    converted = cv2.cvtColor(frames[0], cv2.COLOR_YUV2RGB_NV12)
-    assert np.abs(converted.astype(np.int16) - half_white_picture()).max() <= 3
+    rgb, _, _ = read_range(path, 0, 0, 1, batch=1, pixel_format="rgb24")
+    assert frames.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(frames, rgb)
+    assert np.abs(frames[0].astype(np.int16) - half_white_picture()).max() <= 3

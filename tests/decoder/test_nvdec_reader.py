@@ -362,16 +362,10 @@ def test_nvdec_takes_8_bit_420_h264_hevc_and_av1(codec: str, pixel_format: str |
         assert found is not None and found.startswith(refusal), found
 
 
-def test_a_full_range_stream_asked_for_nv12_is_left_to_pyav(tmp_path: Path, small_video: Path) -> None:
+def test_a_full_range_stream_asked_for_nv12_is_decoded_to_rgb(tmp_path: Path, small_video: Path) -> None:
     path = write_full_range_video(tmp_path / "full.mp4")
     assert read_stream_header(path, DEFAULT_INPUT_LIMITS).full_range
     assert not read_stream_header(small_video, DEFAULT_INPUT_LIMITS).full_range
-    opener = FakeOpenerFailure(AssertionError("a full-range NV12 request must not open NVDEC"))
-    with pytest.raises(NvdecUnsupported, match="full range"):
-        list(iter_nvdec_frame_batches(path, 0, 0, 1, 1, pixel_format="nv12", open_decoder=opener))
-
-
-def test_nvdec_refuses_full_range_for_nv12_only() -> None:
-    assert nvdec_refusal("h264", "yuvj420p", full_range=True, served="rgb24") is None
-    assert nvdec_refusal("h264", "yuv420p", full_range=True, served="nv12") is not None
-    assert nvdec_refusal("h264", "yuv420p", full_range=False, served="nv12") is None
+    opener = FakeOpener(pyav_frames(path))
+    ((frames, _, _),) = list(iter_nvdec_frame_batches(path, 0, 0, 1, 1, pixel_format="nv12", open_decoder=opener))
+    assert opener.asked == ["rgb24"] and frames.shape == (1, 32, 32, 3)
