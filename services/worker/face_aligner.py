@@ -86,14 +86,15 @@ def paste_region(matrix: np.ndarray, size: int, height: int, width: int) -> tupl
     return x0, y0, x1, y1
 
 
-def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> None:
-    """Blends the swapped crop into `frame` in place, touching only the face's bounding region.
+def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> Box | None:
+    """Blends the swapped crop into `frame` in place, touching only the face's bounding region, which it returns
+    (None when the crop lies wholly outside the frame).
 
     swapped: (size, size, 3) uint8 RGB; mask: (size, size) float32 in [0, 1].
     """
     region_box = paste_region(matrix, swapped.shape[0], frame.shape[0], frame.shape[1])
     if region_box is None:
-        return
+        return None
     x0, y0, x1, y1 = region_box
     region_inverse = cv2.invertAffineTransform(matrix).astype(np.float32)
     region_inverse[:, 2] = region_inverse[:, 2] - np.array([x0, y0], np.float32)
@@ -103,6 +104,7 @@ def paste_back(frame: np.ndarray, swapped: np.ndarray, mask: np.ndarray, matrix:
     region = frame[y0:y1, x0:x1]
     # blendLinear normalises by the weight sum; the floor keeps it defined where both are zero.
     frame[y0:y1, x0:x1] = cv2.blendLinear(warped, region, alpha, np.maximum(1.0 - alpha, 1e-6))
+    return region_box
 
 
 def even_box(box: Box) -> Box:
@@ -168,13 +170,10 @@ class HostAlignedFaces:
         frames = self._frames if self._frames.flags.writeable else self._frames.copy()
         pasted = frames if self._rgb is None else self._rgb
         for slot, matrix, crop, mask in zip(self._slots, self._matrices, swapped, masks, strict=True):
-            paste_back(pasted[slot], crop, mask, matrix)
-        if self._rgb is not None:
-            height, width = self._rgb.shape[1:3]
-            for slot, matrix, crop in zip(self._slots, self._matrices, swapped, strict=True):
-                box = paste_region(matrix, crop.shape[0], height, width)
-                if box is not None:
-                    write_rgb_region(frames[slot], self._rgb[slot], even_box(box))
+            box = paste_back(pasted[slot], crop, mask, matrix)
+            # A later face of the frame changes only pixels inside its own box, which is written back after it.
+            if self._rgb is not None and box is not None:
+                write_rgb_region(frames[slot], self._rgb[slot], even_box(box))
         return frames
 
 

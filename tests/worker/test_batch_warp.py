@@ -443,6 +443,16 @@ def _even_region_mask(nv12: np.ndarray, slots: list[int], matrices: np.ndarray) 
     return inside
 
 
+def _assert_pasted_inside_the_regions_only(
+    pasted: np.ndarray, expected: np.ndarray, nv12: np.ndarray, slots: list[int], matrices: np.ndarray
+) -> None:
+    """NV12 frames changed as `expected` inside the faces' even regions, and left as `nv12` outside them."""
+    inside = _even_region_mask(nv12, slots, matrices)
+    np.testing.assert_array_equal(pasted[inside], expected[inside])
+    np.testing.assert_array_equal(pasted[~inside], nv12[~inside])
+    assert not np.array_equal(pasted[inside], nv12[inside])
+
+
 def test_the_torch_warper_pastes_into_nv12_frames_only_where_faces_are() -> None:
     frames, _, _ = _scenes()
     slots, matrices = _overlapping_faces()
@@ -459,10 +469,7 @@ def test_the_torch_warper_pastes_into_nv12_frames_only_where_faces_are() -> None
     expected = rgb_to_nv12_tensor(
         paste_batch(rgb.clone(), slots, matrices, torch.from_numpy(crops), torch.from_numpy(masks))
     ).numpy()
-    inside = _even_region_mask(nv12, slots, matrices)
-    np.testing.assert_array_equal(pasted[inside], expected[inside])
-    np.testing.assert_array_equal(pasted[~inside], nv12[~inside])
-    assert not np.array_equal(pasted[inside], nv12[inside])
+    _assert_pasted_inside_the_regions_only(pasted, expected, nv12, slots, matrices)
 
 
 def test_the_torch_warper_shrinks_nv12_frames_as_their_rgb() -> None:
@@ -536,10 +543,7 @@ def test_the_host_warper_pastes_into_nv12_frames_only_where_faces_are() -> None:
     assert pasted is host and isinstance(aligned, HostAlignedFaces)
     np.testing.assert_array_equal(aligned.crops, Cv2FaceWarper().align(rgb, slots, matrices, SIZE).crops)
     expected = np.stack([rgb_to_nv12(frame) for frame in _pasted_by_cv2(rgb, slots, matrices, crops, masks)])
-    inside = _even_region_mask(nv12, slots, matrices)
-    np.testing.assert_array_equal(pasted[inside], expected[inside])
-    np.testing.assert_array_equal(pasted[~inside], nv12[~inside])
-    assert not np.array_equal(pasted[inside], nv12[inside])
+    _assert_pasted_inside_the_regions_only(pasted, expected, nv12, slots, matrices)
 
 
 def test_the_host_warper_aligns_the_rgb_it_made_to_shrink_and_keeps_no_more_than_its_limit() -> None:
