@@ -1,6 +1,10 @@
 """Over many job profiles: the share of jobs each GPU fits, and cost as run against cost as recommended.
 
 Every catalog GPU has a row; the cluster's GPUs, where the advisor reads them, are counted beside the rows.
+Beside the rows, "2 x a smaller GPU" against "1 x a bigger one": each catalog GPU taken two to a machine, its
+time from the calibration's measured scaling over one GPU (services/cli/gpu_layout.py spreads the workers),
+against the cheapest single GPU at least as fast on the same jobs. Without a two-GPU measurement an option says
+so and predicts nothing.
 """
 
 from __future__ import annotations
@@ -9,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.advisor.cluster_inventory import NO_CLUSTER, ClusterInventory
-from services.advisor.gpu_recommender import Recommendation, recommend_gpu
+from services.advisor.gpu_recommender import GpuOption, Recommendation, recommend_gpu
 from services.advisor.job_profile import JobProfile
 from services.advisor.time_predictor import Calibration
-from services.common.gpu_catalog import GpuCatalog
+from services.common.gpu_catalog import GpuCatalog, GpuSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,29 @@ class FleetGpuRow:
     cluster_gpus: int
 
 
+# The machine sizes compared against one GPU.
+COMPARED_GPU_COUNT = 2
+
+
+@dataclass(frozen=True)
+class MultiGpuOption:
+    """`gpu_count` GPUs of one model on one machine, over the jobs one of them fits (each GPU holds the models)."""
+
+    gpu: str
+    gpu_count: int
+    jobs_fitting: int
+    # The calibration's measured throughput of gpu_count GPUs over one; None: not measured, nothing predicted.
+    scaling: float | None
+    predicted_seconds: float | None
+    cost_usd: float | None
+    # The cheapest single catalog GPU that fits the same jobs and is at least as fast; "" when none is.
+    single_gpu: str
+    single_gpu_cost_usd: float | None
+    # Cheaper than that single GPU (or no single GPU is as fast).
+    recommended: bool
+    reason: str
+
+
 @dataclass(frozen=True)
 class FleetReport:
     jobs: int
@@ -43,6 +70,7 @@ class FleetReport:
     jobs_without_recommendation: int
     skipped: tuple[str, ...]
     cluster: ClusterInventory
+    multi_gpu: tuple[MultiGpuOption, ...] = ()
 
 
 def as_run_cost_usd(profile: JobProfile, catalog: GpuCatalog) -> float | None:
@@ -113,4 +141,66 @@ def build_fleet_report(
         jobs_without_recommendation=sum(1 for r in recommendations if r.recommended is None),
         skipped=tuple(skipped),
         cluster=cluster,
+        multi_gpu=multi_gpu_options(recommendations, catalog, calibration),
+    )
+
+
+def _fitting(recommendations: Sequence[Recommendation], gpu: str) -> list[tuple[Recommendation, GpuOption]]:
+    return [
+        (recommendation, option)
+        for recommendation in recommendations
+        for option in recommendation.options
+        if option.gpu.name == gpu and option.fits
+    ]
+
+
+def _several_gpus(
+    recommendations: Sequence[Recommendation],
+    catalog: GpuCatalog,
+    gpu: GpuSpec,
+    fitting: list[tuple[Recommendation, GpuOption]],
+    gpu_count: int,
+    scaling: float | None,
+) -> MultiGpuOption:
+    several = f"{gpu_count} x {gpu.name}"
+    if scaling is None:
+        reason = f"{several}: no {gpu_count}-GPU measurement in the calibration, so no time or cost is predicted"
+        return MultiGpuOption(gpu.name, gpu_count, len(fitting), None, None, None, "", None, False, reason)
+    seconds = sum(option.predicted_seconds for _, option in fitting) / scaling
+    cost = gpu_count * gpu.price_per_hour_usd * seconds / 3600.0
+    jobs = {id(recommendation) for recommendation, _ in fitting}
+    # (cost, seconds, name) of each single GPU that fits the same jobs and runs them at least as fast.
+    singles = []
+    for single in catalog.gpus:
+        same_jobs = [
+            option for recommendation, option in _fitting(recommendations, single.name) if id(recommendation) in jobs
+        ]
+        single_seconds = sum(option.predicted_seconds for option in same_jobs)
+        if len(same_jobs) == len(jobs) and single_seconds <= seconds:
+            singles.append((sum(option.cost_usd for option in same_jobs), single_seconds, single.name))
+    reason = f"{several}: {seconds:.1f} s for {len(fitting)} job(s) ({scaling:.2f}x one GPU, measured), ${cost:.6f}"
+    if not singles:
+        reason = f"{reason}; no single GPU is as fast"
+        return MultiGpuOption(gpu.name, gpu_count, len(fitting), scaling, seconds, cost, "", None, True, reason)
+    single_cost, single_seconds, single_name = min(singles)
+    cheaper = cost < single_cost
+    verdict = f"{several} is cheaper" if cheaper else f"1 x {single_name} is as cheap or cheaper"
+    reason = f"{reason}; 1 x {single_name}: {single_seconds:.1f} s, ${single_cost:.6f} — {verdict}"
+    return MultiGpuOption(
+        gpu.name, gpu_count, len(fitting), scaling, seconds, cost, single_name, single_cost, cheaper, reason
+    )
+
+
+def multi_gpu_options(
+    recommendations: Sequence[Recommendation],
+    catalog: GpuCatalog,
+    calibration: Calibration,
+    gpu_count: int = COMPARED_GPU_COUNT,
+) -> tuple[MultiGpuOption, ...]:
+    """Per catalog GPU that fits any job: `gpu_count` of it against the cheapest single GPU as fast."""
+    scaling = calibration.gpu_scaling.get(gpu_count)
+    return tuple(
+        _several_gpus(recommendations, catalog, gpu, fitting, gpu_count, scaling)
+        for gpu in catalog.gpus
+        if (fitting := _fitting(recommendations, gpu.name))
     )

@@ -88,6 +88,9 @@ class Calibration:
     measurements: int
     note: str
     jobs: tuple[str, ...] = field(default=())
+    # GPUs of one machine -> measured end-to-end throughput over one GPU of it (2 -> 1.85: two GPUs made 1.85x
+    # the frames a second). Only measured counts: a count missing here has no prediction.
+    gpu_scaling: Mapping[int, float] = field(default_factory=dict)
 
     def is_measured(self, gpu: GpuSpec) -> bool:
         """Whether the GPU's time factor was fitted on measurements rather than taken from datasheets."""
@@ -319,6 +322,7 @@ def calibration_to_json(calibration: Calibration) -> str:
     data = asdict(calibration)
     data["time_factors"] = dict(calibration.time_factors)
     data["jobs"] = list(calibration.jobs)
+    data["gpu_scaling"] = {str(count): speedup for count, speedup in sorted(calibration.gpu_scaling.items())}
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -364,7 +368,23 @@ def calibration_from_data(data: Any) -> Calibration:
         measurements=int(_number(data, "measurements")),
         note=str(data.get("note", "")),
         jobs=tuple(str(job) for job in data.get("jobs", [])),
+        gpu_scaling=_gpu_scaling(data.get("gpu_scaling", {})),
     )
+
+
+def _gpu_scaling(data: Any) -> dict[int, float]:
+    """JSON's object keys are strings: {"2": 1.85} -> {2: 1.85}, each count at least 2 and its speed-up positive."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument("calibration field 'gpu_scaling' must be an object")
+    scaling = {}
+    for count in data:
+        if not str(count).isdigit() or int(count) < 2:
+            raise InvalidArgument(f"calibration field 'gpu_scaling' has GPU count {count!r}; counts are 2 or more")
+        speedup = _number(data, count, "gpu_scaling.")
+        if speedup <= 0:
+            raise InvalidArgument(f"calibration field 'gpu_scaling.{count}' must be positive")
+        scaling[int(count)] = speedup
+    return scaling
 
 
 def load_calibration(path: str | Path = "") -> Calibration:

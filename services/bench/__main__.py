@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -116,6 +117,7 @@ def paired_runs(
     transport: FrameTransport,
     repeat: int,
     in_process: InProcessJob,
+    frame_memory: bool = True,
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(in-process run, services job) pairs, each in-process run right before its job.
 
@@ -127,8 +129,9 @@ def paired_runs(
         workers=workers,
         worker_batch_size=BATCH_SIZE,
         frame_transport=transport,
+        frame_memory=frame_memory,
     )
-    name = f"services, {workers} worker(s), {transport}"
+    name = column_name(workers, transport, frame_memory)
     pairs = []
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         warmup = client.submit(source_png, target_path=video)
@@ -163,6 +166,10 @@ def paired_runs(
     return pairs
 
 
+def column_name(workers: int, transport: FrameTransport, frame_memory: bool) -> str:
+    return f"services, {workers} worker(s), {transport}" + ("" if frame_memory else ", frames in messages")
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median pipeline time (the upper one of an even count), with every run's time beside it."""
     ordered = sorted(runs, key=lambda run: run["pipeline_seconds"])
@@ -193,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         default=list(FRAME_TRANSPORTS),
         help="how workers reach the frame services; the embedded stack's default is unix",
     )
+    parser.add_argument(
+        "--frame-memory",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on"],
+        help="frames between the services through /dev/shm (on, the embedded stack's default) or in the messages",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per column; the median is shown")
     parser.add_argument(
         "--batch-workers", type=int, default=2, help="workers of the stack the batch line runs on (0: no batch line)"
@@ -221,17 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     baselines: list[dict[str, Any]] = []
     columns: dict[str, dict[str, Any]] = {}
-    for transport in args.transports:
-        for workers in args.workers:
-            pairs = paired_runs(
-                video, source_png, work_dir / f"stack-{workers}", workers, transport, args.repeat, in_process
-            )
-            baselines += [baseline for baseline, _ in pairs]
-            columns[f"services, {workers} worker(s), {transport}"] = {
-                **median_run([job for _, job in pairs]),
-                "pipeline_ratios": [job["pipeline_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
-                "wall_ratios": [job["wall_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
-            }
+    for transport, workers, memory in itertools.product(args.transports, args.workers, args.frame_memory):
+        pairs = paired_runs(
+            video,
+            source_png,
+            work_dir / f"stack-{workers}",
+            workers,
+            transport,
+            args.repeat,
+            in_process,
+            memory == "on",
+        )
+        baselines += [baseline for baseline, _ in pairs]
+        columns[column_name(workers, transport, memory == "on")] = {
+            **median_run([job for _, job in pairs]),
+            "pipeline_ratios": [job["pipeline_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
+            "wall_ratios": [job["wall_seconds"] / baseline["pipeline_seconds"] for baseline, job in pairs],
+        }
     results = {"in-process": median_run(baselines), **columns}
     print_table(results)
     for name, column in columns.items():

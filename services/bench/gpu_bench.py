@@ -34,8 +34,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.bench.gpu_samplers import (
     CoreCounter,
@@ -50,15 +52,18 @@ from services.bench.gpu_samplers import (
     NvmlSampler,
     cpu_ms_per_frame,
     descendant_cpu_seconds,
+    summarise_gpus,
     summarise_window,
 )
 from services.cli import sample_media
 from services.cli.embedded_stack import TRITON_NAME, EmbeddedStack, StackOptions
+from services.cli.gpu_layout import CUDA_VISIBLE_DEVICES, available_cores, plan_gpu_layout
 from services.cli.job_client import JobClient
 from services.common.job_vocabulary import STAGE_NAMES
 from services.common.media_paths import temporary_path, write_file
 from services.common.media_probe import probe_media
 from services.encoder.segment_writer import count_video_frames
+from services.triton.device_choice import probe_cuda
 from services.triton.settings import cuda_wait_from_env, gpu_instances_from_env
 from swapline.jobs.v1 import jobs_pb2
 
@@ -77,6 +82,11 @@ FINAL_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb
 # timed once per execution (batch_stats), where a batch's time is not counted again for each request in it.
 TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 EXECUTION_PHASES = TRITON_PHASES[1:]
+# A worker's counters (services/worker/worker_metrics.py): what each GPU's workers did in a job's window.
+WORKER_FRAMES_METRIC = "swapline_worker_frames"
+WORKER_CHUNKS_METRIC = "swapline_worker_chunks"
+# With --visible-gpus, CUDA numbers the GPUs as NVML does, so the per-GPU lines name the same GPUs.
+CUDA_DEVICE_ORDER = ("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
 @dataclass(frozen=True)
@@ -225,18 +235,80 @@ def triton_deltas(before: Mapping[str, Any], after: Mapping[str, Any], frames: i
     return deltas
 
 
+@dataclass(frozen=True)
+class WorkerCounts:
+    frames: float = 0.0
+    chunks: float = 0.0
+
+
+def worker_counts(metrics_text: str) -> WorkerCounts:
+    """A worker's frames and ended chunks (every outcome) from its /metrics text."""
+    totals = {WORKER_FRAMES_METRIC: 0.0, WORKER_CHUNKS_METRIC: 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name in totals:
+            totals[family.name] += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return WorkerCounts(totals[WORKER_FRAMES_METRIC], totals[WORKER_CHUNKS_METRIC])
+
+
+def gpu_shares(
+    worker_gpus: Sequence[int | None], before: Sequence[WorkerCounts], after: Sequence[WorkerCounts]
+) -> dict[str, dict[str, float]]:
+    """Per GPU (as the stack numbers them): its workers' frames and chunks between two readings, and their shares
+    of all workers' (the issue wants 40-60% each of two GPUs). Empty without a GPU."""
+    gpus = sorted({str(gpu) for gpu in worker_gpus if gpu is not None})
+    frames = dict.fromkeys(gpus, 0.0)
+    chunks = dict.fromkeys(gpus, 0.0)
+    for gpu, start, end in zip(worker_gpus, before, after, strict=True):
+        if gpu is not None:
+            frames[str(gpu)] += end.frames - start.frames
+            chunks[str(gpu)] += end.chunks - start.chunks
+    all_frames, all_chunks = sum(frames.values()), sum(chunks.values())
+    return {
+        gpu: {
+            "frames": frames[gpu],
+            "chunks": chunks[gpu],
+            "frame_share": frames[gpu] / all_frames if all_frames else 0.0,
+            "chunk_share": chunks[gpu] / all_chunks if all_chunks else 0.0,
+        }
+        for gpu in gpus
+    }
+
+
+def read_worker_counts(addresses: Sequence[str]) -> list[WorkerCounts]:
+    counts = []
+    for address in addresses:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+            counts.append(worker_counts(response.read().decode()))
+    return counts
+
+
+def choose_visible_gpus(devices: str, environment: MutableMapping[str, str]) -> None:
+    """Shows the whole stack (this process and every child) only `devices`, numbered as NVML numbers them."""
+    environment[CUDA_VISIBLE_DEVICES] = devices
+    environment[CUDA_DEVICE_ORDER[0]] = CUDA_DEVICE_ORDER[1]
+
+
 class JobTimer:
     """Runs one job through a JobClient and measures it with the samplers (and Triton's statistics, given its URL)."""
 
     def __init__(
-        self, client: JobClient, sampler: NvmlSampler | None, source_png: bytes, triton_url: str | None = None
+        self,
+        client: JobClient,
+        sampler: NvmlSampler | None,
+        source_png: bytes,
+        triton_url: str | None = None,
+        worker_gpus: Sequence[int | None] = (),
+        worker_metrics: Sequence[str] = (),
     ) -> None:
         self._client, self._sampler, self._source_png = client, sampler, source_png
         self._triton_url = triton_url
+        # Each worker's GPU and its /metrics address, in the same order: each GPU's share of a job's work.
+        self._worker_gpus, self._worker_metrics = worker_gpus, worker_metrics
         self._cores = CoreCounter()
 
     def run(self, video: Path, clip: Clip, download: Path | None = None) -> dict[str, Any]:
         triton_before = triton_statistics(self._triton_url) if self._triton_url else None
+        workers_before = read_worker_counts(self._worker_metrics)
         self._cores.begin()
         cpu_before = descendant_cpu_seconds()
         started = time.monotonic()
@@ -249,6 +321,7 @@ class JobTimer:
         busy = self._cores.end()
         cpu_after = descendant_cpu_seconds()
         triton_after = triton_statistics(self._triton_url) if self._triton_url else None
+        workers_after = read_worker_counts(self._worker_metrics)
         finished = self._client.get(job.id)
         if finished.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             raise SystemExit(
@@ -257,8 +330,10 @@ class JobTimer:
         report = json.loads(finished.report_json)
         wall = finished.finished_at.ToMicroseconds() / 1e6 - submitted_at
         window: GpuWindow | None = None
+        per_gpu: dict[int, GpuWindow] = {}
         if self._sampler is not None:
             window = summarise_window(self._sampler.samples, started, finished_at)
+            per_gpu = summarise_gpus(self._sampler.samples, started, finished_at)
         result: dict[str, Any] = {
             "clip": clip.name,
             "frames": report["frames"],
@@ -273,6 +348,8 @@ class JobTimer:
             "cpu_cores_busy": busy,
             "cpu_ms_per_frame_by_process": cpu_ms_per_frame(cpu_before, cpu_after, report["frames"]),
             "gpu": dataclasses.asdict(window) if window is not None else None,
+            "gpus": {str(gpu): dataclasses.asdict(gpu_window) for gpu, gpu_window in per_gpu.items()},
+            "gpu_shares": gpu_shares(self._worker_gpus, workers_before, workers_after),
             "triton": (
                 triton_deltas(triton_before, triton_after, report["frames"])
                 if triton_before is not None and triton_after is not None
@@ -424,7 +501,10 @@ def run_services(
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         startup = time.monotonic() - started
         triton_url = stack.triton.grpc_url if stack.triton is not None else None
-        timer = JobTimer(client, sampler, source_png, triton_url)
+        # The stack's own layout (the same GPUs, cores and sizes give the same one): which GPU each worker is on.
+        layout = plan_gpu_layout(probe_cuda().device_count, available_cores(), shape.workers, shape.replicas)
+        worker_metrics = [stack.metrics_address(f"worker-{index}") for index in range(shape.workers)]
+        timer = JobTimer(client, sampler, source_png, triton_url, layout.worker_gpus, worker_metrics)
         warm_up_started = time.monotonic()
         timer.run(media[clips[0].name], clips[0])
         warm_up = time.monotonic() - warm_up_started
@@ -452,6 +532,8 @@ def run_services(
         "replicas": shape.replicas,
         "env": dict(shape.env),
         "triton_gpu_instances": options.triton_gpu_instances,
+        "visible_gpus": os.environ.get(CUDA_VISIBLE_DEVICES),
+        "worker_gpus": list(layout.worker_gpus),
         "label": shape.label,
         "startup_seconds": startup,
         "warm_up_seconds": warm_up,
@@ -549,6 +631,28 @@ def triton_summary(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def per_gpu_summary(record: dict[str, Any]) -> list[str]:
+    """Per services job that recorded several GPUs or their shares: each GPU's utilisation and share of the work."""
+    lines = []
+    for entry in record["services"]:
+        for job in entry["jobs"]:
+            gpus, shares = job.get("gpus") or {}, job.get("gpu_shares") or {}
+            if len(gpus) < 2 and not shares:
+                continue
+            lines.append(f"Per GPU, {_services_label(entry)}, {job['clip']}:")
+            for gpu in sorted({*gpus, *shares}, key=int):
+                window, share = gpus.get(gpu, {}), shares.get(gpu)
+                work = (
+                    f", {share['frame_share']:.0%} of the frames ({share['frames']:.0f}),"
+                    f" {share['chunk_share']:.0%} of the chunks ({share['chunks']:.0f})"
+                    if share is not None
+                    else ""
+                )
+                utilisation = f"{_figure(window.get('utilisation_mean'))} / {_figure(window.get('utilisation_max'))}%"
+                lines.append(f"  GPU {gpu}: util. {utilisation}{work}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.bench.gpu_bench", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("build/gpu-bench/gpu-bench.json"))
@@ -562,6 +666,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent-jobs", type=int, default=0, help="also time this many jobs at once")
     parser.add_argument("--profile-dir", type=Path, help="py-spy profiles of a worker, the encoder and the decoder")
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument(
+        "--visible-gpus",
+        help="CUDA_VISIBLE_DEVICES for the whole stack, e.g. 0 or 0,1 (NVML's numbering); default: every GPU",
+    )
+    parser.add_argument(
+        "--sized-to-gpus",
+        action="store_true",
+        help="one stack with the workers and frame-service processes sized to the visible GPUs and cores "
+        "(services/cli/gpu_layout.py) instead of --workers and --replicas",
+    )
     parser.add_argument("--judge", type=Path, help="only judge the frames kept by an earlier run (needs dlib)")
     parser.add_argument("--summarise", type=Path, help="only print an earlier run's JSON as a Markdown table")
     args = parser.parse_args(argv)
@@ -570,8 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.summarise is not None:
         earlier = json.loads(args.summarise.read_text())
-        print("\n".join([summary_table(earlier), *triton_summary(earlier)]))
+        print("\n".join([summary_table(earlier), *triton_summary(earlier), *per_gpu_summary(earlier)]))
         return 0
+    if args.visible_gpus is not None:
+        choose_visible_gpus(args.visible_gpus, os.environ)
+    if args.sized_to_gpus:
+        sized = plan_gpu_layout(probe_cuda().device_count, available_cores())
+        args.workers, args.replicas = [sized.workers], sized.frame_service_replicas
     # In the order given: the first is the one profiled.
     clips = [next(clip for clip in CLIPS if clip.name == name) for name in dict.fromkeys(args.clips)]
     made = time.monotonic()

@@ -68,6 +68,15 @@ def summarise_window(samples: Sequence[GpuSample], start: float, end: float) -> 
     )
 
 
+def summarise_gpus(samples: Sequence[GpuSample], start: float, end: float) -> dict[int, GpuWindow]:
+    """summarise_window for each GPU (NVML's index) apart: whether every GPU of the machine worked."""
+    return {
+        gpu: window
+        for gpu in sorted({sample.gpu for sample in samples})
+        if (window := summarise_window([sample for sample in samples if sample.gpu == gpu], start, end)) is not None
+    }
+
+
 def _optional_read(read: Callable[[], float]) -> float | None:
     try:
         return float(read())

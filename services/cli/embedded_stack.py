@@ -15,6 +15,7 @@ service certificate and tokens, and runs every service with TLS and token authen
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from services.cli.gpu_layout import available_cores, decoder_gpu_env, plan_gpu_layout, worker_gpu_env
 from services.cli.job_client import JobClient
 from services.cli.process_supervisor import (
     REPOSITORY_ROOT,
@@ -38,7 +40,7 @@ from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.common.torch_catalog import BUILT_IN_FACTORIES
 from services.model_build.model_sets import default_set_models
-from services.triton.device_choice import TritonDeviceChoice
+from services.triton.device_choice import TritonDeviceChoice, probe_cuda
 from services.triton.server_process import EmbeddedTriton, free_ports
 from services.triton.settings import cuda_wait_from_env, gpu_instances_from_env
 
@@ -131,6 +133,9 @@ class StackOptions:
     # A frame service's per-frame copies hold its GIL: on the 16-core GPU machine one decoder process
     # topped out near 72 fps of 1080p however many workers fed on it (docs/benchmarks.md).
     frame_service_replicas: int = 1
+    # Frames between the decoder, the workers and the encoder through files in a private directory under /dev/shm
+    # (services/common/frames/frame_memory.py) instead of in the messages: every service runs on this machine.
+    frame_memory: bool = True
     startup_timeout: float = 120.0
     # GPU memory Triton's models may hold together, in bytes; the residency service unloads the least
     # recently used imported models to stay within it. 0, or no GPU: no budget.
@@ -160,6 +165,7 @@ class EmbeddedStack:
         self.supervisor = ProcessSupervisor(self.log_dir, self.options.startup_timeout, on_restart)
         # Not under work_dir: a Unix socket path must stay within 107 bytes.
         self._socket_dir: Path | None = None
+        self._frame_memory_dir: Path | None = None
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-start")
 
     @property
@@ -237,10 +243,13 @@ class EmbeddedStack:
             triton_ready = self._starter.submit(self.triton.start)
             triton_url = self.triton.grpc_url
             replicas = options.frame_service_replicas
+            # Workers and decoders round robin over the GPUs this stack sees, so each GPU takes its share of chunks.
+            layout = plan_gpu_layout(probe_cuda().device_count, available_cores(), options.workers, replicas)
             sockets = self._frame_sockets(replicas)
+            frame_memory = self._frame_memory_env()
             frame_service_env = {
-                "decoder": {"SWAPLINE_DECODER_MEDIA_ROOT": media_root},
-                "encoder": {"SWAPLINE_ENCODER_MEDIA_ROOT": media_root},
+                "decoder": {"SWAPLINE_DECODER_MEDIA_ROOT": media_root, **frame_memory("SWAPLINE_DECODER_")},
+                "encoder": {"SWAPLINE_ENCODER_MEDIA_ROOT": media_root, **frame_memory("SWAPLINE_ENCODER_")},
                 # Triton runs on this machine: tensors go through shared memory, not gRPC.
                 "detector": {
                     "SWAPLINE_DETECTOR_TRITON_URL": triton_url,
@@ -254,6 +263,7 @@ class EmbeddedStack:
                             **_server_env(f"SWAPLINE_{service.upper()}_"),
                             **sockets[replica_name(service, replica)][0],
                             **env,
+                            **(decoder_gpu_env(layout.frame_service_gpus[replica]) if service == "decoder" else {}),
                         }
                         for service, env in frame_service_env.items()
                         for replica in range(replicas)
@@ -325,7 +335,9 @@ class EmbeddedStack:
                         "SWAPLINE_WORKER_RESIDENCY_TARGET": residency.address,
                         "SWAPLINE_WORKER_WORKER_ID": f"embedded-worker-{index}",
                         "SWAPLINE_WORKER_BATCH_SIZE": str(options.worker_batch_size),
+                        **frame_memory("SWAPLINE_WORKER_"),
                         **{f"SWAPLINE_WORKER_{key}": value for key, value in targets_of(index % replicas).items()},
+                        **worker_gpu_env(layout.worker_gpus[index], os.environ),
                     }
                     for index in range(options.workers)
                 }
@@ -341,15 +353,26 @@ class EmbeddedStack:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="swapline-"))
         return frame_service_sockets(self._socket_dir, replicas)
 
+    def _frame_memory_env(self) -> Callable[[str], dict[str, str]]:
+        """The variables that give a service the stack's frame memory directory, by the service's prefix."""
+        if not self.options.frame_memory:
+            return lambda prefix: {}
+        # tmpfs where the machine has one, so the frames never reach a disk; mkdtemp makes it 0700.
+        shared_memory = Path("/dev/shm")
+        parent = shared_memory if shared_memory.is_dir() and os.access(shared_memory, os.W_OK) else None
+        directory = self._frame_memory_dir = Path(tempfile.mkdtemp(prefix="swapline-frames-", dir=parent))
+        return lambda prefix: {f"{prefix}FRAME_MEMORY_DIR": str(directory)}
+
     def stop(self, timeout: float = 20.0) -> None:
         # Supervision ends before anything is stopped: no child is restarted during the stop.
         self.supervisor.stop(timeout)
         if self.triton is not None:
             self.triton.stop()
             self.triton = None
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
+        for directory in (self._socket_dir, self._frame_memory_dir):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+        self._socket_dir = self._frame_memory_dir = None
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

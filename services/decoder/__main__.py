@@ -15,7 +15,8 @@ from services.decoder.settings import ENV_PREFIX, DecoderSettings
 
 
 def binding(settings: DecoderSettings, backend: BackendChoice) -> ServiceBinding:
-    return ServiceBinding(DecoderServicer(settings, backend), register_decoder, SERVICE_NAME)
+    servicer = DecoderServicer(settings, backend, frame_memory=settings.frame_memory())
+    return ServiceBinding(servicer, register_decoder, SERVICE_NAME)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.cuda_waiting import CudaWait
+from services.common.frames.frame_memory import FrameMemorySettings
 from services.common.input_limits import (
     DEFAULT_MAX_DURATION_SECONDS,
     DEFAULT_MAX_FRAMES,
@@ -29,7 +30,7 @@ _URI_CEILING = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecoderSettings(ServerSettings):
+class DecoderSettings(ServerSettings, FrameMemorySettings):
     media_root: Path
     # Frames per streamed batch when a request leaves batch_size at 0: 8 frames of 1080p RGB
     # are about 50 MB, well inside the raised message limit.

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def binding(settings: EncoderSettings, backend: BackendChoice, cores: int | None = None) -> ServiceBinding:
-    servicer = EncoderServicer(settings, backend, cores)
+    servicer = EncoderServicer(settings, backend, cores, settings.frame_memory())
     threads = settings.threads or "the usable cores shared by the segments open at once"
     log.info("encoder: %d usable cores; x264 threads per segment: %s", servicer.cores, threads)
     return ServiceBinding(servicer, register_encoder, SERVICE_NAME)

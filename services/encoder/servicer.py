@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.errors import InvalidArgument
-from services.common.frames.frame_codec import Frames, unpack_frames
+from services.common.frames.frame_codec import Frames, received_frames
+from services.common.frames.frame_memory import FRAME_MEMORY_METADATA, FrameMemory
 from services.common.frames.frame_streams import EncodeSegmentMessage
 from services.common.frames.frame_wire import FrameBatchView
 from services.common.input_limits import excerpt
@@ -82,7 +83,9 @@ class _EncodeClock:
             self.seconds += time.perf_counter() - started
 
 
-def _batch_frames(header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessage) -> Frames:
+def _batch_frames(
+    header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessage, memory: FrameMemory | None
+) -> Frames:
     if not isinstance(message, FrameBatchView):
         raise InvalidArgument(f"{excerpt(header.output_uri)}: only frame batches may follow the header")
     if message.frames and (message.width, message.height) != (header.width, header.height):
@@ -90,7 +93,7 @@ def _batch_frames(header: encoder_pb2.SegmentHeader, message: EncodeSegmentMessa
             f"{excerpt(header.output_uri)}: frame batch is {message.width}x{message.height}, "
             f"the header says {header.width}x{header.height}"
         )
-    frames, _indices, _pts = unpack_frames(message, copy=False)
+    frames, _indices, _pts = received_frames(message, memory)
     return frames
 
 
@@ -100,11 +103,18 @@ def _check_expected_frames(expected: int) -> None:
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
-    def __init__(self, settings: EncoderSettings, backend: BackendChoice, cores: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: EncoderSettings,
+        backend: BackendChoice,
+        cores: int | None = None,
+        frame_memory: FrameMemory | None = None,
+    ) -> None:
         """`cores`: what x264 threads are shared out of; by default the cores this process may use."""
         self._settings = settings
         self._backend = backend
         self._segments = OpenSegments(available_cores() if cores is None else cores)
+        self._frame_memory = frame_memory
 
     @property
     def cores(self) -> int:
@@ -131,7 +141,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         """The header, then frame batches (as frame_streams.register_encoder parses them).
 
         Cancelled at any moment, the call waits for the write in progress and deletes what it wrote.
+        With a frame memory, its domain goes out first, so the caller can send frames through it.
         """
+        if self._frame_memory is not None:
+            await context.send_initial_metadata(((FRAME_MEMORY_METADATA, self._frame_memory.domain),))
         first = await anext(aiter(request_iterator), None)
         if not isinstance(first, encoder_pb2.EncodeSegmentRequest) or first.WhichOneof("payload") != "header":
             raise InvalidArgument("EncodeSegment's first message must be a SegmentHeader")
@@ -142,7 +155,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             expected = header.expected_frames
             try:
                 async for message in request_iterator:
-                    frames = _batch_frames(header, message)
+                    frames = _batch_frames(header, message, self._frame_memory)
                     if expected and writer.frames_written + len(frames) > expected:
                         raise InvalidArgument(
                             f"{excerpt(header.output_uri)}: expected {expected} frames, "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.encode_options import CRF_RANGE, MAX_FRAME_PIXELS, X264Preset
+from services.common.frames.frame_memory import FrameMemoryReceiverSettings
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
 from services.encoder.encode_backend import EncodeBackend
@@ -14,7 +15,7 @@ ENV_PREFIX = "SWAPLINE_ENCODER_"
 
 
 @dataclass(frozen=True, kw_only=True)
-class EncoderSettings(ServerSettings):
+class EncoderSettings(ServerSettings, FrameMemoryReceiverSettings):
     media_root: Path
     # Used when a request leaves crf at 0 or preset empty; 20 is close to visually lossless.
     default_crf: int = ranged(20, ge=CRF_RANGE.start, le=CRF_RANGE.stop - 1)

@@ -35,6 +35,8 @@ PROBE_ERROR_CHARS = 300
 class CudaProbe:
     available: bool
     reason: str
+    # GPUs torch sees (CUDA_VISIBLE_DEVICES applied): what the embedded stack spreads its workers over.
+    device_count: int = 0
 
 
 def probe_cuda(
@@ -59,7 +61,7 @@ def probe_cuda(
         return CudaProbe(False, f"torch's CUDA check answered {answer[:PROBE_ERROR_CHARS]!r}")
     if int(answer) == 0:
         return CudaProbe(False, "torch sees no CUDA device")
-    return CudaProbe(True, f"torch sees {answer} CUDA device(s)")
+    return CudaProbe(True, f"torch sees {answer} CUDA device(s)", int(answer))
 
 
 @dataclass(frozen=True)

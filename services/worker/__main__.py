@@ -62,7 +62,9 @@ async def run_worker(settings: WorkerSettings) -> None:
     if settings.residency_target:
         channels["residency"] = open_channel(settings.residency_target, security, settings.max_message_bytes)
         residency = ResidencyClient(channels["residency"])
-    runner = ChunkRunner(settings, stubs, swappers, arcface, residency, JobFaceCache(), warper, frame_format)
+    runner = ChunkRunner(
+        settings, stubs, swappers, arcface, residency, JobFaceCache(), warper, frame_format, settings.frame_memory()
+    )
 
     async def swapper_ready() -> bool:
         return await triton.is_model_ready(FACE_SWAPPER_MODEL)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.common.errors import NotFound
 from services.common.face_model_catalog import ARCFACE, imported_models_of, job_models
+from services.common.frames.frame_memory import FrameMemory
 from services.common.frames.pixel_formats import PixelFormat
 from services.common.job_vocabulary import selector_mode_from_proto
 from services.common.residency_client import ResidencyClient
@@ -49,8 +50,11 @@ class ChunkRunner:
         faces: JobFaceCache,
         warper: FaceWarper,
         frame_format: PixelFormat = "rgb24",
+        frame_memory: FrameMemory | None = None,
     ) -> None:
         self._settings = settings
+        # Frames from the decoder and to the encoder through files, where they share it (frame_memory.py).
+        self._frame_memory = frame_memory
         # What the decoder is asked for (settings.resolve_frame_format); the encoder gets what the worker holds.
         self._frame_format = frame_format
         self._stubs = stubs
@@ -112,9 +116,14 @@ class ChunkRunner:
             batch_size=self._settings.batch_size,
             timeout_seconds=self._stage_timeout,
             pixel_format=self._frame_format,
+            memory=self._frame_memory,
         )
         async with EncoderSegmentSink(
-            self._stubs.encoder, segment_header(lease), self._stage_timeout, first_index=lease.start_frame
+            self._stubs.encoder,
+            segment_header(lease),
+            self._stage_timeout,
+            first_index=lease.start_frame,
+            memory=self._frame_memory,
         ) as sink:
             done = await run_chunk_pipeline(
                 source,

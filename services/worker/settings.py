@@ -10,6 +10,7 @@ from typing import Literal
 
 from services.common.cuda_waiting import CudaWait
 from services.common.errors import FailedPrecondition
+from services.common.frames.frame_memory import FrameMemorySettings
 from services.common.frames.pixel_formats import PixelFormat
 from services.common.server_settings import ServerSettings
 from services.common.settings_loader import ranged
@@ -33,7 +34,7 @@ def default_worker_id() -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerSettings(ServerSettings):
+class WorkerSettings(ServerSettings, FrameMemorySettings):
     gateway_target: str
     decoder_target: str
     detector_target: str

@@ -21,9 +21,10 @@ import numpy as np
 
 from services.common.errors import DeadlineExceeded, Internal, SwaplineError, Unavailable, from_rpc_error
 from services.common.face_types import DetectedFace, frames_faces_from_proto
-from services.common.frames.frame_codec import Frames, frame_runs, regroup_frames, unpack_frames
+from services.common.frames.frame_codec import Frames, outgoing_runs, received_frames, regroup_frames
+from services.common.frames.frame_memory import FrameMemory, domain_from_metadata, new_tag
 from services.common.frames.frame_streams import DetectFrames
-from services.common.frames.frame_wire import FrameRun
+from services.common.frames.frame_wire import FrameRun, OutgoingFrames
 from services.common.frames.pixel_formats import PixelFormat, describe_frames, pixel_format_to_proto
 from services.common.input_limits import excerpt
 from services.worker.face_aligner import FrameShrinker, downscale_frames
@@ -60,7 +61,11 @@ def stage_error(service: str, error: grpc.aio.AioRpcError) -> SwaplineError:
 
 class DecoderFrameSource:
     """Streams one frame range from DecoderService.Decode (frame_streams.decoder_stub) as (frames, indices) batches,
-    asking for `pixel_format` (the decoder may answer RGB: the frames' shape says which they are)."""
+    asking for `pixel_format` (the decoder may answer RGB: the frames' shape says which they are).
+
+    With a frame memory, the request names its domain and a tag for this call's files; a decoder that shares it
+    sends batches there. A stream left before its end removes the files the decoder wrote for it.
+    """
 
     def __init__(
         self,
@@ -72,9 +77,11 @@ class DecoderFrameSource:
         batch_size: int,
         timeout_seconds: float,
         pixel_format: PixelFormat = "rgb24",
+        memory: FrameMemory | None = None,
     ) -> None:
         self._stub = stub
         self._timeout_seconds = timeout_seconds
+        self._memory = memory
         self._request = decoder_pb2.DecodeRequest(
             uri=uri,
             start_frame=start_frame,
@@ -82,6 +89,8 @@ class DecoderFrameSource:
             frame_count=frame_count,
             batch_size=batch_size,
             pixel_format=pixel_format_to_proto(pixel_format),
+            frame_memory_domain=memory.domain if memory is not None else "",
+            frame_memory_tag=new_tag() if memory is not None else "",
         )
 
     async def __aiter__(self) -> AsyncIterator[tuple[Frames, Sequence[int]]]:
@@ -90,6 +99,7 @@ class DecoderFrameSource:
 
     async def _messages(self) -> AsyncIterator[tuple[Frames, list[int]]]:
         call = self._stub.Decode(self._request, wait_for_ready=True)
+        finished = False
         try:
             while True:
                 try:
@@ -99,13 +109,16 @@ class DecoderFrameSource:
                         f"decoder: no frames for {self._timeout_seconds:.0f} s ({excerpt(self._request.uri)})"
                     ) from None
                 if batch is grpc.aio.EOF:
+                    finished = True
                     return
-                frames, indices, _ = unpack_frames(batch, copy=False)
+                frames, indices, _ = received_frames(batch, self._memory)
                 yield frames, indices
         except grpc.aio.AioRpcError as error:
             raise stage_error("decoder", error) from error
         finally:
             call.cancel()
+            if self._memory is not None and not finished:
+                self._memory.discard_tagged(self._request.frame_memory_tag)
 
 
 def detection_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -203,6 +216,10 @@ class EncoderSegmentSink:
 
     Use it as an async context manager: leaving the block without close() (an error, a
     cancellation) cancels the stream, so the encoder never finishes a partial segment.
+
+    With a frame memory, batches go through it once the encoder's initial metadata has named the same domain;
+    until then, or with an encoder that names none, they go in the messages. Whatever the stream ends with, the
+    files it wrote that the encoder did not take are removed.
     """
 
     def __init__(
@@ -211,12 +228,16 @@ class EncoderSegmentSink:
         header: encoder_pb2.SegmentHeader,
         timeout_seconds: float,
         first_index: int = 0,
+        memory: FrameMemory | None = None,
     ) -> None:
         self._stub = stub
         self._header = header
         self._timeout_seconds = timeout_seconds
         self._next_index = first_index
-        self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | FrameRun | None] = asyncio.Queue(
+        self._memory = memory
+        self._written: list[str] = []
+        self._encoder_metadata: asyncio.Future[Any] | None = None
+        self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | OutgoingFrames | None] = asyncio.Queue(
             SINK_QUEUE_SIZE
         )
         self._call: grpc.aio.StreamUnaryCall | None = None
@@ -226,18 +247,38 @@ class EncoderSegmentSink:
     async def __aenter__(self) -> EncoderSegmentSink:
         self._call = self._stub.EncodeSegment(self._request_stream(), wait_for_ready=True)
         self._response = asyncio.ensure_future(self._call)
+        if self._memory is not None:
+            self._encoder_metadata = asyncio.ensure_future(self._call.initial_metadata())
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self._response is not None and not self._response.done():
-            self._response.cancel()
-            await asyncio.gather(self._response, return_exceptions=True)
+        for pending in (self._response, self._encoder_metadata):
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
         if self._call is not None:
             self._call.cancel()
+        if self._memory is not None:
+            self._memory.discard(self._written)
 
-    async def _request_stream(self) -> AsyncIterator[encoder_pb2.EncodeSegmentRequest | FrameRun]:
+    @property
+    def sends_through_frame_memory(self) -> bool:
+        """Whether batches go through the frame memory now: the encoder has named the same domain."""
+        return self._shared_memory() is not None
+
+    def _shared_memory(self) -> FrameMemory | None:
+        """The frame memory, once the encoder has said it shares it (never waited for: frames go in the messages
+        meanwhile)."""
+        metadata = self._encoder_metadata
+        if self._memory is None or metadata is None or not metadata.done() or metadata.cancelled():
+            return None
+        if metadata.exception() is not None:
+            return None
+        return self._memory if self._memory.shares(domain_from_metadata(metadata.result())) else None
+
+    async def _request_stream(self) -> AsyncIterator[encoder_pb2.EncodeSegmentRequest | OutgoingFrames]:
         yield encoder_pb2.EncodeSegmentRequest(header=self._header)
         while (request := await self._requests.get()) is not None:
             yield request
@@ -255,7 +296,7 @@ class EncoderSegmentSink:
             return encoder_stream_error(self.output_uri, error)
         return Internal("the encoder ended the segment stream before the worker closed it")
 
-    async def _send(self, request: FrameRun | None) -> None:
+    async def _send(self, request: OutgoingFrames | None) -> None:
         """Queues a request, unless the stream fails first: a dead encoder must not block the pipeline.
 
         An encoder that takes nothing for `timeout_seconds` (down and not back, or stuck) ends the
@@ -277,7 +318,14 @@ class EncoderSegmentSink:
     async def write(self, frames: Frames) -> None:
         indices = list(range(self._next_index, self._next_index + len(frames)))
         self._next_index += len(frames)
-        for run in frame_runs(frames, indices):
+        memory = self._shared_memory()
+        if memory is None:
+            runs, _ = outgoing_runs(None, frames, indices)
+        else:
+            runs, name = await asyncio.to_thread(outgoing_runs, memory, frames, indices)
+            if name is not None:
+                self._written.append(name)
+        for run in runs:
             await self._send(run)
 
     async def close(self) -> int:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from services.advisor.fleet_report import build_fleet_report
+from services.advisor.fleet_report import MultiGpuOption, build_fleet_report
 from services.advisor.job_profile import JobProfile, profile_from_report
 from services.common.gpu_catalog import GIB
 from tests.advisor.recorded_reports import catalog_of, gpu_entry, job_report, measured_calibration
@@ -65,3 +67,43 @@ def test_an_empty_fleet_reports_zeros() -> None:
     assert report.jobs == 0
     assert report.savings_percent == 0.0
     assert all(row.fit_share == 0.0 for row in report.rows)
+
+
+def _multi_gpu(scaling: dict[int, float]) -> dict[str, MultiGpuOption]:
+    # mid-job: 20 GiB fits Big, Fast and Cheap (20 s, 20 s, 45 s on one of each), not Small.
+    calibration = replace(CALIBRATION, gpu_scaling=scaling)
+    report = build_fleet_report([_job("mid-job", 20.0)], CATALOG, calibration, 0.15)
+    return {option.gpu: option for option in report.multi_gpu}
+
+
+def test_two_smaller_gpus_are_recommended_against_one_bigger_when_the_pair_is_cheaper() -> None:
+    options = _multi_gpu({2: 1.8})
+    assert sorted(options) == ["Big", "Cheap", "Fast"]
+    cheap = options["Cheap"]
+    assert (cheap.gpu_count, cheap.jobs_fitting, cheap.scaling) == (2, 1, 1.8)
+    assert cheap.predicted_seconds == pytest.approx(25.0)
+    assert cheap.cost_usd == pytest.approx(2 * 0.4 * 25.0 / 3600)
+    assert (cheap.single_gpu, cheap.recommended) == ("Fast", True)
+    assert cheap.single_gpu_cost_usd == pytest.approx(2.0 * 20.0 / 3600)
+    assert "2 x Cheap is cheaper" in cheap.reason
+    assert "1.80x one GPU, measured" in cheap.reason
+
+
+def test_one_bigger_gpu_wins_where_the_pair_costs_more() -> None:
+    cheap = _multi_gpu({2: 1.0})["Cheap"]
+    assert (cheap.single_gpu, cheap.recommended) == ("Cheap", False)
+    assert "1 x Cheap is as cheap or cheaper" in cheap.reason
+
+
+def test_a_pair_faster_than_every_single_gpu_is_recommended_with_none_to_compare() -> None:
+    fast = _multi_gpu({2: 1.8})["Fast"]
+    assert fast.predicted_seconds == pytest.approx(20.0 / 1.8)
+    assert (fast.single_gpu, fast.single_gpu_cost_usd, fast.recommended) == ("", None, True)
+    assert "no single GPU is as fast" in fast.reason
+
+
+def test_without_a_two_gpu_measurement_the_option_says_so_and_predicts_nothing() -> None:
+    for scaling in ({}, {3: 2.6}):
+        cheap = _multi_gpu(scaling)["Cheap"]
+        assert (cheap.scaling, cheap.predicted_seconds, cheap.cost_usd, cheap.recommended) == (None, None, None, False)
+        assert cheap.reason == "2 x Cheap: no 2-GPU measurement in the calibration, so no time or cost is predicted"

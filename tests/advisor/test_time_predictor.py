@@ -225,3 +225,22 @@ def test_prior_calibration_uses_datasheet_ratios_only() -> None:
     assert time_factor(l4, prior) == pytest.approx(expected)
     assert not prior.is_measured(h100)
     assert dataclasses.replace(prior, measurements=1).is_measured(h100)
+
+
+def test_gpu_scaling_goes_through_json_with_counts_as_keys() -> None:
+    calibration = dataclasses.replace(measured_calibration("Ref", {"Mid": 2.0}), gpu_scaling={2: 1.85})
+    data = json.loads(calibration_to_json(calibration))
+    assert data["gpu_scaling"] == {"2": 1.85}
+    assert calibration_from_data(data).gpu_scaling == {2: 1.85}
+    del data["gpu_scaling"]
+    assert calibration_from_data(data).gpu_scaling == {}
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [({"1": 1.0}, "GPU count '1'"), ({"two": 1.8}, "GPU count 'two'"), ({"2": 0}, "'gpu_scaling.2' must be positive")],
+)
+def test_gpu_scaling_takes_counts_of_two_or_more_and_positive_speedups(scaling: dict[str, float], message: str) -> None:
+    data = json.loads(calibration_to_json(measured_calibration("Ref", {"Mid": 2.0})))
+    with pytest.raises(InvalidArgument, match=message):
+        calibration_from_data({**data, "gpu_scaling": scaling})

@@ -8,11 +8,16 @@ import pytest
 from services.bench.gpu_bench import (
     STUB_BINARY,
     StackShape,
+    WorkerCounts,
+    choose_visible_gpus,
+    gpu_shares,
     parse_env,
+    per_gpu_summary,
     summary_table,
     triton_deltas,
     triton_stubs,
     triton_summary,
+    worker_counts,
 )
 from services.common.job_vocabulary import STAGE_NAMES
 
@@ -139,3 +144,63 @@ def test_triton_stubs_are_found_by_model_and_instance(tmp_path: Path) -> None:
         "stub-face_swapper-1": children[1].pid,
         "stub-mtcnn_cascade-0": children[2].pid,
     }
+
+
+WORKER_METRICS = """\
+# HELP swapline_worker_frames_total Frames the worker swapped and encoded.
+# TYPE swapline_worker_frames_total counter
+swapline_worker_frames_total 75.0
+swapline_worker_frames_created 1.7e9
+# HELP swapline_worker_chunks_total Chunks the worker ended, by outcome.
+# TYPE swapline_worker_chunks_total counter
+swapline_worker_chunks_total{outcome="succeeded"} 3.0
+swapline_worker_chunks_total{outcome="failed"} 1.0
+swapline_worker_chunks_created{outcome="succeeded"} 1.7e9
+"""
+
+
+def test_a_workers_frames_and_chunks_are_read_from_its_metrics() -> None:
+    assert worker_counts(WORKER_METRICS) == WorkerCounts(frames=75.0, chunks=4.0)
+    assert worker_counts("") == WorkerCounts()
+
+
+def test_each_gpu_gets_its_workers_frames_and_chunks_and_their_shares() -> None:
+    before = [WorkerCounts(10, 1), WorkerCounts(0, 0), WorkerCounts(5, 1)]
+    after = [WorkerCounts(110, 5), WorkerCounts(150, 6), WorkerCounts(55, 3)]
+    shares = gpu_shares([0, 1, 0], before, after)
+    assert shares == {
+        "0": {"frames": 150, "chunks": 6, "frame_share": 0.5, "chunk_share": 0.5},
+        "1": {"frames": 150, "chunks": 6, "frame_share": 0.5, "chunk_share": 0.5},
+    }
+    lopsided = gpu_shares([0, 1], [WorkerCounts(), WorkerCounts()], [WorkerCounts(300, 9), WorkerCounts(100, 3)])
+    assert (lopsided["0"]["frame_share"], lopsided["1"]["frame_share"]) == (0.75, 0.25)
+
+
+def test_without_a_gpu_or_without_work_there_are_no_shares_to_divide_by() -> None:
+    assert gpu_shares([None, None], [WorkerCounts()] * 2, [WorkerCounts(50, 2)] * 2) == {}
+    idle = gpu_shares([0, 1], [WorkerCounts()] * 2, [WorkerCounts()] * 2)
+    assert idle["1"] == {"frames": 0.0, "chunks": 0.0, "frame_share": 0.0, "chunk_share": 0.0}
+
+
+def test_visible_gpus_are_set_for_the_whole_stack_in_nvmls_order() -> None:
+    environment = {"PATH": "/bin"}
+    choose_visible_gpus("1", environment)
+    assert environment == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def test_the_summary_adds_each_gpus_utilisation_and_share() -> None:
+    two = {
+        **job("one-face", 90.0),
+        "gpus": {"0": {"utilisation_mean": 41.0, "utilisation_max": 80.0}, "1": {"utilisation_mean": 39.0}},
+        "gpu_shares": {
+            "0": {"frames": 260, "chunks": 11, "frame_share": 0.52, "chunk_share": 0.55},
+            "1": {"frames": 240, "chunks": 9, "frame_share": 0.48, "chunk_share": 0.45},
+        },
+    }
+    record = {"services": [{"label": "services, 16 worker(s)", "workers": 16, "jobs": [two, job("six-people", 1.0)]}]}
+    assert per_gpu_summary(record) == [
+        "Per GPU, services, 16 worker(s), one-face:",
+        "  GPU 0: util. 41 / 80%, 52% of the frames (260), 55% of the chunks (11)",
+        "  GPU 1: util. 39 / -%, 48% of the frames (240), 45% of the chunks (9)",
+    ]
+    assert per_gpu_summary({"services": [{"workers": 2, "jobs": [job("one-face", 1.0)]}]}) == []

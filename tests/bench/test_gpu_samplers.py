@@ -1,4 +1,11 @@
-from services.bench.gpu_samplers import CpuReading, GpuSample, cores_busy, parse_proc_stat, summarise_window
+from services.bench.gpu_samplers import (
+    CpuReading,
+    GpuSample,
+    cores_busy,
+    parse_proc_stat,
+    summarise_gpus,
+    summarise_window,
+)
 
 
 def sample(at: float, utilisation: float, memory: int = 0, decoder: float | None = None) -> GpuSample:
@@ -42,3 +49,17 @@ def test_cpu_per_frame_counts_only_what_grew() -> None:
 
     figures = cpu_ms_per_frame({"encoder": 1.0, "gateway": 2.0}, {"encoder": 3.0, "gateway": 2.0, "worker": 0.5}, 100)
     assert figures == {"encoder": 20.0, "worker": 5.0}
+
+
+def test_each_gpu_is_summarised_apart_within_the_window() -> None:
+    samples = [
+        GpuSample(1.0, 0, 80.0, 100, None, None),
+        GpuSample(1.0, 1, 20.0, 300, None, None),
+        GpuSample(2.0, 0, 60.0, 200, None, None),
+        GpuSample(9.0, 1, 99.0, 900, None, None),
+    ]
+    windows = summarise_gpus(samples, 0.5, 2.5)
+    assert sorted(windows) == [0, 1]
+    assert (windows[0].samples, windows[0].utilisation_mean, windows[0].memory_used_max_bytes) == (2, 70.0, 200)
+    assert (windows[1].samples, windows[1].utilisation_max, windows[1].memory_used_max_bytes) == (1, 20.0, 300)
+    assert summarise_gpus(samples, 5.0, 6.0) == {}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,11 +12,15 @@ from services.common.errors import InvalidArgument
 from services.common.frames.frame_codec import (
     Frames,
     frame_runs,
+    outgoing_runs,
     pack_frames,
+    received_frames,
     regroup_frames,
     unpack_frames,
     unpack_rgb_frames,
 )
+from services.common.frames.frame_memory import FrameMemory
+from services.common.frames.frame_wire import FrameRun, SharedFrameRun, parse_frame_batch, serialize_frame_batch
 from services.common.frames.pixel_formats import rgb_to_nv12
 from swapline.common.v1 import common_pb2
 
@@ -183,3 +188,52 @@ def test_regrouping_makes_full_writable_batches_in_order() -> None:
 def test_regrouping_splits_pieces_larger_than_a_batch() -> None:
     batches = asyncio.run(_regrouped([7], batch_size=3))
     assert [indices for _, indices in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_frames_go_to_the_frame_memory_as_one_message_naming_their_file(tmp_path: Path) -> None:
+    memory = FrameMemory(tmp_path, 1024 * 1024)
+    frames = numbered_frames(3)
+    runs, name = outgoing_runs(memory, frames, [4, 5, 6], [40, 50, 60], tag="call")
+    assert name is not None and runs == [SharedFrameRun(name, "rgb24", 6, 4, [4, 5, 6], [40, 50, 60])]
+    received, indices, stamps = received_frames(parse_frame_batch(serialize_frame_batch(runs[0])), memory)
+    assert np.array_equal(received, frames) and indices == [4, 5, 6] and stamps == [40, 50, 60]
+
+
+def test_without_room_in_the_frame_memory_frames_go_in_the_messages(tmp_path: Path) -> None:
+    frames = numbered_frames(2)
+    for memory in (FrameMemory(tmp_path, 0), None):
+        runs, name = outgoing_runs(memory, frames, [0, 1])
+        assert name is None and len(runs) == 1 and isinstance(runs[0], FrameRun)
+        assert np.shares_memory(runs[0].frames, frames) and runs[0].indices == [0, 1]
+
+
+def test_shared_frames_reaching_a_service_without_a_frame_memory_are_refused(tmp_path: Path) -> None:
+    run = SharedFrameRun("x.frames", "rgb24", 6, 4, [0])
+    with pytest.raises(InvalidArgument, match="has none"):
+        received_frames(parse_frame_batch(serialize_frame_batch(run)), None)
+
+
+def test_shared_frames_that_also_carry_pixels_are_refused(tmp_path: Path) -> None:
+    batch = pack_frames(numbered_frames(1), [0])
+    batch.shared.name = "x.frames"
+    with pytest.raises(InvalidArgument, match="carry pixels too"):
+        received_frames(parse_frame_batch(batch.SerializeToString()), FrameMemory(tmp_path, 0))
+
+
+def test_messages_without_a_file_are_unpacked_as_before(tmp_path: Path) -> None:
+    frames = numbered_frames(2)
+    received, indices, _ = received_frames(parse_frame_batch(serialize_frame_batch(FrameRun(frames, [0, 1]))), None)
+    assert np.array_equal(received, frames) and indices == [0, 1]
+
+
+def test_regrouping_passes_a_writable_whole_batch_on_uncopied() -> None:
+    whole = numbered_frames(3)
+
+    async def pieces() -> AsyncIterator[tuple[Frames, list[int]]]:
+        yield whole, [0, 1, 2]
+
+    async def regrouped() -> list[tuple[Frames, list[int]]]:
+        return [batch async for batch in regroup_frames(pieces(), 3)]
+
+    ((batch, indices),) = asyncio.run(regrouped())
+    assert batch is whole and indices == [0, 1, 2]

@@ -14,7 +14,13 @@ from services.common.frames.frame_streams import (
     serialize_detect_request,
     serialize_encode_segment_request,
 )
-from services.common.frames.frame_wire import FrameBatchView, FrameRun, parse_frame_batch, serialize_frame_batch
+from services.common.frames.frame_wire import (
+    FrameBatchView,
+    FrameRun,
+    SharedFrameRun,
+    parse_frame_batch,
+    serialize_frame_batch,
+)
 from swapline.common.v1 import common_pb2
 from swapline.detector.v1 import detector_pb2
 from swapline.encoder.v1 import encoder_pb2
@@ -220,3 +226,33 @@ def test_a_generated_detect_request_parses_with_its_fields_in_any_order() -> Non
 def test_a_detect_request_without_frames_has_an_empty_batch() -> None:
     parsed = parse_detect_request(detector_pb2.DetectRequest(min_face_size=30).SerializeToString())
     assert (len(parsed.frames.frames), parsed.options.min_face_size) == (0, 30)
+
+
+def test_a_shared_batch_names_its_file_and_carries_no_pixels() -> None:
+    run = SharedFrameRun("t-1-2-3.frames", "nv12", 6, 4, [7, 8], [70, 80])
+    data = serialize_frame_batch(run)
+    generated = common_pb2.FrameBatch.FromString(data)
+    assert generated.shared.name == "t-1-2-3.frames" and generated.pixel_format == common_pb2.PIXEL_FORMAT_NV12
+    assert [(frame.index, frame.pts, frame.pixels) for frame in generated.frames] == [(7, 70, b""), (8, 80, b"")]
+    view = parse_frame_batch(data)
+    assert (view.shared, view.width, view.height, view.pixel_format) == ("t-1-2-3.frames", 6, 4, "nv12")
+    assert [(frame.index, frame.pts, len(frame.pixels)) for frame in view.frames] == [(7, 70, 0), (8, 80, 0)]
+
+
+def test_a_batch_in_the_message_names_no_file() -> None:
+    assert parse_frame_batch(serialize_frame_batch(FrameRun(frames(1), [0]))).shared == ""
+
+
+def test_a_shared_batch_travels_in_an_encode_segment_request() -> None:
+    message = parse_encode_segment_request(
+        serialize_encode_segment_request(SharedFrameRun("s.frames", "rgb24", 6, 4, [3]))
+    )
+    assert isinstance(message, FrameBatchView) and message.shared == "s.frames"
+    assert [frame.index for frame in message.frames] == [3]
+
+
+def test_a_shared_name_that_is_not_utf8_is_refused() -> None:
+    data = common_pb2.FrameBatch(width=6, height=4, shared=common_pb2.SharedFrames(name="x")).SerializeToString()
+    broken = data.replace(b"\x01x", b"\x01\xff")
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        parse_frame_batch(broken)

@@ -15,6 +15,7 @@ import pytest
 from services.triton.model_config import read_model_config, repository_models
 from services.triton.tensorrt_config import TRT_ENGINE_CACHE
 from tests.deploy.chart_render import (
+    GPU_RESOURCE,
     REPO_ROOT,
     Manifest,
     objects_of,
@@ -174,3 +175,16 @@ def test_without_a_visible_gpu_triton_does_not_start(tmp_path: Path) -> None:
     assert "nvidia-smi shows no GPU" in started.stderr
     assert not (tmp_path / "pod.record").exists()
     assert not (tmp_path / "engines").exists()
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_a_triton_pod_serves_every_model_from_each_of_its_gpus(gpus: int) -> None:
+    # The pod is given `gpus` GPUs and shows Triton all of them; the model configs leave their GPU instance groups
+    # unpinned (tests/triton/test_instance_placement.py), so Triton puts each model's instances on every one.
+    container = triton_container(objects_of(render({"triton": {"gpu": {"count": gpus}}})))
+    assert container["resources"]["limits"][GPU_RESOURCE] == container["resources"]["requests"][GPU_RESOURCE] == gpus
+    narrowing = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"}
+    assert not [variable for variable in container.get("env", []) if variable["name"] in narrowing]
+    for model in repository_models(PRODUCTION_REPOSITORY):
+        groups = read_model_config(PRODUCTION_REPOSITORY, model).instance_group
+        assert [list(group.gpus) for group in groups] == [[]], model

@@ -219,7 +219,7 @@ def test_without_torch_the_answer_is_cpu(nvidia_dev: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ("echo 2", CudaProbe(True, "torch sees 2 CUDA device(s)")),
+        ("echo 2", CudaProbe(True, "torch sees 2 CUDA device(s)", 2)),
         ("echo 0", CudaProbe(False, "torch sees no CUDA device")),
         ("echo 'no driver' >&2; exit 3", CudaProbe(False, "torch's CUDA check failed with code 3: no driver")),
         ("echo maybe", CudaProbe(False, "torch's CUDA check answered 'maybe'")),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from swapline.common.v1 import common_pb2
 from swapline.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 from swapline.detector.v1 import detector_pb2, detector_pb2_grpc
 from swapline.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from tests.worker.aio_serving import serving
 
 TIMEOUT_SECONDS = 10.0
 
@@ -91,20 +92,6 @@ class _Encoder(encoder_pb2_grpc.EncoderServiceServicer):
         return encoder_pb2.EncodeSegmentResponse(output_uri=self.header.output_uri, frames=len(self.indices))
 
 
-async def _serving(
-    register: Callable[[grpc.aio.Server], None], body: Callable[[grpc.aio.Channel], Awaitable[Any]]
-) -> Any:
-    server = grpc.aio.server()
-    register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return await asyncio.wait_for(body(channel), timeout=10)
-    finally:
-        await server.stop(None)
-
-
 def test_detector_finder_downscales_and_scales_faces_back() -> None:
     detector = _Detector()
 
@@ -112,7 +99,7 @@ def test_detector_finder_downscales_and_scales_faces_back() -> None:
         finder = DetectorFaceFinder(detector_stub(channel), 320, 40, TIMEOUT_SECONDS)
         return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
 
-    found = asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    found = asyncio.run(serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
     request = detector.requests[0]
     assert (request.frames.width, request.frames.height) == (320, 120)
     assert request.min_face_size == 10
@@ -130,7 +117,7 @@ def test_detector_finder_asks_for_the_jobs_detector_model() -> None:
         finder = DetectorFaceFinder(detector_stub(channel), 320, 0, TIMEOUT_SECONDS, model="scrfd_2.5g")
         return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
 
-    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    asyncio.run(serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
     assert detector.requests[0].model == "scrfd_2.5g"
 
 
@@ -146,7 +133,7 @@ def test_detector_finder_sends_what_its_shrink_makes() -> None:
         finder = DetectorFaceFinder(detector_stub(channel), 320, 0, TIMEOUT_SECONDS, shrink)
         return await finder.detect(np.zeros((2, 480, 1280, 3), np.uint8))
 
-    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    asyncio.run(serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
     assert asked == [((2, 480, 1280, 3), (320, 120))]
     sent, _, _ = unpack_frames(detector.requests[0].frames)
     assert sent.shape == (2, 120, 320, 3) and bool((sent == 7).all())
@@ -164,9 +151,7 @@ def test_decoder_source_streams_batches_and_maps_errors() -> None:
                 pass
         return batches
 
-    batches = asyncio.run(
-        _serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body)
-    )
+    batches = asyncio.run(serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body))
     assert batches == [[10, 11], [12, 13], [14]]
 
 
@@ -175,7 +160,7 @@ def test_decoder_source_asks_for_the_workers_pixel_format() -> None:
         source = DecoderFrameSource(decoder_stub(channel), "clip.mp4", 0, 0, 3, 2, TIMEOUT_SECONDS, "nv12")
         return [frames.shape async for frames, _ in source]
 
-    shapes = asyncio.run(_serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body))
+    shapes = asyncio.run(serving(lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(_Decoder(), s), body))
     assert shapes == [(2, 6, 6), (1, 6, 6)]
 
 
@@ -191,7 +176,7 @@ def test_detector_finder_shrinks_nv12_frames_by_their_picture_size() -> None:
         finder = DetectorFaceFinder(detector_stub(channel), 320, 40, TIMEOUT_SECONDS, shrink)
         return await finder.detect(np.zeros((2, 720, 1280), np.uint8))
 
-    asyncio.run(_serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
+    asyncio.run(serving(lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(detector, s), body))
     # 1280x480 NV12 is 720 rows: shrunk by its picture's width, and the smallest face with it.
     assert asked == [((2, 720, 1280), (320, 120))]
     assert detector.requests[0].min_face_size == 10
@@ -210,7 +195,7 @@ def test_encoder_sink_sends_the_header_then_numbered_frames() -> None:
                 await sink.write(np.zeros((2, 4, 6, 3), np.uint8))
             return await sink.close()
 
-    written = asyncio.run(_serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body))
+    written = asyncio.run(serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body))
     assert written == 6
     assert encoder.header is not None and encoder.header.output_uri == "seg/0.mp4"
     assert encoder.indices == list(range(100, 106))
@@ -228,7 +213,7 @@ def test_encoder_sink_surfaces_a_failed_stream_instead_of_blocking() -> None:
     # The encoder's own status, or, when gRPC loses it to a send racing the end (grpc/grpc#36066),
     # the sink's retryable stand-in for it: never a non-retryable INTERNAL.
     with pytest.raises(Unavailable, match=r"disk gone|grpc/grpc#36066"):
-        asyncio.run(_serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body))
+        asyncio.run(serving(lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(encoder, s), body))
 
 
 def _rpc_error(code: grpc.StatusCode, debug: str, details: str = "Internal error from Core") -> grpc.aio.AioRpcError:

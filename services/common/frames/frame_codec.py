@@ -1,18 +1,23 @@
 """Packs numpy frames (RGB24 or NV12, pixel_formats) into FrameBatch messages and back, checking sizes on the way in.
 
 The frame streams (decode, encode) send FrameRuns through frame_wire's serialiser and receive
-FrameBatchViews; unpack_frames reads both those and generated FrameBatch messages.
+FrameBatchViews; unpack_frames reads both those and generated FrameBatch messages. Where both ends share a frame
+memory (frame_memory.py), outgoing_runs writes a batch there and sends a SharedFrameRun naming it, and
+received_frames maps it back.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from prometheus_client import Counter
 
 from services.common.errors import InvalidArgument
-from services.common.frames.frame_wire import FrameBatchView, FrameRun
+from services.common.frames.frame_memory import FrameMemory
+from services.common.frames.frame_wire import FrameBatchView, FrameRun, OutgoingFrames, SharedFrameRun
 from services.common.frames.pixel_formats import (
     describe_frames,
     frame_bytes,
@@ -28,6 +33,12 @@ Frames = NDArray[np.uint8]  # (count, height, width, 3) RGB24 or (count, height 
 # Streams carry frames in messages of about this size (one 720p frame), so the receiver works on one
 # frame while the next is on the wire, and regroups them into the batches the models want.
 STREAM_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# How a batch of frames went to the next service: written to the shared frame memory, or in the messages.
+FrameWay = Literal["frame_memory", "message"]
+FRAME_BATCHES_SENT = Counter(
+    "swapline_frame_batches_sent_total", "Frame batches streamed to another service, by the way they went.", ["way"]
+)
 
 
 def pack_frames(frames: Frames, indices: Sequence[int], pts: Sequence[int] | None = None) -> common_pb2.FrameBatch:
@@ -55,12 +66,33 @@ def frame_runs(
         yield FrameRun(frames[start:stop], indices[start:stop], None if pts is None else pts[start:stop])
 
 
+def outgoing_runs(
+    memory: FrameMemory | None,
+    frames: Frames,
+    indices: Sequence[int],
+    pts: Sequence[int] | None = None,
+    tag: str = "",
+) -> tuple[list[OutgoingFrames], str | None]:
+    """The messages that carry the frames, and the frame memory file written for them (None: none was).
+
+    With a memory that has room, one SharedFrameRun for the whole batch; otherwise frame_runs' messages.
+    """
+    name = memory.put(frames, tag) if memory is not None and len(frames) else None
+    way: FrameWay = "message" if name is None else "frame_memory"
+    FRAME_BATCHES_SENT.labels(way=way).inc()
+    if name is None:
+        return list(frame_runs(frames, indices, pts)), None
+    pixel_format, width, height = describe_frames(frames)
+    return [SharedFrameRun(name, pixel_format, width, height, list(indices), None if pts is None else list(pts))], name
+
+
 async def regroup_frames(
     parts: AsyncIterator[tuple[Frames, list[int]]], batch_size: int
 ) -> AsyncIterator[tuple[Frames, list[int]]]:
     """Joins streamed pieces into writable batches of batch_size frames (the last may be short).
 
-    Each frame is copied exactly once, into its batch, so the pieces may be read-only views.
+    Each frame is copied exactly once, into its batch, so the pieces may be read-only views; a writable piece that
+    is a whole batch by itself (frames from a frame memory) is passed on as it is.
     """
     if batch_size < 1:
         # Below 1 every loop would yield an empty batch forever (a worker once started with BATCH_SIZE=0).
@@ -68,6 +100,9 @@ async def regroup_frames(
     pending: list[Frames] = []
     pending_indices: list[int] = []
     async for frames, indices in parts:
+        if not pending and len(indices) == batch_size and frames.flags.writeable:
+            yield frames, list(indices)
+            continue
         pending.append(frames)
         pending_indices.extend(indices)
         while len(pending_indices) >= batch_size:
@@ -110,6 +145,19 @@ def unpack_frames(
     for slot, pixels in enumerate(frame.pixels for frame in batch.frames):
         buffer[slot] = np.frombuffer(pixels, np.uint8).reshape(shape)
     return buffer, indices, stamps
+
+
+def received_frames(batch: FrameBatchView, memory: FrameMemory | None) -> tuple[Frames, list[int], list[int]]:
+    """unpack_frames(copy=False) for frames in the message; for SharedFrames, the frame memory file mapped."""
+    if not batch.shared:
+        return unpack_frames(batch, copy=False)
+    if memory is None:
+        raise InvalidArgument("frames came in a shared frame memory, but this service has none")
+    if batch.width <= 0 or batch.height <= 0 or any(len(frame.pixels) for frame in batch.frames):
+        raise InvalidArgument(f"shared frames: a {batch.width}x{batch.height} batch whose frames carry pixels too")
+    shape = frame_shape(batch.pixel_format, batch.width, batch.height)
+    frames = memory.take(batch.shared, len(batch.frames), shape)
+    return frames, [frame.index for frame in batch.frames], [frame.pts for frame in batch.frames]
 
 
 def unpack_rgb_frames(batch: common_pb2.FrameBatch | FrameBatchView) -> tuple[Frames, list[int], list[int]]:

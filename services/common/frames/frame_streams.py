@@ -1,11 +1,11 @@
 """The calls that carry frames, Decode (decoder -> worker), EncodeSegment (worker -> encoder) and Detect
 (worker -> detector), on frame_wire's codecs: the servers' registrations and the worker's stubs.
 
-Decode's messages are FrameRuns on the server and FrameBatchViews on the client. EncodeSegment's first
-message stays a generated EncodeSegmentRequest carrying the header; the frames after it are FrameRuns on
-the client and FrameBatchViews on the server. Detect's request is a DetectFrames: the frames apart, the
-other fields in a generated DetectRequest. The bytes on the wire are the protos' own, so generated
-clients and servers interoperate with these.
+Decode's messages are FrameRuns or SharedFrameRuns on the server and FrameBatchViews on the client.
+EncodeSegment's first message stays a generated EncodeSegmentRequest carrying the header; the frames after it
+are FrameRuns or SharedFrameRuns on the client and FrameBatchViews on the server. Detect's request is a
+DetectFrames: the frames apart, the other fields in a generated DetectRequest. The bytes on the wire are the
+protos' own, so generated clients and servers interoperate with these.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import grpc
 from services.common.frames.frame_wire import (
     FrameBatchView,
     FrameRun,
+    OutgoingFrames,
+    SharedFrameRun,
     parse_frame_batch,
     serialize_frame_batch,
     serialize_frame_batch_field,
@@ -34,8 +36,8 @@ _DETECT_FRAMES_FIELD = detector_pb2.DetectRequest.DESCRIPTOR.fields_by_name["fra
 EncodeSegmentMessage = encoder_pb2.EncodeSegmentRequest | FrameBatchView
 
 
-def serialize_encode_segment_request(message: encoder_pb2.EncodeSegmentRequest | FrameRun) -> bytes:
-    if isinstance(message, FrameRun):
+def serialize_encode_segment_request(message: encoder_pb2.EncodeSegmentRequest | OutgoingFrames) -> bytes:
+    if isinstance(message, FrameRun | SharedFrameRun):
         return serialize_frame_batch_field(_ENCODE_FRAMES_FIELD, message)
     return message.SerializeToString()
 

@@ -25,9 +25,10 @@ from services.common.frames.pixel_formats import (
 from swapline.common.v1 import common_pb2
 
 _BATCH_FIELDS = common_pb2.FrameBatch.DESCRIPTOR.fields_by_name
-_BATCH_WIDTH, _BATCH_HEIGHT, _BATCH_FRAMES, _BATCH_FORMAT = (
-    _BATCH_FIELDS[name].number for name in ("width", "height", "frames", "pixel_format")
+_BATCH_WIDTH, _BATCH_HEIGHT, _BATCH_FRAMES, _BATCH_FORMAT, _BATCH_SHARED = (
+    _BATCH_FIELDS[name].number for name in ("width", "height", "frames", "pixel_format", "shared")
 )
+_SHARED_NAME = common_pb2.SharedFrames.DESCRIPTOR.fields_by_name["name"].number
 _FRAME_FIELDS = common_pb2.Frame.DESCRIPTOR.fields_by_name
 _FRAME_INDEX, _FRAME_PTS, _FRAME_PIXELS = (_FRAME_FIELDS[name].number for name in ("index", "pts", "pixels"))
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
@@ -47,6 +48,21 @@ class FrameRun:
 
 
 @dataclass(frozen=True)
+class SharedFrameRun:
+    """Frames written to a frame memory file (frame_memory.py), to send as a FrameBatch that names the file."""
+
+    name: str
+    pixel_format: PixelFormat
+    width: int
+    height: int
+    indices: Sequence[int]
+    pts: Sequence[int] | None = None
+
+
+OutgoingFrames = FrameRun | SharedFrameRun
+
+
+@dataclass(frozen=True)
 class FrameView:
     index: int
     pts: int
@@ -61,6 +77,8 @@ class FrameBatchView:
     height: int
     frames: list[FrameView]
     pixel_format: PixelFormat = "rgb24"
+    # The frame memory file that holds the frames' pixels (SharedFrames), "" when they are in the message.
+    shared: str = ""
 
 
 def _varint(value: int) -> bytes:
@@ -86,8 +104,25 @@ def _length_prefix(field: int, length: int) -> bytes:
     return _key(field, _LENGTH_DELIMITED) + _varint(length)
 
 
-def frame_batch_parts(run: FrameRun) -> tuple[list[Buffer], int]:
+def _shared_batch(run: SharedFrameRun) -> bytes:
+    """Generated: the message is small, its pixels are in the file."""
+    stamps = run.pts if run.pts is not None else [0] * len(run.indices)
+    return common_pb2.FrameBatch(
+        width=run.width,
+        height=run.height,
+        frames=[
+            common_pb2.Frame(index=int(index), pts=int(stamp)) for index, stamp in zip(run.indices, stamps, strict=True)
+        ],
+        pixel_format=pixel_format_to_proto(run.pixel_format),
+        shared=common_pb2.SharedFrames(name=run.name),
+    ).SerializeToString()
+
+
+def frame_batch_parts(run: OutgoingFrames) -> tuple[list[Buffer], int]:
     """The serialised FrameBatch as pieces to join (the pixels uncopied) and its total length."""
+    if isinstance(run, SharedFrameRun):
+        message = _shared_batch(run)
+        return [message], len(message)
     frames = run.frames
     pixel_format, width, height = describe_frames(frames)
     if len(run.indices) != len(frames):
@@ -104,12 +139,12 @@ def frame_batch_parts(run: FrameRun) -> tuple[list[Buffer], int]:
     return parts, sum(len(part) for part in parts)
 
 
-def serialize_frame_batch(run: FrameRun) -> bytes:
+def serialize_frame_batch(run: OutgoingFrames) -> bytes:
     parts, _ = frame_batch_parts(run)
     return b"".join(parts)
 
 
-def serialize_frame_batch_field(field: int, run: FrameRun) -> bytes:
+def serialize_frame_batch_field(field: int, run: OutgoingFrames) -> bytes:
     """A message whose only field, number `field`, is the FrameBatch (EncodeSegmentRequest.frames)."""
     parts, length = frame_batch_parts(run)
     return b"".join([_length_prefix(field, length), *parts])
@@ -178,8 +213,19 @@ def _parse_frame(data: memoryview) -> FrameView:
     return FrameView(index=index, pts=pts, pixels=pixels)
 
 
+def _shared_name(data: memoryview) -> str:
+    for field, value in iter_fields(data):
+        if field == _SHARED_NAME and isinstance(value, memoryview):
+            try:
+                return bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidArgument("malformed frame message: the shared frames' name is not UTF-8") from None
+    return ""
+
+
 def parse_frame_batch(data: Buffer) -> FrameBatchView:
     width = height = pixel_format = 0
+    shared = ""
     frames: list[FrameView] = []
     for field, value in iter_fields(data):
         if field == _BATCH_WIDTH and isinstance(value, int):
@@ -190,7 +236,9 @@ def parse_frame_batch(data: Buffer) -> FrameBatchView:
             pixel_format = value
         elif field == _BATCH_FRAMES and isinstance(value, memoryview):
             frames.append(_parse_frame(value))
-    return FrameBatchView(width, height, frames, pixel_format_from_proto(pixel_format))
+        elif field == _BATCH_SHARED and isinstance(value, memoryview):
+            shared = _shared_name(value)
+    return FrameBatchView(width, height, frames, pixel_format_from_proto(pixel_format), shared)
 
 
 def split_frame_batch_field(field: int, data: Buffer) -> tuple[FrameBatchView | None, bytes]:

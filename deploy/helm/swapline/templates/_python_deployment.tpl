@@ -2,7 +2,9 @@
 The Deployment of one Python gRPC service (`python -m services.<component>` on the swapline image).
 Arguments (dict): root, component, env (list of EnvVar dicts the component adds), gpuEnv (list of EnvVar
 dicts added only when the component's gpu.count is above 0), volumes, volumeMounts (lists), strategy (dict,
-optional), podAnnotations (dict, optional), tenantTokens (bool: mount the public API's tenant tokens).
+optional), podAnnotations (dict, optional), tenantTokens (bool: mount the public API's tenant tokens),
+frameMemory ("sends" or "takes", optional: the component streams frames to or from the others, and with
+frameMemory.enabled mounts the node's frame memory directory and is told where it is, and a sender its budget).
 
 A component with a `gpu` block and gpu.count above 0 runs on GPU nodes as Triton does: it asks for that many
 nvidia.com/gpu, requires a node with GPU feature discovery's nvidia.com/gpu.product label (one of
@@ -31,6 +33,17 @@ and may not repeat one the chart sets. Every port in the component's `ports` is 
 }}
 {{- $security := include "swapline.securityParts" (dict "root" $root "component" $component "tenantTokens" .tenantTokens) | fromYaml }}
 {{- $env = concat $env $security.env (default (list) .env) }}
+{{- $frameVolumes := list }}
+{{- $frameMounts := list }}
+{{- if and .frameMemory $root.Values.frameMemory.enabled }}
+{{- $frame := $root.Values.frameMemory }}
+{{- $env = append $env (dict "name" (printf "%sFRAME_MEMORY_DIR" $prefix) "value" $frame.mountPath) }}
+{{- if eq .frameMemory "sends" }}
+{{- $env = append $env (dict "name" (printf "%sFRAME_MEMORY_BYTES" $prefix) "value" (include "swapline.envValue" $frame.maxBytes)) }}
+{{- end }}
+{{- $frameVolumes = list (dict "name" "frame-memory" "hostPath" (dict "path" $frame.hostPath "type" "Directory")) }}
+{{- $frameMounts = list (dict "name" "frame-memory" "mountPath" $frame.mountPath) }}
+{{- end }}
 {{- $gpuCount := dig "gpu" "count" 0 $values | int }}
 {{- $resources := deepCopy $values.resources }}
 {{- $tolerations := $values.tolerations }}
@@ -161,7 +174,7 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
-            {{- with concat (default (list) .volumeMounts) $security.volumeMounts }}
+            {{- with concat (default (list) .volumeMounts) $frameMounts $security.volumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
       volumes:
@@ -169,7 +182,7 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 1Gi
-        {{- with concat (default (list) .volumes) $security.volumes }}
+        {{- with concat (default (list) .volumes) $frameVolumes $security.volumes }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
 {{- end }}
