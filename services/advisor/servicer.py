@@ -8,7 +8,7 @@ import grpc
 
 from services.advisor.advisor_state import AdvisorState
 from services.advisor.cluster_inventory import ClusterInventory
-from services.advisor.fleet_report import FleetReport, build_fleet_report
+from services.advisor.fleet_report import FleetReport, MultiGpuOption, build_fleet_report
 from services.advisor.gpu_recommender import Recommendation, recommend_gpu
 from services.advisor.job_profile import (
     JobProfile,
@@ -107,6 +107,23 @@ def recommendation_to_proto(recommendation: Recommendation) -> advisor_pb2.Recom
     )
 
 
+def multi_gpu_option_to_proto(option: MultiGpuOption) -> advisor_pb2.MultiGpuOption:
+    """An option without a measured scaling predicts nothing: measured false and its figures 0."""
+    return advisor_pb2.MultiGpuOption(
+        gpu=option.gpu,
+        gpu_count=option.gpu_count,
+        jobs_fitting=option.jobs_fitting,
+        measured=option.scaling is not None,
+        scaling=option.scaling or 0.0,
+        predicted_seconds=option.predicted_seconds or 0.0,
+        cost_usd=option.cost_usd or 0.0,
+        single_gpu=option.single_gpu,
+        single_gpu_cost_usd=option.single_gpu_cost_usd or 0.0,
+        recommended=option.recommended,
+        reason=option.reason,
+    )
+
+
 def fleet_report_to_proto(report: FleetReport) -> advisor_pb2.FleetReportResponse:
     return advisor_pb2.FleetReportResponse(
         jobs=report.jobs,
@@ -132,6 +149,7 @@ def fleet_report_to_proto(report: FleetReport) -> advisor_pb2.FleetReportRespons
         jobs_without_recommendation=report.jobs_without_recommendation,
         skipped=list(report.skipped),
         cluster=cluster_to_proto(report.cluster),
+        multi_gpu=[multi_gpu_option_to_proto(option) for option in report.multi_gpu],
     )
 
 

@@ -165,17 +165,23 @@ class _Measured:
     gpu: GpuSpec
 
 
+def measured_gpu(profile: JobProfile, catalog: GpuCatalog) -> GpuSpec:
+    """The catalog entry of the GPU a measured job ran on; a measurement on a GPU the catalog lacks is an error."""
+    gpu = catalog.find(profile.gpu_model)
+    if gpu is None:
+        raise InvalidArgument(
+            f"measurement of job {profile.job_id!r} ran on {profile.gpu_model!r}, which no catalog entry "
+            "lists in nvml_names"
+        )
+    return gpu
+
+
 def _measured_on_catalog(profiles: Sequence[JobProfile], catalog: GpuCatalog) -> list[_Measured]:
     measured: list[_Measured] = []
     for profile in profiles:
         if not profile.gpu_model:
             continue
-        gpu = catalog.find(profile.gpu_model)
-        if gpu is None:
-            raise InvalidArgument(
-                f"measurement of job {profile.job_id!r} ran on {profile.gpu_model!r}, which no catalog entry "
-                "lists in nvml_names"
-            )
+        gpu = measured_gpu(profile, catalog)
         if profile.gpu_stage_ms <= 0:
             raise InvalidArgument(f"measurement of job {profile.job_id!r} on {gpu.name} has no detect/swap time")
         measured.append(_Measured(profile, gpu))

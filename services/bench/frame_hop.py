@@ -1,8 +1,9 @@
 """One frame hop alone: the demo's frames streamed over loopback gRPC and unpacked, in one process.
 
 Measures CPU (both ends: they share the process) and wall time per frame, with the generated message
-classes and with frame_wire's codec over TCP loopback, and with frame_wire over a Unix socket (the
-embedded stack's transport), so the cost of a hop is visible apart from the rest of the job.
+classes and with frame_wire's codec over TCP loopback, with frame_wire over a Unix socket, and with the frames
+in a shared frame memory and only their file names over a Unix socket (the embedded stack's way), so the cost of
+a hop is visible apart from the rest of the job.
 """
 
 from __future__ import annotations
@@ -12,24 +13,37 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import grpc
 
-from services.common.frames.frame_codec import Frames, frame_runs, pack_frames, regroup_frames, unpack_frames
+from services.common.frames.frame_codec import (
+    Frames,
+    frame_runs,
+    outgoing_runs,
+    pack_frames,
+    received_frames,
+    regroup_frames,
+    unpack_frames,
+)
+from services.common.frames.frame_memory import FrameMemory
 from services.common.frames.frame_wire import FrameRun, parse_frame_batch, serialize_frame_batch
 from swapline.common.v1 import common_pb2
 
-HopCodec = Literal["generated", "frame_wire"]
+HopCodec = Literal["generated", "frame_wire", "frame_memory"]
 HopTransport = Literal["tcp", "unix"]
 # (name, codec, transport) of each measured hop.
 HOPS: tuple[tuple[str, HopCodec, HopTransport], ...] = (
     ("generated, tcp", "generated", "tcp"),
     ("frame_wire, tcp", "frame_wire", "tcp"),
     ("frame_wire, unix", "frame_wire", "unix"),
+    ("frame memory, unix", "frame_memory", "unix"),
 )
+# Where the frame memory hop's files go: tmpfs, as the embedded stack's, where the machine has it.
+_SHARED_MEMORY = "/dev/shm"
 _METHOD = "/swapline.bench.FrameHop/Stream"
 _MESSAGE_LIMIT = 64 * 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", _MESSAGE_LIMIT), ("grpc.max_send_message_length", _MESSAGE_LIMIT)]
@@ -56,16 +70,39 @@ async def measure_hop(
     frames: Frames, codec: HopCodec, transport: HopTransport, batch_size: int, repeat: int
 ) -> HopFigures:
     """The median over `repeat` streams of every frame, received and regrouped as the worker does."""
-    with tempfile.TemporaryDirectory(prefix="swapline-hop-") as socket_dir:
-        return await _measure_hop(frames, codec, transport, socket_dir, batch_size, repeat)
+    parent = _SHARED_MEMORY if os.access(_SHARED_MEMORY, os.W_OK) else None
+    with (
+        tempfile.TemporaryDirectory(prefix="swapline-hop-") as socket_dir,
+        tempfile.TemporaryDirectory(prefix="swapline-hop-frames-", dir=parent) as frame_dir,
+    ):
+        memory = FrameMemory(Path(frame_dir), 2**40) if codec == "frame_memory" else None
+        return await _measure_hop(frames, codec, transport, socket_dir, batch_size, repeat, memory)
+
+
+def _memory_runs(frames: Frames, batch_size: int, memory: FrameMemory) -> Iterator[Any]:
+    """As the decoder sends: a file a decoded batch, each named in one message."""
+    for start in range(0, len(frames), batch_size):
+        batch = frames[start : start + batch_size]
+        runs, _ = outgoing_runs(memory, batch, list(range(start, start + len(batch))))
+        yield from runs
 
 
 async def _measure_hop(
-    frames: Frames, codec: HopCodec, transport: HopTransport, socket_dir: str, batch_size: int, repeat: int
+    frames: Frames,
+    codec: HopCodec,
+    transport: HopTransport,
+    socket_dir: str,
+    batch_size: int,
+    repeat: int,
+    memory: FrameMemory | None = None,
 ) -> HopFigures:
     to_message, serializer, deserializer = _codec(codec)
 
     async def stream(_request: bytes, _context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if memory is not None:
+            for message in _memory_runs(frames, batch_size, memory):
+                yield message
+            return
         for run in frame_runs(frames, list(range(len(frames)))):
             yield to_message(run)
 
@@ -88,7 +125,10 @@ async def _measure_hop(
 
             async def received() -> AsyncIterator[tuple[Frames, list[int]]]:
                 async for message in call(b""):
-                    batch, indices, _ = unpack_frames(message, copy=False)
+                    if memory is not None:
+                        batch, indices, _ = received_frames(message, memory)
+                    else:
+                        batch, indices, _ = unpack_frames(message, copy=False)
                     yield batch, indices
 
             for _ in range(repeat + 1):

@@ -10,6 +10,13 @@ from collections.abc import Sequence
 from services.cli import advise_command, batch_command, commands, models_command
 from services.cli.batch_inputs import IMAGE_SUFFIXES
 from services.cli.embedded_stack import StackOptions
+from services.cli.gpu_layout import (
+    CORES_PER_FRAME_SERVICE_REPLICA,
+    FRAME_SERVICE_REPLICAS_PER_GPU,
+    FRAME_SERVICE_REPLICAS_WITHOUT_GPU,
+    WORKERS_PER_GPU,
+    WORKERS_WITHOUT_GPU,
+)
 from services.common.errors import SwaplineError
 from services.common.face_model_catalog import BUILT_IN_DETECTOR, BUILT_IN_SWAPPER, DETECTOR_NAMES, SWAPPER_NAMES
 from services.common.job_vocabulary import SELECTOR_MODES
@@ -53,7 +60,22 @@ def _swap_options(parser: argparse.ArgumentParser) -> None:
 
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="where the embedded stack keeps media, database and logs")
-    parser.add_argument("--workers", type=int, default=StackOptions.workers, help="chunk workers in the embedded stack")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=StackOptions.workers,
+        help=f"chunk workers in the embedded stack (default: {WORKERS_PER_GPU} per GPU while the cores last, "
+        f"{WORKERS_WITHOUT_GPU} without a GPU)",
+    )
+    parser.add_argument(
+        "--frame-service-replicas",
+        type=int,
+        default=StackOptions.frame_service_replicas,
+        metavar="N",
+        help=f"processes of each frame service (decoder, detector, encoder) in the embedded stack (default: "
+        f"{FRAME_SERVICE_REPLICAS_PER_GPU} per GPU, one per {CORES_PER_FRAME_SERVICE_REPLICA} cores at most; "
+        f"{FRAME_SERVICE_REPLICAS_WITHOUT_GPU} without a GPU)",
+    )
     parser.add_argument(
         "--gpu-memory-budget",
         type=int,

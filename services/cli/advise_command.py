@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,35 @@ def fleet_table(report: advisor_pb2.FleetReportResponse) -> str:
         totals.append(f"{report.jobs_unpriced} job(s) ran on a GPU the catalog does not price, or on none")
     if report.jobs_without_recommendation:
         totals.append(f"{report.jobs_without_recommendation} job(s) fit no GPU within the deadline")
+    totals += multi_gpu_lines(report.multi_gpu)
     totals += [f"skipped {entry}" for entry in report.skipped]
     totals += cluster_lines(report.cluster)
     return "\n".join([line(header), line(tuple("-" * width for width in widths)), *map(line, rows), *totals])
+
+
+def multi_gpu_line(option: advisor_pb2.MultiGpuOption) -> str:
+    """E.g. "2 x L4 24GB: 41.2 s, $0.001234 for 3 job(s) (1.85x one GPU) — cheaper than 1 x H100 80GB SXM ($0.002345)";
+    "not measured" where the calibration has no point for that many GPUs."""
+    several = f"{option.gpu_count} x {option.gpu}"
+    if not option.measured:
+        return f"{several}: not measured (no {option.gpu_count}-GPU point in the calibration)"
+    figures = (
+        f"{several}: {option.predicted_seconds:.1f} s, ${option.cost_usd:.6f} for {option.jobs_fitting} job(s) "
+        f"({option.scaling:.2f}x one GPU)"
+    )
+    if not option.single_gpu:
+        return f"{figures} — faster than any single GPU"
+    single = f"1 x {option.single_gpu} (${option.single_gpu_cost_usd:.6f})"
+    verdict = f"cheaper than {single}" if option.recommended else f"{single} is as cheap or cheaper"
+    return f"{figures} — {verdict}"
+
+
+def multi_gpu_lines(options: Sequence[advisor_pb2.MultiGpuOption]) -> list[str]:
+    """Several GPUs of one model on one machine against the cheapest single GPU as fast, over the same jobs."""
+    if not options:
+        return []
+    lines = [f"  {multi_gpu_line(option)}" for option in options]
+    return ["", "several GPUs on one machine against one bigger GPU:", *lines]
 
 
 def cluster_lines(cluster: advisor_pb2.ClusterInventory) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from services.cli.embedded_stack import GATEWAY_ENV, EmbeddedStack, ServiceRestart, StackOptions
+from services.cli.gpu_layout import describe_layout
 from services.cli.job_client import JobClient, job_error, state_name
 from services.cli.job_follower import Reconnecting, Reconnector, WatchingClient, follow_job
 from services.cli.progress_bar import ProgressBar
@@ -47,11 +48,20 @@ def stack_options(args: argparse.Namespace, work_dir: Path, gateway_port: int = 
         media_root=work_dir / "media",
         gateway_port=gateway_port,
         workers=args.workers,
+        frame_service_replicas=args.frame_service_replicas,
         secure=args.secure or args.mtls,
         mutual_tls=args.mtls,
         tenants=tuple(args.tenant or StackOptions.tenants),
         gpu_memory_budget_bytes=args.gpu_memory_budget,
     )
+
+
+@contextmanager
+def started_stack(options: StackOptions) -> Iterator[EmbeddedStack]:
+    """The embedded stack, started, with the sizes it chose for this machine's GPUs and cores printed."""
+    with EmbeddedStack(options, on_restart=report_restart) as stack:
+        print(f"embedded stack: {describe_layout(stack.layout)}", file=sys.stderr, flush=True)
+        yield stack
 
 
 @contextmanager
@@ -71,7 +81,7 @@ def client_for(args: argparse.Namespace, default_workdir: Path | None = None) ->
     print(f"starting the embedded stack in {work_dir} ...", file=sys.stderr)
     try:
         with (
-            EmbeddedStack(stack_options(args, work_dir), on_restart=report_restart) as stack,
+            started_stack(stack_options(args, work_dir)) as stack,
             stack.job_client() as client,
         ):
             yield client
@@ -227,7 +237,7 @@ def up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedStack(options, on_restart=report_restart) as stack:
+    with started_stack(options) as stack:
         announce(stack, options)
         stop.wait()
         print(f"stopping; restarts: {restarts_summary(stack.restarts())}", file=sys.stderr)
@@ -319,14 +329,10 @@ def demo_run_arguments(args: argparse.Namespace, source: Path, target: Path, wor
     from services.cli.__main__ import build_parser
 
     command = ["run", "--source", str(source), "--target", str(target), "--output", str(work_dir / "output.mp4")]
-    command += [
-        "--report",
-        str(work_dir / "report"),
-        "--workdir",
-        str(work_dir / "stack"),
-        "--workers",
-        str(args.workers),
-    ]
+    command += ["--report", str(work_dir / "report"), "--workdir", str(work_dir / "stack")]
+    for flag, size in (("--workers", args.workers), ("--frame-service-replicas", args.frame_service_replicas)):
+        if size is not None:
+            command += [flag, str(size)]
     command += ["--gpu-memory-budget", str(args.gpu_memory_budget)]
     command += [flag for flag, chosen in (("--secure", args.secure), ("--mtls", args.mtls)) if chosen]
     for tenant in args.tenant:

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from services.cli.gpu_layout import available_cores, decoder_gpu_env, plan_gpu_layout, worker_gpu_env
+from services.cli.gpu_layout import (
+    GpuLayout,
+    available_cores,
+    decoder_gpu_env,
+    plan_gpu_layout,
+    worker_gpu_env,
+)
 from services.cli.job_client import JobClient
 from services.cli.process_supervisor import (
     REPOSITORY_ROOT,
@@ -36,6 +42,7 @@ from services.cli.process_supervisor import (
 )
 from services.cli.stack_credentials import DEFAULT_TENANTS, StackCredentials, generate_credentials
 from services.common.cuda_waiting import CudaWait
+from services.common.errors import FailedPrecondition
 from services.common.grpc_channel import CA_FILE_ENV, TOKEN_ENV
 from services.common.server_settings import TransportSecurity
 from services.common.torch_catalog import BUILT_IN_FACTORIES
@@ -113,9 +120,9 @@ class StackOptions:
     media_root: Path
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     gateway_port: int = 0
-    # Two workers keep both cores of a small machine busy while one of them waits on a stage:
-    # `make bench` measures 5-10% more frames a second than with one.
-    workers: int = 2
+    # None: sized to the machine by services/cli/gpu_layout.py, WORKERS_PER_GPU on each GPU while the cores last,
+    # and two without a GPU (they keep both cores of a small machine busy while one waits on a stage).
+    workers: int | None = None
     worker_batch_size: int = 8
     # One onnxruntime thread per model instance: the CPU models serve small requests, and four
     # model processes beside the services would otherwise contend for the same cores.
@@ -132,7 +139,8 @@ class StackOptions:
     # Processes of each frame service (decoder, detector, encoder); worker i uses replica i mod this.
     # A frame service's per-frame copies hold its GIL: on the 16-core GPU machine one decoder process
     # topped out near 72 fps of 1080p however many workers fed on it (docs/benchmarks.md).
-    frame_service_replicas: int = 1
+    # None: gpu_layout's default, FRAME_SERVICE_REPLICAS_PER_GPU on each GPU while the cores last, one without a GPU.
+    frame_service_replicas: int | None = None
     # Frames between the decoder, the workers and the encoder through files in a private directory under /dev/shm
     # (services/common/frames/frame_memory.py) instead of in the messages: every service runs on this machine.
     frame_memory: bool = True
@@ -167,6 +175,14 @@ class EmbeddedStack:
         self._socket_dir: Path | None = None
         self._frame_memory_dir: Path | None = None
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-start")
+        self._layout: GpuLayout | None = None
+
+    @property
+    def layout(self) -> GpuLayout:
+        """How many workers and frame-service replicas the started stack runs, and on which GPUs."""
+        if self._layout is None:
+            raise FailedPrecondition("the embedded stack has not started: its layout is chosen at start")
+        return self._layout
 
     @property
     def gateway_address(self) -> str:
@@ -242,9 +258,12 @@ class EmbeddedStack:
         try:
             triton_ready = self._starter.submit(self.triton.start)
             triton_url = self.triton.grpc_url
-            replicas = options.frame_service_replicas
-            # Workers and decoders round robin over the GPUs this stack sees, so each GPU takes its share of chunks.
-            layout = plan_gpu_layout(probe_cuda().device_count, available_cores(), options.workers, replicas)
+            # Workers and decoders round robin over the GPUs this stack sees, so each GPU takes its share of chunks;
+            # sizes left None are the layout's defaults for those GPUs and cores.
+            layout = self._layout = plan_gpu_layout(
+                probe_cuda().device_count, available_cores(), options.workers, options.frame_service_replicas
+            )
+            replicas = layout.frame_service_replicas
             sockets = self._frame_sockets(replicas)
             frame_memory = self._frame_memory_env()
             frame_service_env = {
@@ -339,7 +358,7 @@ class EmbeddedStack:
                         **{f"SWAPLINE_WORKER_{key}": value for key, value in targets_of(index % replicas).items()},
                         **worker_gpu_env(layout.worker_gpus[index], os.environ),
                     }
-                    for index in range(options.workers)
+                    for index in range(layout.workers)
                 }
             )
         except BaseException:

@@ -20,8 +20,8 @@ from services.common.errors import InvalidArgument
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 DECODER_GPU_ID_ENV = "SWAPLINE_DECODER_GPU_ID"
-# Without a GPU: StackOptions' two workers and one process of each frame service, which `make bench` measured
-# on the 2-core machine (docs/benchmarks.md).
+# Without a GPU: two workers and one process of each frame service, which `make bench` measured on the 2-core
+# machine (docs/benchmarks.md): two workers made 5-10% more frames a second than one.
 WORKERS_WITHOUT_GPU = 2
 FRAME_SERVICE_REPLICAS_WITHOUT_GPU = 1
 # On the 16-core H200 machine 8 to 10 workers fed one GPU best, and 16 were slower for one job
@@ -49,6 +49,23 @@ class GpuLayout:
     @property
     def frame_service_replicas(self) -> int:
         return len(self.frame_service_gpus)
+
+
+def describe_layout(layout: GpuLayout) -> str:
+    """The sizes chosen, e.g. "16 worker(s) and 4 process(es) of each frame service over 2 GPU(s) (8 and 2 on each)"."""
+    sizes = f"{layout.workers} worker(s) and {layout.frame_service_replicas} process(es) of each frame service"
+    if layout.gpus == 0:
+        return f"{sizes}, no GPU"
+    return (
+        f"{sizes} over {layout.gpus} GPU(s) "
+        f"({_per_gpu(layout.worker_gpus, layout.gpus)} and {_per_gpu(layout.frame_service_gpus, layout.gpus)} on each)"
+    )
+
+
+def _per_gpu(placed: tuple[int | None, ...], gpus: int) -> str:
+    """How many of `placed` each GPU has: "8", or "2 to 3" where round robin leaves some GPUs one short."""
+    counts = [placed.count(gpu) for gpu in range(gpus)]
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
 
 
 def default_workers(gpus: int, cores: int) -> int:

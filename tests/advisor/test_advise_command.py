@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +78,55 @@ def test_the_table_lists_the_clusters_gpus_only_where_the_advisor_reads_them() -
     ]
 
 
+def _two_of(gpu: str, **figures: Any) -> advisor_pb2.MultiGpuOption:
+    return advisor_pb2.MultiGpuOption(gpu=gpu, gpu_count=2, jobs_fitting=3, **figures)
+
+
+def test_each_multi_gpu_option_has_a_line_with_its_verdict_or_not_measured() -> None:
+    report = _report()
+    report.multi_gpu.extend(
+        [
+            _two_of(
+                "L4",
+                measured=True,
+                scaling=1.85,
+                predicted_seconds=41.25,
+                cost_usd=0.00125,
+                single_gpu="H100",
+                single_gpu_cost_usd=0.0025,
+                recommended=True,
+            ),
+            _two_of(
+                "T4",
+                measured=True,
+                scaling=1.5,
+                predicted_seconds=80.0,
+                cost_usd=0.004,
+                single_gpu="L4",
+                single_gpu_cost_usd=0.002,
+                recommended=False,
+            ),
+            _two_of("H200", measured=True, scaling=1.9, predicted_seconds=5.0, cost_usd=0.01, recommended=True),
+            _two_of("A10G"),
+        ]
+    )
+
+    lines = advise_command.fleet_table(report).splitlines()
+
+    start = lines.index("several GPUs on one machine against one bigger GPU:")
+    assert lines[start + 1 : start + 5] == [
+        "  2 x L4: 41.2 s, $0.001250 for 3 job(s) (1.85x one GPU) — cheaper than 1 x H100 ($0.002500)",
+        "  2 x T4: 80.0 s, $0.004000 for 3 job(s) (1.50x one GPU) — 1 x L4 ($0.002000) is as cheap or cheaper",
+        "  2 x H200: 5.0 s, $0.010000 for 3 job(s) (1.90x one GPU) — faster than any single GPU",
+        "  2 x A10G: not measured (no 2-GPU point in the calibration)",
+    ]
+    assert lines[-1] == "skipped job x: profile field 'frames' is missing"
+
+
+def test_the_table_has_no_multi_gpu_section_without_options() -> None:
+    assert "several GPUs" not in advise_command.fleet_table(_report())
+
+
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
     path = advise_command.write_plot(_report(), tmp_path / "plots" / "fleet.png")
 
@@ -93,6 +143,9 @@ def test_the_report_comes_from_the_advisor_or_is_computed_here() -> None:
         # Computed here with the packaged catalog; the advisor under test has its own small one.
         assert [row.gpu for row in here.rows] == [gpu.name for gpu in load_catalog().gpus]
         assert [row.gpu for row in remote.rows] == [gpu.name for gpu in state.catalog.gpus]
+        # Neither calibration has a two-GPU point.
+        assert [option.gpu for option in remote.multi_gpu] == ["Big", "Cheap", "Small"]
+        assert here.multi_gpu and not any(option.measured for option in (*here.multi_gpu, *remote.multi_gpu))
 
     _run(scenario)
 

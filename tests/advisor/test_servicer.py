@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
 
 from services.advisor.advisor_state import AdvisorState
+from services.advisor.fleet_report import build_fleet_report
 from services.advisor.gateway_jobs import GatewayJobs
-from services.advisor.job_profile import profile_from_report
+from services.advisor.job_profile import JobProfile, profile_from_report
 from services.advisor.scaling_loop import refresh_scaling
-from services.advisor.servicer import SERVICE_NAME, AdvisorServicer, profile_to_proto
+from services.advisor.servicer import SERVICE_NAME, AdvisorServicer, fleet_report_to_proto, profile_to_proto
 from services.advisor.settings import AdvisorSettings
 from services.common.errors import NotFound
 from services.common.gpu_catalog import GIB
@@ -182,8 +184,59 @@ def test_fleet_report_covers_the_succeeded_jobs_and_names_the_skipped() -> None:
         assert (rows["Big"].jobs_fitting, rows["Cheap"].jobs_fitting, rows["Small"].jobs_fitting) == (2, 2, 1)
         assert answer.as_run_cost_usd == pytest.approx(2 * 4.0 * 20.0 / 3600)
         assert answer.recommended_cost_usd == pytest.approx(0.1 * 57.5 / 3600 + 0.4 * 45.0 / 3600)
+        # The advisor's calibration has no two-GPU point: each option says so and predicts nothing.
+        assert [(option.gpu, option.gpu_count, option.jobs_fitting) for option in answer.multi_gpu] == [
+            ("Big", 2, 2),
+            ("Cheap", 2, 2),
+            ("Small", 2, 1),
+        ]
+        assert not any(option.measured or option.predicted_seconds or option.cost_usd for option in answer.multi_gpu)
+        assert answer.multi_gpu[1].reason.startswith("2 x Cheap: no 2-GPU measurement in the calibration")
 
     _run(scenario)
+
+
+def _fleet_profiles() -> list[JobProfile]:
+    # 250 frames, 20 s on Big: 45 s on Cheap, 57.5 s on Small; "wide" (20 GiB) does not fit Small.
+    return [
+        profile_from_report(job_report("small", memory_peak_bytes=4 * GIB)),
+        profile_from_report(job_report("wide", memory_peak_bytes=20 * GIB)),
+    ]
+
+
+def test_measured_multi_gpu_options_convert_with_their_figures_and_comparison() -> None:
+    calibration = replace(CALIBRATION, gpu_scaling={2: 1.8})
+    report = build_fleet_report(_fleet_profiles(), CATALOG, calibration, 0.15)
+
+    options = {option.gpu: option for option in fleet_report_to_proto(report).multi_gpu}
+
+    cheap = options["Cheap"]
+    assert (cheap.gpu_count, cheap.jobs_fitting, cheap.measured, cheap.single_gpu, cheap.recommended) == (
+        2,
+        2,
+        True,
+        "Big",
+        True,
+    )
+    assert cheap.scaling == pytest.approx(1.8)
+    assert cheap.predicted_seconds == pytest.approx(90.0 / 1.8)
+    assert cheap.cost_usd == pytest.approx(2 * 0.4 * 50.0 / 3600)
+    assert cheap.single_gpu_cost_usd == pytest.approx(4.0 * 40.0 / 3600)
+    assert cheap.reason == report.multi_gpu[1].reason
+    # Two of the fastest GPU: no single GPU is as fast, so nothing to compare with and no cost of one.
+    big = options["Big"]
+    assert (big.measured, big.single_gpu, big.single_gpu_cost_usd, big.recommended) == (True, "", 0.0, True)
+    assert big.predicted_seconds == pytest.approx(40.0 / 1.8)
+
+
+def test_unmeasured_multi_gpu_options_convert_as_not_measured() -> None:
+    report = build_fleet_report(_fleet_profiles(), CATALOG, CALIBRATION, 0.15)
+
+    small = {option.gpu: option for option in fleet_report_to_proto(report).multi_gpu}["Small"]
+
+    assert (small.gpu_count, small.jobs_fitting, small.measured, small.recommended) == (2, 1, False, False)
+    assert (small.scaling, small.predicted_seconds, small.cost_usd, small.single_gpu_cost_usd) == (0.0, 0.0, 0.0, 0.0)
+    assert small.single_gpu == ""
 
 
 def test_get_catalog_and_the_scaling_refresh() -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import commands
+from services.cli import commands, embedded_stack
 from services.cli.embedded_stack import StackOptions
 from services.cli.stack_credentials import StackCredentials, generate_credentials
+from tests.cli.test_stack_gpu_instances import RecordingSupervisor, simulate_machine
 
 
 @dataclass
@@ -69,3 +70,60 @@ def test_the_demo_runs_with_every_option_run_has(tmp_path: Path, monkeypatch: py
     assert set(vars(defaults)) <= set(vars(run_args))
     assert (run_args.workers, run_args.secure, run_args.swapper) == (3, True, defaults.swapper)
     assert run_args.target == str(tmp_path / "sample-astronaut-720p.mp4") and run_args.gateway == ""
+
+
+def _parsed(command: list[str]) -> argparse.Namespace:
+    from services.cli.__main__ import build_parser
+
+    return build_parser().parse_args(["--gateway", "", *command])
+
+
+def test_without_sizes_the_stack_options_leave_them_to_the_machine(tmp_path: Path) -> None:
+    options = commands.stack_options(_parsed(["up"]), tmp_path)
+    given = commands.stack_options(_parsed(["up", "--workers", "3", "--frame-service-replicas", "2"]), tmp_path)
+
+    assert (options.workers, options.frame_service_replicas) == (None, None)
+    assert (given.workers, given.frame_service_replicas) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("flags", "gpus", "workers", "printed"),
+    [
+        ([], 2, 16, "16 worker(s) and 4 process(es) of each frame service over 2 GPU(s) (8 and 2 on each)"),
+        ([], 0, 2, "2 worker(s) and 1 process(es) of each frame service, no GPU"),
+        (
+            ["--workers", "3", "--frame-service-replicas", "1"],
+            2,
+            3,
+            "3 worker(s) and 1 process(es) of each frame service over 2 GPU(s) (1 to 2 and 0 to 1 on each)",
+        ),
+    ],
+)
+def test_run_prints_the_sizes_its_embedded_stack_chose(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    gpus: int,
+    workers: int,
+    printed: str,
+) -> None:
+    simulate_machine(monkeypatch, gpus, cores=32)
+    supervisor = RecordingSupervisor()
+    monkeypatch.setattr(embedded_stack, "ProcessSupervisor", lambda *_: supervisor)
+    job = ["--source", "s.png", "--target", "t.mp4", "--output", "o.mp4", "--workdir", str(tmp_path)]
+
+    with commands.client_for(_parsed(["run", *job, *flags])):
+        pass
+
+    assert f"embedded stack: {printed}" in capsys.readouterr().err.splitlines()
+    assert len([name for name in supervisor.envs if name.startswith("worker-")]) == workers
+
+
+def test_the_demo_passes_on_only_the_sizes_given(tmp_path: Path) -> None:
+    source, target = tmp_path / "s.png", tmp_path / "t.mp4"
+    unsized = commands.demo_run_arguments(_parsed(["demo"]), source, target, tmp_path)
+    sized = commands.demo_run_arguments(_parsed(["demo", "--frame-service-replicas", "2"]), source, target, tmp_path)
+
+    assert (unsized.workers, unsized.frame_service_replicas) == (None, None)
+    assert (sized.workers, sized.frame_service_replicas) == (None, 2)

@@ -5,6 +5,7 @@ from services.cli.gpu_layout import (
     decoder_gpu_env,
     default_frame_service_replicas,
     default_workers,
+    describe_layout,
     plan_gpu_layout,
     visible_device,
     worker_gpu_env,
@@ -89,3 +90,13 @@ def test_the_environments_name_the_gpu_and_say_nothing_without_one() -> None:
     assert worker_gpu_env(None, {"CUDA_VISIBLE_DEVICES": "2,3"}) == {}
     assert decoder_gpu_env(1) == {"SWAPLINE_DECODER_GPU_ID": "1"}
     assert decoder_gpu_env(None) == {}
+
+
+def test_the_layout_is_described_by_its_sizes_and_their_share_of_each_gpu() -> None:
+    assert describe_layout(plan_gpu_layout(2, 32)) == (
+        "16 worker(s) and 4 process(es) of each frame service over 2 GPU(s) (8 and 2 on each)"
+    )
+    assert describe_layout(plan_gpu_layout(2, 32, workers=5, frame_service_replicas=2)) == (
+        "5 worker(s) and 2 process(es) of each frame service over 2 GPU(s) (2 to 3 and 1 on each)"
+    )
+    assert describe_layout(plan_gpu_layout(0, 2)) == "2 worker(s) and 1 process(es) of each frame service, no GPU"
