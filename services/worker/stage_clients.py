@@ -257,6 +257,8 @@ class EncoderSegmentSink:
         for pending in (self._response, self._encoder_metadata):
             if pending is not None and not pending.done():
                 pending.cancel()
+            if pending is not None:
+                # Gathered, so that a failure nobody awaited (the call's, which close() reports) is not logged.
                 await asyncio.gather(pending, return_exceptions=True)
         if self._call is not None:
             self._call.cancel()

@@ -237,3 +237,9 @@ def test_regrouping_passes_a_writable_whole_batch_on_uncopied() -> None:
 
     ((batch, indices),) = asyncio.run(regrouped())
     assert batch is whole and indices == [0, 1, 2]
+
+
+def test_shared_frames_of_no_size_are_refused(tmp_path: Path) -> None:
+    batch = common_pb2.FrameBatch(frames=[common_pb2.Frame(index=0)], shared=common_pb2.SharedFrames(name="x.frames"))
+    with pytest.raises(InvalidArgument, match="a batch of 0x0 pictures"):
+        received_frames(parse_frame_batch(batch.SerializeToString()), FrameMemory(tmp_path, 0))

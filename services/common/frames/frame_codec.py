@@ -153,8 +153,10 @@ def received_frames(batch: FrameBatchView, memory: FrameMemory | None) -> tuple[
         return unpack_frames(batch, copy=False)
     if memory is None:
         raise InvalidArgument("frames came in a shared frame memory, but this service has none")
-    if batch.width <= 0 or batch.height <= 0 or any(len(frame.pixels) for frame in batch.frames):
-        raise InvalidArgument(f"shared frames: a {batch.width}x{batch.height} batch whose frames carry pixels too")
+    if batch.width <= 0 or batch.height <= 0:
+        raise InvalidArgument(f"shared frames: a batch of {batch.width}x{batch.height} pictures")
+    if any(len(frame.pixels) for frame in batch.frames):
+        raise InvalidArgument("shared frames: the batch's frames carry pixels too")
     shape = frame_shape(batch.pixel_format, batch.width, batch.height)
     frames = memory.take(batch.shared, len(batch.frames), shape)
     return frames, [frame.index for frame in batch.frames], [frame.pts for frame in batch.frames]
