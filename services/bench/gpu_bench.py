@@ -501,9 +501,9 @@ def run_services(
     with EmbeddedStack(options) as stack, JobClient(stack.gateway_address) as client:
         startup = time.monotonic() - started
         triton_url = stack.triton.grpc_url if stack.triton is not None else None
-        # The stack's own layout (the same GPUs, cores and sizes give the same one): which GPU each worker is on.
-        layout = plan_gpu_layout(probe_cuda().device_count, available_cores(), shape.workers, shape.replicas)
-        worker_metrics = [stack.metrics_address(f"worker-{index}") for index in range(shape.workers)]
+        # Which GPU each worker is on, as the stack placed them.
+        layout = stack.layout
+        worker_metrics = [stack.metrics_address(f"worker-{index}") for index in range(layout.workers)]
         timer = JobTimer(client, sampler, source_png, triton_url, layout.worker_gpus, worker_metrics)
         warm_up_started = time.monotonic()
         timer.run(media[clips[0].name], clips[0])
