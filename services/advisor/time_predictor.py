@@ -22,6 +22,7 @@ keep every parameter defined when the measurements cannot identify it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -225,7 +226,12 @@ def _fit_time_factors(
 
 
 def _fit_linear(features: list[list[float]], values: list[float], prior: Sequence[float]) -> np.ndarray:
-    """Least squares pulled weakly towards `prior`: fewer jobs than coefficients still give an answer."""
+    """Least squares pulled weakly towards `prior`: fewer jobs than coefficients still give an answer.
+
+    No coefficient is negative: a job's base time or memory and its cost per megapixel or face cannot be. An
+    unconstrained fit of jobs measured on different stacks went below zero (run 25's services jobs against the
+    H100's in-process ones: a base of -18 ms a frame, which predicts negative time for a small job without faces).
+    """
     rows = [list(row) for row in features]
     targets = list(values)
     for position, value in enumerate(prior):
@@ -233,7 +239,23 @@ def _fit_linear(features: list[list[float]], values: list[float], prior: Sequenc
         row[position] = _COEFFICIENT_PRIOR_WEIGHT
         rows.append(row)
         targets.append(_COEFFICIENT_PRIOR_WEIGHT * value)
-    return _solve(rows, targets)
+    return _solve_non_negative(np.asarray(rows, dtype=float), np.asarray(targets, dtype=float))
+
+
+def _solve_non_negative(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient at 0 or above: each subset of coefficients left free is solved, and the
+    best fit among the non-negative solutions wins (exact for the models' three coefficients)."""
+    count = rows.shape[1]
+    best = np.zeros(count)
+    best_residual = float(np.sum(targets**2))
+    for size in range(1, count + 1):
+        for free in itertools.combinations(range(count), size):
+            solution = np.zeros(count)
+            solution[list(free)], *_ = np.linalg.lstsq(rows[:, list(free)], targets, rcond=None)
+            residual = float(np.sum((rows @ solution - targets) ** 2))
+            if (solution >= 0).all() and residual < best_residual:
+                best, best_residual = solution, residual
+    return best
 
 
 def _job_features(profile: JobProfile) -> list[float]:

@@ -41,13 +41,15 @@ JOBS = {  # job: (width, height, faces per frame as faces/frames, frames, cpu ms
 }
 
 
-def _synthetic_profiles() -> list[JobProfile]:
-    """What the pipeline would measure if the model held exactly with the parameters above."""
+def _synthetic_profiles(
+    workload: tuple[float, float, float] = WORKLOAD, memory_gib: tuple[float, float, float] = MEMORY
+) -> list[JobProfile]:
+    """What the pipeline would measure if the model held exactly with the parameters given (those above)."""
     profiles = []
     for job, (width, height, faces, frames, cpu_ms, overhead) in JOBS.items():
         megapixels = width * height / 1e6
-        work = WORKLOAD[0] + WORKLOAD[1] * megapixels + WORKLOAD[2] * faces
-        memory = round((MEMORY[0] + MEMORY[1] * megapixels + MEMORY[2] * faces) * GIB)
+        work = workload[0] + workload[1] * megapixels + workload[2] * faces
+        memory = round((memory_gib[0] + memory_gib[1] * megapixels + memory_gib[2] * faces) * GIB)
         for gpu, factor in TRUE_FACTORS.items():
             gpu_ms = factor * work
             wall = overhead + WALL_FACTOR * frames * (cpu_ms + gpu_ms) / 1000.0
@@ -90,6 +92,14 @@ def test_the_fit_recovers_known_parameters_from_synthetic_measurements() -> None
     ) == pytest.approx(MEMORY, rel=1e-2)
     assert calibration.wall_factor == pytest.approx(WALL_FACTOR, rel=1e-2)
     assert calibration.datasheet_elasticity == pytest.approx(ELASTICITY, abs=0.01)
+
+
+def test_no_fitted_coefficient_goes_below_zero() -> None:
+    # Measurements an unconstrained fit explains with a negative base: -2 ms and -0.5 GiB a job.
+    calibration = fit_calibration(_synthetic_profiles((-2.0, 9.0, 4.0), (-0.5, 2.0, 0.4)), CATALOG)
+    workload, memory = calibration.workload, calibration.memory
+    assert workload.base_ms == 0.0 and workload.ms_per_megapixel > 0 and workload.ms_per_face > 0
+    assert memory.base_bytes == 0.0 and memory.bytes_per_megapixel > 0 and memory.bytes_per_face > 0
 
 
 def test_a_fitted_model_predicts_each_measured_run_from_any_other_gpu() -> None:
