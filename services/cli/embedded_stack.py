@@ -370,6 +370,7 @@ class EmbeddedStack:
         if self.options.frame_transport == "unix":
             # mkdtemp makes it 0700: only this user can reach the sockets in it.
             self._socket_dir = Path(tempfile.mkdtemp(prefix="swapline-"))
+            self.supervisor.remove_if_killed(self._socket_dir)
         return frame_service_sockets(self._socket_dir, replicas)
 
     def _frame_memory_env(self) -> Callable[[str], dict[str, str]]:
@@ -380,6 +381,7 @@ class EmbeddedStack:
         shared_memory = Path("/dev/shm")
         parent = shared_memory if shared_memory.is_dir() and os.access(shared_memory, os.W_OK) else None
         directory = self._frame_memory_dir = Path(tempfile.mkdtemp(prefix="swapline-frames-", dir=parent))
+        self.supervisor.remove_if_killed(directory)
         return lambda prefix: {f"{prefix}FRAME_MEMORY_DIR": str(directory)}
 
     def stop(self, timeout: float = 20.0) -> None:

@@ -5,37 +5,52 @@ stops them in order. A CLI killed outright (SIGKILL, the OOM killer) would leave
 holding its port and its database, the workers leasing chunks, tritonserver holding its models, so that the
 next `swapline batch` would start a second stack on the same store. The supervisor therefore starts this
 small process (stdlib only, in a session of its own too) with a pipe on its stdin, and writes to it the
-process group of every child it starts ("watch PGID") or sees end ("forget PGID"). The pipe closes when its
-writer dies, however it dies: without "done" first, every group still watched gets SIGTERM, then SIGKILL
-once GRACE_SECONDS have passed.
+process group of every child it starts ("watch PGID") or sees end ("forget PGID"), and the directories the
+stack made for its children ("remove PATH": its Unix sockets, its frame memory under /dev/shm, whose files
+would otherwise hold memory until the machine restarts). The pipe closes when its writer dies, however it
+dies: without "done" first, every group still watched gets SIGTERM, then SIGKILL once GRACE_SECONDS have
+passed, and then the directories are removed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 # As long as a stopping service is given to drain before the supervisor's own stop kills it.
 GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.1
-WATCH, FORGET, DONE = "watch", "forget", "done"
+WATCH, FORGET, REMOVE, DONE = "watch", "forget", "remove", "done"
 
 
-def watched_groups(lines: Iterable[str]) -> set[int] | None:
-    """The groups still watched when `lines` end; None when told "done" (the stack was stopped in order)."""
-    watched: set[int] = set()
+@dataclass(frozen=True)
+class LeftBehind:
+    """What a CLI that died left: the process groups still running and the directories to remove."""
+
+    groups: set[int] = field(default_factory=set)
+    directories: list[Path] = field(default_factory=list)
+
+
+def left_behind(lines: Iterable[str]) -> LeftBehind | None:
+    """What is still watched when `lines` end; None when told "done" (the stack was stopped in order)."""
+    left = LeftBehind()
     for line in lines:
-        verb, _, argument = line.strip().partition(" ")
+        verb, _, argument = line.rstrip("\n").partition(" ")
         if verb == DONE:
             return None
         if verb == WATCH:
-            watched.add(int(argument))
+            left.groups.add(int(argument))
         elif verb == FORGET:
-            watched.discard(int(argument))
-    return watched
+            left.groups.discard(int(argument))
+        elif verb == REMOVE:
+            left.directories.append(Path(argument))
+    return left
 
 
 def group_alive(group: int) -> bool:
@@ -75,9 +90,13 @@ def end_groups(
 def main() -> int:
     # A Ctrl-C is the CLI's to handle: it stops the stack and then says "done".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    groups = watched_groups(sys.stdin)
-    if groups:
-        end_groups(groups)
+    left = left_behind(sys.stdin)
+    if left is not None:
+        if left.groups:
+            end_groups(left.groups)
+        # After the children: none of them writes there any more.
+        for directory in left.directories:
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

@@ -149,12 +149,16 @@ class OrphanReaper:
         )
         self._lock = threading.Lock()
 
-    def _tell(self, verb: str, group: int | None = None) -> None:
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _tell(self, verb: str, argument: int | Path | None = None) -> None:
         stdin = self._process.stdin
         assert stdin is not None
         with self._lock:
             try:
-                stdin.write(f"{verb} {group}\n" if group is not None else f"{verb}\n")
+                stdin.write(f"{verb} {argument}\n" if argument is not None else f"{verb}\n")
                 stdin.flush()
             except (BrokenPipeError, ValueError):
                 log.warning("the orphan reaper is gone; children may outlive a killed CLI")
@@ -164,6 +168,9 @@ class OrphanReaper:
 
     def forget(self, group: int) -> None:
         self._tell(orphan_reaper.FORGET, group)
+
+    def remove(self, directory: Path) -> None:
+        self._tell(orphan_reaper.REMOVE, directory)
 
     def close(self) -> None:
         """Every child has been stopped: the reaper leaves without ending anything."""
@@ -202,6 +209,15 @@ class ProcessSupervisor:
         if self._reaper is None:
             self._reaper = OrphanReaper()
         return self._reaper
+
+    @property
+    def reaper_pid(self) -> int | None:
+        """The orphan reaper's process, once the first child has started (None before)."""
+        return self._reaper.pid if self._reaper is not None else None
+
+    def remove_if_killed(self, directory: Path) -> None:
+        """Has the orphan reaper remove `directory` (one the children use) if this process dies before stop()."""
+        self._reaper_started().remove(directory)
 
     def _watch(self, pid: int) -> None:
         if self._reaper is not None:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.cli.orphan_reaper import end_groups, watched_groups
+from services.cli.orphan_reaper import LeftBehind, end_groups, left_behind
 from services.cli.process_supervisor import REPOSITORY_ROOT
 
 STARTUP_TIMEOUT = 60.0
@@ -21,13 +21,14 @@ SUPERVISING_CLI = """
 import sys, threading
 from pathlib import Path
 from services.cli.process_supervisor import ProcessSupervisor
-root, socket = Path(sys.argv[1]), sys.argv[2]
+root, socket, frames = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 supervisor = ProcessSupervisor(root / "logs", 60.0)
+supervisor.remove_if_killed(frames)
 supervisor.start({"decoder": {
     "SWAPLINE_DECODER_HOST": "127.0.0.1", "SWAPLINE_DECODER_PORT": "0", "SWAPLINE_DECODER_METRICS_PORT": "-1",
     "SWAPLINE_DECODER_MEDIA_ROOT": str(root), "SWAPLINE_DECODER_UNIX_SOCKET": socket,
     "SWAPLINE_DECODER_TRANSPORT_SECURITY": "plaintext", "SWAPLINE_DECODER_AUTH_MODE": "open"}})
-print(supervisor.pid("decoder"), flush=True)
+print(supervisor.pid("decoder"), supervisor.reaper_pid, flush=True)
 threading.Event().wait()
 """
 
@@ -39,8 +40,14 @@ def exits_within(pidfd: int, timeout: float) -> bool:
 
 
 def test_the_groups_left_watched_are_those_not_forgotten_unless_done() -> None:
-    assert watched_groups(["watch 10\n", "watch 11\n", "forget 10\n"]) == {11}
-    assert watched_groups(["watch 10\n", "done\n"]) is None
+    assert left_behind(["watch 10\n", "watch 11\n", "forget 10\n"]) == LeftBehind({11})
+    assert left_behind(["watch 10\n", "done\n"]) is None
+
+
+def test_directories_to_remove_are_left_behind_whole_unless_done() -> None:
+    told = ["remove /dev/shm/swapline-frames-a b\n", "watch 3\n"]
+    assert left_behind(told) == LeftBehind({3}, [Path("/dev/shm/swapline-frames-a b")])
+    assert left_behind([*told, "done\n"]) is None
 
 
 def test_a_group_that_ignores_sigterm_is_killed_after_the_grace() -> None:
@@ -54,25 +61,33 @@ def test_a_group_that_ignores_sigterm_is_killed_after_the_grace() -> None:
         stubborn.kill()
 
 
-def test_a_killed_cli_takes_its_supervised_services_with_it(tmp_path: Path) -> None:
+def test_a_killed_cli_takes_its_supervised_services_and_their_directories_with_it(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    (frames / "inner").mkdir(parents=True)
+    (frames / "inner" / "batch.frames").write_bytes(b"frames")
     with tempfile.TemporaryDirectory(prefix="swapline-test-") as sockets:
         cli = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISING_CLI, str(tmp_path), str(Path(sockets) / "decoder.sock")],
+            [sys.executable, "-c", SUPERVISING_CLI, str(tmp_path), str(Path(sockets) / "decoder.sock"), str(frames)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPOSITORY_ROOT,
         )
         try:
             assert cli.stdout is not None
-            decoder = os.pidfd_open(int(cli.stdout.readline()))
+            decoder_pid, reaper_pid = map(int, cli.stdout.readline().split())
+            decoder, reaper = os.pidfd_open(decoder_pid), os.pidfd_open(reaper_pid)
             try:
                 assert not exits_within(decoder, 0)
                 cli.send_signal(signal.SIGKILL)
                 cli.wait(timeout=10)
                 assert exits_within(decoder, STARTUP_TIMEOUT)
+                # The reaper removes the directories last, then leaves.
+                assert exits_within(reaper, STARTUP_TIMEOUT)
+                assert not frames.exists()
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(decoder, signal.SIGKILL)
-                os.close(decoder)
+                for process in (decoder, reaper):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(process, signal.SIGKILL)
+                    os.close(process)
         finally:
             cli.kill()

@@ -29,6 +29,10 @@ class RecordingSupervisor:
 
     def __init__(self) -> None:
         self.envs: dict[str, Mapping[str, str]] = {}
+        self.removed_if_killed: list[Path] = []
+
+    def remove_if_killed(self, directory: Path) -> None:
+        self.removed_if_killed.append(directory)
 
     def start(self, envs: Mapping[str, Mapping[str, str]]) -> dict[str, SimpleNamespace]:
         self.envs.update(envs)
@@ -155,3 +159,28 @@ def test_the_layout_is_known_only_once_started(tmp_path: Path) -> None:
     stack = EmbeddedStack(StackOptions(tmp_path, tmp_path / "media"))
     with pytest.raises(FailedPrecondition, match="has not started"):
         _ = stack.layout
+
+
+@pytest.mark.parametrize("frame_memory", [True, False])
+def test_the_stacks_frame_memory_reaches_the_frame_services_and_workers_and_the_reaper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frame_memory: bool
+) -> None:
+    simulate_machine(monkeypatch, gpus=0)
+    stack = EmbeddedStack(StackOptions(tmp_path, tmp_path / "media", workers=2, frame_memory=frame_memory))
+    supervisor = RecordingSupervisor()
+    stack.supervisor = supervisor  # type: ignore[assignment]
+    stack.start()
+    stack.stop()
+    given = {
+        name: value
+        for name, env in supervisor.envs.items()
+        for key, value in env.items()
+        if key.endswith("FRAME_MEMORY_DIR")
+    }
+    if not frame_memory:
+        assert given == {} and len(supervisor.removed_if_killed) == 1  # the sockets' directory alone
+        return
+    (directory,) = set(given.values())
+    assert sorted(given) == ["decoder", "encoder", "worker-0", "worker-1"]
+    assert Path(directory) in supervisor.removed_if_killed and len(supervisor.removed_if_killed) == 2
+    assert not Path(directory).exists()  # removed at stop
