@@ -235,7 +235,9 @@ class EncoderSegmentSink:
         self._timeout_seconds = timeout_seconds
         self._next_index = first_index
         self._memory = memory
+        # The frame memory files written for this segment, and the write in progress (in a thread).
         self._written: list[str] = []
+        self._writing: asyncio.Future[list[OutgoingFrames]] | None = None
         self._encoder_metadata: asyncio.Future[Any] | None = None
         self._requests: asyncio.Queue[encoder_pb2.EncodeSegmentRequest | OutgoingFrames | None] = asyncio.Queue(
             SINK_QUEUE_SIZE
@@ -262,6 +264,9 @@ class EncoderSegmentSink:
                 await asyncio.gather(pending, return_exceptions=True)
         if self._call is not None:
             self._call.cancel()
+        if self._writing is not None:
+            # A cancelled write's thread runs on: its file is discarded once it is there.
+            await asyncio.gather(self._writing, return_exceptions=True)
         if self._memory is not None:
             self._memory.discard(self._written)
 
@@ -324,11 +329,18 @@ class EncoderSegmentSink:
         if memory is None:
             runs, _ = outgoing_runs(None, frames, indices)
         else:
-            runs, name = await asyncio.to_thread(outgoing_runs, memory, frames, indices)
-            if name is not None:
-                self._written.append(name)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._put, memory, frames, indices))
+            runs = await asyncio.shield(self._writing)
         for run in runs:
             await self._send(run)
+
+    def _put(self, memory: FrameMemory, frames: Frames, indices: list[int]) -> list[OutgoingFrames]:
+        """In a thread: the batch into the frame memory, its file noted at once, so that a write whose caller was
+        cancelled still has its file removed."""
+        runs, name = outgoing_runs(memory, frames, indices)
+        if name is not None:
+            self._written.append(name)
+        return runs
 
     async def close(self) -> int:
         await self._send(None)

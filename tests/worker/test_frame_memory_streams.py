@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,4 +176,42 @@ def test_segment_frames_through_the_frame_memory_are_encoded_and_their_files_go(
 def test_an_encoder_without_a_frame_memory_gets_frames_in_the_messages(media_root: Path, tmp_path: Path) -> None:
     written, shared = encode(media_root, None, FrameMemory(tmp_path, 64 * MiB))
     assert (written, shared) == (8, False)
+    assert left_files(tmp_path) == []
+
+
+class HeldMemory(FrameMemory):
+    """A frame memory whose writes, once begun (`entered`), wait for `release` before they write their file."""
+
+    def __init__(self, directory: Path, budget_bytes: int) -> None:
+        super().__init__(directory, budget_bytes)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def put(self, frames: np.ndarray, tag: str = "") -> str | None:
+        self.entered.set()
+        self.release.wait(TIMEOUT_SECONDS)
+        return super().put(frames, tag)
+
+
+def test_a_segment_write_cancelled_while_its_file_is_written_leaves_no_file(media_root: Path, tmp_path: Path) -> None:
+    settings = EncoderSettings(media_root=media_root, transport_security="plaintext", auth_mode="open", threads=1)
+    sending = HeldMemory(tmp_path, 64 * MiB)
+    frames = np.zeros((2, 360, 320), np.uint8)
+    sending.release.set()  # the writes before the encoder's metadata arrives go in the messages anyway
+
+    async def body(channel: grpc.aio.Channel) -> None:
+        header = encoder_pb2.SegmentHeader(output_uri="segments/cancelled.mp4", fps=25, width=320, height=240)
+        async with EncoderSegmentSink(encoder_stub(channel), header, TIMEOUT_SECONDS, memory=sending) as sink:
+            while not sink.sends_through_frame_memory:
+                await sink.write(frames)
+            sending.release.clear()
+            sending.entered.clear()
+            write = asyncio.ensure_future(sink.write(frames))
+            assert await asyncio.to_thread(sending.entered.wait, TIMEOUT_SECONDS)
+            write.cancel()
+            sending.release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await write
+
+    served = FrameMemory(tmp_path, 0)
+    asyncio.run(serving(lambda server: register_encoder(EncoderServicer(settings, X264, 2, served), server), body, 30))
     assert left_files(tmp_path) == []
