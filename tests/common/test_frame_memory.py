@@ -158,3 +158,40 @@ def test_the_domain_is_read_from_the_encoders_metadata() -> None:
     assert domain_from_metadata([("other", "x"), (FRAME_MEMORY_METADATA, "abc")]) == "abc"
     assert domain_from_metadata({FRAME_MEMORY_METADATA: b"abc"}) == "abc"
     assert domain_from_metadata(None) == ""
+
+
+def test_a_batch_being_written_counts_against_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = FrameMemory(tmp_path, 100)
+    write = frame_memory._write_file
+    during: list[str | None] = []
+
+    def write_while_another_batch_asks(path: Path, data: np.ndarray) -> None:
+        if not during:
+            during.append(memory.put(frames(2), ""))  # 72 + 48 > 100, though the first file is not there yet
+        write(path, data)
+
+    monkeypatch.setattr(frame_memory, "_write_file", write_while_another_batch_asks)
+    assert memory.put(frames(3), "") is not None
+    assert during == [None] and memory.pending_bytes == 72
+
+
+def test_a_full_directory_is_reported_once_until_a_write_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = FrameMemory(tmp_path, MiB)
+    write = frame_memory._write_file
+    full = [True]
+
+    def sometimes_full(path: Path, data: np.ndarray) -> None:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(frame_memory, "_write_file", sometimes_full)
+    with caplog.at_level("WARNING", logger=frame_memory.__name__):
+        assert memory.put(frames(1), "") is None and memory.put(frames(1), "") is None
+        full[0] = False
+        assert memory.put(frames(1), "") is not None
+        full[0] = True
+        assert memory.put(frames(1), "") is None
+    assert [record.getMessage().count("is full") for record in caplog.records] == [1, 1]

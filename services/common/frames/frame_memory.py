@@ -135,6 +135,10 @@ class FrameMemory:
         # Files this process wrote and has not yet seen taken, by name: their bytes count against the budget.
         self._pending: dict[str, int] = {}
         self._pending_bytes = 0
+        # Of those, the ones still being written: not there under their name yet, but not taken either.
+        self._writing: set[str] = set()
+        # Said once while the directory stays full, not at every batch.
+        self._full = False
         self._prefix = f"{os.getpid()}-{secrets.token_hex(3)}"
         self._serial = itertools.count()
         self._next_sweep = 0.0
@@ -150,7 +154,8 @@ class FrameMemory:
 
     def _recount(self) -> None:
         """Drops the files receivers have taken since (their names are gone) from the budget's count."""
-        for name in [name for name in self._pending if not (self.directory / name).exists()]:
+        gone = [name for name in self._pending if name not in self._writing and not (self.directory / name).exists()]
+        for name in gone:
             self._pending_bytes -= self._pending.pop(name)
 
     def _reserve(self, size: int, tag: str) -> str | None:
@@ -162,12 +167,14 @@ class FrameMemory:
             name = f"{tag or 'x'}-{self._prefix}-{next(self._serial)}{FILE_SUFFIX}"
             self._pending[name] = size
             self._pending_bytes += size
+            self._writing.add(name)
             return name
 
     def _release(self, names: Iterable[str]) -> None:
         with self._lock:
             for name in names:
                 self._pending_bytes -= self._pending.pop(name, 0)
+                self._writing.discard(name)
 
     def put(self, frames: np.ndarray, tag: str = "") -> str | None:
         """Writes the frames into a new file and returns its name; None when they must go in the message instead
@@ -181,11 +188,16 @@ class FrameMemory:
             self._release([name])
             if error.errno not in _FULL:
                 raise
-            log.warning("frame memory %s is full (%s): frames go in the messages", self.directory, error.strerror)
+            if not self._full:
+                log.warning("frame memory %s is full (%s): frames go in the messages", self.directory, error.strerror)
+            self._full = True
             return None
         except BaseException:
             self._release([name])
             raise
+        with self._lock:
+            self._writing.discard(name)
+        self._full = False
         self._sweep_when_due()
         return name
 
