@@ -80,7 +80,7 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{stem}.{secrets.token_hex(8)}.part")
 
 
-def write_file(path: Path, data: bytes | str, mode: int | None = None) -> Path:
+def write_file(path: Path, data: bytes | memoryview | str, mode: int | None = None) -> Path:
     """Writes `data` under a temporary name beside `path` and renames it to `path`: readers see the old
     file or the whole new one. `mode` sets the permissions before the rename."""
     partial = temporary_path(path)

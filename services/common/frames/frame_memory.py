@@ -39,6 +39,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.input_limits import excerpt
+from services.common.media_paths import write_file
 from services.common.settings_loader import ValidatedSettings, ranged
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,9 @@ def directory_domain(directory: Path) -> str:
 
 
 def _write_file(path: Path, frames: np.ndarray) -> None:
-    """The frames' bytes under a temporary name, renamed when whole: a reader never maps a partial file."""
-    draft = path.with_name(f".{path.name}.tmp")
-    data = np.ascontiguousarray(frames).reshape(-1).data
-    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        written = 0
-        while written < len(data):
-            written += os.write(descriptor, data[written:])
-        os.close(descriptor)
-        descriptor = -1
-        os.rename(draft, path)
-    except BaseException:
-        if descriptor >= 0:
-            os.close(descriptor)
-        draft.unlink(missing_ok=True)
-        raise
+    """The frames' bytes under a temporary name, renamed when whole (write_file): a reader never maps a partial
+    file. The directory is the service user's alone, so the file keeps the default mode."""
+    write_file(path, np.ascontiguousarray(frames).reshape(-1).data)
 
 
 class FrameMemory:
