@@ -193,7 +193,9 @@ def test_a_tiny_cpu_run_through_a_real_tritonserver(tmp_path: Path, repository: 
     assert all(cell["transport"] == "grpc" and cell["throughput"]["calls_per_repeat"] >= 2 for cell in triton_cells)
     (triton_parity,) = [figure for figure in report["parity"] if figure["path"] == "triton"]
     assert triton_parity["precision"] == "fp16" and triton_parity["holds"]
-    # The server runs the very module torch runs: its FP32 answers are torch's.
+    # The server runs the very module torch runs: its FP32 answers are torch's, up to the order in which the
+    # process's oneDNN threads sum a deep stack of convolutions (seen at 2.5e-5 on a CI machine); another module,
+    # or the FP16 one, would differ by 1e-3 or more.
     (served,) = report["served_against_torch"]
-    assert served["output"] == "output" and served["max_abs_error"] < 1e-5
+    assert served["output"] == "output" and served["max_abs_error"] < 2e-4
     assert set(report["summary"]["standin_triton_fp16_over_fp32"]) == {"1"}
