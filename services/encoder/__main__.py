@@ -10,7 +10,6 @@ from services.common.frames.frame_streams import register_encoder
 from services.common.grpc_server import ServiceBinding, configure_logging, serve
 from services.common.settings_check import service_settings
 from services.encoder.encode_backend import BackendChoice, select_backend
-from services.encoder.encode_threads import lower_cpu_priority
 from services.encoder.servicer import SERVICE_NAME, EncoderServicer
 from services.encoder.settings import ENV_PREFIX, EncoderSettings
 
@@ -28,9 +27,6 @@ def main() -> None:
     settings = service_settings("encoder", EncoderSettings, ENV_PREFIX)
     # Before the backend is chosen, so the choice and its reason reach the log.
     configure_logging(settings.log_level)
-    niceness = lower_cpu_priority(settings.nice)
-    if settings.nice:
-        log.info("encoder: CPU niceness %d (x264 yields the cores to the stages that feed the GPU)", niceness)
     backend = select_backend(settings.backend)
     keep_frame_buffers()
     asyncio.run(serve(settings, [binding(settings, backend)], "encoder"))

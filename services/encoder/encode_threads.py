@@ -93,12 +93,6 @@ def cgroup_quota_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_
     return min(quotas, default=None)
 
 
-def lower_cpu_priority(increment: int) -> int:
-    """Raises this process's niceness by `increment` (0 leaves it); returns the niceness it now has.
-    Threads started afterwards inherit it."""
-    return os.nice(increment)
-
-
 def available_cores() -> int:
     return usable_cores(len(os.sched_getaffinity(0)), cgroup_quota_cpus())
 

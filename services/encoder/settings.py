@@ -23,10 +23,6 @@ class EncoderSettings(ServerSettings, FrameMemoryReceiverSettings):
     # x264 threads per segment. 0: each segment gets the usable cores (affinity, capped by the cgroup's CPU
     # quota) divided by the segments open when it starts, at least one, so parallel segments share the cores.
     threads: int = ranged(0, ge=0, le=256)
-    # Added to the process's CPU niceness at start, before any x264 thread exists (threads inherit it).
-    # x264 is throughput work: where the encoder shares cores with the processes that feed the GPU
-    # (one machine, `swapline up`), a lower priority lets those run the moment they are ready.
-    nice: int = ranged(0, ge=0, le=19)
     # Largest frame (width x height) a segment may have; a header asking for more is refused at once.
     max_frame_pixels: int = ranged(MAX_FRAME_PIXELS, ge=1, le=MAX_FRAME_PIXELS)
     # auto: NVENC where PyNvVideoCodec imports and an H.264 session works on this node's GPU, libx264

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from services.encoder.encode_threads import (
@@ -89,21 +86,3 @@ def test_each_segment_opened_gets_its_share_and_a_closed_one_frees_its_place() -
             assert after_two_closed == 8
     with segments.opened() as alone:
         assert alone == 16
-
-
-def test_a_lowered_priority_holds_for_the_process_and_the_threads_it_starts_after() -> None:
-    child = (
-        "import os, threading\n"
-        "from services.encoder.encode_threads import lower_cpu_priority\n"
-        "unchanged = lower_cpu_priority(0)\n"
-        "lowered = lower_cpu_priority(3)\n"
-        "seen = []\n"
-        "own_niceness = lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))\n"
-        "thread = threading.Thread(target=own_niceness)\n"
-        "thread.start(); thread.join()\n"
-        "print(unchanged, lowered, seen[0])\n"
-    )
-    answer = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
-    unchanged, lowered, in_thread = (int(value) for value in answer.stdout.split())
-    assert unchanged == os.nice(0)
-    assert lowered == in_thread == min(19, unchanged + 3)
